@@ -1,0 +1,1 @@
+"""The wire contracts (package pagedserve.v1) and their generated stubs."""
