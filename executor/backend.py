@@ -1,0 +1,31 @@
+"""Which kernels run: Triton on CUDA, the PyTorch references on the CPU.
+
+PAGEDSERVE_ATTENTION_BACKEND=triton|reference forces one; with TRITON_INTERPRET=1 set before the
+process starts, `triton` runs the Triton kernels on the CPU through the interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = {"reference": "kernels.reference", "triton": "kernels.triton"}
+ENV_VAR = "PAGEDSERVE_ATTENTION_BACKEND"
+
+
+def backend_name(device: torch.device) -> str:
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    if not name:
+        return "triton" if device.type == "cuda" else "reference"
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}: unknown backend {name!r}; choose from {sorted(BACKENDS)}")
+    return name
+
+
+def select_backend(device: torch.device) -> ModuleType:
+    """A module exposing paged_attention, write_kv, rms_norm, fused_add_rms_norm,
+    rotary_embedding and silu_and_mul with the signatures of kernels.reference."""
+    return importlib.import_module(BACKENDS[backend_name(device)])

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny test models built once per machine with `make-model`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _cache_root() -> Path:
+    # Keyed by make_model.py's content, so a change to the recipe rebuilds the models.
+    digest = hashlib.sha256((ROOT / "pagedserve" / "make_model.py").read_bytes()).hexdigest()[:12]
+    base = Path(os.environ.get("PAGEDSERVE_TEST_MODELS", ROOT / ".models" / "test"))
+    return base / digest
+
+
+def model_dir(arch: str, preset: str = "tiny", seed: int = 0) -> Path:
+    """Build (once, with a lock-free rename) and return an HF-format test model directory."""
+    from pagedserve.make_model import make_model
+
+    out = _cache_root() / f"{arch}-{preset}-{seed}"
+    if (out / "pagedserve.json").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    make_model(arch, preset, tmp, seed=seed)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_model(request) -> Path:
+    """Each of the four architectures' tiny model (parametrised)."""
+    return model_dir(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Path:
+    return model_dir("llama")
