@@ -1,0 +1,255 @@
+"""The sampler against hand-written references: seeded determinism, support restriction,
+penalties, min_tokens, greedy, and the sampled distribution (seeded, so nothing can flake)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from executor.request_state import RequestState
+from executor.sampler import (
+    Sampler,
+    apply_penalties_and_bias,
+    build_sampling_metadata,
+    check_sampling_params,
+    counter_uniform,
+)
+from protos import executor_pb2
+
+V = 64
+EOS = (1, 3)
+
+
+def req(prompt=(5, 6), output=(), **sampling) -> RequestState:
+    return RequestState("r", list(prompt), list(output), executor_pb2.SamplingParams(**sampling), [], 0)
+
+
+def sample(logits, requests, seed=0):
+    md = build_sampling_metadata(requests, vocab_size=logits.shape[1], eos_token_ids=EOS)
+    return Sampler(seed)(logits, md)
+
+
+def random_logits(rows, vocab=V, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, vocab, generator=g) * scale
+
+
+# ---- determinism --------------------------------------------------------------------------------
+
+
+def test_seeded_draws_do_not_depend_on_the_batch():
+    logits = random_logits(6)
+    params = [dict(temperature=1.0, seed=s) for s in (7, 8, 2**63 + 5, 7, 11, 12)]
+    outs = [(3,), (), (9, 9, 9), (1, 2, 3, 4), (), (4,)]
+    reqs = [req(output=o, **p) for o, p in zip(outs, params)]
+    batched = sample(logits, reqs).token_ids
+    for i in range(6):
+        alone = sample(logits[i : i + 1], [reqs[i]], seed=123).token_ids
+        assert alone.item() == batched[i].item()
+    # Reverse the batch and put unseeded rows between: seeded rows keep their tokens.
+    mixed_reqs = [req(temperature=1.0), *reqs[::-1], req(temperature=0.5)]
+    mixed_logits = torch.cat([random_logits(1, seed=9), logits.flip(0), random_logits(1, seed=10)])
+    mixed = sample(mixed_logits, mixed_reqs, seed=99).token_ids
+    assert mixed[1:-1].flip(0).tolist() == batched.tolist()
+
+
+def test_seeded_draws_depend_on_seed_and_position():
+    logits = torch.zeros(1, 1000)  # uniform: any two independent draws almost never coincide
+    by_seed = {sample(logits, [req(temperature=1.0, seed=s)]).token_ids.item() for s in range(20)}
+    by_pos = {sample(logits, [req(output=[0] * n, temperature=1.0, seed=3)]).token_ids.item()
+              for n in range(20)}
+    assert len(by_seed) >= 15 and len(by_pos) >= 15
+
+
+def test_unseeded_draws_follow_the_executor_seed():
+    logits = torch.zeros(4, 1000)
+    reqs = [req(temperature=1.0) for _ in range(4)]
+    a = sample(logits, reqs, seed=1).token_ids
+    assert a.tolist() == sample(logits, reqs, seed=1).token_ids.tolist()
+    assert a.tolist() != sample(logits, reqs, seed=2).token_ids.tolist()
+
+
+def test_counter_uniform_is_open_unit_interval_and_flat():
+    seeds = torch.tensor([[s, s * 7] for s in range(200)], dtype=torch.int64)
+    u = counter_uniform(seeds, torch.arange(200), 512)
+    assert u.shape == (200, 512) and float(u.min()) > 0 and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005
+    hist = torch.histc(u, bins=10, min=0, max=1)
+    assert float((hist / u.numel() - 0.1).abs().max()) < 0.005
+    assert torch.equal(u, counter_uniform(seeds, torch.arange(200), 512))
+
+
+# ---- greedy, distribution, support --------------------------------------------------------------
+
+
+def test_greedy_is_argmax_of_the_processed_logits():
+    logits = random_logits(5)
+    reqs = [req(), req(temperature=1.0, seed=1), req(temperature=1e-7), req(top_k=3), req()]
+    out = sample(logits, reqs).token_ids
+    for i in (0, 2, 3, 4):
+        assert out[i].item() == logits[i].argmax().item()
+
+
+def seeded_draws(logits_row, n, **sampling):
+    """n draws for one logits row: n requests with distinct seeds, in one batch."""
+    sampling.setdefault("temperature", 1.0)
+    reqs = [req(seed=s, **sampling) for s in range(n)]
+    return sample(logits_row.expand(n, -1).contiguous(), reqs).token_ids
+
+
+def chi_square(tokens, probs):
+    counts = torch.bincount(tokens, minlength=probs.numel()).double()
+    expected = probs.double() * tokens.numel()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "drew a token of probability zero"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_sampling_matches_softmax(temperature):
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, 2.0, -1.0, 0.2, 1.5])
+    probs = torch.softmax(logits / temperature, dim=-1)
+    stat = chi_square(seeded_draws(logits[None], 20000, temperature=temperature), probs)
+    assert stat < 40  # 7 degrees of freedom: P(chi2 > 40) is about 1e-6
+    # One seed over many output positions is just as well distributed.
+    reqs = [req(temperature=temperature, seed=42) for _ in range(20000)]
+    md = build_sampling_metadata(reqs, vocab_size=8, eos_token_ids=EOS)
+    md.output_positions = torch.arange(20000)  # as if request i had i outputs
+    tokens = Sampler()(logits.expand(20000, -1).contiguous(), md).token_ids
+    assert chi_square(tokens, probs) < 40
+
+
+def support(tokens):
+    return set(tokens.tolist())
+
+
+def test_top_k_restricts_the_support():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1)) * 0.3
+    expected = set(logits[0].topk(5).indices.tolist())
+    assert support(seeded_draws(logits, 3000, top_k=5)) == expected
+
+
+def test_top_p_restricts_the_support():
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0]])
+    probs = logits.softmax(-1)[0]
+    # Smallest prefix (by probability) whose mass reaches 0.8.
+    mass, expected = 0.0, set()
+    for i in probs.argsort(descending=True).tolist():
+        expected.add(i)
+        mass += probs[i].item()
+        if mass >= 0.8:
+            break
+    assert support(seeded_draws(logits, 3000, top_p=0.8)) == expected
+    kept = torch.tensor(sorted(expected))
+    renorm = torch.zeros(8)
+    renorm[kept] = probs[kept] / probs[kept].sum()
+    assert chi_square(seeded_draws(logits, 20000, top_p=0.8), renorm) < 30
+
+
+def test_top_k_then_top_p():
+    logits = torch.tensor([[3.0, 2.9, 2.8, 2.7, -9.0, 2.6]])
+    # top-k 3 keeps {0, 1, 2} with about equal mass; top-p 0.5 then keeps the first two.
+    assert support(seeded_draws(logits, 2000, top_k=3, top_p=0.5)) == {0, 1}
+
+
+def test_min_p_restricts_the_support():
+    logits = torch.tensor([[2.0, 1.9, 1.0, 0.0, -1.0, 1.95]])
+    probs = logits.softmax(-1)[0]
+    expected = {i for i in range(6) if probs[i] >= 0.5 * probs.max()}
+    assert expected == {0, 1, 5}
+    assert support(seeded_draws(logits, 3000, min_p=0.5)) == expected
+    # min_p compares probabilities after temperature: at T=4 everything above 0.5 * max survives.
+    hot = torch.softmax(logits[0] / 4, dim=-1)
+    expected_hot = {i for i in range(6) if hot[i] >= 0.5 * hot.max()}
+    assert support(seeded_draws(logits, 3000, min_p=0.5, temperature=4.0)) == expected_hot
+
+
+# ---- penalties, bias, min_tokens ------------------------------------------------------------------
+
+
+def reference_processing(logits_row, r: RequestState, eos=EOS):
+    """A per-request, per-token loop: the semantics the vectorised code must have."""
+    x = logits_row.clone().tolist()
+    p = r.sampling
+    if r.num_output_tokens < p.min_tokens:
+        for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos)):
+            x[t] = -math.inf
+    for t, b in p.logit_bias.items():
+        x[t] += b
+    rep = p.repetition_penalty or 1.0
+    for t in set(r.prompt_token_ids + r.output_token_ids):
+        x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+    for t in set(r.output_token_ids):
+        x[t] -= p.frequency_penalty * r.output_token_ids.count(t) + p.presence_penalty
+    return torch.tensor(x)
+
+
+def test_penalties_and_bias_match_a_per_request_loop():
+    g = torch.Generator().manual_seed(5)
+    reqs = []
+    for i in range(12):
+        prompt = torch.randint(0, V, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g)
+        output = torch.randint(0, V, (i * 3,), generator=g)
+        bias = {int(t): float(b) for t, b in zip(torch.randint(0, V, (i % 4,), generator=g),
+                                                   torch.randn(i % 4, generator=g))}
+        reqs.append(req(
+            prompt.tolist(), output.tolist(), temperature=1.0,
+            repetition_penalty=(0.0, 1.3, 0.7)[i % 3], presence_penalty=(0.0, 0.5, -0.4)[i % 3],
+            frequency_penalty=(0.3, 0.0, 1.1)[i % 3 - 1], logit_bias=bias,
+            min_tokens=(0, 5)[i % 2], stop_token_ids=[7, 8] if i % 4 == 1 else [],
+            ignore_eos=i % 5 == 0,
+        ))
+    logits = random_logits(12, seed=3)
+    md = build_sampling_metadata(reqs, vocab_size=V, eos_token_ids=EOS)
+    got = apply_penalties_and_bias(logits.clone(), md)
+    want = torch.stack([reference_processing(logits[i], r) for i, r in enumerate(reqs)])
+    assert torch.allclose(got, want, atol=1e-5)
+    # The same with the token table passed in, wider than needed (as the executor passes it).
+    table = torch.full((12, 80), 63, dtype=torch.int64)
+    for i, r in enumerate(reqs):
+        table[i, : r.num_tokens] = torch.tensor(r.prompt_token_ids + r.output_token_ids)
+    md2 = build_sampling_metadata(reqs, vocab_size=V, eos_token_ids=EOS, token_ids=table)
+    assert torch.allclose(apply_penalties_and_bias(logits.clone(), md2), want, atol=1e-5)
+
+
+def test_min_tokens_masks_eos_and_stop_ids():
+    logits = torch.zeros(1, V)
+    logits[0, 3] = 10.0  # EOS is the argmax
+    logits[0, 9] = 9.0  # then a stop id
+    logits[0, 20] = 8.0
+    assert sample(logits, [req(output=[4] * 2, min_tokens=3)]).token_ids.item() == 9
+    assert sample(logits, [req(output=[4] * 2, min_tokens=3, stop_token_ids=[9])]).token_ids.item() == 20
+    assert sample(logits, [req(output=[4] * 3, min_tokens=3, stop_token_ids=[9])]).token_ids.item() == 3
+    # With ignore_eos EOS is an ordinary token, so min_tokens leaves it alone.
+    assert sample(logits, [req(min_tokens=3, ignore_eos=True)]).token_ids.item() == 3
+    # Random sampling can never draw a masked token.
+    tokens = seeded_draws(logits, 500, min_tokens=1, stop_token_ids=[9])
+    assert not ({1, 3, 9} & support(tokens))
+
+
+# ---- logprobs and validation --------------------------------------------------------------------
+
+
+def test_logprobs_are_raw_and_top_k_sorted():
+    logits = random_logits(3)
+    reqs = [req(logprobs=4, temperature=0.7, repetition_penalty=1.5, output=[1, 2], seed=1),
+            req(logprobs=0, presence_penalty=2.0, output=[5]), req()]
+    out = sample(logits, reqs)
+    raw = torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
+    assert torch.allclose(out.top_logprobs[0], raw[0].sort(descending=True).values[:4])
+    assert out.top_token_ids.shape == (3, 4)
+    assert sample(logits, [req(), req()]).logprobs is None
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0),
+    ("repetition_penalty", -1.0), ("min_tokens", -1), ("logprobs", V + 1),
+    ("stop_token_ids", [V]), ("logit_bias", {V: 1.0}),
+])
+def test_bad_sampling_params_name_request_and_field(field, value):
+    p = executor_pb2.SamplingParams(**{field: value})
+    with pytest.raises(ValueError, match=rf"'req-7'.*sampling\.{field}"):
+        check_sampling_params("req-7", p, V)
