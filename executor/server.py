@@ -1,0 +1,150 @@
+"""The executor's gRPC server: Describe, the Execute step stream, and grpc.health.v1.
+
+One executor holds one persistent batch state, so one Execute stream drives it at a time. A new
+stream (a scheduler that reconnected or restarted) supersedes the old one: the old stream is aborted
+at its next plan, and every request the executor still holds is forgotten first, so the new scheduler
+starts from the clean state it assumes (it resends requests whole, as NewRequest).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import executor_pb2, executor_pb2_grpc
+
+log = structlog.get_logger("executor.server")
+
+SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+MAX_MESSAGE_BYTES = 64 << 20
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class ExecutorService(executor_pb2_grpc.ExecutorServicer):
+    """Serves one executor object (anything with describe() and execute(plan))."""
+
+    def __init__(self) -> None:
+        self._executor: Any = None
+        self._lock = threading.Lock()  # one step at a time, and guards the fields below
+        self._stream = 0  # id of the stream that currently owns the executor
+        self._live: set[str] = set()  # request ids the executor holds state for
+
+    def attach(self, executor: Any) -> None:
+        self._executor = executor
+
+    def Describe(self, request: executor_pb2.DescribeRequest,
+                 context: grpc.ServicerContext) -> executor_pb2.DescribeResponse:
+        return self._require(context).describe()
+
+    def Execute(self, request_iterator: Iterator[executor_pb2.StepPlan],
+                context: grpc.ServicerContext) -> Iterator[executor_pb2.StepResult]:
+        self._require(context)
+        stream = self._begin_stream()
+        log.info("execute stream opened", stream=stream, peer=context.peer())
+        for plan in request_iterator:
+            yield self._step(stream, plan, context)
+        log.info("execute stream closed", stream=stream)
+
+    def _require(self, context: grpc.ServicerContext) -> Any:
+        if self._executor is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        return self._executor
+
+    def _begin_stream(self) -> int:
+        with self._lock:
+            self._stream += 1
+            if self._live:
+                log.info("forgetting requests of a previous stream", count=len(self._live))
+                self._executor.execute(executor_pb2.StepPlan(forget_request_ids=sorted(self._live)))
+                self._live.clear()
+            return self._stream
+
+    def _step(self, stream: int, plan: executor_pb2.StepPlan,
+              context: grpc.ServicerContext) -> executor_pb2.StepResult:
+        with self._lock:
+            if stream != self._stream:
+                context.abort(grpc.StatusCode.ABORTED, "superseded by a newer Execute stream")
+            try:
+                result = self._executor.execute(plan)
+            except Exception as e:
+                log.exception("step failed", step_id=plan.step_id)
+                context.abort(grpc.StatusCode.INTERNAL, f"step {plan.step_id} failed: {e!r}")
+            self._live.difference_update(plan.forget_request_ids)
+            self._live.update(r.request_id for r in plan.new_requests)
+            return result
+
+
+def build_server(service: ExecutorService, listen: str, *, reflection: bool = False,
+                 max_workers: int = 8) -> tuple[grpc.Server, health.HealthServicer]:
+    """A started-later gRPC server with the executor, health and (optionally) reflection."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=SERVER_OPTIONS)
+    executor_pb2_grpc.add_ExecutorServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if reflection:
+        from grpc_reflection.v1alpha import reflection as grpc_reflection
+
+        names = (SERVICE_NAME, health.SERVICE_NAME, grpc_reflection.SERVICE_NAME)
+        grpc_reflection.enable_server_reflection(names, server)
+    if server.add_insecure_port(listen) == 0:
+        raise OSError(f"listen: cannot bind {listen}")
+    return server, health_servicer
+
+
+def run_executor(config: Any, listen: str, *, reflection: bool = False,
+                 grace: float = 5.0) -> int:
+    """Loads the model behind `listen` and serves until SIGTERM or SIGINT. Returns an exit code.
+
+    The port opens first (health NOT_SERVING, Describe UNAVAILABLE), so a supervisor can tell
+    "loading" from "gone"; health turns SERVING once the weights and KV cache are in place.
+    """
+    from executor.executor import Executor
+
+    service = ExecutorService()
+    server, health_servicer = build_server(service, listen, reflection=reflection)
+    stop = threading.Event()
+    loaded = threading.Event()
+    _install_signal_handlers(stop, loaded)
+    server.start()
+    log.info("executor listening", listen=listen, model=str(config.model))
+    try:
+        service.attach(Executor(config))
+        loaded.set()
+        desc = service._executor.describe()
+        log.info("executor ready", model=desc.model, dtype=desc.dtype, device=desc.device,
+                 num_kv_blocks=desc.num_kv_blocks, block_size=desc.block_size,
+                 max_model_len=desc.max_model_len)
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        stop.wait()
+        log.info("executor stopping", grace_s=grace)
+        health_servicer.enter_graceful_shutdown()
+    finally:
+        server.stop(grace).wait()
+    return 0
+
+
+def _install_signal_handlers(stop: threading.Event, loaded: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        if not loaded.is_set():
+            raise SystemExit(128 + signum)  # interrupt a model load at once
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
