@@ -1,0 +1,223 @@
+"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))`.
+
+It wires a scheduler and an executor in one process with no network; plans and results are the
+same protobuf messages the services exchange, so this path exercises the real contract.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+PromptType = str | dict[str, Any]
+
+
+@dataclass
+class _Pending:
+    """A prompt being served: its n completions fill in as deltas arrive."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    completions: dict[str, CompletionOutput] = field(default_factory=dict)
+
+
+@dataclass
+class KVUsage:
+    """Peak KV-cache occupancy seen during the last generate() call."""
+
+    peak_blocks_in_use: int = 0
+    tokens_at_peak: int = 0
+    block_size: int = 16
+
+    @property
+    def utilisation_at_peak(self) -> float:
+        slots = self.peak_blocks_in_use * self.block_size
+        return self.tokens_at_peak / slots if slots else 0.0
+
+
+class LLM:
+    """An engine in one process. Options mirror vLLM's names."""
+
+    def __init__(self, model: str | Path | None = None, *, dtype: str = "auto",
+                 max_model_len: int | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 enable_prefix_caching: bool = True, kv_cache_memory_bytes: int | None = None,
+                 num_kv_blocks: int | None = None, seed: int = 0, device: str = "cpu") -> None:
+        from transformers import AutoTokenizer
+
+        from executor.config import ExecutorConfig
+        from executor.executor import Executor
+        from scheduler.config import SchedulerConfig
+        from scheduler.scheduler import Scheduler
+
+        model = str(model) if model is not None else str(demo_model_dir())
+        batched = max_num_batched_tokens or 2048
+        self.executor = Executor(ExecutorConfig(
+            model=model, dtype=dtype, device=device, block_size=block_size,
+            num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes,
+            max_num_batched_tokens=batched, max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len, seed=seed,
+        ))
+        desc = self.executor.describe()
+        capacity = desc.num_kv_blocks * desc.block_size
+        if max_model_len is None:  # one request must fit the pool alone
+            max_model_len = min(desc.max_model_len, capacity)
+        self.scheduler = Scheduler(SchedulerConfig.from_describe(
+            desc, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=batched, enable_prefix_caching=enable_prefix_caching,
+        ), self.executor)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.max_model_len = max_model_len
+        self.kv_usage = KVUsage(block_size=desc.block_size)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Serve every prompt to completion; outputs come back in the prompts' order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = _params_per_prompt(sampling_params, len(prompts))
+        pending = [self._add(p, sp) for p, sp in zip(prompts, params)]
+        self._run(pending, use_tqdm)
+        return [_finish(p, self.tokenizer) for p in pending]
+
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool | None = None, add_generation_prompt: bool = True,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several, through the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(
+                list(conv), tokenize=False, add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+            )
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _tokens_of(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = [int(t) for t in prompt["prompt_token_ids"]]
+            return prompt.get("prompt"), ids
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
+        raise ValueError("prompts: each prompt must be a string or a dict with 'prompt_token_ids' "
+                         f"or 'prompt', got {type(prompt).__name__}")
+
+    def _add(self, prompt: PromptType, params: SamplingParams) -> _Pending:
+        text, ids = self._tokens_of(prompt)
+        vocab = self.executor.describe().vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt_token_ids: token ids must be in [0, {vocab})")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens is longer than max_model_len "
+                             f"({self.max_model_len})")
+        request_id = str(next(self._ids))
+        room = max(1, self.max_model_len - len(ids))  # max_model_len also stops it (scheduler)
+        max_tokens = min(params.max_tokens or room, room)
+        child_ids = self.scheduler.add_request(
+            request_id, ids, params.to_proto(), max_tokens=max_tokens,
+            min_tokens=min(params.min_tokens, max_tokens), stop_token_ids=params.stop_token_ids,
+            ignore_eos=params.ignore_eos, n=params.n,
+        )
+        pending = _Pending(request_id, text, ids, params)
+        for i, cid in enumerate(child_ids):
+            pending.completions[cid] = CompletionOutput(
+                index=i, text="", token_ids=[],
+                cumulative_logprob=None if params.logprobs is None else 0.0,
+                logprobs=None if params.logprobs is None else [],
+            )
+        return pending
+
+    def _run(self, pending: list[_Pending], use_tqdm: bool | None) -> None:
+        by_child = {cid: c for p in pending for cid, c in p.completions.items()}
+        left = {p.request_id: len(p.completions) for p in pending}
+        owner = {cid: p.request_id for p in pending for cid in p.completions}
+        bar = _progress_bar(len(pending), use_tqdm)
+        self.kv_usage = KVUsage(block_size=self.kv_usage.block_size)
+        while self.scheduler.has_unfinished():
+            for delta in self.scheduler.step():
+                completion = by_child.get(delta.request_id)
+                if completion is None:
+                    continue
+                _apply_delta(completion, delta)
+                if delta.finished:
+                    left[owner[delta.request_id]] -= 1
+                    if bar is not None and left[owner[delta.request_id]] == 0:
+                        bar.update(1)
+            self._track_kv_usage()
+        if bar is not None:
+            bar.close()
+
+    def _track_kv_usage(self) -> None:
+        stats = self.scheduler.stats()
+        if stats.blocks_in_use > self.kv_usage.peak_blocks_in_use:
+            self.kv_usage.peak_blocks_in_use = stats.blocks_in_use
+            self.kv_usage.tokens_at_peak = sum(
+                r.num_computed_tokens for r in self.scheduler.running
+            )
+
+
+def _apply_delta(completion: CompletionOutput, delta) -> None:
+    completion.token_ids.extend(delta.new_token_ids)
+    if completion.logprobs is not None and delta.new_logprobs is not None:
+        completion.cumulative_logprob += sum(delta.new_logprobs)
+        tops = delta.new_top_logprobs or [{} for _ in delta.new_token_ids]
+        for tok, lp, top in zip(delta.new_token_ids, delta.new_logprobs, tops):
+            completion.logprobs.append({**top, tok: lp})
+    if delta.finished:
+        completion.finish_reason = delta.finish_reason
+
+
+def _finish(pending: _Pending, tokenizer) -> RequestOutput:
+    outputs = sorted(pending.completions.values(), key=lambda c: c.index)
+    for c in outputs:
+        c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    return RequestOutput(pending.request_id, pending.prompt, pending.prompt_token_ids, outputs,
+                         finished=True)
+
+
+def _params_per_prompt(params, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"sampling_params: got {len(params)} for {count} prompts; pass one, "
+                         "or one per prompt")
+    return params
+
+
+def _progress_bar(total: int, use_tqdm: bool | None):
+    if use_tqdm is None:
+        use_tqdm = sys.stderr.isatty()
+    if not use_tqdm:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+
+
+def demo_model_dir() -> Path:
+    """The tiny demo model, built on first use in the cache directory."""
+    from pagedserve.demo import ensure_demo_model
+
+    return ensure_demo_model()

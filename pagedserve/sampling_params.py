@@ -1,0 +1,95 @@
+"""SamplingParams: what a user asks of one prompt's completions, validated once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from protos import executor_pb2
+
+
+def _check(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {message}")
+
+
+def _finite(name: str, value: float) -> None:
+    _check(isinstance(value, (int, float)) and math.isfinite(value), name, f"must be a finite number, got {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # top logprobs per generated token (0: only the sampled one)
+
+    def __post_init__(self) -> None:
+        self._validate_counts()
+        self._validate_floats()
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        for t in self.stop_token_ids:
+            _check(t >= 0, "stop_token_ids", f"token ids must be >= 0, got {t}")
+        for tok, bias in (self.logit_bias or {}).items():
+            _check(int(tok) >= 0, "logit_bias", f"token ids must be >= 0, got {tok}")
+            _finite("logit_bias", bias)
+
+    def _validate_counts(self) -> None:
+        _check(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
+        if self.max_tokens is not None:
+            _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
+                   f"must be an integer >= 1, got {self.max_tokens!r}")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
+               f"must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None:
+            _check(self.min_tokens <= self.max_tokens, "min_tokens",
+                   f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        _check(isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1), "top_k",
+               f"must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        if self.seed is not None:
+            _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed",
+                   f"must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.logprobs is not None:
+            _check(isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20, "logprobs",
+                   f"must be an integer in [0, 20], got {self.logprobs!r}")
+
+    def _validate_floats(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            _finite(name, getattr(self, name))
+        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(-2 <= value <= 2, name, f"must be in [-2, 2], got {value}")
+        _check(self.repetition_penalty > 0, "repetition_penalty",
+               f"must be > 0, got {self.repetition_penalty}")
+
+    def to_proto(self, sample_index: int = 0) -> executor_pb2.SamplingParams:
+        """The executor's view; sample i of n draws from seed + i so siblings differ."""
+        proto = executor_pb2.SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
+            min_p=self.min_p, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+        )
+        if self.seed is not None:
+            proto.seed = (self.seed + sample_index) % 2**64
+        if self.logprobs is not None:
+            proto.logprobs = self.logprobs
+        for tok, bias in (self.logit_bias or {}).items():
+            proto.logit_bias[int(tok)] = float(bias)
+        return proto
