@@ -1,9 +1,24 @@
-"""The `pagedserve` command."""
+"""The `pagedserve` command.
+
+    pagedserve serve [MODEL]               router + scheduler + executor on this machine
+    pagedserve executor MODEL --listen A   one executor (weights, KV cache) behind gRPC
+    pagedserve scheduler --executor A      the queue and page table, behind gRPC
+    pagedserve router --scheduler A        the OpenAI HTTP API and the public gRPC API
+    pagedserve healthcheck TARGET          exit 0 when a gRPC address or http URL is healthy
+    pagedserve make-model OUT_DIR          an HF-format model with random weights
+
+Internal services listen on loopback by default; give --listen 0.0.0.0:PORT (or a unix:///path)
+to expose them, as compose.yaml does inside its private network.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+DEFAULT_EXECUTOR_ADDR = "127.0.0.1:50053"
+DEFAULT_SCHEDULER_ADDR = "127.0.0.1:50052"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
@@ -24,18 +39,153 @@ def _run_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+
+
+def _add_executor_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """Model and KV-cache options; `serve` leaves unset ones to the executor's defaults."""
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--dtype", default=d("auto"), help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default=d("cpu"), help="cpu, cuda or cuda:N")
+    p.add_argument("--block-size", type=int, default=d(16), help="tokens per KV block")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV blocks to allocate (default: from --kv-cache-memory-bytes)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV cache budget in bytes (default: the executor's own choice)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's context length)")
+    p.add_argument("--seed", type=int, default=d(0))
+
+
+def _add_batching_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    p.add_argument("--max-num-seqs", type=int, default=256 if defaults else None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048 if defaults else None)
+
+
+def _add_executor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("executor", help="serve one executor (model and KV cache) over gRPC")
+    p.add_argument("model", help="an HF-format model directory")
+    p.add_argument("--listen", default=DEFAULT_EXECUTOR_ADDR, help="host:port or unix:///path")
+    _add_executor_options(p, defaults=True)
+    _add_batching_options(p, defaults=True)
+    p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
+    _add_common(p)
+
+
+def _run_executor(args: argparse.Namespace) -> int:
+    from executor.config import ExecutorConfig
+    from executor.server import run_executor
+
+    config = ExecutorConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, seed=args.seed)
+    return run_executor(config, args.listen, reflection=args.reflection)
+
+
+def _add_scheduler(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scheduler", help="serve the scheduler over gRPC, driving an executor")
+    p.add_argument("--executor", default=DEFAULT_EXECUTOR_ADDR,
+                   help="the executor's address (retried until it answers)")
+    p.add_argument("--listen", default=DEFAULT_SCHEDULER_ADDR, help="host:port or unix:///path")
+    _add_batching_options(p, defaults=True)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds to let open requests finish on shutdown")
+    p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
+    _add_common(p)
+
+
+def _run_scheduler(args: argparse.Namespace) -> int:
+    from scheduler.server import run_scheduler
+
+    options = {"max_num_seqs": args.max_num_seqs,
+               "max_num_batched_tokens": args.max_num_batched_tokens,
+               "enable_prefix_caching": not args.no_prefix_caching}
+    return run_scheduler(args.executor, args.listen, scheduler_options=options,
+                         reflection=args.reflection, drain_timeout=args.drain_timeout)
+
+
+def _add_router(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("router", help="serve the OpenAI HTTP API and the public gRPC API")
+    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER_ADDR, help="the scheduler's address")
+    p.add_argument("--model", required=True, help="model directory (tokenizer, chat template)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port")
+    p.add_argument("--api-key", default=None, help="require this bearer token")
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+    _add_common(p)
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    from router.server import run_router
+
+    return run_router(scheduler=args.scheduler, model=args.model, host=args.host,
+                      port=args.port, grpc_port=args.grpc_port, api_key=args.api_key,
+                      drain_timeout=args.drain_timeout) or 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run router, scheduler and executor on this machine")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model directory (default: a tiny demo model, built on first use)")
+    p.add_argument("--host", default="127.0.0.1", help="the router's HTTP and gRPC host")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI API)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port")
+    p.add_argument("--api-key", default=None, help="require this bearer token")
+    _add_executor_options(p, defaults=False)
+    _add_batching_options(p, defaults=False)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds to let open requests finish on shutdown")
+    _add_common(p)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from pagedserve.serve import run_serve
+
+    return run_serve(args)
+
+
+def _add_healthcheck(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("healthcheck", help="exit 0 if a gRPC service or http URL is healthy")
+    p.add_argument("target", help="host:port or unix:///path (gRPC health), or an http:// URL")
+    p.add_argument("--service", default="", help="gRPC health service name ('' = the server)")
+    p.add_argument("--timeout", type=float, default=3.0)
+
+
+def _run_healthcheck(args: argparse.Namespace) -> int:
+    from pagedserve.health import probe
+
+    healthy = probe(args.target, args.service, args.timeout)
+    print("healthy" if healthy else "unhealthy")
+    return 0 if healthy else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_make_model(sub)
+    for add in (_add_serve, _add_executor, _add_scheduler, _add_router, _add_healthcheck,
+                _add_make_model):
+        add(sub)
     return parser
 
 
-COMMANDS = {"make-model": _run_make_model}
+COMMANDS = {
+    "serve": _run_serve, "executor": _run_executor, "scheduler": _run_scheduler,
+    "router": _run_router, "healthcheck": _run_healthcheck, "make-model": _run_make_model,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "log_level", None):
+        from pagedserve.logs import configure_logging
+
+        configure_logging(args.log_level, process=args.command)
     return COMMANDS[args.command](args)
 
 

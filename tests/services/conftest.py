@@ -101,10 +101,24 @@ def start_executor(model: Path, address: str, log_dir: Path) -> Service:
     return service
 
 
-def start_scheduler(executor_address: str, address: str, log_dir: Path) -> Service:
-    service = Service("scheduler", scheduler_argv(executor_address, address), log_dir)
-    service.wait_serving(address, SCHEDULER_SERVICE)
-    return service
+@contextlib.contextmanager
+def executor_and_scheduler(model: Path, sock_dir: Path) -> Iterator[tuple[Service, Service]]:
+    """Both started at once (the scheduler waits for the executor), stopped cleanly after."""
+    executor_address = f"unix://{sock_dir}/executor.sock"
+    scheduler_address = f"unix://{sock_dir}/scheduler.sock"
+    executor = Service("executor", executor_argv(model, executor_address), sock_dir)
+    scheduler = Service("scheduler", scheduler_argv(executor_address, scheduler_address),
+                        sock_dir)
+    try:
+        executor.wait_serving(executor_address, EXECUTOR_SERVICE)
+        scheduler.wait_serving(scheduler_address, SCHEDULER_SERVICE)
+        yield executor, scheduler
+        assert scheduler.stop() == 0, scheduler.log()
+        if executor.proc.returncode is None:  # not killed by the test
+            assert executor.stop() == 0, executor.log()
+    finally:
+        scheduler.kill()
+        executor.kill()
 
 
 # --- the workload shared by the tests, and its undisturbed in-process result -----------------------

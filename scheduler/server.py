@@ -1,0 +1,191 @@
+"""The scheduler's gRPC server (grpc.aio): Generate, Abort, Stats, ModelInfo and grpc.health.v1.
+
+Generate adds the request to the step loop and streams its TokenOutputs until it finishes; a
+ScheduleRequest with max_tokens 0 may generate up to max_model_len. When the caller cancels the
+stream (or goes away), the request is aborted and its blocks are freed at the next step.
+Health turns SERVING once an executor has described itself; shutdown (SIGTERM, SIGINT) stops
+taking requests, lets the open ones finish (up to a drain timeout), then stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler.outputs import RequestOutputDelta
+from scheduler.step_loop import StepLoop
+
+log = structlog.get_logger("scheduler.server")
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+MAX_MESSAGE_BYTES = 64 << 20
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def _token_output(first: RequestOutputDelta,
+                  queue: asyncio.Queue[RequestOutputDelta]) -> scheduler_pb2.TokenOutput:
+    """One TokenOutput from `first` and whatever else already waits in the queue."""
+    out = scheduler_pb2.TokenOutput(request_id=first.request_id)
+    delta = first
+    while True:
+        out.token_ids.extend(delta.new_token_ids)
+        out.logprobs.extend(delta.new_logprobs or ())
+        for top in delta.new_top_logprobs or ():
+            out.top_logprobs.add(token_ids=list(top), logprobs=list(top.values()))
+        out.num_prompt_tokens = max(out.num_prompt_tokens, delta.num_prompt_tokens)
+        out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
+        if delta.finished:
+            out.finished, out.finish_reason = True, delta.finish_reason or ""
+            return out
+        if queue.empty():
+            return out
+        delta = queue.get_nowait()
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, loop: StepLoop) -> None:
+        self._loop = loop
+        self.accepting = True
+
+    async def Generate(self, request: scheduler_pb2.ScheduleRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.TokenOutput]:
+        queue = await self._admit(request, context)
+        finished = False
+        try:
+            while not finished:
+                out = _token_output(await queue.get(), queue)
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # cancelled, or the client went away
+                self._loop.abort(request.request_id, notify=False)
+
+    async def _admit(self, request: scheduler_pb2.ScheduleRequest,
+                     context: grpc.aio.ServicerContext) -> asyncio.Queue[RequestOutputDelta]:
+        if not self.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is shutting down")
+        try:
+            await asyncio.wait_for(self._loop.ready.wait(), context.time_remaining())
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no executor has connected yet")
+        try:
+            return self._loop.submit(request)
+        except KeyError:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request_id {request.request_id!r} is already running")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        raise AssertionError("unreachable")
+
+    async def Abort(self, request: scheduler_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> scheduler_pb2.AbortResponse:
+        return scheduler_pb2.AbortResponse(found=self._loop.abort(request.request_id))
+
+    async def Stats(self, request: scheduler_pb2.StatsRequest,
+                    context: grpc.aio.ServicerContext) -> scheduler_pb2.StatsResponse:
+        resp = scheduler_pb2.StatsResponse(executor_connected=self._loop.connected,
+                                           steps=self._loop.steps)
+        if self._loop.scheduler is None:
+            return resp
+        s = self._loop.scheduler.stats()
+        resp.num_waiting, resp.num_running = s.num_waiting, s.num_running
+        resp.num_preemptions = s.num_preemptions
+        resp.blocks_total, resp.blocks_free = s.blocks_total, s.blocks_free
+        resp.blocks_used = s.blocks_in_use
+        resp.prefix_cache_queries, resp.prefix_cache_hits = (s.prefix_cache_queries,
+                                                              s.prefix_cache_hits)
+        resp.prefix_cache_hit_rate = s.prefix_cache_hit_rate
+        return resp
+
+    async def ModelInfo(self, request: scheduler_pb2.ModelInfoRequest,
+                        context: grpc.aio.ServicerContext) -> executor_pb2.DescribeResponse:
+        if self._loop.model_info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no executor has connected yet")
+        return self._loop.model_info
+
+
+async def _build_server(service: SchedulerService, listen: str, *,
+                        reflection: bool) -> tuple[grpc.aio.Server, Any]:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if reflection:
+        from grpc_reflection.v1alpha import reflection as grpc_reflection
+
+        names = (SERVICE_NAME, health.SERVICE_NAME, grpc_reflection.SERVICE_NAME)
+        grpc_reflection.enable_server_reflection(names, server)
+    if server.add_insecure_port(listen) == 0:
+        raise OSError(f"listen: cannot bind {listen}")
+    return server, health_servicer
+
+
+async def _serving_when_ready(loop: StepLoop, health_servicer: Any) -> None:
+    await loop.ready.wait()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("scheduler serving")
+
+
+async def serve(executor_address: str, listen: str, *,
+                scheduler_options: dict[str, Any] | None = None, reflection: bool = False,
+                drain_timeout: float = 30.0, stop: asyncio.Event | None = None) -> int:
+    """Runs the scheduler server until `stop` is set (default: on SIGTERM or SIGINT)."""
+    loop = StepLoop(executor_address, scheduler_options)
+    service = SchedulerService(loop)
+    server, health_servicer = await _build_server(service, listen, reflection=reflection)
+    await server.start()
+    log.info("scheduler listening", listen=listen, executor=executor_address)
+    stop = stop or _stop_on_signals()
+    loop_task = asyncio.create_task(loop.run(), name="step-loop")
+    ready_task = asyncio.create_task(_serving_when_ready(loop, health_servicer))
+    stop_task = asyncio.create_task(stop.wait())
+    await asyncio.wait({loop_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    crashed = loop_task.done()
+    if crashed:
+        log.error("step loop died", exc_info=loop_task.exception())
+    service.accepting = False
+    await health_servicer.enter_graceful_shutdown()
+    if not crashed:
+        log.info("scheduler draining", open_requests=loop.num_streams, timeout_s=drain_timeout)
+        await loop.drain(drain_timeout)
+    await server.stop(grace=1.0)
+    for task in (loop_task, ready_task, stop_task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    log.info("scheduler stopped")
+    return 1 if crashed else 0
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    running = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        running.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def run_scheduler(executor_address: str, listen: str, **kwargs: Any) -> int:
+    """Blocking entry point for `pagedserve scheduler` (uvloop when installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(executor_address, listen, **kwargs))
+    return uvloop.run(serve(executor_address, listen, **kwargs))

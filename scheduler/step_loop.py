@@ -1,0 +1,259 @@
+"""The scheduler server's step loop: one asyncio task that owns the Scheduler.
+
+    while there is work:  plan = schedule()  ->  Execute stream  ->  apply_result(result)
+                          -> each delta to its request's asyncio queue
+
+Everything touching the Scheduler runs on the event loop thread, so no lock is needed; while a plan
+is in flight, new requests and aborts are held back and applied after its result (the Scheduler
+expects nothing to change between schedule() and apply_result()). When the executor goes away, the scheduler forgets what the executor
+held (`reset_executor_state`: running requests wait again, keeping their tokens) and the loop
+reconnects with backoff; the next executor is refilled by recompute, and no request is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import structlog
+
+from protos import executor_pb2, scheduler_pb2
+from scheduler.config import SchedulerConfig
+from scheduler.executor_client import AsyncExecutorConnection, ExecutorGone
+from scheduler.outputs import RequestOutputDelta
+from scheduler.scheduler import Scheduler
+from scheduler.validation import validate_request
+
+log = structlog.get_logger("scheduler.step_loop")
+
+# The pool and model facts a scheduler was built on: a new executor must agree on them.
+_POOL_FACTS = ("block_size", "num_kv_blocks", "max_model_len")
+
+
+class _LoopDrivenExecutor:
+    """Stands in for the executor inside `Scheduler`: the step loop does the remote calls."""
+
+    def __init__(self, desc: executor_pb2.DescribeResponse) -> None:
+        self._desc = desc
+
+    def describe(self) -> executor_pb2.DescribeResponse:
+        return self._desc
+
+    def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
+        raise RuntimeError("the step loop sends plans; Scheduler.step() is not used here")
+
+
+class StepLoop:
+    def __init__(self, executor_address: str, scheduler_options: dict[str, Any] | None = None,
+                 *, describe_timeout: float = 5.0) -> None:
+        self.executor_address = executor_address
+        self._options = dict(scheduler_options or {})
+        self._describe_timeout = describe_timeout
+        self._conn = AsyncExecutorConnection(executor_address)
+        self.scheduler: Scheduler | None = None
+        self.model_info: executor_pb2.DescribeResponse | None = None
+        self.connected = False
+        self.steps = 0
+        self.ready = asyncio.Event()  # set once the first executor described itself
+        self._wake = asyncio.Event()
+        self._streams: dict[str, asyncio.Queue[RequestOutputDelta]] = {}
+        self._pending_adds: list[scheduler_pb2.ScheduleRequest] = []
+        self._pending_aborts: list[str] = []
+        self._in_step = False
+        self._flush_forgets = False
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                if not self.connected:
+                    await self._connect()
+                elif self.scheduler is not None and (self.scheduler.has_unfinished()
+                                                     or self._flush_forgets):
+                    self._flush_forgets = False  # an abort's forget id goes out even when idle
+                    await self._step_once()
+                else:
+                    await self._idle()
+        finally:
+            await self._conn.close()
+
+    async def _step_once(self) -> None:
+        assert self.scheduler is not None
+        plan = self.scheduler.schedule()
+        if not (plan.new_requests or plan.continuing_requests or plan.forget_request_ids):
+            self._fan_out(self.scheduler.apply_result(
+                executor_pb2.StepResult(step_id=plan.step_id)))
+            if self.scheduler.has_unfinished():
+                await self._wait_for_work(0.05)  # nothing fits right now; don't spin
+            return
+        self._in_step = True
+        try:
+            result = await self._conn.execute(plan)
+        except ExecutorGone as e:
+            self._lost_executor(str(e))
+            return
+        finally:
+            self._in_step = False
+        self.steps += 1
+        self._fan_out(self.scheduler.apply_result(result))
+        self._apply_pending()
+
+    async def _idle(self) -> None:
+        """Waits for a request, and notices meanwhile when the executor's channel drops."""
+        channel_down = asyncio.ensure_future(self._conn.wait_until_not_ready())
+        woken = asyncio.ensure_future(self._wake.wait())
+        done, _ = await asyncio.wait({channel_down, woken}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (channel_down, woken):
+            task.cancel()
+        self._wake.clear()
+        if channel_down in done and not channel_down.cancelled() and self.connected:
+            self._lost_executor("channel left READY while idle")
+
+    async def _wait_for_work(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    # --- executor connection ----------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        """Describe the executor until it answers, with backoff; adopt it if it fits."""
+        delay, last_log = 0.05, 0.0
+        while True:
+            try:
+                desc = await self._conn.describe(self._describe_timeout)
+            except ExecutorGone as e:
+                if time.monotonic() - last_log > 10.0:
+                    log.info("waiting for executor", address=self.executor_address, error=str(e))
+                    last_log = time.monotonic()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if self._adopt(desc):
+                return
+            await asyncio.sleep(2.0)
+
+    def _adopt(self, desc: executor_pb2.DescribeResponse) -> bool:
+        old = self.model_info
+        same = old is not None and all(getattr(old, f) == getattr(desc, f) for f in _POOL_FACTS)
+        if self.scheduler is not None and not same:
+            if self.scheduler.has_unfinished():
+                log.error("executor pool differs from the one in use; not adopting it",
+                          **{f: (getattr(old, f), getattr(desc, f)) for f in _POOL_FACTS})
+                return False
+            self.scheduler = None
+        if self.scheduler is None:
+            config = SchedulerConfig.from_describe(desc, **self._options)
+            self.scheduler = Scheduler(config, _LoopDrivenExecutor(desc))
+        self.model_info = desc
+        self.connected = True
+        self.ready.set()
+        self._wake.set()
+        log.info("executor connected", address=self.executor_address, model=desc.model,
+                 num_kv_blocks=desc.num_kv_blocks, block_size=desc.block_size)
+        return True
+
+    def _lost_executor(self, why: str) -> None:
+        log.warning("executor lost; requests will be recomputed", reason=why,
+                    address=self.executor_address)
+        self.connected = False
+        self._conn.drop_stream()
+        if self.scheduler is not None:
+            self.scheduler.reset_executor_state()
+        self._apply_pending()
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def submit(self, req: scheduler_pb2.ScheduleRequest) -> asyncio.Queue[RequestOutputDelta]:
+        """Adds a request; its deltas arrive on the returned queue.
+
+        Raises KeyError for a request id already streaming, ValueError for an invalid request.
+        """
+        assert self.scheduler is not None, "submit before the executor was described"
+        if req.request_id in self._streams:
+            raise KeyError(req.request_id)
+        if not req.max_tokens:  # 0: as many as fit in max_model_len
+            req.max_tokens = max(1, self.scheduler.config.max_model_len - len(
+                req.prompt_token_ids))
+        validate_request(self.scheduler.config, req.request_id, req.prompt_token_ids,
+                         max_tokens=req.max_tokens, min_tokens=req.min_tokens,
+                         stop_token_ids=req.stop_token_ids, n=1)
+        queue: asyncio.Queue[RequestOutputDelta] = asyncio.Queue()
+        self._streams[req.request_id] = queue
+        self._pending_adds.append(req)
+        if not self._in_step:
+            self._apply_pending()
+        self._wake.set()
+        return queue
+
+    def _add(self, req: scheduler_pb2.ScheduleRequest) -> None:
+        assert self.scheduler is not None
+        try:
+            self.scheduler.add_request(
+                req.request_id, list(req.prompt_token_ids), req.sampling,
+                max_tokens=req.max_tokens, min_tokens=req.min_tokens,
+                stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
+                cache_salt=req.cache_salt)
+        except ValueError as e:
+            log.warning("request rejected", request_id=req.request_id, error=str(e))
+            self._close_stream(req.request_id, notify=True)
+
+    def abort(self, request_id: str, *, notify: bool = True) -> bool:
+        """Aborts a request (now, or after the step in flight); its stream gets a final 'abort'."""
+        if not self._close_stream(request_id, notify):
+            return False
+        self._pending_aborts.append(request_id)
+        self._flush_forgets = True
+        if not self._in_step:
+            self._apply_pending()
+        self._wake.set()
+        return True
+
+    def _close_stream(self, request_id: str, notify: bool) -> bool:
+        queue = self._streams.pop(request_id, None)
+        if queue is None:
+            return False
+        if notify:
+            queue.put_nowait(RequestOutputDelta(
+                request_id=request_id, new_token_ids=[], new_logprobs=None,
+                new_top_logprobs=None, finished=True, finish_reason="abort",
+                num_prompt_tokens=0, num_cached_tokens=0))
+        return True
+
+    def _apply_pending(self) -> None:
+        """Adds and aborts held back while a plan was in flight, in arrival order per kind."""
+        if self.scheduler is None:
+            return
+        adds, self._pending_adds = self._pending_adds, []
+        for req in adds:
+            self._add(req)
+        aborts, self._pending_aborts = self._pending_aborts, []
+        for request_id in aborts:
+            self.scheduler.abort(request_id)
+
+    def _fan_out(self, deltas: list[RequestOutputDelta]) -> None:
+        for delta in deltas:
+            queue = self._streams.get(delta.request_id)
+            if queue is None:
+                continue
+            queue.put_nowait(delta)
+            if delta.finished:
+                del self._streams[delta.request_id]
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    async def drain(self, timeout: float) -> None:
+        """Waits until every open request stream has finished, or `timeout` seconds passed."""
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._streams:
+            log.warning("drain timed out; aborting", open_requests=len(self._streams))
+            for request_id in list(self._streams):
+                self.abort(request_id)
+

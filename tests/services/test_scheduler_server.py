@@ -1,0 +1,138 @@
+"""The scheduler gRPC server against a real executor server, both processes on unix sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
+from tests.services.conftest import (
+    MAX_MODEL_LEN,
+    MAX_TOKENS,
+    executor_and_scheduler,
+    prompts,
+)
+
+
+@pytest.fixture(scope="module")
+def services(llama_dir: Path, sock_dir: Path) -> Iterator[str]:
+    with executor_and_scheduler(llama_dir, sock_dir):
+        yield f"unix://{sock_dir}/scheduler.sock"
+
+
+def schedule_request(request_id: str, prompt: list[int], max_tokens: int = MAX_TOKENS,
+                     **kw) -> scheduler_pb2.ScheduleRequest:
+    return scheduler_pb2.ScheduleRequest(request_id=request_id, prompt_token_ids=prompt,
+                                         max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+async def collect(stub: scheduler_pb2_grpc.SchedulerStub, request: scheduler_pb2.ScheduleRequest,
+                  ) -> tuple[list[int], list[scheduler_pb2.TokenOutput]]:
+    outputs = [out async for out in stub.Generate(request, timeout=30)]
+    return [t for out in outputs for t in out.token_ids], outputs
+
+
+def run(address: str, body) -> object:
+    """Runs `body(stub)` on a fresh grpc.aio channel, with an overall timeout."""
+    async def main() -> object:
+        async with grpc.aio.insecure_channel(address) as channel:
+            return await asyncio.wait_for(body(scheduler_pb2_grpc.SchedulerStub(channel)), 30)
+    return asyncio.run(main())
+
+
+async def stats_when(stub: scheduler_pb2_grpc.SchedulerStub, done, timeout: float = 5.0,
+                     ) -> scheduler_pb2.StatsResponse:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = await stub.Stats(scheduler_pb2.StatsRequest(), timeout=5)
+        if done(stats) or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.05)
+
+
+def test_generate_streams_the_in_process_tokens(services: str, reference_tokens) -> None:
+    async def body(stub):
+        requests = [schedule_request(rid, p) for rid, p in prompts().items()]
+        return await asyncio.gather(*(collect(stub, r) for r in requests))
+
+    results = run(services, body)
+    for (request_id, prompt), (tokens, outputs) in zip(prompts().items(), results):
+        assert tokens == reference_tokens[request_id]
+        last = outputs[-1]
+        assert last.finished and last.finish_reason == "length"
+        assert not any(out.finished for out in outputs[:-1])
+        assert {out.request_id for out in outputs} == {request_id}
+        assert last.num_prompt_tokens == len(prompt)
+
+
+def test_cancelling_a_stream_aborts_it_and_frees_every_block(services: str) -> None:
+    async def body(stub):
+        calls = [stub.Generate(schedule_request(f"cancel-{i}", p, MAX_MODEL_LEN - len(p)))
+                 for i, p in enumerate(prompts().values())]
+        for call in calls:  # each has started generating
+            await call.read()
+        busy = await stub.Stats(scheduler_pb2.StatsRequest(), timeout=5)
+        for call in calls:
+            call.cancel()
+        idle = await stats_when(stub, lambda s: s.num_running + s.num_waiting == 0
+                                and s.blocks_free == s.blocks_total)
+        return busy, idle
+
+    busy, idle = run(services, body)
+    assert busy.num_running + busy.num_waiting == len(prompts()) and busy.blocks_used > 0
+    assert idle.num_running == idle.num_waiting == 0
+    assert idle.blocks_free == idle.blocks_total and idle.blocks_used == 0
+    assert idle.executor_connected and idle.steps > 0
+
+
+def test_abort_rpc_ends_the_stream_with_reason_abort(services: str) -> None:
+    async def body(stub):
+        call = stub.Generate(schedule_request("to-abort", [11, 12, 13], 200), timeout=30)
+        first = await call.read()
+        found = await stub.Abort(scheduler_pb2.AbortRequest(request_id="to-abort"), timeout=5)
+        rest = []
+        while (out := await call.read()) is not grpc.aio.EOF:
+            rest.append(out)
+        missing = await stub.Abort(scheduler_pb2.AbortRequest(request_id="to-abort"), timeout=5)
+        return first, found.found, rest, missing.found
+
+    first, found, rest, missing = run(services, body)
+    assert not first.finished and found and not missing
+    assert rest[-1].finished and rest[-1].finish_reason == "abort"
+
+
+def test_bad_requests_are_rejected_with_grpc_status(services: str) -> None:
+    async def body(stub):
+        codes = []
+        too_long = schedule_request("too-long", list(range(10, 10 + MAX_MODEL_LEN + 1)), 1)
+        for request in (too_long, schedule_request("empty", [], 4)):
+            try:
+                await collect(stub, request)
+            except grpc.aio.AioRpcError as e:
+                codes.append(e.code())
+        first = stub.Generate(schedule_request("twice", [5, 6, 7], 200))
+        await first.read()
+        try:
+            await collect(stub, schedule_request("twice", [5, 6, 7], 4))
+        except grpc.aio.AioRpcError as e:
+            codes.append(e.code())
+        first.cancel()
+        return codes
+
+    assert run(services, body) == [grpc.StatusCode.INVALID_ARGUMENT,
+                                   grpc.StatusCode.INVALID_ARGUMENT,
+                                   grpc.StatusCode.ALREADY_EXISTS]
+
+
+def test_model_info_is_the_executor_description(services: str) -> None:
+    async def body(stub):
+        return await stub.ModelInfo(scheduler_pb2.ModelInfoRequest(), timeout=5)
+
+    info = run(services, body)
+    assert isinstance(info, executor_pb2.DescribeResponse)
+    assert info.architecture == "LlamaForCausalLM" and info.max_model_len == MAX_MODEL_LEN
