@@ -1,0 +1,50 @@
+"""The paged KV cache: per layer, one pool of K pages and one of V pages.
+
+Layout [num_blocks, block_size, num_kv_heads, head_dim]. Token slot
+s = block_id * block_size + offset is row s of the pool viewed as [num_blocks * block_size, num_kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_block_size(block_size: int) -> None:
+    """Kernels tile pages by block_size, so it must be a power of two in [8, 128]."""
+    if not (8 <= block_size <= 128 and block_size & (block_size - 1) == 0):
+        raise ValueError(f"block_size must be a power of two in [8, 128], got {block_size}")
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        check_block_size(block_size)
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # Zeros, not empty: padded block-table entries point at block 0, and a kernel that reads a
+        # masked-out page must see finite numbers (0 * NaN would poison the softmax-weighted sum).
+        self.k: list[torch.Tensor] = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
+        ]
+        self.v: list[torch.Tensor] = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        """Memory one block takes across all layers, K and V: what capacity planning divides by."""
+        check_block_size(block_size)
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element

@@ -1,0 +1,168 @@
+"""Loading an HF-format model directory: config.json plus safetensors weights, either one
+model.safetensors or shards listed by model.safetensors.index.json.
+
+Weights are only ever read with safetensors (never torch.load / pickle). The model is built directly
+in its final dtype and device, then each checkpoint tensor is handed to its parameter's
+weight_loader, which checks the shape and copies (casting if the checkpoint dtype differs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from executor.backend import select_backend
+from executor.model_config import ModelConfig
+from executor.models import get_model_class
+
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bf16 GEMMs natively (oneDNN's check: AVX-512 / AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _to_dtype(value: str | torch.dtype, what: str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        if value not in DTYPES.values():
+            raise ValueError(
+                f"{what}: unsupported dtype {value}; choose from bfloat16, float16, float32"
+            )
+        return value
+    name = value.removeprefix("torch.").lower()
+    if name not in DTYPES:
+        raise ValueError(
+            f"{what}: unsupported dtype {value!r}; choose from auto, bfloat16, float16, float32"
+        )
+    return DTYPES[name]
+
+
+def resolve_dtype(
+    config_dtype: str | None, override: str | torch.dtype | None, device: torch.device | str
+) -> torch.dtype:
+    """The dtype weights and activations run in.
+
+    An explicit override ("bfloat16", "float16", "float32" or a torch dtype) always wins. None or
+    "auto" means the checkpoint's dtype (float32 when config.json names none), adjusted to the
+    device:
+      - CPU, half-precision checkpoint (bf16 or fp16): bf16 where the CPU has native bf16, else
+        float32. fp16 is never chosen on the CPU: its GEMMs are emulated and slow there, and bf16
+        has the same speed with float32's range.
+      - CPU, float32 checkpoint: float32. Its author chose the precision; halving it silently would
+        change results (pass dtype="bfloat16" for speed).
+      - CUDA, bf16 checkpoint on a GPU without bf16 (before Ampere): float16.
+    """
+    device = torch.device(device)
+    if override is not None and override != "auto":
+        return _to_dtype(override, "dtype")
+    dtype = _to_dtype(config_dtype or "float32", "config.json torch_dtype")
+    if device.type == "cpu" and dtype != torch.float32:
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return dtype
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files to read, all checked to exist before any weight is loaded."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{index}: no `weight_map` entries")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"shard {file.name!r} named in {index} does not exist")
+        return files
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    hint = (
+        " (pytorch .bin weights are not loaded: convert them to safetensors)"
+        if any(model_dir.glob("*.bin"))
+        else ""
+    )
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}{hint}")
+
+
+class _CheckpointReader:
+    """Yields (name, tensor) from each file in turn, remembering which file the last came from so
+    an error raised while loading it can name the file."""
+
+    def __init__(self, files: list[Path], device: torch.device):
+        self.files = files
+        if device.type == "cuda" and device.index is None:  # name the current device explicitly
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device_name = str(device)
+        self.current: Path | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for file in self.files:
+            self.current = file
+            with safe_open(file, framework="pt", device=self.device_name) as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    yield name, f.get_tensor(name)
+        self.current = None
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Parameters are created directly in the target dtype (no float32 copy first)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, ModelConfig]:
+    """Build the model a directory describes and fill its weights: (model in eval mode, config)."""
+    model_dir, device = Path(model_dir), torch.device(device)
+    config = ModelConfig.from_dir(model_dir)
+    try:
+        model_cls = get_model_class(config.architecture)
+    except ValueError as e:
+        raise ValueError(f"{model_dir / 'config.json'}: {e}") from None
+    files = checkpoint_files(model_dir)
+    torch_dtype = resolve_dtype(config.torch_dtype, dtype, device)
+    try:
+        with torch.device(device), _default_dtype(torch_dtype):
+            model = model_cls(config, select_backend(device))
+    except ValueError as e:  # a config value the model cannot run (rope type, activation, ...)
+        raise ValueError(f"{model_dir / 'config.json'}: {e}") from None
+    reader = _CheckpointReader(files, device)
+    try:
+        model.load_weights(reader)
+    except ValueError as e:
+        where = reader.current or ", ".join(str(f) for f in files)
+        raise ValueError(f"{e} (in {where})") from None
+    return model.eval(), config
