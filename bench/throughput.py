@@ -1,0 +1,130 @@
+"""Offline throughput: pagedserve's `LLM` against transformers' static batching, side by side.
+
+    python -m bench.throughput [--model DIR] [--num-requests 200] [--out results/throughput.json]
+
+With no --model, the `small` llama preset is built once into .models/bench. transformers is tried
+in each dtype and batch size on a slice of the workload and run in its best configuration on the
+whole workload; pagedserve runs the same requests. Both produce exactly the requested tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from bench.hf_baseline import best_static_config, run_hf
+from bench.workload import BenchRequest, sharegpt_like
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_model(preset: str = "small") -> Path:
+    from pagedserve.make_model import make_model
+
+    out = ROOT / ".models" / "bench" / f"llama-{preset}"
+    if not (out / "pagedserve.json").exists():
+        make_model("llama", preset, out, seed=0)
+    return out
+
+
+def run_pagedserve(model_dir: str, requests: list[BenchRequest], args) -> dict:
+    from pagedserve import LLM, SamplingParams
+
+    llm = LLM(model_dir, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_memory_bytes=args.kv_cache_memory_bytes, device=args.device)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+              for r in requests]
+    llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert produced == sum(r.output_len for r in requests), "pagedserve produced other lengths"
+    return {
+        "elapsed_s": elapsed, "output_tokens": produced,
+        "requests_per_s": len(requests) / elapsed, "output_tokens_per_s": produced / elapsed,
+        "kv_utilisation_at_peak": llm.kv_usage.utilisation_at_peak,
+        "peak_blocks_in_use": llm.kv_usage.peak_blocks_in_use,
+        "dtype": str(llm.executor.describe().dtype),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=None, help="HF-format model dir (default: small llama)")
+    p.add_argument("--preset", default="small", help="make-model preset when --model is absent")
+    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--hf-dtypes", default="bfloat16,float32")
+    p.add_argument("--hf-batch-sizes", default="8,16,32,64")
+    p.add_argument("--tune-requests", type=int, default=64)
+    p.add_argument("--skip-hf", action="store_true", help="only measure pagedserve")
+    p.add_argument("--out", default=str(ROOT / "results" / "throughput.json"))
+    return p.parse_args(argv)
+
+
+def _hf_side(model_dir: str, requests: list[BenchRequest], args) -> dict:
+    tune = requests[: args.tune_requests]
+    dtypes = [d for d in args.hf_dtypes.split(",") if d]
+    sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b]
+    dtype, batch, trials = best_static_config(model_dir, tune, dtypes, sizes)
+    result = run_hf(model_dir, requests, dtype, batch)
+    return {
+        "dtype": dtype, "batch_size": batch, "elapsed_s": result.elapsed_s,
+        "output_tokens": result.output_tokens, "requests_per_s": result.requests_per_s,
+        "output_tokens_per_s": result.output_tokens_per_s,
+        "tuning": [{"dtype": t.dtype, "batch_size": t.batch_size,
+                    "output_tokens_per_s": t.output_tokens_per_s} for t in trials],
+    }
+
+
+def print_table(results: dict) -> None:
+    ps, hf = results["pagedserve"], results.get("transformers")
+    print(f"\nworkload: {results['num_requests']} requests, {ps['output_tokens']} output tokens")
+    print(f"{'engine':<34} {'req/s':>8} {'out tok/s':>10} {'ratio':>7}")
+    base = hf["output_tokens_per_s"] if hf else None
+    rows = [("pagedserve LLM (" + ps["dtype"] + ")", ps)]
+    if hf:
+        rows.append((f"transformers static ({hf['dtype']}, bs={hf['batch_size']})", hf))
+    for name, r in rows:
+        ratio = f"{r['output_tokens_per_s'] / base:.2f}x" if base else "-"
+        print(f"{name:<34} {r['requests_per_s']:>8.2f} {r['output_tokens_per_s']:>10.1f} {ratio:>7}")
+    print(f"KV utilisation at peak: {ps['kv_utilisation_at_peak']:.1%} "
+          f"({ps['peak_blocks_in_use']} blocks)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model_dir = args.model or str(default_model(args.preset))
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    requests = sharegpt_like(args.num_requests, vocab, seed=args.seed)
+    results = {
+        "model": model_dir, "num_requests": len(requests),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "pagedserve": run_pagedserve(model_dir, requests, args),
+    }
+    if not args.skip_hf:
+        results["transformers"] = _hf_side(model_dir, requests, args)
+        results["ratio"] = (results["pagedserve"]["output_tokens_per_s"]
+                            / results["transformers"]["output_tokens_per_s"])
+    print_table(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
