@@ -69,7 +69,10 @@ def _decode_batch(
         allowed &= k_pos[None, :] > q_pos - sliding_window
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("skgt,stkd->skgd", probs, v.float()).reshape(num_seqs, num_q_heads, head_dim)
+    # Slots past a shorter context (its last page's tail, table padding) may hold anything, NaN
+    # included, and 0 * NaN is NaN: zero them rather than trust the zero probabilities.
+    v = v.float().masked_fill((k_pos[None, :] > q_pos)[:, :, None, None], 0.0)
+    return torch.einsum("skgt,stkd->skgd", probs, v).reshape(num_seqs, num_q_heads, head_dim)
 
 
 def paged_attention(

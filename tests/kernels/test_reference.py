@@ -1,0 +1,103 @@
+"""The reference kernels against independent formulas: dense attention through torch SDPA on the
+gathered context, and transformers' own Llama rotary embedding and RMSNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+from tests.kernels.common import make_batch, poisoned, rel_err
+
+CPU = torch.device("cpu")
+
+
+def _dense_attention(batch, scale: float, sliding_window: int, softcap: float) -> torch.Tensor:
+    """Each sequence's context gathered token by token from its block table, then attention in
+    float64 with an explicit mask: SDPA, or the written-out formula when there is a softcap."""
+    out = []
+    cu, lens = batch.cu_seqlens_q.tolist(), batch.seq_lens.tolist()
+    block_size = batch.k_cache.shape[1]
+    group = batch.q.shape[1] // batch.k_cache.shape[2]
+    for i, seq_len in enumerate(lens):
+        q = batch.q[cu[i]:cu[i + 1]].double().transpose(0, 1)  # [H, Q, D]
+        if q.shape[1] == 0:
+            continue
+        slots = [(int(batch.block_tables[i, p // block_size]), p % block_size)
+                 for p in range(seq_len)]
+        k = torch.stack([batch.k_cache[b, r] for b, r in slots]).double()  # [K, Hkv, D]
+        v = torch.stack([batch.v_cache[b, r] for b, r in slots]).double()
+        k = k.repeat_interleave(group, 1).transpose(0, 1)
+        v = v.repeat_interleave(group, 1).transpose(0, 1)
+        q_pos = torch.arange(seq_len - q.shape[1], seq_len)[:, None]
+        k_pos = torch.arange(seq_len)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window:
+            mask &= k_pos > q_pos - sliding_window
+        if softcap:
+            s = softcap * torch.tanh(q @ k.transpose(1, 2) * scale / softcap)
+            o = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(("q_lens", "seq_lens", "window", "softcap"), [
+    ([1, 1, 1, 1], [1, 16, 17, 40], 0, 0.0),  # decode batch: the reference's batched path
+    ([5, 1, 12, 0, 1], [5, 30, 20, 7, 3], 0, 0.0),  # prefill, chunk with cached prefix, decode
+    ([4, 1, 9, 1], [20, 33, 9, 12], 6, 0.0),  # sliding window shorter than the contexts
+    ([3, 1, 1], [19, 25, 8], 50, 20.0),  # window longer than the contexts, softcap
+])
+def test_reference_attention_matches_dense_sdpa(q_lens, seq_lens, window, softcap) -> None:
+    batch = make_batch(q_lens, seq_lens, num_q_heads=8, num_kv_heads=2, head_dim=32,
+                       block_size=8, dtype=torch.float32,
+                       shared_blocks=min(seq_lens[0], seq_lens[1]) // 8)
+    batch = type(batch)(*(t.cpu() if isinstance(t, torch.Tensor) else t
+                          for t in vars(batch).values()))
+    out = poisoned(batch.q.shape, torch.float32, CPU)
+    reference.paged_attention(*batch.args(), out, scale=0.3, sliding_window=window,
+                              softcap=softcap, **batch.bounds())
+    assert rel_err(out, _dense_attention(batch, 0.3, window, softcap)) < 1e-5
+
+
+def _llama3_config(head_dim: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=head_dim * 4, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    )
+
+
+def test_reference_rotary_matches_transformers_llama3() -> None:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    head_dim, tokens = 64, 37
+    rope = LlamaRotaryEmbedding(_llama3_config(head_dim))
+    positions = torch.randint(0, 4096, (tokens,))
+    freqs = positions[:, None].float() * rope.inv_freq[None, :].float()
+    cache = torch.zeros(4096, head_dim)
+    cache[positions] = torch.cat((freqs.cos(), freqs.sin()), -1) * rope.attention_scaling
+    q, k = torch.randn(tokens, 4, head_dim), torch.randn(tokens, 2, head_dim)
+    cos, sin = rope(q, positions[None])  # [1, tokens, head_dim]
+    q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    reference.rotary_embedding(positions, q, k, cache, is_neox=True)
+    torch.testing.assert_close(q, q_hf[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, k_hf[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_rms_norm_matches_transformers(dtype) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96))
+    x = torch.randn(3, 5, 96).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.rms_norm(x, norm.weight, 1e-5), norm(x),
+                                   rtol=0, atol=0)
