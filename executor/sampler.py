@@ -23,7 +23,7 @@ stop on EOS, so EOS is an ordinary token there and min_tokens need not keep it o
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,14 +103,15 @@ def build_sampling_metadata(
     *,
     vocab_size: int,
     eos_token_ids: Sequence[int],
-    token_ids: torch.Tensor | None = None,
+    token_ids: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
 ) -> SamplingMetadata:
     """Gather the requests' parameters into tensors (one list per parameter, one op each later).
 
     token_ids, when given, is a [S, >= max num_tokens] table whose row i holds request i's prompt
-    then output (the executor passes a slice of its persistent table); otherwise it is built from
-    the requests' lists, and only when some row has a penalty.
+    then output, or a function returning it (the executor passes one that slices its persistent
+    table); without it the table is built from the requests' lists. Either way it is only read
+    when some row has a penalty.
     """
     ps = [r.sampling for r in requests]
 
@@ -142,6 +143,8 @@ def build_sampling_metadata(
         md.num_tokens = col([r.num_tokens for r in requests], torch.int64)
         if token_ids is None:
             token_ids = _pad_tokens(requests)
+        elif callable(token_ids):
+            token_ids = token_ids()
         md.token_ids = token_ids.to(device=device, dtype=torch.int64)
     return md
 

@@ -1,0 +1,57 @@
+"""The executor's configuration: one frozen object, validated once, ValueError naming the field."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPE_NAMES = ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    model: str  # an HF-format model directory
+    dtype: str | None = "auto"  # None or "auto": the checkpoint's, adjusted to the device
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    block_size: int = 16  # tokens per KV block: a power of two in [8, 128]
+    num_kv_blocks: int | None = None  # an explicit count overrides kv_cache_memory_bytes
+    # KV cache budget. None: 1 GiB on the CPU; on CUDA 90% of the memory free after loading weights
+    # (not yet a measured activation profile).
+    kv_cache_memory_bytes: int | None = None
+    max_num_batched_tokens: int = 2048  # tokens computed in one step, at most
+    max_num_seqs: int = 256  # requests held at once (and so scheduled in one step), at most
+    max_model_len: int | None = None  # prompt + output, at most; None: max_position_embeddings
+    seed: int = 0  # for unseeded requests' randomness
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, Path):
+            object.__setattr__(self, "model", str(self.model))
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model: must be a non-empty path, got {self.model!r}")
+        if self.dtype is not None and (not isinstance(self.dtype, str)
+                                       or self.dtype.removeprefix("torch.").lower() not in DTYPE_NAMES):
+            raise ValueError(f"dtype: must be one of {DTYPE_NAMES} or None, got {self.dtype!r}")
+        if not isinstance(self.device, str) or not _DEVICE.match(self.device):
+            raise ValueError(f"device: must be cpu, cuda or cuda:N, got {self.device!r}")
+        bs = self.block_size
+        if not _is_int(bs) or not (8 <= bs <= 128 and bs & (bs - 1) == 0):
+            raise ValueError(f"block_size: must be a power of two in [8, 128], got {bs!r}")
+        for name in ("max_num_batched_tokens", "max_num_seqs"):
+            _check_positive(name, getattr(self, name))
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive(name: str, value: object) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")

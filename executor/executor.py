@@ -1,0 +1,210 @@
+"""The executor: takes a StepPlan, computes it, returns a StepResult.
+
+One step:
+  1. check the whole plan against the held state (nothing changes if it is invalid);
+  2. forget the plan's forget_request_ids first, then take in new requests and continuing diffs;
+  3. one forward over every scheduled token, flat (prompt chunks and decode tokens together);
+  4. the requests whose computed tokens reach the end of their held tokens sample one token, which
+     the executor appends to its own copy of the output (it is computed at the request's next step).
+A request whose scheduled tokens stop short of the end (a prompt chunk) produces no output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from executor.config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
+from executor.input_batch import InputBatch
+from executor.kv_cache import KVCache
+from executor.loader import load_model
+from executor.request_state import RequestState
+from executor.sampler import Sampler, SamplerOutput, build_sampling_metadata, check_sampling_params
+from protos import executor_pb2
+
+CUDA_KV_CACHE_FRACTION = 0.9  # of the memory free after loading weights, when no budget is given
+
+
+class Executor:
+    def __init__(self, config: ExecutorConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device)
+        mc = self.model_config
+        self.dtype = next(self.model.parameters()).dtype
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {mc.max_position_embeddings}")
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.kv_cache = KVCache(mc.num_layers, self.num_kv_blocks, config.block_size, mc.num_kv_heads,
+                                mc.head_dim, self.dtype, self.device)
+        self.batch = InputBatch(max_num_seqs=config.max_num_seqs,
+                                max_num_batched_tokens=config.max_num_batched_tokens,
+                                max_model_len=self.max_model_len, block_size=config.block_size,
+                                device=self.device)
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, RequestState] = {}
+
+    def _num_kv_blocks(self) -> int:
+        mc, config = self.model_config, self.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        budget = config.kv_cache_memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_KV_CACHE_FRACTION)
+            else:
+                budget = DEFAULT_CPU_KV_CACHE_BYTES
+        per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
+                                            mc.head_dim, self.dtype)
+        if budget < per_block:
+            raise ValueError(f"kv_cache_memory_bytes: {budget} is less than one block ({per_block} bytes)")
+        return budget // per_block
+
+    def describe(self) -> executor_pb2.DescribeResponse:
+        mc = self.model_config
+        return executor_pb2.DescribeResponse(
+            model=self.config.model, architecture=mc.architecture,
+            dtype=str(self.dtype).removeprefix("torch."), vocab_size=mc.vocab_size,
+            max_model_len=self.max_model_len, eos_token_ids=list(mc.eos_token_ids),
+            block_size=self.config.block_size, num_kv_blocks=self.num_kv_blocks,
+            num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+            device=str(self.device),
+        )
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
+        self._check_plan(plan)
+        for request_id in plan.forget_request_ids:  # unknown ids: nothing to forget
+            state = self.requests.pop(request_id, None)
+            if state is not None:
+                self.batch.remove(state)
+        scheduled: list[tuple[RequestState, int]] = []
+        for new in plan.new_requests:
+            state = RequestState.from_proto(new)
+            self.batch.add(state)
+            self.requests[state.request_id] = state
+            scheduled.append((state, new.num_scheduled_tokens))
+        for cont in plan.continuing_requests:
+            state = self.requests[cont.request_id]
+            self.batch.append_blocks(state, cont.new_block_ids)
+            scheduled.append((state, cont.num_scheduled_tokens))
+        result = executor_pb2.StepResult(step_id=plan.step_id)
+        if scheduled:
+            result.outputs.extend(self._run(scheduled))
+        return result
+
+    def _run(self, scheduled: list[tuple[RequestState, int]]) -> list[executor_pb2.RequestOutput]:
+        states = [s for s, _ in scheduled]
+        inputs = self.batch.prepare(states, [n for _, n in scheduled])
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_cache)
+        rows = [i for i, (s, n) in enumerate(scheduled) if s.num_computed_tokens + n == s.num_tokens]
+        for state, n in scheduled:
+            state.num_computed_tokens += n
+        if not rows:
+            return []
+        samplers = [states[i] for i in rows]
+        logits = self.model.compute_logits(hidden[inputs.last_token_indices[rows]])
+        md = build_sampling_metadata(
+            samplers, vocab_size=self.model_config.vocab_size,
+            eos_token_ids=self.model_config.eos_token_ids,
+            token_ids=lambda: self.batch.token_table(samplers), device=logits.device,
+        )
+        out = self.sampler(logits, md)
+        outputs = _request_outputs(samplers, out, md.num_logprobs)
+        for state, token in zip(samplers, out.token_ids.tolist()):
+            self.batch.append_token(state, token)
+        return outputs
+
+    # ---- plan validation ----------------------------------------------------------------------
+
+    def _check_plan(self, plan: executor_pb2.StepPlan) -> None:
+        """ValueError naming the request and field of the first thing the executor cannot run."""
+        held = set(self.requests) - set(plan.forget_request_ids)
+        seen: set[str] = set()
+        total = 0
+        for new in plan.new_requests:
+            rid = new.request_id
+            if rid in held or rid in seen:
+                raise ValueError(f"request {rid!r}: request_id is already held by the executor")
+            seen.add(rid)
+            self._check_new(new)
+            total += new.num_scheduled_tokens
+        for cont in plan.continuing_requests:
+            rid = cont.request_id
+            if rid not in held:
+                raise ValueError(f"request {rid!r}: request_id is not held by the executor "
+                                 "(never sent as a new request, or forgotten)")
+            if rid in seen:
+                raise ValueError(f"request {rid!r}: request_id is scheduled twice in one plan")
+            seen.add(rid)
+            state = self.requests[rid]
+            self._check_blocks(rid, "new_block_ids", cont.new_block_ids)
+            self._check_span(rid, state.num_tokens, state.num_computed_tokens,
+                             cont.num_scheduled_tokens, len(state.block_ids) + len(cont.new_block_ids))
+            total += cont.num_scheduled_tokens
+        if total > self.config.max_num_batched_tokens:
+            raise ValueError(f"plan {plan.step_id}: num_scheduled_tokens total {total} exceeds "
+                             f"max_num_batched_tokens {self.config.max_num_batched_tokens}")
+        if len(held) + len(plan.new_requests) > self.config.max_num_seqs:
+            raise ValueError(f"plan {plan.step_id}: new_requests would make "
+                             f"{len(held) + len(plan.new_requests)} held requests, more than "
+                             f"max_num_seqs {self.config.max_num_seqs}")
+
+    def _check_new(self, new: executor_pb2.NewRequest) -> None:
+        rid, vocab = new.request_id, self.model_config.vocab_size
+        if not rid:
+            raise ValueError("new request: request_id is empty")
+        if not new.prompt_token_ids:
+            raise ValueError(f"request {rid!r}: prompt_token_ids is empty")
+        for field in ("prompt_token_ids", "output_token_ids"):
+            if any(not 0 <= t < vocab for t in getattr(new, field)):
+                raise ValueError(f"request {rid!r}: {field} holds an id outside [0, {vocab})")
+        check_sampling_params(rid, new.sampling, vocab)
+        self._check_blocks(rid, "block_ids", new.block_ids)
+        if new.num_computed_tokens < 0:
+            raise ValueError(f"request {rid!r}: num_computed_tokens must be >= 0")
+        held = len(new.prompt_token_ids) + len(new.output_token_ids)
+        self._check_span(rid, held, new.num_computed_tokens, new.num_scheduled_tokens, len(new.block_ids))
+
+    def _check_blocks(self, rid: str, field: str, block_ids) -> None:
+        if any(not 0 <= b < self.num_kv_blocks for b in block_ids):
+            raise ValueError(f"request {rid!r}: {field} holds a block id outside [0, {self.num_kv_blocks})")
+
+    def _check_span(self, rid: str, held: int, computed: int, scheduled: int, num_blocks: int) -> None:
+        """Tokens [computed, computed + scheduled) must exist, fit max_model_len and the blocks."""
+        end = computed + scheduled
+        if scheduled < 1:
+            raise ValueError(f"request {rid!r}: num_scheduled_tokens must be >= 1, got {scheduled}")
+        if end > held:
+            raise ValueError(f"request {rid!r}: num_scheduled_tokens {scheduled} after {computed} "
+                             f"computed reaches token {end}, but the request holds {held}")
+        if held > self.max_model_len:
+            raise ValueError(f"request {rid!r}: prompt_token_ids + output_token_ids hold {held} "
+                             f"tokens, more than max_model_len {self.max_model_len}")
+        if num_blocks * self.config.block_size < end:
+            raise ValueError(f"request {rid!r}: block_ids: {num_blocks} blocks of "
+                             f"{self.config.block_size} cannot hold the {end} computed tokens")
+        if num_blocks > self.batch.max_blocks_per_seq:
+            raise ValueError(f"request {rid!r}: block_ids: {num_blocks} blocks, more than "
+                             f"max_model_len needs ({self.batch.max_blocks_per_seq})")
+
+
+def _request_outputs(states: list[RequestState], out: SamplerOutput,
+                     num_logprobs: list[int]) -> list[executor_pb2.RequestOutput]:
+    tokens = out.token_ids.tolist()
+    sampled_lp = out.logprobs.tolist() if out.logprobs is not None else None
+    top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+    top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+    outputs = []
+    for i, state in enumerate(states):
+        o = executor_pb2.RequestOutput(request_id=state.request_id, token_ids=[tokens[i]])
+        k = num_logprobs[i]
+        if k >= 0:
+            o.logprobs.append(sampled_lp[i])
+        if k > 0:
+            o.top_logprobs.add(token_ids=top_ids[i][:k], logprobs=top_lp[i][:k])
+        outputs.append(o)
+    return outputs

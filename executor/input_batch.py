@@ -1,0 +1,150 @@
+"""The persistent batch: per-request rows that live across steps, and one step's flat inputs.
+
+Each held request owns a row of two tables, written when it arrives and appended to as it grows, so
+a plan only carries diffs:
+
+    token_ids   [max_num_seqs, max_model_len]       prompt then output ids
+    block_table [max_num_seqs, max_blocks_per_seq]  its block ids, 0 past the end
+
+A step gathers from those rows into buffers of fixed capacity (max_num_batched_tokens tokens,
+max_num_seqs sequences) with a few vectorised numpy ops and no per-token Python. The first T / S
+entries of each buffer are the step's; on CUDA they are copied into device buffers of the same
+capacity (the shape CUDA graphs will need).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from executor.attention_metadata import AttentionMetadata
+from executor.request_state import RequestState
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attn: AttentionMetadata
+    last_token_indices: torch.Tensor  # [S] int64: each sequence's last row in the flat batch
+    num_tokens: int  # T
+
+
+class InputBatch:
+    def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 block_size: int, device: torch.device | str = "cpu"):
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.device = torch.device(device)
+        self.token_ids = np.zeros((max_num_seqs, max_model_len), dtype=np.int32)
+        self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        pin = self.device.type == "cuda"
+        self._cpu = {
+            "input_ids": torch.zeros(max_num_batched_tokens, dtype=torch.int64, pin_memory=pin),
+            "positions": torch.zeros(max_num_batched_tokens, dtype=torch.int64, pin_memory=pin),
+            "slot_mapping": torch.zeros(max_num_batched_tokens, dtype=torch.int64, pin_memory=pin),
+            "cu_seqlens_q": torch.zeros(max_num_seqs + 1, dtype=torch.int32, pin_memory=pin),
+            "seq_lens": torch.zeros(max_num_seqs, dtype=torch.int32, pin_memory=pin),
+            "block_tables": torch.zeros(max_num_seqs * self.max_blocks_per_seq, dtype=torch.int32,
+                                        pin_memory=pin),
+            "last_token_indices": torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=pin),
+        }
+        self._np = {name: t.numpy() for name, t in self._cpu.items()}
+        self._dev = self._cpu if not pin else {
+            name: torch.zeros_like(t, device=self.device) for name, t in self._cpu.items()
+        }
+
+    @property
+    def num_free_rows(self) -> int:
+        return len(self._free_rows)
+
+    # ---- per-request rows ---------------------------------------------------------------------
+
+    def add(self, state: RequestState) -> None:
+        """Give the request a row and write its tokens and block table there."""
+        state.row = self._free_rows.pop()
+        self.token_ids[state.row, : state.num_tokens] = state.prompt_token_ids + state.output_token_ids
+        self.block_table[state.row] = 0
+        self.block_table[state.row, : len(state.block_ids)] = state.block_ids
+
+    def remove(self, state: RequestState) -> None:
+        self._free_rows.append(state.row)
+        state.row = -1
+
+    def append_blocks(self, state: RequestState, block_ids: Sequence[int]) -> None:
+        start = len(state.block_ids)
+        state.block_ids.extend(block_ids)
+        self.block_table[state.row, start : len(state.block_ids)] = block_ids
+
+    def append_token(self, state: RequestState, token_id: int) -> None:
+        """The executor's own copy of a sampled token: computed at the request's next step."""
+        if state.num_tokens < self.max_model_len:  # past it the token is never computed
+            self.token_ids[state.row, state.num_tokens] = token_id
+        state.output_token_ids.append(token_id)
+
+    def token_table(self, states: Sequence[RequestState]) -> torch.Tensor:
+        """[S, longest] int64: the requests' prompt + output ids (what penalties read)."""
+        width = max(s.num_tokens for s in states)
+        rows = np.array([s.row for s in states])
+        return torch.from_numpy(self.token_ids[rows, :width].astype(np.int64))
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def prepare(self, states: Sequence[RequestState], num_scheduled: Sequence[int]) -> StepInputs:
+        """Flat inputs for computing tokens [computed, computed + scheduled) of each request.
+
+        For request i with c computed and n scheduled tokens, owning query rows cu[i]:cu[i+1]:
+
+            tokens held:   | 0 ........ c-1 | c ........ c+n-1 | c+n ... (held, not yet computed)
+                             already in KV    computed now: positions c..c+n-1,
+                                              slot of p = block_ids[p // block_size] * block_size
+                                                          + p % block_size
+            seq_lens[i] = c + n (the context attention sees); the last query row cu[i+1] - 1 is
+            the one whose logits sample, when c + n reaches the end of the held tokens.
+        """
+        num_seqs, bs = len(states), self.block_size
+        rows = np.array([s.row for s in states], dtype=np.int64)
+        computed = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
+        sched = np.asarray(num_scheduled, dtype=np.int64)
+        cu = self._np["cu_seqlens_q"][: num_seqs + 1]
+        cu[0] = 0
+        np.cumsum(sched, out=cu[1:])
+        num_tokens = int(cu[-1])
+        seq_of_token = np.repeat(np.arange(num_seqs), sched)
+        positions = np.arange(num_tokens) - cu[:-1][seq_of_token] + computed[seq_of_token]
+        row_of_token = rows[seq_of_token]
+        self._np["positions"][:num_tokens] = positions
+        self._np["input_ids"][:num_tokens] = self.token_ids[row_of_token, positions]
+        blocks = self.block_table[row_of_token, positions // bs].astype(np.int64)
+        self._np["slot_mapping"][:num_tokens] = blocks * bs + positions % bs
+        seq_lens = computed + sched
+        self._np["seq_lens"][:num_seqs] = seq_lens
+        width = int(-(-seq_lens.max() // bs))
+        tables = self._np["block_tables"][: num_seqs * width].reshape(num_seqs, width)
+        tables[:] = self.block_table[rows, :width]
+        self._np["last_token_indices"][:num_seqs] = cu[1:] - 1
+        t = self._upload({
+            "input_ids": num_tokens, "positions": num_tokens, "slot_mapping": num_tokens,
+            "cu_seqlens_q": num_seqs + 1, "seq_lens": num_seqs, "block_tables": num_seqs * width,
+            "last_token_indices": num_seqs,
+        })
+        attn = AttentionMetadata(
+            slot_mapping=t["slot_mapping"], cu_seqlens_q=t["cu_seqlens_q"], seq_lens=t["seq_lens"],
+            block_tables=t["block_tables"].view(num_seqs, width),
+            max_seqlen_q=int(sched.max()), max_seqlen_k=int(seq_lens.max()),
+        )
+        return StepInputs(t["input_ids"], t["positions"], attn, t["last_token_indices"], num_tokens)
+
+    def _upload(self, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+        """The first `size` entries of each buffer, on the device."""
+        out = {}
+        for name, size in sizes.items():
+            out[name] = self._dev[name][:size]
+            if self._dev is not self._cpu:
+                out[name].copy_(self._cpu[name][:size], non_blocking=True)
+        return out
