@@ -1,0 +1,174 @@
+"""One request's generation: scheduler token stream in, final text deltas out.
+
+For each TokenOutput the scheduler sends, every token goes through the incremental detokenizer and
+then the stop-string matcher; what comes out is text no later token can change. A stop string ends
+the stream early (closing it cancels the scheduler call, which aborts the request). The token that
+ended generation by EOS or a stop token id counts as a completion token but shows no text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass, field, replace
+
+import grpc
+
+from protos import executor_pb2, scheduler_pb2
+from router.detokenizer import IncrementalDetokenizer
+from router.errors import RouterError, from_grpc
+from router.scheduler_client import SchedulerClient
+from router.stop_strings import StopStringMatcher
+from router.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one generation asks for; validated by the caller (HTTP or gRPC front)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def for_choice(self, index: int) -> GenerationParams:
+        """Choice `index` of n: a seeded request gets seed + index, so choices differ."""
+        return self if self.seed is None else replace(self, seed=self.seed + index)
+
+    def schedule_request(self, request_id: str, prompt_ids: list[int]
+                         ) -> scheduler_pb2.ScheduleRequest:
+        sampling = executor_pb2.SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias),
+            min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+        )
+        if self.seed is not None:
+            sampling.seed = self.seed
+        return scheduler_pb2.ScheduleRequest(
+            request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
+            max_tokens=self.max_tokens, min_tokens=self.min_tokens,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+        )
+
+
+@dataclass
+class Delta:
+    """New final text and tokens of one choice; finish_reason set on its last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int  # so far, this choice
+    cached_tokens: int = 0
+
+
+class _Choice:
+    """Detokenizer and stop-string state of one choice."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: GenerationParams,
+                 eos_ids: Collection[int]) -> None:
+        self.params = params
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+        self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        hidden = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        self.hidden_stop_ids = set() if params.include_stop_str_in_output else hidden
+
+    def step(self, ids: list[int], finish_reason: str | None) -> tuple[str, int, bool]:
+        """Text from these tokens, how many tokens counted, whether a stop string ended it."""
+        text_ids = ids
+        if finish_reason == "stop" and ids and ids[-1] in self.hidden_stop_ids:
+            text_ids = ids[:-1]
+        pieces = []
+        for used, token_id in enumerate(text_ids, 1):
+            emitted, stopped = self.stops.feed(self.detok.push(token_id))
+            pieces.append(emitted)
+            if stopped:
+                return "".join(pieces), used, True
+        if finish_reason is not None:
+            emitted, stopped = self.stops.feed(self.detok.flush())
+            pieces.append(emitted)
+            if not stopped:
+                pieces.append(self.stops.flush())
+            return "".join(pieces), len(ids), stopped
+        return "".join(pieces), len(ids), False
+
+
+async def generate(client: SchedulerClient, tokenizer: Tokenizer, request_id: str,
+                   prompt_ids: list[int], params: GenerationParams, eos_ids: Collection[int],
+                   index: int = 0) -> AsyncIterator[Delta]:
+    """Deltas of one choice; the last has finish_reason. Closing early aborts the request."""
+    choice = _Choice(tokenizer, prompt_ids, params, eos_ids)
+    stream = client.generate(params.schedule_request(request_id, prompt_ids))
+    n_out = 0
+    try:
+        async for out in stream:
+            reason = (out.finish_reason or "stop") if out.finished else None
+            ids = list(out.token_ids)
+            text, used, stopped = choice.step(ids, reason)
+            n_out += used
+            if stopped:
+                reason = "stop"
+            yield Delta(index, text, ids[:used], reason, len(prompt_ids), n_out,
+                        out.num_cached_tokens)
+            if reason is not None:
+                return
+        raise RouterError(f"scheduler stream for {request_id} ended unfinished", 502,
+                          "internal_error")
+    except grpc.aio.AioRpcError as e:
+        raise from_grpc(e) from e
+    finally:
+        await stream.aclose()
+
+
+async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
+    """Interleave the choices' deltas as they come; closing the merge closes every stream."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as stream:
+            async for delta in stream:
+                yield delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[Delta]) -> None:
+        try:
+            async for delta in stream:
+                await queue.put(delta)
+            await queue.put(done)
+        except Exception as e:
+            await queue.put(e)
+        finally:
+            await stream.aclose()
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

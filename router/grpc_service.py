@@ -1,0 +1,182 @@
+"""The public gRPC API: the Generation service (protos/generation.proto), grpc.health.v1 and,
+behind a flag, server reflection.
+
+Sampling fields are validated by the same pydantic model as the HTTP API, so both fronts accept
+and refuse the same values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import ValidationError
+
+from protos import generation_pb2, generation_pb2_grpc
+from router.core import RouterCore, random_id
+from router.errors import RouterError, invalid_request
+from router.generation import Delta, GenerationParams
+from router.openai_protocol import _SamplingRequest
+from router.tokenizer import ChatTemplateError
+
+log = logging.getLogger("pagedserve.router")
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+_OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+                    "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens")
+
+
+class GenerationService(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+
+    async def Generate(self, request: generation_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        rid = request.request_id or f"gen-{random_id()}"
+        try:
+            prompt_ids = self._prompt_ids(request)
+            params = await self._params(request, len(prompt_ids))
+            deltas = self.core.stream(rid, prompt_ids, params, 1, "grpc")
+            async with contextlib.aclosing(deltas) as stream:
+                async for d in stream:
+                    if d.text or d.token_ids or d.finish_reason:
+                        yield _response(rid, d)
+        except RouterError as e:
+            await context.abort(e.grpc_code, e.message)
+
+    def _prompt_ids(self, request: generation_pb2.GenerateRequest) -> list[int]:
+        self.core.check_model(request.model)
+        kind = request.WhichOneof("input")
+        tok = self.core.tokenizer
+        if kind == "prompt":
+            return tok.encode(request.prompt, add_special_tokens=True)
+        if kind == "prompt_token_ids":
+            ids = list(request.prompt_token_ids.ids)
+            if not ids:
+                raise invalid_request("prompt_token_ids must not be empty", "prompt_token_ids")
+            self.core.check_token_ids(ids, "prompt_token_ids")
+            return ids
+        if kind == "chat":
+            chat = request.chat
+            add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+            messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+            if not messages:
+                raise invalid_request("chat.messages must not be empty", "chat")
+            try:
+                return tok.encode_chat(messages, add)
+            except ChatTemplateError as e:
+                raise invalid_request(str(e), "chat") from e
+        raise invalid_request("give one of prompt, prompt_token_ids or chat", "input")
+
+    async def _params(self, request: generation_pb2.GenerateRequest,
+                      prompt_len: int) -> GenerationParams:
+        if request.HasField("logprobs"):
+            raise invalid_request("logprobs are not supported yet", "logprobs")
+        fields = {f: getattr(request, f) for f in _OPTIONAL_FIELDS if request.HasField(f)}
+        fields.update(stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
+                      ignore_eos=request.ignore_eos)
+        try:
+            body = _SamplingRequest.model_validate(fields)
+        except ValidationError as e:
+            raise invalid_request("; ".join(
+                f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from e
+        max_tokens = await self.core.resolve_max_tokens(prompt_len, body.max_tokens)
+        params = body.params(max_tokens)
+        self.core.check_token_ids(list(params.stop_token_ids), "stop_token_ids")
+        return params
+
+    async def Tokenize(self, request: generation_pb2.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> generation_pb2.TokenizeResponse:
+        try:
+            self.core.check_model(request.model)
+        except RouterError as e:
+            await context.abort(e.grpc_code, e.message)
+        ids = self.core.tokenizer.encode(request.text, request.add_special_tokens)
+        return generation_pb2.TokenizeResponse(token_ids=ids)
+
+    async def Detokenize(self, request: generation_pb2.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> generation_pb2.DetokenizeResponse:
+        try:
+            self.core.check_model(request.model)
+            self.core.check_token_ids(list(request.token_ids), "token_ids")
+        except RouterError as e:
+            await context.abort(e.grpc_code, e.message)
+        text = self.core.tokenizer.decode(list(request.token_ids), request.skip_special_tokens)
+        return generation_pb2.DetokenizeResponse(text=text)
+
+    async def ListModels(self, request: generation_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> generation_pb2.ListModelsResponse:
+        try:
+            max_len = await self.core.max_model_len()
+        except RouterError:
+            max_len = 0
+        card = generation_pb2.ModelCard(id=self.core.model_name, max_model_len=max_len,
+                                        owned_by="pagedserve")
+        return generation_pb2.ListModelsResponse(models=[card])
+
+
+def _response(request_id: str, d: Delta) -> generation_pb2.GenerateResponse:
+    out = generation_pb2.GenerateResponse(request_id=request_id, text=d.text,
+                                          token_ids=d.token_ids)
+    if d.finish_reason is not None:
+        out.finish_reason = d.finish_reason
+        out.usage.CopyFrom(generation_pb2.Usage(
+            prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens,
+            total_tokens=d.prompt_tokens + d.completion_tokens, cached_tokens=d.cached_tokens))
+    return out
+
+
+class HealthReporter:
+    """grpc.health.v1 status of the Generation service, following the scheduler's Stats."""
+
+    def __init__(self, core: RouterCore, interval_s: float = 5.0) -> None:
+        self.core, self.interval_s = core, interval_s
+        self.servicer = health.aio.HealthServicer()
+        self._task: asyncio.Task | None = None
+
+    async def update(self) -> bool:
+        stats = await self.core.stats()
+        ok = stats is not None and stats.executor_connected
+        status = (health_pb2.HealthCheckResponse.SERVING if ok
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            await self.servicer.set(name, status)
+        return ok
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self.update()
+            await asyncio.sleep(self.interval_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.servicer.enter_graceful_shutdown()
+
+
+def create_grpc_server(core: RouterCore, address: str, enable_reflection: bool = False,
+                       health_interval_s: float = 5.0) -> tuple[grpc.aio.Server, int,
+                                                                HealthReporter]:
+    """A grpc.aio server with Generation and health (and reflection when asked), bound to
+    address ('host:port', port 0 picks one). Returns (server, bound port, health reporter);
+    start both with `await server.start(); reporter.start()`."""
+    server = grpc.aio.server()
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(core), server)
+    reporter = HealthReporter(core, health_interval_s)
+    health_pb2_grpc.add_HealthServicer_to_server(reporter.servicer, server)
+    if enable_reflection:
+        from grpc_reflection.v1alpha import reflection
+
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    return server, port, reporter

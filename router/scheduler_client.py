@@ -1,0 +1,65 @@
+"""The router's client for the internal Scheduler service (grpc.aio).
+
+The channel is opened on first use, inside the running event loop, so one client can be built
+before the server's loop starts. Cancelling a Generate stream aborts the request in the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class SchedulerClient:
+    def __init__(self, address: str) -> None:
+        """address: 'unix:///path/to.sock' or 'host:port'."""
+        self.address = address
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: scheduler_pb2_grpc.SchedulerStub | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
+        loop = asyncio.get_running_loop()
+        if self._stub is None or self._loop is not loop:
+            self._channel = grpc.aio.insecure_channel(self.address, options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ])
+            self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+            self._loop = loop
+        return self._stub
+
+    async def generate(self, request: scheduler_pb2.ScheduleRequest
+                       ) -> AsyncIterator[scheduler_pb2.TokenOutput]:
+        """Stream the request's token outputs; closing the iterator early cancels the call."""
+        call = self.stub.Generate(request)
+        try:
+            async for output in call:
+                yield output
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+
+    async def abort(self, request_id: str, timeout: float = 5.0) -> bool:
+        reply = await self.stub.Abort(scheduler_pb2.AbortRequest(request_id=request_id),
+                                      timeout=timeout)
+        return reply.found
+
+    async def stats(self, timeout: float = 2.0) -> scheduler_pb2.StatsResponse:
+        return await self.stub.Stats(scheduler_pb2.StatsRequest(), timeout=timeout)
+
+    async def model_info(self, timeout: float = 5.0, wait_for_ready: bool = False
+                         ) -> executor_pb2.DescribeResponse:
+        return await self.stub.ModelInfo(scheduler_pb2.ModelInfoRequest(), timeout=timeout,
+                                         wait_for_ready=wait_for_ready)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = self._stub = self._loop = None

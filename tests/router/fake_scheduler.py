@@ -1,0 +1,139 @@
+"""A fake Scheduler gRPC service (grpc.aio, protos/scheduler.proto) for the router's tests.
+
+Outputs are deterministic: a pseudo-random token sequence drawn from (prompt ids, seed), so a test
+can compute what a request will produce with `FakeScheduler.tokens_for`. It honours max_tokens,
+EOS (at output number `eos_at`, when set), stop_token_ids, ignore_eos and min_tokens; cancelled or
+aborted requests are recorded; Stats counts live requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+
+import grpc
+
+from protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+FIRST_ID = 6  # ids below are the test model's special tokens
+
+
+class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, vocab_size: int = 2048, max_model_len: int = 256,
+                 eos_ids: tuple[int, ...] = (1, 3)) -> None:
+        self.vocab_size, self.max_model_len, self.eos_ids = vocab_size, max_model_len, eos_ids
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests: list[scheduler_pb2.ScheduleRequest] = []
+        self.live: set[str] = set()
+        self.cancelled: list[str] = []
+        self.completed: list[str] = []
+        self._abort: set[str] = set()
+        self.eos_at: int | None = None  # emit EOS as output number eos_at (1-based)
+        self.token_delay_s = 0.0
+        self.tokens_per_message = 1
+        self.executor_connected = True
+        self.refuse: grpc.StatusCode | None = None  # abort every Generate with this status
+
+    @staticmethod
+    def tokens_for(prompt_ids: list[int], seed: int | None, count: int,
+                   vocab_size: int = 2048) -> list[int]:
+        rng = random.Random(f"{seed}:{','.join(map(str, prompt_ids))}")
+        return [rng.randrange(FIRST_ID, vocab_size) for _ in range(count)]
+
+    def _outputs(self, req: scheduler_pb2.ScheduleRequest) -> tuple[list[int], str]:
+        """The whole output of a request and its finish reason."""
+        seed = req.sampling.seed if req.sampling.HasField("seed") else None
+        budget = min(req.max_tokens, self.max_model_len - len(req.prompt_token_ids))
+        tokens = self.tokens_for(list(req.prompt_token_ids), seed, budget, self.vocab_size)
+        if self.eos_at is not None and self.eos_at <= budget:
+            tokens[self.eos_at - 1] = self.eos_ids[0]
+        stops = set(req.stop_token_ids) | (set() if req.ignore_eos else set(self.eos_ids))
+        for i, t in enumerate(tokens):
+            if t in stops and i + 1 >= req.min_tokens:
+                return tokens[: i + 1], "stop"
+        return tokens, "length"
+
+    async def Generate(self, request, context):
+        rid = request.request_id
+        self.requests.append(request)
+        if self.refuse is not None:
+            await context.abort(self.refuse, "refused by the fake")
+        self.live.add(rid)
+        tokens, reason = self._outputs(request)
+        step = max(1, self.tokens_per_message)
+        try:
+            for start in range(0, len(tokens), step):
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                if rid in self._abort:
+                    yield scheduler_pb2.TokenOutput(request_id=rid, finished=True,
+                                                    finish_reason="abort")
+                    return
+                chunk = tokens[start:start + step]
+                last = start + step >= len(tokens)
+                yield scheduler_pb2.TokenOutput(
+                    request_id=rid, token_ids=chunk, finished=last,
+                    finish_reason=reason if last else "",
+                    num_prompt_tokens=len(request.prompt_token_ids))
+            self.completed.append(rid)
+        except asyncio.CancelledError:
+            self.cancelled.append(rid)
+            raise
+        finally:
+            self.live.discard(rid)
+
+    async def Abort(self, request, context):
+        found = request.request_id in self.live
+        self._abort.add(request.request_id)
+        return scheduler_pb2.AbortResponse(found=found)
+
+    async def Stats(self, request, context):
+        return scheduler_pb2.StatsResponse(
+            num_running=len(self.live), num_waiting=0, blocks_total=64, blocks_free=60,
+            blocks_used=4, executor_connected=self.executor_connected, steps=7)
+
+    async def ModelInfo(self, request, context):
+        return executor_pb2.DescribeResponse(
+            model="fake", architecture="LlamaForCausalLM", dtype="float32",
+            vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+            eos_token_ids=list(self.eos_ids), block_size=16, num_kv_blocks=64, device="cpu")
+
+
+class FakeSchedulerThread:
+    """The fake served on `address` (e.g. 'unix:///tmp/x.sock') from a background thread."""
+
+    def __init__(self, address: str, **kwargs) -> None:
+        self.address = address
+        self.servicer = FakeScheduler(**kwargs)
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True,
+                                        name="fake-scheduler")
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = grpc.aio.server()
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, server)
+        server.add_insecure_port(self.address)
+        await server.start()
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await server.stop(0.5)
+
+    def start(self) -> FakeSchedulerThread:
+        self._thread.start()
+        assert self._ready.wait(10), "fake scheduler did not start"
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
