@@ -37,9 +37,9 @@ from router.openai_protocol import (
     DetokenizeRequest,
     ModelCard,
     ModelList,
+    SamplingRequest,
     TokenizeRequest,
     Usage,
-    _SamplingRequest,
 )
 from router.tokenizer import ChatTemplateError
 
@@ -204,7 +204,7 @@ def _add_generation_routes(app: FastAPI, core: RouterCore) -> None:
         return JSONResponse(await _unless_disconnected(request, gen.chat()))
 
 
-async def _params(core: RouterCore, body: _SamplingRequest, prompt_ids: list[int],
+async def _params(core: RouterCore, body: SamplingRequest, prompt_ids: list[int],
                   param: str) -> GenerationParams:
     max_tokens = await core.resolve_max_tokens(len(prompt_ids), body.requested_max_tokens(),
                                                param)
@@ -217,7 +217,7 @@ async def _params(core: RouterCore, body: _SamplingRequest, prompt_ids: list[int
 class _Generation:
     """One API request's generation, shaped as completion or chat, streamed or whole."""
 
-    def __init__(self, core: RouterCore, body: _SamplingRequest, response_id: str,
+    def __init__(self, core: RouterCore, body: SamplingRequest, response_id: str,
                  prompt_ids: list[int], params: GenerationParams) -> None:
         self.core, self.body, self.id = core, body, response_id
         self.prompt_ids, self.params = prompt_ids, params

@@ -20,7 +20,7 @@ from protos import generation_pb2, generation_pb2_grpc
 from router.core import RouterCore, random_id
 from router.errors import RouterError, invalid_request
 from router.generation import Delta, GenerationParams
-from router.openai_protocol import _SamplingRequest
+from router.openai_protocol import SamplingRequest
 from router.tokenizer import ChatTemplateError
 
 log = logging.getLogger("pagedserve.router")
@@ -80,7 +80,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         fields.update(stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
                       ignore_eos=request.ignore_eos)
         try:
-            body = _SamplingRequest.model_validate(fields)
+            body = SamplingRequest.model_validate(fields)
         except ValidationError as e:
             raise invalid_request("; ".join(
                 f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from e

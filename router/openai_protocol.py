@@ -27,7 +27,7 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False
 
 
-class _SamplingRequest(_Body):
+class SamplingRequest(_Body):
     """Fields shared by completions and chat completions (OpenAI's and vLLM's extras)."""
 
     model: str | None = None
@@ -54,7 +54,7 @@ class _SamplingRequest(_Body):
     include_stop_str_in_output: bool = False
 
     @model_validator(mode="after")
-    def _check_common(self) -> _SamplingRequest:
+    def _check_common(self) -> SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         for key, bias in (self.logit_bias or {}).items():
@@ -98,7 +98,7 @@ class _SamplingRequest(_Body):
         )
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[int]
     logprobs: int | None = None
     echo: bool = False
@@ -141,7 +141,7 @@ class ChatMessage(_Body):
         return out
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
