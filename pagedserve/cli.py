@@ -112,20 +112,22 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("router", help="serve the OpenAI HTTP API and the public gRPC API")
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER_ADDR, help="the scheduler's address")
     p.add_argument("--model", required=True, help="model directory (tokenizer, chat template)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
-    p.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port")
-    p.add_argument("--api-key", default=None, help="require this bearer token")
-    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port; -1 disables it")
+    p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
     _add_common(p)
 
 
 def _run_router(args: argparse.Namespace) -> int:
     from router.server import run_router
 
-    return run_router(scheduler=args.scheduler, model=args.model, host=args.host,
-                      port=args.port, grpc_port=args.grpc_port, api_key=args.api_key,
-                      drain_timeout=args.drain_timeout) or 0
+    run_router(args.model, args.scheduler, host=args.host, port=args.port,
+               grpc_port=None if args.grpc_port < 0 else args.grpc_port,
+               served_model_name=args.served_model_name, enable_reflection=args.reflection,
+               log_level=args.log_level)
+    return 0
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -134,8 +136,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="model directory (default: a tiny demo model, built on first use)")
     p.add_argument("--host", default="127.0.0.1", help="the router's HTTP and gRPC host")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI API)")
-    p.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port")
-    p.add_argument("--api-key", default=None, help="require this bearer token")
+    p.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port; -1 disables it")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use")
     _add_executor_options(p, defaults=False)
     _add_batching_options(p, defaults=False)
     p.add_argument("--no-prefix-caching", action="store_true")
