@@ -81,7 +81,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
                 result = self._executor.execute(plan)
             except Exception as e:
                 log.exception("step failed", step_id=plan.step_id)
-                context.abort(grpc.StatusCode.INTERNAL, f"step {plan.step_id} failed: {e!r}")
+                code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError)
+                        else grpc.StatusCode.INTERNAL)
+                context.abort(code, f"step {plan.step_id} failed: {e!r}")
             self._live.difference_update(plan.forget_request_ids)
             self._live.update(r.request_id for r in plan.new_requests)
             return result

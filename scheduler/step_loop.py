@@ -4,8 +4,8 @@
                           -> each delta to its request's asyncio queue
 
 Everything touching the Scheduler runs on the event loop thread, so no lock is needed; while a plan
-is in flight, new requests and aborts are held back and applied after its result (the Scheduler
-expects nothing to change between schedule() and apply_result()). When the executor goes away, the scheduler forgets what the executor
+is in flight, new requests and aborts are held back and applied after its result, so the Scheduler
+never sees a change between schedule() and apply_result(). When the executor goes away, the scheduler forgets what the executor
 held (`reset_executor_state`: running requests wait again, keeping their tokens) and the loop
 reconnects with backoff; the next executor is refilled by recompute, and no request is lost.
 """
@@ -63,6 +63,7 @@ class StepLoop:
         self._pending_aborts: list[str] = []
         self._in_step = False
         self._flush_forgets = False
+        self._failures = 0  # executor losses since the last good step
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -98,6 +99,7 @@ class StepLoop:
         finally:
             self._in_step = False
         self.steps += 1
+        self._failures = 0
         self._fan_out(self.scheduler.apply_result(result))
         self._apply_pending()
 
@@ -120,7 +122,13 @@ class StepLoop:
     # --- executor connection ----------------------------------------------------------------
 
     async def _connect(self) -> None:
-        """Describe the executor until it answers, with backoff; adopt it if it fits."""
+        """Describe the executor until it answers, with backoff; adopt it if it fits.
+
+        Losses with no good step between them back off too, so an executor that fails every
+        step (rather than dying) is not hammered.
+        """
+        if self._failures > 1:
+            await asyncio.sleep(min(0.1 * 2 ** (self._failures - 2), 5.0))
         delay, last_log = 0.05, 0.0
         while True:
             try:
@@ -160,6 +168,7 @@ class StepLoop:
         log.warning("executor lost; requests will be recomputed", reason=why,
                     address=self.executor_address)
         self.connected = False
+        self._failures += 1
         self._conn.drop_stream()
         if self.scheduler is not None:
             self.scheduler.reset_executor_state()
