@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
@@ -21,6 +24,20 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def poisoned(shape, dtype, device=DEVICE) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def nan_allocations() -> Iterator[None]:
+    """Floating-point tensors from torch.empty start as NaN, so a kernel that allocates its
+    output and skips an element is caught like one writing into a poisoned buffer."""
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with mock.patch.object(torch, "empty", poisoned_empty):
+        yield
 
 
 @dataclass

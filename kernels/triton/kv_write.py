@@ -1,0 +1,73 @@
+"""Writing one step's keys and values into their cache slots; kernels.reference.kv_write is the
+specification. One program per token copies all its KV heads; slot -1 (padding) is skipped.
+Cache offsets are int64, so pools beyond 2^31 elements work."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton.runtime import check_device, next_pow2
+
+
+@triton.jit
+def _copy_token(src_ptr, dst_ptr, t, block, row, stride_t, stride_h, stride_cb, stride_ct,
+                stride_ch, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HEADS_P: tl.constexpr, HEAD_DIM_P: tl.constexpr):
+    h = tl.arange(0, HEADS_P)[:, None]
+    d = tl.arange(0, HEAD_DIM_P)[None, :]
+    mask = (h < NUM_HEADS) & (d < HEAD_DIM)
+    x = tl.load(src_ptr + t * stride_t + h * stride_h + d, mask=mask)
+    dst = dst_ptr + block * stride_cb + row * stride_ct + h * stride_ch + d
+    tl.store(dst, x.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr, value_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping_ptr,  # [num_tokens] int64
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+    BLOCK_SIZE: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEADS_P: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    row = slot % BLOCK_SIZE
+    _copy_token(key_ptr, k_cache_ptr, t, block, row, stride_kt, stride_kh, stride_kcb,
+                stride_kct, stride_kch, NUM_HEADS, HEAD_DIM, HEADS_P, HEAD_DIM_P)
+    _copy_token(value_ptr, v_cache_ptr, t, block, row, stride_vt, stride_vh, stride_vcb,
+                stride_vct, stride_vch, NUM_HEADS, HEAD_DIM, HEADS_P, HEAD_DIM_P)
+
+
+def write_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64: block_id * block_size + offset, or -1 to skip
+) -> None:
+    """Store token t's K/V at slot slot_mapping[t]; a slot of -1 (padding) is skipped."""
+    num_tokens, num_heads, head_dim = key.shape
+    block_size = k_cache.shape[1]
+    assert value.shape == key.shape and v_cache.shape == k_cache.shape
+    assert k_cache.shape[2:] == (num_heads, head_dim)
+    assert key.stride(2) == 1 and value.stride(2) == 1
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    check_device(key, value, k_cache, v_cache, slot_mapping)
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        BLOCK_SIZE=block_size, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+        HEADS_P=next_pow2(num_heads), HEAD_DIM_P=next_pow2(head_dim),
+        num_warps=4 if num_heads * head_dim >= 1024 else 1,
+    )
