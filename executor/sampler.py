@@ -9,12 +9,15 @@ One step's rows, each a request that reached the end of its tokens, go through (
         ├─ penalties: repetition (prompt + output tokens: positive logits divided, negative
         │  multiplied), frequency (minus f * count in the output), presence (minus p if in the output)
         ├──> greedy rows (temperature 0): argmax
-        └──> random rows: / temperature -> min-p -> top-k -> top-p -> argmax(logits + Gumbel noise)
+        └──> random rows: / temperature -> min-p -> top-k -> top-p -> inverse CDF at one uniform
 
-The Gumbel noise is counter-based: the uniform for (request, vocabulary entry) is a fixed integer
-hash of (seed, output position, token id). A seeded request therefore draws the same tokens alone
-or batched, at any batch row, after preemption or an executor restart, and on any device. Unseeded
-requests get a fresh 64-bit seed from the executor's generator at every step.
+The uniform is counter-based: a fixed integer hash of (seed, output position). A seeded request
+therefore draws the same tokens alone or batched, at any batch row, after preemption or an executor
+restart (a token could only flip where rounding moves a probability boundary across the uniform).
+Unseeded requests get a fresh 64-bit seed from the executor's generator at every step. One uniform
+per row, rather than Gumbel noise over the whole vocabulary, keeps the draw a few passes over the
+row (softmax, cumsum, search): hashing V values per row cost more than the forward pass of a small
+model on the CPU.
 
 Why EOS is masked under min_tokens only when not ignore_eos: with ignore_eos the scheduler does not
 stop on EOS, so EOS is an ordinary token there and min_tokens need not keep it out.
@@ -203,16 +206,26 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Uniforms in (0, 1), [R, V] float32, a pure function of (seed, position, token id).
+def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One uniform in (0, 1) per row, [R] float32, a pure function of (seed, position).
 
     seeds [R, 2] int64 (low, high 32 bits), positions [R] int64.
     """
-    key = _mix32(_mix32(_mix32(seeds[:, 0] ^ 0x5BD1E995) ^ seeds[:, 1]) ^ (positions & _MASK32))
-    vocab = _mix32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) + 0x9E3779B9)
-    bits = _mix32(_mix32(key[:, None] ^ vocab[None, :]) ^ key[:, None])
+    bits = _mix32(_mix32(_mix32(seeds[:, 0] ^ 0x5BD1E995) ^ seeds[:, 1]) ^ (positions & _MASK32))
+    bits = _mix32(bits ^ 0x9E3779B9)
     # 23 bits, centred: (k + 0.5) / 2**23 is exact in float32 and never 0 or 1.
     return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+def inverse_cdf(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token of each row whose probability interval (in vocabulary order) holds u.
+
+    x [R, V] logits (-inf where masked), u [R] in (0, 1). A token of probability 0 is never chosen:
+    the first index whose cumulative probability reaches u * total always adds mass.
+    """
+    cdf = x.softmax(dim=-1).cumsum(dim=-1)
+    target = (u * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target).squeeze(1).clamp(max=x.shape[-1] - 1)
 
 
 # ---- the sampler -------------------------------------------------------------------------------
@@ -243,9 +256,7 @@ class Sampler:
         if n:
             drawn = torch.randint(0, 1 << 32, (n, 2), generator=self.generator, dtype=torch.int64)
             seeds[unseeded] = drawn.to(seeds.device)
-        u = counter_uniform(seeds, md.output_positions[rows], x.shape[-1])
-        gumbel = -torch.log(-torch.log(u))
-        return (x + gumbel).argmax(dim=-1)
+        return inverse_cdf(x, counter_uniform(seeds, md.output_positions[rows]))
 
 
 def apply_penalties_and_bias(x: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -284,20 +295,50 @@ def apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep each row's top_k highest logits, then the smallest prefix whose mass reaches top_p."""
+    """Keep each row's top_k highest logits (ties with the k-th kept), then the smallest prefix,
+    by probability, whose mass reaches top_p. Only the rows that ask are touched, in place."""
     vocab = x.shape[-1]
-    use_k, use_p = top_k < vocab, top_p < 1
-    if not bool(use_k.any() or use_p.any()):
-        return x
-    sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(vocab, device=x.device)
-    drop = rank[None, :] >= top_k[:, None]
-    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-    probs = sorted_x.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop |= (mass_before >= top_p[:, None]) & use_p[:, None]
+    k_rows = (top_k < vocab).nonzero().flatten()
+    if k_rows.numel():
+        xk, k = x[k_rows], top_k[k_rows]
+        kth = xk.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+        x[k_rows] = xk.masked_fill_(xk < kth, float("-inf"))
+    p_rows = (top_p < 1).nonzero().flatten()
+    if p_rows.numel():
+        x[p_rows] = _top_p(x[p_rows], top_p[p_rows])
+    return x
+
+
+TOP_P_CANDIDATES = 1024  # top-p first looks among this many best tokens; sorts the row if short
+
+
+def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """x [R, V] logits -> a copy with everything past each row's top-p prefix set to -inf.
+
+    The prefix is looked for among each row's TOP_P_CANDIDATES best tokens (a partial sort, much
+    cheaper than sorting 100k-token rows); rows whose candidates hold less than top_p of the mass
+    are sorted whole.
+    """
+    num_cand = min(x.shape[-1], TOP_P_CANDIDATES)
+    vals, idx = x.topk(num_cand, dim=-1)
+    lse = x.logsumexp(dim=-1, keepdim=True)
+    out = _keep_mass(x, vals, idx, lse, top_p)
+    short = torch.exp(vals - lse).sum(dim=-1) < top_p
+    if num_cand < x.shape[-1] and bool(short.any()):
+        xs = x[short]
+        vals_s, idx_s = xs.sort(dim=-1, descending=True)
+        out[short] = _keep_mass(xs, vals_s, idx_s, lse[short], top_p[short])
+    return out
+
+
+def _keep_mass(x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, lse: torch.Tensor,
+               top_p: torch.Tensor) -> torch.Tensor:
+    """vals/idx: each row's best logits, descending; keeps the shortest prefix holding top_p of
+    the row's probability (lse: the row's logsumexp), -inf elsewhere."""
+    probs = torch.exp(vals - lse)
+    drop = probs.cumsum(dim=-1) - probs >= top_p[:, None]  # the mass before it already suffices
     drop[:, 0] = False  # the top token always stays
-    return x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    return torch.full_like(x, float("-inf")).scatter_(-1, idx, vals.masked_fill(drop, float("-inf")))
 
 
 def _with_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: list[int]) -> SamplerOutput:

@@ -12,9 +12,11 @@ from executor.request_state import RequestState
 from executor.sampler import (
     Sampler,
     apply_penalties_and_bias,
+    apply_top_k_top_p,
     build_sampling_metadata,
     check_sampling_params,
     counter_uniform,
+    inverse_cdf,
 )
 from protos import executor_pb2
 
@@ -72,13 +74,23 @@ def test_unseeded_draws_follow_the_executor_seed():
 
 
 def test_counter_uniform_is_open_unit_interval_and_flat():
-    seeds = torch.tensor([[s, s * 7] for s in range(200)], dtype=torch.int64)
-    u = counter_uniform(seeds, torch.arange(200), 512)
-    assert u.shape == (200, 512) and float(u.min()) > 0 and float(u.max()) < 1
+    n = 100_000
+    seeds = torch.stack([torch.arange(n) % 1000, torch.arange(n) // 1000 * 7919], dim=1)
+    u = counter_uniform(seeds, torch.arange(n) % 37)
+    assert u.shape == (n,) and float(u.min()) > 0 and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.005
-    hist = torch.histc(u, bins=10, min=0, max=1)
-    assert float((hist / u.numel() - 0.1).abs().max()) < 0.005
-    assert torch.equal(u, counter_uniform(seeds, torch.arange(200), 512))
+    hist = torch.histc(u, bins=20, min=0, max=1)
+    assert float((hist / n - 0.05).abs().max()) < 0.003
+    # Neighbouring positions of one seed are not correlated.
+    one = counter_uniform(torch.tensor([[5, 0]]).expand(n, 2), torch.arange(n))
+    assert abs(float(torch.corrcoef(torch.stack([one[:-1], one[1:]]))[0, 1])) < 0.01
+    assert torch.equal(u, counter_uniform(seeds, torch.arange(n) % 37))
+
+
+def test_inverse_cdf_never_draws_masked_tokens():
+    x = torch.tensor([[float("-inf"), 0.0, float("-inf"), 0.0, float("-inf")]]).expand(5, 5)
+    u = torch.tensor([1e-7, 0.25, 0.5, 0.75, 1 - 2**-24])
+    assert inverse_cdf(x, u).tolist() == [1, 1, 1, 3, 3]  # token 1 owns (0, 0.5]
 
 
 # ---- greedy, distribution, support --------------------------------------------------------------
@@ -146,6 +158,24 @@ def test_top_p_restricts_the_support():
     renorm = torch.zeros(8)
     renorm[kept] = probs[kept] / probs[kept].sum()
     assert chi_square(seeded_draws(logits, 20000, top_p=0.8), renorm) < 30
+
+
+def test_top_p_on_a_large_vocabulary_matches_a_full_sort():
+    """Peaked rows find their prefix among the best 1024 candidates; flat rows fall back to a
+    full sort. Both must keep exactly the set a plain full sort keeps."""
+    vocab = 3000
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, vocab, generator=g) * torch.tensor([[8.0], [8.0], [0.1], [3.0], [0.5], [8.0]])
+    top_p = torch.tensor([0.9, 0.5, 0.9, 0.95, 0.3, 0.999])
+    got = apply_top_k_top_p(logits.clone(), torch.full((6,), vocab), top_p)
+    for row in range(6):
+        probs = logits[row].softmax(-1)
+        order = probs.argsort(descending=True)
+        before = probs[order].cumsum(-1) - probs[order]
+        want = set(order[before < top_p[row]].tolist())
+        assert set(got[row].isfinite().nonzero().flatten().tolist()) == want
+        assert torch.equal(got[row][list(want)], logits[row][list(want)])
+    assert (logits[2].softmax(-1).topk(1024).values.sum() < 0.9), "row 2 must take the full-sort path"
 
 
 def test_top_k_then_top_p():
