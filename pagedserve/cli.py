@@ -116,6 +116,8 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port; -1 disables it")
+    p.add_argument("--drain-timeout", type=float, default=5.0,
+                   help="seconds to let open requests finish on shutdown")
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
     _add_common(p)
 
@@ -126,7 +128,7 @@ def _run_router(args: argparse.Namespace) -> int:
     run_router(args.model, args.scheduler, host=args.host, port=args.port,
                grpc_port=None if args.grpc_port < 0 else args.grpc_port,
                served_model_name=args.served_model_name, enable_reflection=args.reflection,
-               log_level=args.log_level)
+               log_level=args.log_level, drain_timeout=args.drain_timeout)
     return 0
 
 

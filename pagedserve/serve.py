@@ -223,7 +223,8 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
     router = _child("router", "--scheduler", scheduler_addr, "--model", model,
                     "--host", a["host"], "--port", str(a["port"]),
                     "--grpc-port", str(a["grpc_port"]), *log_level,
-                    *_flags({"--served-model-name": a["served_model_name"]}))
+                    *_flags({"--served-model-name": a["served_model_name"],
+                             "--drain-timeout": a["drain_timeout"]}))
     drain = float(a["drain_timeout"]) + 5.0
     return [
         ServiceSpec("executor", executor, executor_addr, "pagedserve.v1.Executor"),
