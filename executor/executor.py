@@ -35,9 +35,12 @@ class Executor:
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {mc.max_position_embeddings}")
+        # On the CPU the cache is float32: the reference attention computes in float32, and
+        # converting gathered bf16 pages each step cost more than the attention itself.
+        self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache(mc.num_layers, self.num_kv_blocks, config.block_size, mc.num_kv_heads,
-                                mc.head_dim, self.dtype, self.device)
+                                mc.head_dim, self.kv_dtype, self.device)
         self.batch = InputBatch(max_num_seqs=config.max_num_seqs,
                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                 max_model_len=self.max_model_len, block_size=config.block_size,
@@ -56,7 +59,7 @@ class Executor:
             else:
                 budget = DEFAULT_CPU_KV_CACHE_BYTES
         per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
-                                            mc.head_dim, self.dtype)
+                                            mc.head_dim, self.kv_dtype)
         if budget < per_block:
             raise ValueError(f"kv_cache_memory_bytes: {budget} is less than one block ({per_block} bytes)")
         return budget // per_block

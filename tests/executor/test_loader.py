@@ -165,14 +165,17 @@ def test_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (
         resolve_dtype("float32", "float16", cpu) == torch.float16
     )  # explicit wins, even on the CPU
-    assert resolve_dtype("float32", "auto", cpu) == torch.float32
-    assert resolve_dtype(None, None, cpu) == torch.float32
     assert resolve_dtype("float16", None, cuda) == torch.float16
+    assert resolve_dtype("float32", None, cuda) == torch.float32
     monkeypatch.setattr(loader, "cpu_supports_bf16", lambda: True)
+    # On the CPU, auto means bf16 where the CPU has it, whatever the checkpoint holds.
+    assert resolve_dtype("float32", "auto", cpu) == torch.bfloat16
+    assert resolve_dtype(None, None, cpu) == torch.bfloat16
     assert resolve_dtype("bfloat16", "auto", cpu) == torch.bfloat16
     assert resolve_dtype("float16", None, cpu) == torch.bfloat16
     monkeypatch.setattr(loader, "cpu_supports_bf16", lambda: False)
     assert resolve_dtype("bfloat16", None, cpu) == torch.float32
+    assert resolve_dtype("float32", "auto", cpu) == torch.float32
     with pytest.raises(ValueError, match=r"dtype.*int8"):
         resolve_dtype("float32", "int8", cpu)
 
