@@ -1,113 +1,102 @@
 """The OpenAI-compatible HTTP API (FastAPI): completions, chat, models, tokenize, health, metrics.
 
-Every generation runs through RouterCore.stream. A client that goes away, streaming or not, closes
-that stream, which cancels the scheduler calls and so aborts the requests.
+Bodies are read by router.json_body (size, strict JSON, depth, int64, then pydantic), so every
+refusal is a 400 (413 for size) in OpenAI's shape, never FastAPI's 422. Every generation runs
+through RouterCore.stream. A client that goes away, streaming or not, closes that stream, which
+cancels the scheduler calls and so aborts the requests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import logging
-import re
-import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
+from dataclasses import replace
 from typing import Any, TypeVar
 
+import structlog
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.core import RouterCore, collect, random_id
+from router.core import RouterCore, random_id
 from router.errors import RouterError, invalid_request
-from router.generation import Delta, GenerationParams
+from router.generation import GenerationParams
+from router.http_middleware import ApiKeyMiddleware, RequestIdMiddleware, bind_request_id
+from router.json_body import read_model
 from router.openai_protocol import (
-    ChatChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatMessageOut,
-    ChatStreamChoice,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
-    DeltaMessage,
     DetokenizeRequest,
     ModelCard,
     ModelList,
     SamplingRequest,
     TokenizeRequest,
-    Usage,
 )
+from router.serving import ChatGeneration, CompletionGeneration, Generation, Prompt
 from router.tokenizer import ChatTemplateError
 
-log = logging.getLogger("pagedserve.router")
+log = structlog.get_logger("pagedserve.router")
 T = TypeVar("T")
-_REQUEST_ID_OK = re.compile(r"^[\w.:@/-]{1,128}$")
+M = TypeVar("M", bound=BaseModel)
+BODIES: dict[str, type[BaseModel]] = {
+    "/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+    "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+}
 
 
 def create_app(core: RouterCore) -> FastAPI:
     """The router's FastAPI app around one RouterCore (tokenizer, scheduler client, metrics)."""
     app = FastAPI(title="pagedserve router", docs_url=None, redoc_url=None)
     app.state.core = core
+    if core.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=core.api_key)
     app.add_middleware(RequestIdMiddleware)
     _add_error_handlers(app)
     _add_info_routes(app, core)
     _add_generation_routes(app, core)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
-# -- request ids and errors -------------------------------------------------------------------
-class RequestIdMiddleware:
-    """Every response carries X-Request-Id: the client's own, else the response's id."""
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, plus the request bodies (read by hand, so FastAPI does not see them)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        defs = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            defs.update(body.pop("$defs", {}))
+            defs[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        state = scope.setdefault("state", {})
-        state["request_id"] = given if _REQUEST_ID_OK.match(given) else None
-
-        async def send_with_id(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                rid = state.get("request_id") or random_id()
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", rid.encode("latin-1"))]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
+async def _body(core: RouterCore, request: Request, model: type[M]) -> M:
+    limits = core.limits
+    return await read_model(request, model, limits.max_request_body_bytes, limits.max_json_depth)
 
 
 def _response_id(request: Request, prefix: str) -> str:
     rid = f"{prefix}-{random_id()}"
-    if not request.scope["state"].get("request_id"):
-        request.scope["state"]["request_id"] = rid
+    if not request.scope["state"].get("client_request_id"):
+        bind_request_id(request.scope, rid)
     return rid
 
 
 def _error_response(e: RouterError) -> JSONResponse:
-    return JSONResponse(e.to_dict(), status_code=e.status)
+    return JSONResponse(e.to_dict(), status_code=e.status, headers=e.headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RouterError)
     async def router_error(request: Request, e: RouterError) -> JSONResponse:
+        if e.status >= 500:
+            log.warning("request failed", status=e.status, error=e.message)
         return _error_response(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        parts = [f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: "
-                 f"{err.get('msg', 'invalid')}" for err in errors]
-        return _error_response(invalid_request("; ".join(parts) or "invalid request",
-                                               loc[0] if loc else None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -142,11 +131,11 @@ def _add_info_routes(app: FastAPI, core: RouterCore) -> None:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict:
+    async def tokenize(request: Request) -> dict:
+        body = await _body(core, request, TokenizeRequest)
         core.check_model(body.model)
         if body.messages is not None:  # the template writes BOS itself: none added by default
-            text = _render_chat(core, [m.template_dict() for m in body.messages],
-                                body.add_generation_prompt, body.chat_template_kwargs or {})
+            text = _render_chat(core, [m.template_dict() for m in body.messages], body)
             ids = core.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
         else:
             add = True if body.add_special_tokens is None else body.add_special_tokens
@@ -155,16 +144,21 @@ def _add_info_routes(app: FastAPI, core: RouterCore) -> None:
                 "token_strs": None}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict:
+    async def detokenize(request: Request) -> dict:
+        body = await _body(core, request, DetokenizeRequest)
         core.check_model(body.model)
+        await core.model_info()
         core.check_token_ids(body.tokens, "tokens")
         return {"prompt": core.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 
-def _render_chat(core: RouterCore, messages: list[dict], add_generation_prompt: bool,
-                 kwargs: dict) -> str:
+def _render_chat(core: RouterCore, messages: list[dict], body: Any) -> str:
+    """The prompt text of a chat (or /tokenize) body, after its template fields are checked."""
+    body.check_template(core.trust_request_chat_template)
     try:
-        return core.tokenizer.render_chat(messages, add_generation_prompt, **kwargs)
+        return core.tokenizer.render_chat(
+            messages, body.add_generation_prompt, body.continue_final_message,
+            body.chat_template, **(body.chat_template_kwargs or {}))
     except ChatTemplateError as e:
         raise invalid_request(str(e), "messages") from e
 
@@ -172,154 +166,62 @@ def _render_chat(core: RouterCore, messages: list[dict], add_generation_prompt: 
 # -- completions and chat ---------------------------------------------------------------------
 def _add_generation_routes(app: FastAPI, core: RouterCore) -> None:
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def completions(request: Request) -> Response:
+        body = await _body(core, request, CompletionRequest)
         core.check_model(body.model)
-        if isinstance(body.prompt, str):
-            prompt_ids = core.tokenizer.encode(body.prompt, add_special_tokens=True)
-        else:
-            if not body.prompt:
-                raise invalid_request("prompt must not be empty", "prompt")
-            prompt_ids = list(body.prompt)
-            core.check_token_ids(prompt_ids, "prompt")
-        params = await _params(core, body, prompt_ids, "prompt")
-        gen = _Generation(core, body, _response_id(request, "cmpl"), prompt_ids, params)
-        if body.stream:
-            await gen.open(request)
-            return _SSEResponse(gen.completion_events(), media_type="text/event-stream")
-        return JSONResponse(await _unless_disconnected(request, gen.completion()))
+        body.check(core.limits)
+        await core.model_info()
+        prompts = _completion_prompts(core, body)
+        internal = 0 if body.candidates > body.n and body.logprobs is None else None
+        params = [await _params(core, body, p.ids, "prompt", internal) for p in prompts]
+        gen = CompletionGeneration(core, body, _response_id(request, "cmpl"), prompts, params)
+        return await _respond(gen, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response:
+        body = await _body(core, request, ChatCompletionRequest)
         core.check_model(body.model)
-        kwargs = dict(body.chat_template_kwargs or {})
-        if body.tools:
-            kwargs["tools"] = body.tools
-        text = _render_chat(core, body.template_messages(), body.add_generation_prompt, kwargs)
+        body.check(core.limits)
+        text = _render_chat(core, body.template_messages(), body)
+        await core.model_info()
         prompt_ids = core.tokenizer.encode(text, add_special_tokens=False)
         params = await _params(core, body, prompt_ids, "messages")
-        gen = _Generation(core, body, _response_id(request, "chatcmpl"), prompt_ids, params)
-        if body.stream:
-            await gen.open(request)
-            return _SSEResponse(gen.chat_events(), media_type="text/event-stream")
-        return JSONResponse(await _unless_disconnected(request, gen.chat()))
+        gen = ChatGeneration(core, body, _response_id(request, "chatcmpl"), Prompt(prompt_ids),
+                             params)
+        return await _respond(gen, request)
 
 
-async def _params(core: RouterCore, body: SamplingRequest, prompt_ids: list[int],
-                  param: str) -> GenerationParams:
+def _completion_prompts(core: RouterCore, body: CompletionRequest) -> list[Prompt]:
+    out = []
+    for prompt in body.prompts:
+        if isinstance(prompt, str):
+            out.append(Prompt(core.tokenizer.encode(prompt, add_special_tokens=True), prompt))
+        else:
+            core.check_token_ids(prompt, "prompt")
+            out.append(Prompt(list(prompt), core.tokenizer.decode(
+                prompt, skip_special_tokens=body.skip_special_tokens) if body.echo else ""))
+    return out
+
+
+async def _params(core: RouterCore, body: SamplingRequest, prompt_ids: list[int], param: str,
+                  internal_logprobs: int | None = None) -> GenerationParams:
+    """The generation params of one prompt; internal_logprobs: logprobs the router needs for
+    itself (best_of ranking) when the client asked for none."""
     max_tokens = await core.resolve_max_tokens(len(prompt_ids), body.requested_max_tokens(),
                                                param)
     params = body.params(max_tokens)
     core.check_token_ids(list(params.logit_bias), "logit_bias")
     core.check_token_ids(list(params.stop_token_ids), "stop_token_ids")
+    if params.logprobs is None and internal_logprobs is not None:
+        params = replace(params, logprobs=internal_logprobs)
     return params
 
 
-class _Generation:
-    """One API request's generation, shaped as completion or chat, streamed or whole."""
-
-    def __init__(self, core: RouterCore, body: SamplingRequest, response_id: str,
-                 prompt_ids: list[int], params: GenerationParams) -> None:
-        self.core, self.body, self.id = core, body, response_id
-        self.prompt_ids, self.params = prompt_ids, params
-        self.model = body.model or core.model_name
-        self.created = _now()
-        self.endpoint = "chat" if isinstance(body, ChatCompletionRequest) else "completions"
-
-    def _deltas(self) -> AsyncIterator[Delta]:
-        return self.core.stream(self.id, self.prompt_ids, self.params, self.body.n, self.endpoint)
-
-    async def open(self, request: Request) -> None:
-        """Start streaming and wait for the first delta, so that an error before any output
-        (scheduler down, request refused) still gets its HTTP status instead of an SSE event."""
-        self._stream = self._deltas()
-        try:
-            self._first = await _unless_disconnected(request, anext(self._stream))
-        except BaseException:
-            await self._stream.aclose()
-            raise
-
-    async def _opened(self) -> AsyncIterator[Delta]:
-        async with contextlib.aclosing(self._stream) as stream:
-            yield self._first
-            async for delta in stream:
-                yield delta
-
-    def _usage(self, completion_tokens: int) -> Usage:
-        return Usage.of(len(self.prompt_ids), completion_tokens)
-
-    async def completion(self) -> dict:
-        choices = await collect(self._deltas(), self.body.n)
-        return CompletionResponse(
-            id=self.id, created=self.created, model=self.model,
-            choices=[CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason)
-                     for c in choices],
-            usage=self._usage(sum(c.completion_tokens for c in choices)),
-        ).model_dump()
-
-    async def chat(self) -> dict:
-        choices = await collect(self._deltas(), self.body.n)
-        return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.model,
-            choices=[ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
-                                finish_reason=c.finish_reason) for c in choices],
-            usage=self._usage(sum(c.completion_tokens for c in choices)),
-        ).model_dump()
-
-    async def completion_events(self) -> AsyncIterator[str]:
-        def chunk(choices: list, usage: Usage | None) -> CompletionResponse:
-            return CompletionResponse(id=self.id, created=self.created, model=self.model,
-                                      choices=choices, usage=usage)
-
-        async for event in self._events(
-                lambda d: [CompletionChoice(index=d.index, text=d.text,
-                                            finish_reason=d.finish_reason)], chunk, []):
-            yield event
-
-    async def chat_events(self) -> AsyncIterator[str]:
-        def chunk(choices: list, usage: Usage | None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                       choices=choices, usage=usage)
-
-        first = [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                 for i in range(self.body.n)]
-        async for event in self._events(
-                lambda d: [ChatStreamChoice(index=d.index,
-                                            delta=DeltaMessage(content=d.text or None),
-                                            finish_reason=d.finish_reason)], chunk, first):
-            yield event
-
-    async def _events(self, choices_of: Any, chunk: Any, first: list) -> AsyncIterator[str]:
-        """SSE events: the first choices, one chunk per non-empty delta, usage, [DONE]."""
-        opts = self.body.stream_options
-        usage_on = bool(opts and opts.include_usage)
-        every = bool(usage_on and opts and opts.continuous_usage_stats)
-        done = [0] * self.body.n
-        try:
-            for choice in first:
-                yield _sse(chunk([choice], self._usage(0) if every else None), usage_on)
-            async with contextlib.aclosing(self._opened()) as deltas:
-                async for d in deltas:
-                    done[d.index] = d.completion_tokens
-                    if d.text or d.finish_reason is not None:
-                        usage = self._usage(sum(done)) if every else None
-                        yield _sse(chunk(choices_of(d), usage), usage_on)
-            if usage_on:
-                yield _sse(chunk([], self._usage(sum(done))), True)
-        except RouterError as e:
-            yield f"data: {json.dumps(e.to_dict())}\n\n"
-        yield "data: [DONE]\n\n"
-
-
-def _sse(chunk: Any, with_usage: bool) -> str:
-    data = chunk.model_dump(exclude=None if with_usage else {"usage"})
-    for choice in data["choices"]:
-        if "delta" in choice:
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _now() -> int:
-    return int(time.time())
+async def _respond(gen: Generation, request: Request) -> Response:
+    if gen.body.stream:
+        await _unless_disconnected(request, gen.open())
+        return _SSEResponse(gen.events(), media_type="text/event-stream")
+    return JSONResponse(await _unless_disconnected(request, gen.whole()))
 
 
 # -- client disconnects -----------------------------------------------------------------------

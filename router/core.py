@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import structlog
 
 from protos import executor_pb2, scheduler_pb2
 from router.errors import (
@@ -22,11 +23,15 @@ from router.errors import (
     from_grpc,
     invalid_request,
     model_not_found,
+    too_many_requests,
 )
-from router.generation import Delta, GenerationParams, generate, merge
+from router.generation import ChoiceSpec, Delta, generate, merge
+from router.limits import Limits
 from router.metrics import Metrics
 from router.scheduler_client import SchedulerClient
 from router.tokenizer import Tokenizer
+
+log = structlog.get_logger("pagedserve.router")
 
 
 def random_id() -> str:
@@ -34,9 +39,20 @@ def random_id() -> str:
 
 
 class RouterCore:
+    """The router's shared state and settings.
+
+    api_key: when set, every route but /health (and every public gRPC method) wants it as
+    `Authorization: Bearer KEY`. trust_request_chat_template: whether a request may bring its own
+    chat_template / chat_template_kwargs (they render in the sandbox either way).
+    """
+
     def __init__(self, model_dir: str | Path, scheduler_addr: str,
                  served_model_name: str | None = None, tokenizer: Tokenizer | None = None,
-                 client: SchedulerClient | None = None) -> None:
+                 client: SchedulerClient | None = None, *, limits: Limits | None = None,
+                 api_key: str | None = None, trust_request_chat_template: bool = False) -> None:
+        self.limits = limits or Limits()
+        self.api_key = api_key or None
+        self.trust_request_chat_template = trust_request_chat_template
         self.model_dir = Path(model_dir)
         self.model_name = served_model_name or str(model_dir)
         self.tokenizer = tokenizer or Tokenizer.from_dir(self.model_dir)
@@ -76,7 +92,12 @@ class RouterCore:
         room = max_len - prompt_len
         if room < 1 or (max_tokens is not None and max_tokens > room):
             raise context_length_exceeded(max_len, prompt_len, max_tokens, param)
-        return room if max_tokens is None else max_tokens
+        cap = self.limits.max_output_tokens
+        if cap is not None and max_tokens is not None and max_tokens > cap:
+            raise invalid_request(f"max_tokens must be at most {cap}", "max_tokens")
+        if max_tokens is None:
+            return room if cap is None else min(room, cap)
+        return max_tokens
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = self._info.vocab_size if self._info and self._info.vocab_size else None
@@ -84,38 +105,58 @@ class RouterCore:
         if any(not 0 <= i < vocab for i in ids):
             raise invalid_request(f"token ids must be in [0, {vocab})", param)
 
-    async def stream(self, request_id: str, prompt_ids: list[int], params: GenerationParams,
-                     n: int = 1, endpoint: str = "") -> AsyncIterator[Delta]:
-        """Deltas of all n choices interleaved; choice i runs as scheduler request rid-i (n > 1).
+    @property
+    def waiting(self) -> int:
+        """Requests admitted to the router that have not had their first token yet."""
+        return self.metrics.waiting
 
-        Records metrics; closing the iterator (client gone) aborts every choice.
-        """
-        info = await self.model_info()
-        eos_ids = list(info.eos_token_ids)
-        ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
-        streams = [generate(self.client, self.tokenizer, rid, prompt_ids, params.for_choice(i),
-                            eos_ids, index=i) for i, rid in enumerate(ids)]
-        m = self.metrics
-        m.requests.inc(endpoint=endpoint)
-        m.prompt_tokens.inc(len(prompt_ids))
-        m.in_flight += 1
-        start, first = time.monotonic(), True
+    def _admit(self) -> None:
+        if self.metrics.waiting >= self.limits.max_queued_requests:
+            self.metrics.failed.inc(code="429")
+            raise too_many_requests(self.metrics.waiting)
+
+    async def stream(self, request_id: str, specs: list[ChoiceSpec],
+                     endpoint: str = "") -> AsyncIterator[Delta]:
+        """Deltas of every choice interleaved; choice k runs as scheduler request id-k (when
+        there are several). Admission (429 past max_queued_requests) happens at the first
+        anext(); closing the iterator (client gone) aborts every choice."""
+        self._admit()
+        m, start, generated = self.metrics, time.monotonic(), 0
+        m.waiting += 1
+        waiting = True
         try:
-            async with contextlib.aclosing(merge(streams)) as deltas:
-                async for delta in deltas:
-                    if first and delta.token_ids:
-                        m.ttft.observe(time.monotonic() - start)
-                        first = False
-                    m.generation_tokens.inc(len(delta.token_ids))
-                    if delta.finish_reason is not None:
-                        m.finished.inc(finish_reason=delta.finish_reason)
-                    yield delta
-            m.e2e.observe(time.monotonic() - start)
+            info = await self.model_info()
+            eos_ids = list(info.eos_token_ids)
+            ids = [request_id] if len(specs) == 1 else [f"{request_id}-{k}"
+                                                        for k in range(len(specs))]
+            streams = [generate(self.client, self.tokenizer, rid, s.prompt_ids, s.params,
+                                eos_ids, index=s.index) for rid, s in zip(ids, specs)]
+            m.requests.inc(endpoint=endpoint)
+            m.prompt_tokens.inc(sum(len(s.prompt_ids) for s in specs))
+            m.in_flight += 1
+            try:
+                async with contextlib.aclosing(merge(streams)) as deltas:
+                    async for delta in deltas:
+                        if waiting:
+                            m.waiting, waiting = m.waiting - 1, False
+                            m.ttft.observe(time.monotonic() - start)
+                        generated += len(delta.token_ids)
+                        m.generation_tokens.inc(len(delta.token_ids))
+                        if delta.finish_reason is not None:
+                            m.finished.inc(finish_reason=delta.finish_reason)
+                        yield delta
+                m.e2e.observe(time.monotonic() - start)
+                log.info("request finished", endpoint=endpoint, sequences=len(specs),
+                         completion_tokens=generated, seconds=round(time.monotonic() - start, 4))
+            finally:
+                m.in_flight -= 1
         except RouterError as e:
             m.failed.inc(code=str(e.status))
+            log.info("request failed", status=e.status, error=e.message)
             raise
         finally:
-            m.in_flight -= 1
+            if waiting:
+                m.waiting -= 1
 
 
 async def collect(deltas: AsyncIterator[Delta], n: int) -> list[Delta]:
@@ -129,5 +170,8 @@ async def collect(deltas: AsyncIterator[Delta], n: int) -> list[Delta]:
             acc.finish_reason = d.finish_reason
             acc.prompt_tokens, acc.completion_tokens = d.prompt_tokens, d.completion_tokens
             acc.cached_tokens = d.cached_tokens
+            if d.logprobs is not None:
+                acc.logprobs = (acc.logprobs or []) + d.logprobs
+                acc.top_logprobs = (acc.top_logprobs or []) + (d.top_logprobs or [])
     return out
 

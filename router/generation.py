@@ -43,6 +43,7 @@ class GenerationParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # when set: the sampled token's logprob and this many top ones
 
     def for_choice(self, index: int) -> GenerationParams:
         """Choice `index` of n: a seeded request gets seed + index, so choices differ."""
@@ -58,7 +59,9 @@ class GenerationParams:
             ignore_eos=self.ignore_eos,
         )
         if self.seed is not None:
-            sampling.seed = self.seed
+            sampling.seed = self.seed % (1 << 64)  # negative seeds are as good as any
+        if self.logprobs is not None:
+            sampling.logprobs = self.logprobs
         return scheduler_pb2.ScheduleRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
             max_tokens=self.max_tokens, min_tokens=self.min_tokens,
@@ -66,9 +69,23 @@ class GenerationParams:
         )
 
 
+@dataclass(frozen=True)
+class ChoiceSpec:
+    """One sequence to generate: the choice index it answers as, its prompt and its params."""
+
+    index: int
+    prompt_ids: list[int]
+    params: GenerationParams
+
+
+TopLogprobs = list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
 @dataclass
 class Delta:
-    """New final text and tokens of one choice; finish_reason set on its last delta."""
+    """New final text and tokens of one choice; finish_reason set on its last delta.
+
+    logprobs and top_logprobs (when asked) are one entry per token in token_ids."""
 
     index: int
     text: str
@@ -77,6 +94,8 @@ class Delta:
     prompt_tokens: int
     completion_tokens: int  # so far, this choice
     cached_tokens: int = 0
+    logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
 
 
 class _Choice:
@@ -126,7 +145,7 @@ async def generate(client: SchedulerClient, tokenizer: Tokenizer, request_id: st
             if stopped:
                 reason = "stop"
             yield Delta(index, text, ids[:used], reason, len(prompt_ids), n_out,
-                        out.num_cached_tokens)
+                        out.num_cached_tokens, *_logprobs_of(out, used, params.logprobs))
             if reason is not None:
                 return
         raise RouterError(f"scheduler stream for {request_id} ended unfinished", 502,
@@ -135,6 +154,20 @@ async def generate(client: SchedulerClient, tokenizer: Tokenizer, request_id: st
         raise from_grpc(e) from e
     finally:
         await stream.aclose()
+
+
+def _logprobs_of(out: scheduler_pb2.TokenOutput, used: int, asked: int | None
+                 ) -> tuple[list[float] | None, list[TopLogprobs] | None]:
+    """The first `used` tokens' logprobs and top logprobs, when the request asked for them."""
+    if asked is None:
+        return None, None
+    logprobs = list(out.logprobs[:used])
+    if len(logprobs) != used:
+        raise RouterError(f"the scheduler sent {len(logprobs)} logprobs for {used} tokens", 502,
+                          "internal_error")
+    tops = [list(zip(t.token_ids, t.logprobs)) for t in out.top_logprobs[:used]]
+    tops += [[] for _ in range(used - len(tops))]  # logprobs=0: no top entries at all
+    return logprobs, tops
 
 
 async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:

@@ -2,15 +2,17 @@
 behind a flag, server reflection.
 
 Sampling fields are validated by the same pydantic model as the HTTP API, so both fronts accept
-and refuse the same values.
+and refuse the same values. With an API key set, every method but grpc.health.v1's wants the
+metadata `authorization: Bearer KEY` (else UNAUTHENTICATED).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,7 +21,8 @@ from pydantic import ValidationError
 from protos import generation_pb2, generation_pb2_grpc
 from router.core import RouterCore, random_id
 from router.errors import RouterError, invalid_request
-from router.generation import Delta, GenerationParams
+from router.generation import ChoiceSpec, Delta, GenerationParams
+from router.json_body import validation_error
 from router.openai_protocol import SamplingRequest
 from router.tokenizer import ChatTemplateError
 
@@ -40,7 +43,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         try:
             prompt_ids = self._prompt_ids(request)
             params = await self._params(request, len(prompt_ids))
-            deltas = self.core.stream(rid, prompt_ids, params, 1, "grpc")
+            deltas = self.core.stream(rid, [ChoiceSpec(0, prompt_ids, params)], "grpc")
             async with contextlib.aclosing(deltas) as stream:
                 async for d in stream:
                     if d.text or d.token_ids or d.finish_reason:
@@ -74,20 +77,22 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     async def _params(self, request: generation_pb2.GenerateRequest,
                       prompt_len: int) -> GenerationParams:
-        if request.HasField("logprobs"):
-            raise invalid_request("logprobs are not supported yet", "logprobs")
+        limits = self.core.limits
+        logprobs = request.logprobs if request.HasField("logprobs") else None
+        if logprobs is not None and not 0 <= logprobs <= limits.max_logprobs:
+            raise invalid_request(f"logprobs must be in [0, {limits.max_logprobs}]", "logprobs")
         fields = {f: getattr(request, f) for f in _OPTIONAL_FIELDS if request.HasField(f)}
         fields.update(stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
                       ignore_eos=request.ignore_eos)
         try:
             body = SamplingRequest.model_validate(fields)
         except ValidationError as e:
-            raise invalid_request("; ".join(
-                f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from e
+            raise validation_error(e) from e
+        body.check(limits)
         max_tokens = await self.core.resolve_max_tokens(prompt_len, body.max_tokens)
         params = body.params(max_tokens)
         self.core.check_token_ids(list(params.stop_token_ids), "stop_token_ids")
-        return params
+        return GenerationParams(**{**vars(params), "logprobs": logprobs})
 
     async def Tokenize(self, request: generation_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> generation_pb2.TokenizeResponse:
@@ -122,6 +127,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 def _response(request_id: str, d: Delta) -> generation_pb2.GenerateResponse:
     out = generation_pb2.GenerateResponse(request_id=request_id, text=d.text,
                                           token_ids=d.token_ids)
+    if d.logprobs is not None:
+        for token_id, logprob, top in zip(d.token_ids, d.logprobs, d.top_logprobs or ()):
+            out.logprobs.add(token_id=token_id, logprob=logprob,
+                             top_token_ids=[t for t, _ in top], top_logprobs=[lp for _, lp in top])
     if d.finish_reason is not None:
         out.finish_reason = d.finish_reason
         out.usage.CopyFrom(generation_pb2.Usage(
@@ -163,13 +172,49 @@ class HealthReporter:
         await self.servicer.enter_graceful_shutdown()
 
 
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for any method but health's without `authorization: Bearer KEY`."""
+
+    def __init__(self, api_key: str) -> None:
+        self.expected = f"Bearer {api_key}".encode()
+
+    def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return True
+        given = next((v for k, v in details.invocation_metadata or () if k == "authorization"),
+                     "")
+        given = given.encode() if isinstance(given, str) else bytes(given)
+        return hmac.compare_digest(given, self.expected)
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or self._allowed(details):
+            return handler
+
+        async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or incorrect API key (metadata authorization: Bearer KEY)")
+
+        kinds = ((handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+                 (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+                 (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+                 (handler.stream_stream, grpc.stream_stream_rpc_method_handler))
+        make = next(make for fn, make in kinds if fn is not None)
+        return make(deny, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
 def create_grpc_server(core: RouterCore, address: str, enable_reflection: bool = False,
                        health_interval_s: float = 5.0) -> tuple[grpc.aio.Server, int,
                                                                 HealthReporter]:
     """A grpc.aio server with Generation and health (and reflection when asked), bound to
     address ('host:port', port 0 picks one). Returns (server, bound port, health reporter);
     start both with `await server.start(); reporter.start()`."""
-    server = grpc.aio.server()
+    interceptors = [ApiKeyInterceptor(core.api_key)] if core.api_key else []
+    server = grpc.aio.server(interceptors=interceptors)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(core), server)
     reporter = HealthReporter(core, health_interval_s)
     health_pb2_grpc.add_HealthServicer_to_server(reporter.servicer, server)

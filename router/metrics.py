@@ -87,6 +87,7 @@ class Metrics:
         self.ttft = Histogram("time_to_first_token_seconds", "Time to the first output token.")
         self.e2e = Histogram("e2e_request_latency_seconds", "Time from request to last token.")
         self.in_flight = 0
+        self.waiting = 0  # admitted, no first token yet (the router's queue limit counts these)
 
     def render(self, stats: scheduler_pb2.StatsResponse | None) -> str:
         lines: list[str] = []
@@ -95,6 +96,9 @@ class Metrics:
             lines += metric.render()
         lines += _gauge("router_requests_in_flight", "Requests the router is serving.",
                         self.in_flight)
+        lines += _gauge("router_requests_waiting",
+                        "Requests admitted by the router that have no first token yet.",
+                        self.waiting)
         lines += _gauge("scheduler_up", "1 when the scheduler answered Stats.", stats is not None)
         if stats is not None:
             lines += _scheduler_gauges(stats)

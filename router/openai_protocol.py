@@ -1,25 +1,34 @@
-"""OpenAI-compatible request and response bodies (pydantic), and their mapping to params.
+"""OpenAI-compatible request bodies (pydantic), their checks, and their mapping to params.
 
-Unknown request fields are accepted and ignored, as OpenAI's own server does for most of them;
-fields we know but do not support yet (logprobs, echo, suffix, best_of != n) are refused with 400
-rather than silently ignored.
+Types and ranges are pydantic's, in strict mode (no "5" for 5, no 1.5 for an int, no NaN); the
+rules that span fields or depend on configured limits are `check()`, which names the field of
+each refusal. A null field means its default. Unknown fields are ignored (as OpenAI does for most);
+fields we know but cannot honour yet (suffix, tools, json response formats) are refused with 400
+rather than silently dropped.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.errors import invalid_request
 from router.generation import GenerationParams
+from router.limits import INT32_MAX, INT64_MAX, INT64_MIN, Limits
 
-MAX_SEED = (1 << 63) - 1
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(_Body):
@@ -31,38 +40,27 @@ class SamplingRequest(_Body):
     """Fields shared by completions and chat completions (OpenAI's and vLLM's extras)."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=INT32_MAX)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extra sampling fields, all in the scheduler's proto.
     ignore_eos: bool = False
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    min_tokens: int = Field(0, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-
-    @model_validator(mode="after")
-    def _check_common(self) -> SamplingRequest:
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        for key, bias in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
-        return self
 
     @property
     def stop_list(self) -> tuple[str, ...]:
@@ -76,6 +74,38 @@ class SamplingRequest(_Body):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per token the response shows; None: no logprobs at all."""
+        return None
+
+    def check(self, limits: Limits) -> None:
+        """The rules pydantic's types do not say; 400 naming the field."""
+        if self.n > limits.max_n:
+            raise invalid_request(f"n must be at most {limits.max_n}", "n")
+        if self.stream_options is not None and not self.stream:
+            raise invalid_request("stream_options is only allowed when stream is true",
+                                  "stream_options")
+        stops = self.stop_list
+        if len(stops) > limits.max_stop:
+            raise invalid_request(f"at most {limits.max_stop} stop strings", "stop")
+        if any(len(s) > limits.max_stop_length for s in stops):
+            raise invalid_request(f"stop strings must be at most {limits.max_stop_length} "
+                                  "characters", "stop")
+        self._check_logit_bias(limits)
+
+    def _check_logit_bias(self, limits: Limits) -> None:
+        bias = self.logit_bias or {}
+        if len(bias) > limits.max_logit_bias:
+            raise invalid_request(f"logit_bias may have at most {limits.max_logit_bias} entries",
+                                  "logit_bias")
+        for key, value in bias.items():
+            if not key.isdigit() or len(key) > 10:
+                raise invalid_request(f"logit_bias keys must be token ids, got {key[:32]!r}",
+                                      "logit_bias")
+            if not -100.0 <= value <= 100.0:
+                raise invalid_request(f"logit_bias values must be in [-100, 100], got {value}",
+                                      "logit_bias")
 
     def params(self, max_tokens: int) -> GenerationParams:
         if self.min_tokens > max_tokens:
@@ -95,27 +125,65 @@ class SamplingRequest(_Body):
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=self.num_logprobs(),
         )
 
 
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int]
-    logprobs: int | None = None
+    prompt: Prompt
+    logprobs: int | None = Field(None, ge=0, le=INT32_MAX)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=INT32_MAX)
 
-    @model_validator(mode="after")
-    def _check_unsupported(self) -> CompletionRequest:
-        if self.logprobs is not None:
-            raise ValueError("logprobs are not supported yet")
-        if self.echo:
-            raise ValueError("echo is not supported yet")
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def candidates(self) -> int:
+        """Sequences generated per prompt: best_of, or n."""
+        return self.best_of or self.n
+
+    def check(self, limits: Limits) -> None:
+        super().check(limits)
         if self.suffix:
-            raise ValueError("suffix is not supported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of must equal n (or be absent)")
-        return self
+            raise invalid_request("suffix is not supported (this server does no insertion)",
+                                  "suffix")
+        if self.logprobs is not None and self.logprobs > limits.max_logprobs:
+            raise invalid_request(f"logprobs must be at most {limits.max_logprobs}", "logprobs")
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise invalid_request(f"best_of ({self.best_of}) must be at least n ({self.n})",
+                                      "best_of")
+            if self.best_of > limits.max_n:
+                raise invalid_request(f"best_of must be at most {limits.max_n}", "best_of")
+            if self.stream and self.best_of > self.n:
+                raise invalid_request("best_of > n cannot be streamed", "best_of")
+        self._check_prompt(limits)
+
+    def _check_prompt(self, limits: Limits) -> None:
+        p = self.prompt
+        batched = isinstance(p, list) and p and isinstance(p[0], (str, list))
+        prompts = p if batched else [p]
+        if not prompts or any(len(x) == 0 for x in prompts):
+            raise invalid_request("prompt must not be empty", "prompt")
+        if len(prompts) > limits.max_prompts:
+            raise invalid_request(f"at most {limits.max_prompts} prompts in one request",
+                                  "prompt")
+        if len(prompts) * self.candidates > limits.max_sequences:
+            raise invalid_request(f"prompts x best_of (or n) must be at most "
+                                  f"{limits.max_sequences}", "prompt")
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompt as a list of prompts (text, or token ids)."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return p  # type: ignore[return-value]
 
 
 class ContentPart(_Body):
@@ -129,47 +197,102 @@ class ChatMessage(_Body):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in CHAT_ROLES:
+            raise ValueError(f"role must be one of {', '.join(CHAT_ROLES)}")
+        return role
+
+    @model_validator(mode="after")
+    def _content_present(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.model_extra
+                                         and self.model_extra.get("tool_calls")):
+            raise ValueError(f"a {self.role} message needs content")
+        for part in self.content if isinstance(self.content, list) else ():
+            if part.type != "text":
+                raise ValueError(f"only text content parts are supported, got {part.type!r}")
+            if part.text is None:
+                raise ValueError("a text content part needs text")
+        return self
+
     def template_dict(self) -> dict[str, Any]:
         """The message as the chat template sees it: text parts joined into one string."""
         out = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
-            kinds = {p.type for p in self.content} - {"text"}
-            if kinds:
-                raise invalid_request(f"only text content parts are supported, got {sorted(kinds)}",
-                                      "messages")
             out["content"] = "\n".join(p.text or "" for p in self.content)
         return out
 
 
-class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+class _ChatTemplateFields(_Body):
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _check_unsupported(self) -> ChatCompletionRequest:
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs are not supported yet")
-        return self
+    def check_template(self, trusted: bool) -> None:
+        for field in ("chat_template", "chat_template_kwargs"):
+            if getattr(self, field) is not None and not trusted:
+                raise invalid_request(f"{field} is refused: this server does not trust request "
+                                      "chat templates (--trust-request-chat-template)", field)
+        if self.continue_final_message and self.add_generation_prompt:
+            raise invalid_request("continue_final_message needs add_generation_prompt false",
+                                  "continue_final_message")
+
+
+class ChatCompletionRequest(SamplingRequest, _ChatTemplateFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=INT32_MAX)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    echo: bool = False
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check(self, limits: Limits) -> None:
+        super().check(limits)
+        if not self.messages:
+            raise invalid_request("messages must not be empty", "messages")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise invalid_request("top_logprobs needs logprobs: true", "top_logprobs")
+            if self.top_logprobs > limits.max_logprobs:
+                raise invalid_request(f"top_logprobs must be at most {limits.max_logprobs}",
+                                      "top_logprobs")
+        if self.tools:
+            raise invalid_request("tools are not supported yet (no structured output)", "tools")
+        if self.tool_choice is not None and self.tool_choice != "none":
+            raise invalid_request("tool_choice is not supported yet (only 'none')", "tool_choice")
+        self._check_response_format()
+
+    def _check_response_format(self) -> None:
+        fmt = self.response_format
+        if fmt is None:
+            return
+        kind = fmt.get("type")
+        if kind in ("json_object", "json_schema"):
+            raise invalid_request(f"response_format {kind} is not supported yet (no structured "
+                                  "output); only 'text'", "response_format")
+        if kind != "text":
+            raise invalid_request("response_format.type must be 'text', 'json_object' or "
+                                  "'json_schema'", "response_format")
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.template_dict() for m in self.messages]
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -195,67 +318,9 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: None = None
-    finish_reason: str | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class ChatMessageOut(BaseModel):
-    role: str = "assistant"
-    content: str | None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    logprobs: None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
-
-
-class DeltaMessage(BaseModel):
-    role: str | None = None
-    content: str | None = None
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: Usage | None = None
-
-
 class ModelCard(BaseModel):
     id: str
-    object: Literal["model"] = "model"
+    object: str = "model"
     created: int
     owned_by: str = "pagedserve"
     root: str | None = None
@@ -263,5 +328,5 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
-    object: Literal["list"] = "list"
+    object: str = "list"
     data: list[ModelCard]

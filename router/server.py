@@ -4,25 +4,39 @@
 
 RouterServer is the same thing as an object to start and stop from async code; RouterThread runs
 one in a background thread (tests and embedding), on ephemeral ports when asked for port 0.
+
+SIGINT and SIGTERM are ours, not uvicorn's: uvicorn would re-raise the signal once it has shut
+down, and the process would die of it (status 143) instead of exiting 0 after a clean drain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import signal
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
+import structlog
 import uvicorn
 
 from router.app import create_app
 from router.core import RouterCore
 from router.grpc_service import HealthReporter, create_grpc_server
 
-log = logging.getLogger("pagedserve.router")
+log = structlog.get_logger("pagedserve.router")
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its signal handling (serve_router stops it instead)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class RouterServer:
@@ -48,7 +62,7 @@ class RouterServer:
         config = uvicorn.Config(create_app(self.core), log_level=self.log_level, lifespan="off",
                                 ws="none", access_log=self.log_level == "debug", log_config=None,
                                 timeout_graceful_shutdown=self.drain_timeout)
-        self._http = uvicorn.Server(config)
+        self._http = _UvicornServer(config)
         self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
         while not self._http.started:
             if self._http_task.done():
@@ -61,8 +75,10 @@ class RouterServer:
                 self.health_interval_s)
             await self._grpc.start()
             self._health.start()
-        log.info("router serving %s: http://%s:%d%s", self.core.model_name, self.host, self.port,
-                 f", grpc {self.host}:{self.grpc_port}" if self._grpc else "")
+        log.info("router serving", model=self.core.model_name,
+                 http=f"http://{self.host}:{self.port}",
+                 grpc=f"{self.host}:{self.grpc_port}" if self._grpc else None,
+                 api_key=bool(self.core.api_key))
 
     async def wait(self) -> None:
         """Until the HTTP server exits (a signal, or stop())."""
@@ -84,26 +100,43 @@ class RouterServer:
 
 
 async def serve_router(core: RouterCore, **kwargs) -> None:
+    """Serve until SIGINT or SIGTERM (or the HTTP server exits), then drain and stop."""
     server = RouterServer(core, **kwargs)
     await server.start()
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    handled = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+    waiter = asyncio.ensure_future(stop.wait())
     try:
-        await server.wait()
+        await asyncio.wait({waiter, asyncio.ensure_future(server.wait())},
+                           return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            log.info("signal received; draining", drain_timeout_s=server.drain_timeout)
     finally:
+        waiter.cancel()
         await server.stop()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+    log.info("router stopped")
 
 
 def run_router(model_dir: str | Path, scheduler_addr: str, host: str = "127.0.0.1",
                port: int = 8000, grpc_port: int | None = None,
                served_model_name: str | None = None, *, enable_reflection: bool = False,
                log_level: str = "info", health_interval_s: float = 5.0,
-               drain_timeout: float = 5.0) -> None:
+               drain_timeout: float = 5.0, core_options: dict[str, Any] | None = None) -> None:
     """Serve the OpenAI HTTP API on host:port and, when grpc_port is given, the public gRPC API
-    on host:grpc_port, both in one uvloop event loop, until SIGINT or SIGTERM.
+    on host:grpc_port, both in one uvloop event loop, until SIGINT or SIGTERM (then drain and
+    return).
 
     scheduler_addr: 'unix:///path/to.sock' or 'host:port' of the internal Scheduler service.
     drain_timeout: on shutdown, how long in-flight requests may run on before they are cut.
+    core_options: RouterCore's keyword options (limits, api_key, trust_request_chat_template).
     """
-    core = RouterCore(model_dir, scheduler_addr, served_model_name)
+    core = RouterCore(model_dir, scheduler_addr, served_model_name, **(core_options or {}))
     coro = serve_router(core, host=host, port=port, grpc_port=grpc_port,
                         enable_reflection=enable_reflection, log_level=log_level,
                         health_interval_s=health_interval_s, drain_timeout=drain_timeout)
@@ -125,8 +158,10 @@ class RouterThread:
 
     def __init__(self, model_dir: str | Path, scheduler_addr: str,
                  served_model_name: str | None = None, host: str = "127.0.0.1", port: int = 0,
-                 grpc_port: int | None = None, **kwargs) -> None:
-        self.core = RouterCore(model_dir, scheduler_addr, served_model_name)
+                 grpc_port: int | None = None, core_options: dict[str, Any] | None = None,
+                 **kwargs) -> None:
+        self.core = RouterCore(model_dir, scheduler_addr, served_model_name,
+                               **(core_options or {}))
         self.server = RouterServer(self.core, host=host, port=port, grpc_port=grpc_port,
                                    log_level=kwargs.pop("log_level", "warning"), **kwargs)
         self._ready = threading.Event()

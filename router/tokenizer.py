@@ -24,6 +24,9 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
+_BYTE_DECODER: dict[str, int] = {}
+
+
 class ChatTemplateError(ValueError):
     """The chat template refused the conversation (raise_exception) or failed to render."""
 
@@ -88,6 +91,31 @@ def _read_chat_template(model_dir: Path, config: dict) -> str | None:
     return template
 
 
+def _cut_after_final(text: str, messages: list[dict]) -> str:
+    final = messages[-1].get("content") if messages else None
+    if not isinstance(final, str) or not final.strip():
+        raise ChatTemplateError("continue_final_message needs a final message with text")
+    for piece in (final, final.strip()):
+        at = text.rfind(piece)
+        if at >= 0:
+            return text[:at + len(piece)]
+    raise ChatTemplateError("continue_final_message: the template does not show the final "
+                            "message's text")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character each byte is written as -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
 class Tokenizer:
     """Encode, decode and render chat prompts for one model directory."""
 
@@ -98,6 +126,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self._template = compile_chat_template(chat_template) if chat_template else None
         self._byte_fallback_ids: frozenset[int] | None = None
+        self._byte_level: bool | None = None
+        self._specials: frozenset[int] | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -150,22 +180,59 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.hf.id_to_token(token_id)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text as a logprobs entry shows it (special tokens included)."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """One token's UTF-8 bytes, exact even for a token that holds part of a character."""
+        raw = self.hf.id_to_token(token_id) or ""
+        if token_id in self.byte_fallback_ids:
+            return [int(raw[3:5], 16)]
+        if self._byte_level is None:
+            state = self.hf.decoder.__getstate__() if self.hf.decoder is not None else b""
+            self._byte_level = b"ByteLevel" in (state if isinstance(state, bytes) else b"")
+        if self._byte_level and token_id not in self._special_ids():
+            decoder = _BYTE_DECODER
+            if all(c in decoder for c in raw):
+                return [decoder[c] for c in raw]
+        return list(self.token_text(token_id).encode("utf-8"))
+
+    def _special_ids(self) -> frozenset[int]:
+        if self._specials is None:
+            self._specials = frozenset(
+                i for i, tok in self.hf.get_added_tokens_decoder().items() if tok.special)
+        return self._specials
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, template: str | None = None,
                     **kwargs: Any) -> str:
-        """The chat template's text for these messages (plain dicts with role and content)."""
-        if self._template is None:
+        """The chat template's text for these messages (plain dicts with role and content).
+
+        continue_final_message: end the text right after the last message's content (no end of
+        turn), so the model continues it, as transformers' apply_chat_template does.
+        template: a template source to use instead of the model's (still sandboxed)."""
+        try:
+            compiled = compile_chat_template(template) if template else self._template
+        except jinja2.exceptions.TemplateError as e:
+            raise ChatTemplateError(f"chat_template does not compile: {e}") from e
+        if compiled is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
-            return self._template.render({
+            text = compiled.render({
                 "tools": None, "documents": None, **self.special_tokens, **kwargs,
                 "messages": messages, "add_generation_prompt": add_generation_prompt,
             })
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"chat template: {e}") from e
+        return _cut_after_final(text, messages) if continue_final_message else text
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     **kwargs: Any) -> list[int]:
         """Token ids of the rendered chat; the template writes its own BOS, so none is added."""
         text = self.render_chat(messages, add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+_BYTE_DECODER.update(_byte_decoder())

@@ -3,7 +3,8 @@
 Outputs are deterministic: a pseudo-random token sequence drawn from (prompt ids, seed), so a test
 can compute what a request will produce with `FakeScheduler.tokens_for`. It honours max_tokens,
 EOS (at output number `eos_at`, when set), stop_token_ids, ignore_eos and min_tokens; cancelled or
-aborted requests are recorded; Stats counts live requests.
+aborted requests are recorded; Stats counts live requests. With sampling.logprobs set, each token
+comes with `logprob_of(token)` and `top_of(token, k)`: made up, but deterministic.
 """
 
 from __future__ import annotations
@@ -44,6 +45,23 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         rng = random.Random(f"{seed}:{','.join(map(str, prompt_ids))}")
         return [rng.randrange(FIRST_ID, vocab_size) for _ in range(count)]
 
+    @staticmethod
+    def logprob_of(token_id: int) -> float:
+        return -((token_id * 7919) % 997) / 100.0 - 0.01
+
+    @staticmethod
+    def top_of(token_id: int, k: int, vocab_size: int = 2048) -> list[tuple[int, float]]:
+        return [(FIRST_ID + (token_id * 31 + r) % (vocab_size - FIRST_ID), -0.05 * (r + 1))
+                for r in range(k)]
+
+    def _with_logprobs(self, out: scheduler_pb2.TokenOutput, k: int | None) -> None:
+        if k is None:
+            return
+        out.logprobs.extend(self.logprob_of(t) for t in out.token_ids)
+        for t in out.token_ids:
+            top = self.top_of(t, k, self.vocab_size)
+            out.top_logprobs.add(token_ids=[i for i, _ in top], logprobs=[lp for _, lp in top])
+
     def _outputs(self, req: scheduler_pb2.ScheduleRequest) -> tuple[list[int], str]:
         """The whole output of a request and its finish reason."""
         seed = req.sampling.seed if req.sampling.HasField("seed") else None
@@ -65,6 +83,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.live.add(rid)
         tokens, reason = self._outputs(request)
         step = max(1, self.tokens_per_message)
+        k = request.sampling.logprobs if request.sampling.HasField("logprobs") else None
         try:
             for start in range(0, len(tokens), step):
                 if self.token_delay_s:
@@ -75,10 +94,12 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                     return
                 chunk = tokens[start:start + step]
                 last = start + step >= len(tokens)
-                yield scheduler_pb2.TokenOutput(
+                out = scheduler_pb2.TokenOutput(
                     request_id=rid, token_ids=chunk, finished=last,
                     finish_reason=reason if last else "",
                     num_prompt_tokens=len(request.prompt_token_ids))
+                self._with_logprobs(out, k)
+                yield out
             self.completed.append(rid)
         except asyncio.CancelledError:
             self.cancelled.append(rid)

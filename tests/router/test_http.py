@@ -195,7 +195,7 @@ def test_errors(client: openai.OpenAI, router) -> None:
     assert r.status_code == 404 and "error" in r.json()
     bad = [{"min_tokens": 5, "max_tokens": 2}, {"logit_bias": {"x": 1}},
            {"logit_bias": {"99999": 1}}, {"stream_options": {"include_usage": True}},
-           {"logprobs": 2}, {"prompt": [1, 99999]}]
+           {"logprobs": 21}, {"prompt": [1, 99999]}]
     for extra in bad:
         r = httpx.post(router.base_url + "/v1/completions",
                        json={"model": SERVED, "prompt": "x", **extra})
