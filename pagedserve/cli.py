@@ -14,8 +14,10 @@ to expose them, as compose.yaml does inside its private network.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+API_KEY_ENV = "PAGEDSERVE_API_KEY"
 DEFAULT_EXECUTOR_ADDR = "127.0.0.1:50053"
 DEFAULT_SCHEDULER_ADDR = "127.0.0.1:50052"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -108,6 +110,29 @@ def _run_scheduler(args: argparse.Namespace) -> int:
                          reflection=args.reflection, drain_timeout=args.drain_timeout)
 
 
+def _add_api_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The router's API options: auth, trust, and one flag per request limit."""
+    from router.limits import LIMIT_FIELDS
+
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health (and "
+                        f"on the public gRPC API); default: ${API_KEY_ENV}, else no auth")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests bring their own chat_template / chat_template_kwargs")
+    for name, default, help in LIMIT_FIELDS:
+        shown = "none" if default is None else default
+        p.add_argument(f"--{name.replace('_', '-')}", type=int,
+                       default=default if defaults else None, help=f"{help} (default {shown})")
+
+
+def _router_core_options(args: argparse.Namespace) -> dict:
+    from router.limits import LIMIT_FIELDS, Limits
+
+    limits = {name: getattr(args, name) for name, _, _ in LIMIT_FIELDS}
+    return {"limits": Limits(**limits), "api_key": args.api_key or os.environ.get(API_KEY_ENV),
+            "trust_request_chat_template": args.trust_request_chat_template}
+
+
 def _add_router(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("router", help="serve the OpenAI HTTP API and the public gRPC API")
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER_ADDR, help="the scheduler's address")
@@ -119,6 +144,7 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds to let open requests finish on shutdown")
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
+    _add_api_options(p, defaults=True)
     _add_common(p)
 
 
@@ -128,7 +154,8 @@ def _run_router(args: argparse.Namespace) -> int:
     run_router(args.model, args.scheduler, host=args.host, port=args.port,
                grpc_port=None if args.grpc_port < 0 else args.grpc_port,
                served_model_name=args.served_model_name, enable_reflection=args.reflection,
-               log_level=args.log_level, drain_timeout=args.drain_timeout)
+               log_level=args.log_level, drain_timeout=args.drain_timeout,
+               core_options=_router_core_options(args))
     return 0
 
 
@@ -145,6 +172,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to let open requests finish on shutdown")
+    _add_api_options(p, defaults=False)
     _add_common(p)
 
 

@@ -31,6 +31,8 @@ import structlog
 
 from pagedserve.health import probe
 
+API_KEY_ENV = "PAGEDSERVE_API_KEY"  # the router's key travels in its environment, not its argv
+
 log = structlog.get_logger("pagedserve.serve")
 
 PR_SET_PDEATHSIG = 1
@@ -45,6 +47,7 @@ class ServiceSpec:
     health_target: str  # a gRPC address, or an http:// URL
     health_service: str = ""
     stop_timeout: float = 10.0  # SIGTERM, then this long before SIGKILL
+    env: dict[str, str] | None = None  # added to the supervisor's environment (secrets: not argv)
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
@@ -76,7 +79,8 @@ class Child:
         return self.spec.name
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.spec.argv, start_new_session=True,
+        env = {**os.environ, **self.spec.env} if self.spec.env else None
+        self.proc = subprocess.Popen(self.spec.argv, start_new_session=True, env=env,
                                      preexec_fn=_die_with_parent(os.getpid()))
         self.starts.append(time.monotonic())
         log.info("started", child=self.name, pid=self.proc.pid)
@@ -224,15 +228,25 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
                     "--host", a["host"], "--port", str(a["port"]),
                     "--grpc-port", str(a["grpc_port"]), *log_level,
                     *_flags({"--served-model-name": a["served_model_name"],
-                             "--drain-timeout": a["drain_timeout"]}))
+                             "--drain-timeout": a["drain_timeout"],
+                             "--trust-request-chat-template": a["trust_request_chat_template"],
+                             **_limit_flags(a)}))
     drain = float(a["drain_timeout"]) + 5.0
     return [
         ServiceSpec("executor", executor, executor_addr, "pagedserve.v1.Executor"),
         ServiceSpec("scheduler", scheduler, scheduler_addr, "pagedserve.v1.Scheduler",
                     stop_timeout=drain),
         ServiceSpec("router", router, f"http://{_probe_host(a['host'])}:{a['port']}/health",
-                    stop_timeout=drain),
+                    stop_timeout=drain,
+                    env={API_KEY_ENV: a["api_key"]} if a.get("api_key") else None),
     ]
+
+
+def _limit_flags(a: dict) -> dict[str, object]:
+    """The router's request-limit flags that `serve` was given (None: the router's default)."""
+    from router.limits import LIMIT_FIELDS
+
+    return {f"--{name.replace('_', '-')}": a.get(name) for name, _, _ in LIMIT_FIELDS}
 
 
 def run_serve(args: object) -> int:
