@@ -264,11 +264,13 @@ def test_disconnect_aborts_stream(router, fake: FakeScheduler) -> None:
 
 
 def test_disconnect_aborts_non_streaming(router, fake: FakeScheduler) -> None:
-    fake.token_delay_s = 0.01
+    # Slow enough (20 s of tokens) that only a detected disconnect can end it in time, on a
+    # loaded CI machine too.
+    fake.token_delay_s = 0.1
     body = {"model": SERVED, "prompt": PROMPT, "max_tokens": 200, "n": 2}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(router.base_url + "/v1/completions", json=body, timeout=0.3)
-    wait_until(lambda: len(fake.cancelled) == 2)
+    wait_until(lambda: len(fake.cancelled) == 2, timeout=15.0)
     assert not fake.live and fake.completed == []
 
 
