@@ -57,6 +57,7 @@ class RouterServer:
         """Bind and start serving; afterwards self.port and self.grpc_port are the real ports."""
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(create_app(self.core), log_level=self.log_level, lifespan="off",

@@ -38,6 +38,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.tokens_per_message = 1
         self.executor_connected = True
         self.refuse: grpc.StatusCode | None = None  # abort every Generate with this status
+        self.fail_after: int | None = None  # abort with INTERNAL after this many messages
 
     @staticmethod
     def tokens_for(prompt_ids: list[int], seed: int | None, count: int,
@@ -85,7 +86,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         step = max(1, self.tokens_per_message)
         k = request.sampling.logprobs if request.sampling.HasField("logprobs") else None
         try:
-            for start in range(0, len(tokens), step):
+            for sent, start in enumerate(range(0, len(tokens), step)):
+                if self.fail_after is not None and sent >= self.fail_after:
+                    await context.abort(grpc.StatusCode.INTERNAL, "the fake broke down")
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
                 if rid in self._abort:
