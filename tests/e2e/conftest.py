@@ -1,6 +1,7 @@
-"""One real `pagedserve serve` per test module, and transformers' greedy reference on the same weights.
+"""One real `pagedserve serve` for the e2e tests, and transformers' greedy reference on the same
+weights.
 
-The `serve` fixture starts the supervisor (executor, scheduler and router as child processes over
+The `serve` fixture (package-scoped: every e2e module shares one server) starts the supervisor (executor, scheduler and router as child processes over
 unix sockets) on free ports, waits for its ready line, and at teardown sends SIGTERM and checks that
 it exits with 0 and leaves no process and no socket directory behind.
 """
@@ -121,7 +122,7 @@ def llama_dir() -> Path:
     return model_dir("llama")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def serve(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     port, grpc_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
@@ -169,6 +170,7 @@ class HF:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         self._cache: dict[tuple[tuple[int, ...], int], Reference] = {}
+        self._logprobs: dict[tuple[tuple[int, ...], int], tuple[list[int], object]] = {}
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt).input_ids
@@ -195,7 +197,23 @@ class HF:
     def greedy(self, prompt: str, max_new_tokens: int) -> Reference:
         return self.greedy_ids(self.prompt_ids(prompt), max_new_tokens)
 
+    def greedy_logprobs(self, prompt_ids: list[int], max_new_tokens: int
+                        ) -> tuple[list[int], object]:
+        """Greedy token ids and, per position, log_softmax of the raw logits ([N, V] tensor)."""
+        key = (tuple(prompt_ids), max_new_tokens)
+        if key not in self._logprobs:
+            torch = self.torch
+            ids = torch.tensor([prompt_ids])
+            with torch.no_grad():
+                out = self.model.generate(
+                    ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                    max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                    output_logits=True, return_dict_in_generate=True)
+            logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+            self._logprobs[key] = (out.sequences[0, len(prompt_ids):].tolist(), logprobs)
+        return self._logprobs[key]
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(scope="package")
 def hf(llama_dir: Path) -> HF:
     return HF(llama_dir)
