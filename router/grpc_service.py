@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
+import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
@@ -26,7 +26,7 @@ from router.json_body import validation_error
 from router.openai_protocol import SamplingRequest
 from router.tokenizer import ChatTemplateError
 
-log = logging.getLogger("pagedserve.router")
+log = structlog.get_logger("pagedserve.router")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 _OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                     "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens")
@@ -40,6 +40,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         rid = request.request_id or f"gen-{random_id()}"
+        structlog.contextvars.bind_contextvars(request_id=rid)
         try:
             prompt_ids = self._prompt_ids(request)
             params = await self._params(request, len(prompt_ids))
