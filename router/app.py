@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import structlog
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -97,6 +98,14 @@ def _add_error_handlers(app: FastAPI) -> None:
         if e.status >= 500:
             log.warning("request failed", status=e.status, error=e.message)
         return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)  # no route declares params today; if one
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()  # ever does, its refusals are 400s too, never 422s
+        loc = [str(p) for p in (errors[0].get("loc", ()) if errors else ()) if p != "body"]
+        return _error_response(invalid_request(str(errors[0].get("msg", "invalid request"))
+                                               if errors else "invalid request",
+                                               loc[-1] if loc else None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
