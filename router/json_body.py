@@ -1,6 +1,7 @@
 """Request bodies read with the limits first and pydantic last.
 
-    raw bytes --size (413)--> json.loads (no NaN/Infinity, finite floats) --depth, int64--> pydantic
+    raw bytes --size (413)--> json.loads (no NaN/Infinity, finite floats)
+              --depth, int64, no lone surrogates--> pydantic
 
 Python's json accepts NaN, Infinity and 1e999 (which reads as inf), recurses without a depth limit
 of its own worth speaking of, and reads integers of any size: each would otherwise reach the
@@ -66,29 +67,38 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
     return value
 
 
-def _check_int(x: int) -> None:
-    if not INT64_MIN <= x <= INT64_MAX:
-        raise invalid_request("integers must fit in 64 bits")
+def _check_leaf(x: Any) -> None:
+    """Integers fit in 64 bits; strings are real Unicode (JSON's \\ud800 escapes can write lone
+    surrogates, which no tokenizer or encoder takes)."""
+    if type(x) is int:
+        if not INT64_MIN <= x <= INT64_MAX:
+            raise invalid_request("integers must fit in 64 bits")
+    elif type(x) is str and not x.isascii():
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid_request("strings must not hold lone surrogates (\\ud800-\\udfff)"
+                                  ) from None
 
 
 def check_tree(value: Any, max_depth: int) -> None:
-    """Depth and integer range of a parsed JSON value, without recursion."""
+    """Depth, integer range and string encoding of a parsed JSON value, without recursion."""
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        if type(node) is int:
-            _check_int(node)
-            continue
         if not isinstance(node, (dict, list)):
+            _check_leaf(node)
             continue
         if depth > max_depth:
             raise invalid_request(f"JSON nested deeper than {max_depth} levels")
-        children = node.values() if isinstance(node, dict) else node
-        for child in children:
-            if type(child) is int:
-                _check_int(child)
-            elif isinstance(child, (dict, list)):
+        if isinstance(node, dict):
+            for key in node:
+                _check_leaf(key)
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
                 stack.append((child, depth + 1))
+            else:
+                _check_leaf(child)
 
 
 def _param(loc: tuple) -> str | None:

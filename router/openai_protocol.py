@@ -100,7 +100,7 @@ class SamplingRequest(_Body):
             raise invalid_request(f"logit_bias may have at most {limits.max_logit_bias} entries",
                                   "logit_bias")
         for key, value in bias.items():
-            if not key.isdigit() or len(key) > 10:
+            if not (key.isascii() and key.isdigit()) or len(key) > 10:
                 raise invalid_request(f"logit_bias keys must be token ids, got {key[:32]!r}",
                                       "logit_bias")
             if not -100.0 <= value <= 100.0:

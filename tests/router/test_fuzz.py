@@ -27,7 +27,8 @@ EXAMPLES = {"/v1/completions": 80, "/v1/chat/completions": 80, "/tokenize": 25,
 
 ANY_JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+    | st.sampled_from(["\ud800", "a\udfffb"]),  # lone surrogates: valid JSON escapes
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
                                                                  max_size=3),
     max_leaves=8)
