@@ -224,8 +224,8 @@ class Tokenizer:
                 "tools": None, "documents": None, **self.special_tokens, **kwargs,
                 "messages": messages, "add_generation_prompt": add_generation_prompt,
             })
-        except jinja2.exceptions.TemplateError as e:
-            raise ChatTemplateError(f"chat template: {e}") from e
+        except Exception as e:  # the template's own errors, and what it does with odd messages
+            raise ChatTemplateError(f"chat template: {type(e).__name__}: {e}") from e
         return _cut_after_final(text, messages) if continue_final_message else text
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,

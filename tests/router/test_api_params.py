@@ -263,6 +263,13 @@ def test_trusted_chat_template(llama_dir, scheduler_thread) -> None:
             "chat_template": template, "chat_template_kwargs": {"tag": "T"}})
         sent = scheduler_thread.servicer.requests[-1].prompt_token_ids
         assert r.core.tokenizer.decode(list(sent)) == "[system|Be brief.|T][user|Hi!|T]"
+        for bad in ("{{ 1 / 0 }}", "{% for %}", "{{ ''.__class__.__mro__ }}",
+                    "{{ raise_exception('no') }}"):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="", messages=MESSAGES, max_tokens=1,
+                                               extra_body={"chat_template": bad})
+            assert "chat_template" in e.value.body["message"] or \
+                "chat template" in e.value.body["message"]
 
 
 @pytest.mark.parametrize("extra,param", [
