@@ -1,0 +1,36 @@
+"""The router's API flags: `pagedserve router` builds its limits from them, and `serve` hands them
+to its router child (the API key in the child's environment, never in its argv)."""
+
+from __future__ import annotations
+
+from pagedserve.cli import _router_core_options, build_parser
+from pagedserve.serve import API_KEY_ENV, build_specs
+from router.limits import Limits
+
+
+def test_router_flags_make_the_core_options(monkeypatch) -> None:
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    args = build_parser().parse_args(["router", "--model", "m", "--max-n", "4",
+                                      "--max-request-body-bytes", "1000",
+                                      "--trust-request-chat-template"])
+    options = _router_core_options(args)
+    assert options["limits"] == Limits(max_n=4, max_request_body_bytes=1000)
+    assert options["trust_request_chat_template"] and options["api_key"] is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert _router_core_options(args)["api_key"] == "from-env"
+    args = build_parser().parse_args(["router", "--model", "m", "--api-key", "k"])
+    assert _router_core_options(args)["api_key"] == "k"
+
+
+def test_serve_passes_api_flags_to_the_router(tmp_path) -> None:
+    args = build_parser().parse_args(["serve", "model", "--api-key", "top-secret", "--max-n", "4",
+                                      "--max-queued-requests", "9",
+                                      "--trust-request-chat-template"])
+    router = next(s for s in build_specs(args, "model", str(tmp_path)) if s.name == "router")
+    argv = " ".join(router.argv)
+    assert "--max-n 4" in argv and "--max-queued-requests 9" in argv
+    assert "--trust-request-chat-template" in argv and "--max-logprobs" not in argv
+    assert "top-secret" not in argv and router.env == {API_KEY_ENV: "top-secret"}
+    plain = build_parser().parse_args(["serve", "model"])
+    router = next(s for s in build_specs(plain, "model", str(tmp_path)) if s.name == "router")
+    assert router.env is None and "--max-n" not in " ".join(router.argv)
