@@ -68,10 +68,6 @@ class SamplingRequest(_Body):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
-
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
@@ -299,18 +295,7 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
-# -- responses --------------------------------------------------------------------------------
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
-
-
+# -- responses (completions and chat are built as dicts in router/serving.py) -------------------
 class ModelCard(BaseModel):
     id: str
     object: str = "model"
