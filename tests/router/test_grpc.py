@@ -69,11 +69,11 @@ def test_generate_errors(stub) -> None:
 
 
 def test_cancel_aborts(stub, fake: FakeScheduler) -> None:
-    fake.token_delay_s = 0.01
+    fake.token_delay_s = 0.1  # 20 s of tokens: only the cancel ends it in time
     call = stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=200))
     next(call)
     call.cancel()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15
     while not (fake.cancelled and not fake.live):
         assert time.monotonic() < deadline
         time.sleep(0.01)

@@ -254,12 +254,12 @@ def test_request_id_header(router) -> None:
 
 
 def test_disconnect_aborts_stream(router, fake: FakeScheduler) -> None:
-    fake.token_delay_s = 0.01
+    fake.token_delay_s = 0.1  # 20 s of tokens: only a detected disconnect ends it in time
     body = {"model": SERVED, "prompt": PROMPT, "max_tokens": 200, "stream": True}
     with httpx.stream("POST", router.base_url + "/v1/completions", json=body) as r:
         next(r.iter_lines())
-    wait_until(lambda: fake.cancelled)
-    wait_until(lambda: not fake.live)
+    wait_until(lambda: fake.cancelled, timeout=15.0)
+    wait_until(lambda: not fake.live, timeout=15.0)
     assert fake.completed == []
 
 
