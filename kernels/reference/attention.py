@@ -8,7 +8,18 @@ pages that block_tables[i] lists, in logical order:
     page of pos p:     block_tables[i, p // block_size], row p % block_size
 
 A query at position p attends to keys at positions k with k <= p (causal) and, with a sliding
-window W > 0, k > p - W. Prompt chunks and single decode tokens mix freely in one batch.
+window W > 0, k > p - W. Prompt chunks and single decode tokens mix freely in one batch. Slots
+outside every context may hold anything (NaN included) and must not affect the result. The
+arithmetic is float32 whatever the dtype of q and the cache; the output is cast to `out`'s dtype.
+
+How the CPU gets speed from plain torch ops (the semantics above do not depend on it):
+  - decode rows (one query) are grouped by context length, longest first, each group padded only
+    to its own longest context and small enough that its float32 K/V stay in the CPU caches;
+    padding to the batch's longest context wasted several times the work on long-tailed lengths;
+  - K/V are gathered slot by slot, and a position past a context reads the sequence's own
+    position 0 (a slot it wrote) then is masked out, so garbage never enters the arithmetic and
+    no masking pass over the gathered tensors is needed;
+  - prompt chunks go one sequence at a time through torch's fused attention with an explicit mask.
 """
 
 from __future__ import annotations
@@ -16,78 +27,91 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """K or V of one sequence's context, [seq_len, num_kv_heads, head_dim]."""
-    block_size = cache.shape[1]
-    num_blocks = (seq_len + block_size - 1) // block_size
-    pages = cache[block_table[:num_blocks].long()]
-    return pages.reshape(-1, cache.shape[2], cache.shape[3])[:seq_len]
+# Gathered float32 K of one decode group, at most (bytes); V takes as much again.
+DECODE_GROUP_BYTES = 4 << 20
 
 
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-    scale: float, sliding_window: int, softcap: float,
-) -> torch.Tensor:
-    """q [Q, Hq, D], k/v [K, Hkv, D], q_pos [Q] -> [Q, Hq, D], computed in float32."""
+def _context_slots(seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache slot of every context position, [S, L] int64 (L = the longest context), and
+    [S, L] bool: whether the position is inside the sequence's context. Positions past a context
+    point at the sequence's position 0, so every slot read is one the sequence owns."""
+    longest = int(seq_lens.max())
+    pos = torch.arange(longest, device=seq_lens.device)
+    inside = pos[None, :] < seq_lens.long()[:, None]
+    pos = torch.where(inside, pos[None, :], 0)
+    pages = block_tables[:, : (longest + block_size - 1) // block_size].long()
+    return pages.gather(1, pos // block_size) * block_size + pos % block_size, inside
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[S, L] slots -> [S, Hkv, L, D] float32 (the cache is contiguous; view, never a copy)."""
+    num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
+    rows = cache.view(-1, num_kv_heads, head_dim).index_select(0, slots.flatten())
+    return rows.view(*slots.shape, num_kv_heads, head_dim).float().transpose(1, 2)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+               scale: float, softcap: float) -> torch.Tensor:
+    """q [B, Hq, Q, D], k/v [B, Hkv, K, D] float32, allowed [B, 1, Q, K] -> [B, Hq, Q, D].
+
+    Every query row has at least one allowed key (itself). Softcap needs the written-out formula.
+    """
+    if softcap <= 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                              enable_gqa=True)
     group = q.shape[1] // k.shape[1]
-    qf = q.float().transpose(0, 1)  # [Hq, Q, D]
-    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, K, D]
-    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    scores = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [Hq, Q, K]
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
-    k_pos = torch.arange(k.shape[0], device=q.device)
+    scores = torch.matmul(q, k.repeat_interleave(group, 1).transpose(2, 3)) * scale
+    scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(scores, -1), v.repeat_interleave(group, 1))
+
+
+def _decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                  sliding_window: int, softcap: float) -> torch.Tensor:
+    """One query per sequence, at position seq_len - 1: q [S, Hq, D] -> [S, Hq, D] float32."""
+    slots, inside = _context_slots(seq_lens, block_tables, k_cache.shape[1])
+    allowed = inside
+    if sliding_window > 0:
+        k_pos = torch.arange(slots.shape[1], device=q.device)
+        allowed = inside & (k_pos[None, :] > seq_lens.long()[:, None] - 1 - sliding_window)
+    out = _attention(q.float()[:, :, None, :], _gather(k_cache, slots), _gather(v_cache, slots),
+                     allowed[:, None, None, :], scale, softcap)
+    return out.squeeze(2)
+
+
+def _prompt_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: int,
+                  block_table: torch.Tensor, scale: float, sliding_window: int,
+                  softcap: float) -> torch.Tensor:
+    """The last Q positions of one context: q [Q, Hq, D] -> [Q, Hq, D] float32."""
+    lens = torch.tensor([seq_len], device=q.device)
+    slots, _ = _context_slots(lens, block_table[None, :], k_cache.shape[1])
+    k_pos = torch.arange(seq_len, device=q.device)
+    q_pos = torch.arange(seq_len - q.shape[0], seq_len, device=q.device)
     allowed = k_pos[None, :] <= q_pos[:, None]
     if sliding_window > 0:
         allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vf).transpose(0, 1)  # [Q, Hq, D]
+    out = _attention(q.float().transpose(0, 1)[None], _gather(k_cache, slots),
+                     _gather(v_cache, slots), allowed[None, None], scale, softcap)
+    return out[0].transpose(0, 1)
 
 
-def _decode_batch(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-    block_tables: torch.Tensor, scale: float, sliding_window: int, softcap: float,
-) -> torch.Tensor:
-    """One query per sequence: q [S, Hq, D] -> [S, Hq, D], contexts padded to the longest.
-
-    Computed in float32 through torch's fused attention (on the CPU its float32 path is several
-    times faster than bf16 for one query row); softcap needs the explicit formula.
-    """
-    num_seqs, num_q_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    max_len = int(seq_lens.max())
-    pages = block_tables[:, : (max_len + block_size - 1) // block_size].long()
-    k = k_cache[pages].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len]
-    v = v_cache[pages].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len]
-    k_pos = torch.arange(max_len, device=q.device)
-    q_pos = (seq_lens.long() - 1)[:, None]
-    allowed = k_pos[None, :] <= q_pos
-    if sliding_window > 0:
-        allowed &= k_pos[None, :] > q_pos - sliding_window
-    # Slots past a shorter context (its last page's tail, table padding) may hold anything, NaN
-    # included, and a masked NaN score or 0 * NaN is still NaN: zero them.
-    invalid = (k_pos[None, :] > q_pos)[:, :, None, None]
-    k = k.float().masked_fill_(invalid, 0).transpose(1, 2)  # [S, Hkv, T, D]
-    v = v.float().masked_fill_(invalid, 0).transpose(1, 2)
-    qf = q.float()[:, :, None, :]  # [S, Hq, 1, D]
-    if softcap > 0:
-        group = num_q_heads // num_kv_heads
-        scores = torch.matmul(qf, k.repeat_interleave(group, 1).transpose(2, 3)) * scale
-        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(
-            ~allowed[:, None, None, :], float("-inf"))
-        out = torch.matmul(torch.softmax(scores, -1), v.repeat_interleave(group, 1))
-    else:
-        out = F.scaled_dot_product_attention(
-            qf, k, v, attn_mask=allowed[:, None, None, :], scale=scale, enable_gqa=True)
-    return out.reshape(num_seqs, num_q_heads, head_dim)
+def _decode_groups(seqs: list[int], lens: list[int], max_tokens: int) -> list[list[int]]:
+    """Sequence indices in groups, longest context first; a group's longest context times its
+    size stays within max_tokens (a single sequence may exceed it alone)."""
+    order = sorted(seqs, key=lambda i: -lens[i])
+    groups, start = [], 0
+    while start < len(order):
+        size = max(1, max_tokens // max(1, lens[order[start]]))
+        groups.append(order[start:start + size])
+        start += size
+    return groups
 
 
 def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
     cu_seqlens_q: torch.Tensor,  # [num_seqs + 1] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32, context length including this step's queries
     block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
@@ -104,22 +128,18 @@ def paged_attention(
     max_seqlen_q / max_seqlen_k are host-side bounds (so kernels launch without a device sync);
     the reference does not need them.
     """
-    cu = cu_seqlens_q.tolist()
-    lens = seq_lens.tolist()
-    single = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1]
-    if len(single) > 1:  # decode tokens: one batched gather and matmul instead of a loop
-        rows = torch.tensor([cu[i] for i in single], device=q.device)
-        idx = torch.tensor(single, device=q.device)
-        out[rows] = _decode_batch(
-            q[rows], k_cache, v_cache, seq_lens[idx], block_tables[idx],
-            scale, sliding_window, softcap,
-        ).to(out.dtype)
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    decode = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1]
+    token_bytes = k_cache.shape[2] * k_cache.shape[3] * 4
+    for group in _decode_groups(decode, lens, DECODE_GROUP_BYTES // token_bytes):
+        rows = torch.tensor([cu[i] for i in group], device=q.device)
+        idx = torch.tensor(group, device=q.device)
+        out[rows] = _decode_group(q[rows], k_cache, v_cache, seq_lens[idx], block_tables[idx],
+                                  scale, sliding_window, softcap).to(out.dtype)
     for i, seq_len in enumerate(lens):
         start, end = cu[i], cu[i + 1]
-        if end == start or (len(single) > 1 and end - start == 1):
-            continue
-        k = _gather_context(k_cache, block_tables[i], seq_len)
-        v = _gather_context(v_cache, block_tables[i], seq_len)
-        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
-        out[start:end] = _attend(q[start:end], k, v, q_pos, scale, sliding_window, softcap).to(out.dtype)
+        if end - start > 1:
+            out[start:end] = _prompt_chunk(q[start:end], k_cache, v_cache, seq_len,
+                                           block_tables[i], scale, sliding_window,
+                                           softcap).to(out.dtype)
     return out
