@@ -35,9 +35,10 @@ class Executor:
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {mc.max_position_embeddings}")
-        # On the CPU the cache is float32: the reference attention computes in float32, and
-        # converting gathered bf16 pages each step cost more than the attention itself.
-        self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        # The cache holds K/V in the model's dtype: they come out of the model in it, so a wider
+        # cache would hold no more information, only twice the bytes to write and gather (the
+        # reference attention upcasts each small decode group to float32 while it is in cache).
+        self.kv_dtype = self.dtype
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache(mc.num_layers, self.num_kv_blocks, config.block_size, mc.num_kv_heads,
                                 mc.head_dim, self.kv_dtype, self.device)
