@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from executor.config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
+from executor.host_memory import keep_freed_memory
 from executor.input_batch import InputBatch
 from executor.kv_cache import KVCache
 from executor.loader import load_model
@@ -28,6 +29,8 @@ class Executor:
     def __init__(self, config: ExecutorConfig):
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device)
         mc = self.model_config
         self.dtype = next(self.model.parameters()).dtype
