@@ -5,19 +5,19 @@
 With no --model, the `small` llama preset is built once into .models/bench. transformers is tried
 in each dtype and batch size on a slice of the workload and run in its best configuration on the
 whole workload; pagedserve runs the same requests. Both produce exactly the requested tokens.
+The roofline (bench/roofline.py) is measured in the same run, and pagedserve's rate of computed
+tokens (prompt + output) is printed as a share of that GEMM-bound ceiling.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
-import torch
-
 from bench.hf_baseline import best_static_config, run_hf
+from bench.roofline import machine_description, measure, model_config, resolve_dtype
 from bench.workload import BenchRequest, sharegpt_like
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,9 +47,14 @@ def run_pagedserve(model_dir: str, requests: list[BenchRequest], args) -> dict:
     elapsed = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert produced == sum(r.output_len for r in requests), "pagedserve produced other lengths"
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     return {
-        "elapsed_s": elapsed, "output_tokens": produced,
+        "elapsed_s": elapsed, "output_tokens": produced, "prompt_tokens": prompt_tokens,
         "requests_per_s": len(requests) / elapsed, "output_tokens_per_s": produced / elapsed,
+        # every prompt token and every output token but the last is computed once (no prefix hits
+        # in this workload; preemption would add recompute, counted in num_preemptions)
+        "computed_tokens_per_s": (prompt_tokens + produced - len(requests)) / elapsed,
+        "num_preemptions": llm.scheduler.num_preemptions,
         "kv_utilisation_at_peak": llm.kv_usage.utilisation_at_peak,
         "peak_blocks_in_use": llm.kv_usage.peak_blocks_in_use,
         "dtype": str(llm.executor.describe().dtype),
@@ -71,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-batch-sizes", default="8,16,32,64")
     p.add_argument("--tune-requests", type=int, default=64)
     p.add_argument("--skip-hf", action="store_true", help="only measure pagedserve")
+    p.add_argument("--skip-roofline", action="store_true", help="no GEMM ceiling")
     p.add_argument("--out", default=str(ROOT / "results" / "throughput.json"))
     return p.parse_args(argv)
 
@@ -102,7 +108,14 @@ def print_table(results: dict) -> None:
         ratio = f"{r['output_tokens_per_s'] / base:.2f}x" if base else "-"
         print(f"{name:<34} {r['requests_per_s']:>8.2f} {r['output_tokens_per_s']:>10.1f} {ratio:>7}")
     print(f"KV utilisation at peak: {ps['kv_utilisation_at_peak']:.1%} "
-          f"({ps['peak_blocks_in_use']} blocks)")
+          f"({ps['peak_blocks_in_use']} blocks); preemptions: {ps['num_preemptions']}")
+    roof = results.get("roofline")
+    if roof:
+        ceiling = roof["ceiling_tokens_per_s"]
+        print(f"roofline: GEMM-bound ceiling {ceiling:.0f} tokens/s ({roof['dtype']}, "
+              f"M={roof['best_m']}); pagedserve computed {ps['computed_tokens_per_s']:.0f} "
+              f"tokens/s (prompt + output) = {ps['computed_tokens_per_s'] / ceiling:.1%} of it, "
+              f"output alone {ps['output_tokens_per_s'] / ceiling:.1%}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     requests = sharegpt_like(args.num_requests, vocab, seed=args.seed)
     results = {
-        "model": model_dir, "num_requests": len(requests),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "model": model_dir, "num_requests": len(requests), "machine": machine_description(),
         "pagedserve": run_pagedserve(model_dir, requests, args),
     }
+    if not args.skip_roofline:
+        config = model_config(model_dir)
+        results["roofline"] = measure(config, resolve_dtype(args.dtype, config), [64, 256, 512])
     if not args.skip_hf:
         results["transformers"] = _hf_side(model_dir, requests, args)
         results["ratio"] = (results["pagedserve"]["output_tokens_per_s"]

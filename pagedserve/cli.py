@@ -6,6 +6,8 @@
     pagedserve router --scheduler A        the OpenAI HTTP API and the public gRPC API
     pagedserve healthcheck TARGET          exit 0 when a gRPC address or http URL is healthy
     pagedserve make-model OUT_DIR          an HF-format model with random weights
+    pagedserve bench NAME [OPTIONS]        throughput (offline LLM vs transformers), serve (HTTP
+                                           latency and throughput), roofline (GEMM ceiling)
 
 Internal services listen on loopback by default; give --listen 0.0.0.0:PORT (or a unix:///path)
 to expose them, as compose.yaml does inside its private network.
@@ -197,11 +199,28 @@ def _run_healthcheck(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+BENCHES = {"throughput": "bench.throughput", "serve": "bench.serve", "roofline": "bench.roofline"}
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHES),
+                       description="Each benchmark takes its own options: "
+                                   "pagedserve bench NAME --help.")
+    p.add_argument("name", choices=sorted(BENCHES))
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(BENCHES[args.name]).main(args.options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_serve, _add_executor, _add_scheduler, _add_router, _add_healthcheck,
-                _add_make_model):
+                _add_make_model, _add_bench):
         add(sub)
     return parser
 
@@ -209,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "serve": _run_serve, "executor": _run_executor, "scheduler": _run_scheduler,
     "router": _run_router, "healthcheck": _run_healthcheck, "make-model": _run_make_model,
+    "bench": _run_bench,
 }
 
 

@@ -1,0 +1,169 @@
+"""Roofline: this machine's matmul rate at the benchmark model's shapes, and the ceiling it sets.
+
+    python -m bench.roofline [--model DIR] [--dtype bfloat16] [--m 1,16,64,256,512]
+    pagedserve bench roofline ...
+
+A token costs about 2 FLOPs per weight it is multiplied by (embedding lookups cost none), so with
+P parameters in matmuls no engine computes more than GEMM rate / (2 x P) tokens per second. The rate
+is measured with F.linear at the model's own shapes (qkv, o, gate_up, down per layer, and lm_head)
+for M tokens in the batch; the ceiling at M is M over the time one forward's GEMMs take, and the
+ceiling is the best of those. Attention, norms and everything else come on top: a real engine
+reaches a share of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_M = (1, 16, 64, 256, 512)
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    name: str
+    in_features: int
+    out_features: int
+    per_forward: int  # how many times one forward pass applies it (layers, or 1 for lm_head)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.in_features}->{self.out_features}"
+
+
+def model_shapes(config: dict) -> list[GemmShape]:
+    """The matmuls of a Llama-family forward pass, from its config.json."""
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads")
+    kv_heads = kv_heads or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    inter = config["intermediate_size"]
+    return [
+        GemmShape("qkv", hidden, (heads + 2 * kv_heads) * head_dim, layers),
+        GemmShape("o", heads * head_dim, hidden, layers),
+        GemmShape("gate_up", hidden, 2 * inter, layers),
+        GemmShape("down", inter, hidden, layers),
+        GemmShape("lm_head", hidden, config["vocab_size"], 1),
+    ]
+
+
+def matmul_params(shapes: list[GemmShape]) -> int:
+    return sum(s.in_features * s.out_features * s.per_forward for s in shapes)
+
+
+def machine_description() -> str:
+    """CPU model name and the threads torch uses, e.g. 'AMD EPYC, 2 cores, torch 2 threads'."""
+    import os
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+
+
+def time_linear(m: int, shape: GemmShape, dtype: torch.dtype, min_seconds: float) -> float:
+    """Best seconds per F.linear call of [m, in] x [out, in]^T, over repeated timed batches."""
+    x = torch.randn(m, shape.in_features, dtype=dtype)
+    w = torch.randn(shape.out_features, shape.in_features, dtype=dtype)
+    F.linear(x, w)
+    reps, best, spent = 1, float("inf"), 0.0
+    while spent < min_seconds:
+        start = time.perf_counter()
+        for _ in range(reps):
+            F.linear(x, w)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed / reps), spent + elapsed
+        if elapsed < 0.02:
+            reps *= 2
+    return best
+
+
+@torch.inference_mode()
+def measure(config: dict, dtype: torch.dtype, ms: list[int], min_seconds: float = 0.15) -> dict:
+    """GFLOP/s per (M, shape) and the model's GEMM-bound tokens/s at each M."""
+    shapes = model_shapes(config)
+    params = matmul_params(shapes)
+    gflops: dict[str, dict[str, float]] = {}
+    ceiling: dict[str, float] = {}
+    for m in ms:
+        seconds = {s.name: time_linear(m, s, dtype, min_seconds) for s in shapes}
+        gflops[str(m)] = {s.name: 2 * m * s.in_features * s.out_features / seconds[s.name] / 1e9
+                          for s in shapes}
+        forward = sum(seconds[s.name] * s.per_forward for s in shapes)
+        ceiling[str(m)] = m / forward
+    best_m = max(ceiling, key=ceiling.get)
+    return {
+        "machine": machine_description(), "dtype": str(dtype).removeprefix("torch."),
+        "shapes": [vars(s) for s in shapes], "matmul_params": params, "gflops": gflops,
+        "ceiling_tokens_per_s_at_m": ceiling, "best_m": int(best_m),
+        "ceiling_tokens_per_s": ceiling[best_m],
+        "gemm_gflops_at_best_m": ceiling[best_m] * 2 * params / 1e9,
+    }
+
+
+def print_table(result: dict) -> None:
+    shapes = [GemmShape(**s) for s in result["shapes"]]
+    print(f"\nF.linear GFLOP/s, {result['dtype']}, {result['machine']}")
+    header = f"{'M':>5} " + " ".join(f"{s.label:>18}" for s in shapes) + f" {'model tok/s':>12}"
+    print(header)
+    for m, row in result["gflops"].items():
+        cells = " ".join(f"{row[s.name]:>18.0f}" for s in shapes)
+        print(f"{m:>5} {cells} {result['ceiling_tokens_per_s_at_m'][m]:>12.0f}")
+    print(f"ceiling: {result['ceiling_tokens_per_s']:.0f} tokens/s at M={result['best_m']} "
+          f"({result['gemm_gflops_at_best_m']:.0f} GFLOP/s over 2 x "
+          f"{result['matmul_params'] / 1e6:.1f}M matmul parameters)")
+
+
+def model_config(model_dir: str) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def resolve_dtype(name: str, config: dict) -> torch.dtype:
+    """The dtype the executor would run on the CPU ('auto': bf16 where the CPU has it)."""
+    from executor.loader import resolve_dtype as executor_dtype
+
+    return executor_dtype(config.get("dtype") or config.get("torch_dtype"), name, "cpu")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=None, help="HF-format model dir (default: small llama)")
+    p.add_argument("--preset", default="small", help="make-model preset when --model is absent")
+    p.add_argument("--dtype", default="auto", help="auto (the executor's CPU choice) or a name")
+    p.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="tokens per GEMM")
+    p.add_argument("--min-seconds", type=float, default=0.15, help="timing per (M, shape)")
+    p.add_argument("--out", default=str(ROOT / "results" / "roofline.json"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.throughput import default_model
+
+    args = parse_args(argv)
+    model_dir = args.model or str(default_model(args.preset))
+    config = model_config(model_dir)
+    ms = [int(m) for m in args.m.split(",") if m]
+    result = {"model": model_dir,
+              **measure(config, resolve_dtype(args.dtype, config), ms, args.min_seconds)}
+    print_table(result)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

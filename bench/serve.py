@@ -1,0 +1,374 @@
+"""Serving benchmark: a running server driven over HTTP (OpenAI completions, streamed).
+
+    python -m bench.serve --launch [--model DIR] [--request-rates 1,2,4,inf] [--compare-offline]
+    python -m bench.serve --base-url http://127.0.0.1:8000 --request-rate inf
+    pagedserve bench serve ...
+
+The workload is bench.workload's ShareGPT-like requests (the same ones bench.throughput serves):
+each request asks for exactly its output length (max_tokens, ignore_eos). Prompts go as token ids
+(`--prompt-format ids`, exact lengths) or as the text the model's tokenizer decodes them to
+(`text`). Requests arrive as a Poisson process at --request-rate per second, or all at once (inf),
+with at most --max-concurrency in flight. Per request it records the time to the first token
+(TTFT), the gaps between streamed chunks (ITL), the time per output token after the first (TPOT)
+and the end-to-end latency; it reports their mean, median and p99, and request and output-token
+throughput over the whole run. With several rates it sweeps them and plots latency and throughput
+against rate (PNG, matplotlib). --launch starts `pagedserve serve` on a free port, waits until it
+is healthy, runs, and stops it; --compare-offline then serves the same requests through the
+offline `LLM` in this process (the server stopped) and prints serving's share of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.workload import BenchRequest, sharegpt_like
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RequestResult:
+    prompt_len: int
+    output_len: int  # asked for
+    ok: bool = False
+    error: str = ""
+    completion_tokens: int = 0
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.completion_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
+
+# ---- one request ------------------------------------------------------------------------------
+
+
+def _payload(model: str, prompt: str | list[int], output_len: int) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def _consume(response, result: RequestResult, start: float) -> None:
+    """Reads the SSE stream: chunk times, then the usage chunk's completion_tokens."""
+    last = None
+    async for line in response.aiter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise RuntimeError(chunk["error"].get("message", "error event"))
+        if chunk.get("usage"):
+            result.completion_tokens = chunk["usage"]["completion_tokens"]
+        if not any(c.get("text") for c in chunk.get("choices", [])):
+            continue
+        now = time.perf_counter()
+        if last is None:
+            result.ttft_s = now - start
+        else:
+            result.itl_s.append(now - last)
+        last = now
+
+
+async def send_request(client, url: str, payload: dict, result: RequestResult) -> RequestResult:
+    start = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=payload) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode(errors="replace")
+                raise RuntimeError(f"HTTP {response.status_code}: {body[:200]}")
+            await _consume(response, result, start)
+        result.e2e_s = time.perf_counter() - start
+        result.ok = result.completion_tokens > 0
+        if not result.ok:
+            result.error = "no usage chunk"
+    except Exception as e:  # a failed request is counted, not fatal
+        result.error = f"{type(e).__name__}: {e}"
+    return result
+
+
+# ---- one run at one rate ----------------------------------------------------------------------
+
+
+async def _arrivals(count: int, rate: float, seed: int):
+    """Yields request indices at Poisson arrival times (all at once when rate is inf)."""
+    rng = random.Random(seed)
+    for i in range(count):
+        yield i
+        if math.isfinite(rate) and i + 1 < count:
+            await asyncio.sleep(rng.expovariate(rate))
+
+
+async def run_rate(base_url: str, model: str, prompts: list, requests: list[BenchRequest],
+                   rate: float, max_concurrency: int | None, seed: int) -> dict:
+    """Sends every request at `rate`; returns the metrics summary with per-request results."""
+    import httpx
+
+    url = base_url.rstrip("/") + "/v1/completions"
+    limit = asyncio.Semaphore(max_concurrency or len(requests))
+    results = [RequestResult(len(r.prompt_token_ids), r.output_len) for r in requests]
+    connections = httpx.Limits(max_connections=max_concurrency or len(requests) + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=connections) as client:
+
+        async def one(i: int) -> None:
+            async with limit:
+                await send_request(client, url, _payload(model, prompts[i], requests[i].output_len),
+                                   results[i])
+
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(one(i)) async for i in _arrivals(len(requests), rate, seed)]
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return summarize(results, duration, rate, max_concurrency)
+
+
+def _stats_ms(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "median": float("nan"), "p99": float("nan")}
+    a = np.asarray(values) * 1e3
+    return {"mean": float(a.mean()), "median": float(np.median(a)),
+            "p99": float(np.percentile(a, 99))}
+
+
+def summarize(results: list[RequestResult], duration: float, rate: float,
+              max_concurrency: int | None) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.completion_tokens for r in ok)
+    return {
+        "request_rate": rate if math.isfinite(rate) else "inf",
+        "max_concurrency": max_concurrency, "duration_s": duration,
+        "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:5],
+        "output_tokens": out_tokens, "asked_output_tokens": sum(r.output_len for r in results),
+        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+        "ttft_ms": _stats_ms([r.ttft_s for r in ok]),
+        "tpot_ms": _stats_ms([r.tpot_s for r in ok if r.tpot_s is not None]),
+        "itl_ms": _stats_ms([x for r in ok for x in r.itl_s]),
+        "e2e_ms": _stats_ms([r.e2e_s for r in ok]),
+        "requests": [asdict(r) for r in results],
+    }
+
+
+# ---- prompts, server ----------------------------------------------------------------------------
+
+
+def build_prompts(model_dir: str, requests: list[BenchRequest], fmt: str) -> list:
+    """Token ids as they are, or the text the model's tokenizer decodes them to."""
+    if fmt == "ids":
+        return [r.prompt_token_ids for r in requests]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [tok.decode(r.prompt_token_ids, skip_special_tokens=True) for r in requests]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_argv(model_dir: str, port: int, args: argparse.Namespace) -> list[str]:
+    argv = [sys.executable, "-m", "pagedserve.cli", "serve", model_dir, "--port", str(port),
+            "--grpc-port", "-1", "--log-level", "warning",
+            "--max-num-seqs", str(args.max_num_seqs),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.dtype != "auto":
+        argv += ["--dtype", args.dtype]
+    if args.kv_cache_memory_bytes:
+        argv += ["--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)]
+    return argv
+
+
+def wait_healthy(base_url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    from pagedserve.health import http_ok
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"pagedserve serve exited with code {proc.returncode}")
+        if http_ok(base_url.rstrip("/") + "/health"):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{base_url} was not healthy within {timeout:.0f} s")
+
+
+@contextmanager
+def launched_server(model_dir: str, args: argparse.Namespace):
+    """`pagedserve serve` on a free loopback port; yields its base URL; SIGTERM on the way out."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(_serve_argv(model_dir, port, args), cwd=ROOT,
+                            start_new_session=True)
+    try:
+        wait_healthy(base_url, proc, args.startup_timeout)
+        yield base_url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# ---- the sweep ----------------------------------------------------------------------------------
+
+
+def parse_rates(text: str) -> list[float]:
+    return [float("inf") if r.strip().lower() == "inf" else float(r) for r in text.split(",")
+            if r.strip()]
+
+
+def _warm_up(base_url: str, model: str, prompts: list, requests: list[BenchRequest]) -> None:
+    few = [BenchRequest(r.prompt_token_ids, min(r.output_len, 8)) for r in requests[:2]]
+    asyncio.run(run_rate(base_url, model, prompts[:2], few, float("inf"), None, 0))
+
+
+def sweep(base_url: str, model_dir: str, requests: list[BenchRequest],
+          args: argparse.Namespace) -> list[dict]:
+    prompts = build_prompts(model_dir, requests, args.prompt_format)
+    model = args.served_model_name or model_dir
+    _warm_up(base_url, model, prompts, requests)
+    runs = []
+    for rate in parse_rates(args.request_rates):
+        run = asyncio.run(run_rate(base_url, model, prompts, requests, rate,
+                                   args.max_concurrency, args.seed))
+        print_run(run)
+        runs.append(run)
+    return runs
+
+
+def print_run(run: dict) -> None:
+    print(f"\nrate {run['request_rate']} req/s, max concurrency {run['max_concurrency']}: "
+          f"{run['completed']} ok, {run['failed']} failed in {run['duration_s']:.1f} s")
+    for e in run["errors"]:
+        print(f"  error: {e}")
+    print(f"  request throughput {run['request_throughput']:.2f} req/s, "
+          f"output {run['output_throughput']:.1f} tok/s")
+    print(f"  {'ms':<6} {'mean':>9} {'median':>9} {'p99':>9}")
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        s = run[f"{name}_ms"]
+        print(f"  {name:<6} {s['mean']:>9.1f} {s['median']:>9.1f} {s['p99']:>9.1f}")
+
+
+def plot(runs: list[dict], path: Path) -> bool:
+    """Latency percentiles and throughput against rate; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    finite = [r["request_rate"] for r in runs if r["request_rate"] != "inf"]
+    inf_x = max(finite, default=1.0) * 1.5
+    xs = [inf_x if r["request_rate"] == "inf" else r["request_rate"] for r in runs]
+    labels = ["inf" if r["request_rate"] == "inf" else f"{r['request_rate']:g}" for r in runs]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    for ax, name, unit in zip(axes, ("ttft", "tpot", "e2e"), (1e3, 1.0, 1e3)):
+        for stat, style in (("median", "o-"), ("p99", "s--")):
+            ax.plot(xs, [r[f"{name}_ms"][stat] / unit for r in runs], style, label=stat)
+        ax.set_title(f"{name.upper()} ({'s' if unit > 1 else 'ms'})")
+        ax.legend()
+    axes[3].plot(xs, [r["output_throughput"] for r in runs], "o-")
+    axes[3].set_title("output throughput (tok/s)")
+    for ax in axes:
+        ax.set_xticks(xs, labels)
+        ax.set_xlabel("request rate (req/s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def compare_offline(model_dir: str, requests: list[BenchRequest], runs: list[dict],
+                    args: argparse.Namespace) -> dict:
+    """The same requests through the offline LLM (same batching options); serving's share."""
+    from bench.throughput import run_pagedserve
+
+    offline = run_pagedserve(model_dir, requests, args)
+    saturated = max(runs, key=lambda r: r["output_throughput"])
+    share = saturated["output_throughput"] / offline["output_tokens_per_s"]
+    print(f"\noffline LLM: {offline['output_tokens_per_s']:.1f} output tok/s; serving at rate "
+          f"{saturated['request_rate']}: {saturated['output_throughput']:.1f} tok/s = "
+          f"{share:.1%} of offline")
+    return {"offline": offline, "serve_rate": saturated["request_rate"],
+            "serve_share_of_offline": share}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="a running server")
+    p.add_argument("--launch", action="store_true", help="start pagedserve serve MODEL itself")
+    p.add_argument("--model", default=None, help="HF-format model dir (default: small llama)")
+    p.add_argument("--preset", default="small", help="make-model preset when --model is absent")
+    p.add_argument("--served-model-name", default=None, help="model id (default: --model)")
+    p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-rate", "--request-rates", dest="request_rates", default="inf",
+                   help="requests/s, or a comma list to sweep (inf: all at once)")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--prompt-format", choices=("ids", "text"), default="ids")
+    p.add_argument("--compare-offline", action="store_true",
+                   help="also serve the requests through the offline LLM and compare")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--out", default=str(ROOT / "results" / "serve.json"))
+    args = p.parse_args(argv)
+    args.device = "cpu"  # what --compare-offline's LLM runs on
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.roofline import machine_description
+    from bench.throughput import default_model
+
+    args = parse_args(argv)
+    model_dir = args.model or str(default_model(args.preset))
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    requests = sharegpt_like(args.num_requests, vocab, seed=args.seed)
+    if args.launch:
+        with launched_server(model_dir, args) as base_url:
+            runs = sweep(base_url, model_dir, requests, args)
+    else:
+        wait_healthy(args.base_url, None, 10.0)
+        runs = sweep(args.base_url, model_dir, requests, args)
+    results = {"model": model_dir, "machine": machine_description(),
+               "num_requests": len(requests), "launched": args.launch, "runs": runs}
+    if args.compare_offline:
+        results["comparison"] = compare_offline(model_dir, requests, runs, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    if len(runs) > 1 and plot(runs, out.with_suffix(".png")):
+        print(f"wrote {out.with_suffix('.png')}")
+    return 0 if all(r["failed"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
