@@ -30,6 +30,8 @@ How the CPU gets speed from plain torch ops (the semantics above do not depend o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -80,41 +82,38 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch
     return torch.matmul(torch.softmax(scores, -1), v)
 
 
-def _decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                  sliding_window: int, softcap: float) -> torch.Tensor:
-    """One query per sequence, at position seq_len - 1: q [S, Hq, D] -> [S, Hq, D].
+@dataclass(frozen=True)
+class _Span:
+    """Query rows attended together, in torch SDPA's shapes: one group of decode sequences
+    (rows [G] of the flat batch) or one sequence's prompt chunk (rows a slice of Q)."""
 
-    The Hq / Hkv query heads of KV head j are its query rows: q is viewed as [S, Hkv, group, D].
-    """
-    slots, inside = _context_slots(seq_lens, block_tables, k_cache.shape[1])
-    allowed = inside
-    if sliding_window > 0:
-        k_pos = torch.arange(slots.shape[1], device=q.device)
-        allowed = inside & (k_pos[None, :] > seq_lens.long()[:, None] - 1 - sliding_window)
-    dtype = _compute_dtype(k_cache.dtype)
-    num_seqs, num_kv_heads = q.shape[0], k_cache.shape[2]
-    out = _attention(q.to(dtype).view(num_seqs, num_kv_heads, -1, q.shape[2]),
-                     _gather(k_cache, slots, dtype), _gather(v_cache, slots, dtype),
-                     allowed[:, None, None, :], scale, softcap)
-    return out.reshape(q.shape)
+    rows: torch.Tensor | slice
+    slots: torch.Tensor  # [G, L] (decode) or [1, L]: cache slot of each context position
+    allowed: torch.Tensor  # [G, 1, 1, L] or [1, 1, Q, L]: inside the context, causal
+    q_pos: torch.Tensor  # [G, 1, 1, 1] or [1, 1, Q, 1]: each query's position (sliding window)
+
+    @property
+    def is_decode(self) -> bool:
+        return not isinstance(self.rows, slice)
 
 
-def _prompt_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: int,
-                  block_table: torch.Tensor, scale: float, sliding_window: int,
-                  softcap: float) -> torch.Tensor:
-    """The last Q positions of one context: q [Q, Hq, D] -> [Q, Hq, D]."""
-    lens = torch.tensor([seq_len], device=q.device)
-    slots, _ = _context_slots(lens, block_table[None, :], k_cache.shape[1])
-    k_pos = torch.arange(seq_len, device=q.device)
-    q_pos = torch.arange(seq_len - q.shape[0], seq_len, device=q.device)
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if sliding_window > 0:
-        allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
-    dtype = _compute_dtype(k_cache.dtype)
-    out = _attention(q.to(dtype).transpose(0, 1)[None], _gather(k_cache, slots, dtype),
-                     _gather(v_cache, slots, dtype), allowed[None, None], scale, softcap)
-    return out[0].transpose(0, 1)
+def _decode_span(rows: list[int], seqs: list[int], seq_lens: torch.Tensor,
+                 block_tables: torch.Tensor, block_size: int) -> _Span:
+    idx = torch.tensor(seqs, device=seq_lens.device)
+    slots, inside = _context_slots(seq_lens[idx], block_tables[idx], block_size)
+    q_pos = (seq_lens[idx].long() - 1)[:, None, None, None]
+    return _Span(torch.tensor(rows, device=seq_lens.device), slots, inside[:, None, None, :],
+                 q_pos)
+
+
+def _prompt_span(start: int, end: int, seq_len: int, block_table: torch.Tensor,
+                 block_size: int) -> _Span:
+    lens = torch.tensor([seq_len], device=block_table.device)
+    slots, _ = _context_slots(lens, block_table[None, :], block_size)
+    k_pos = torch.arange(seq_len, device=block_table.device)
+    q_pos = torch.arange(seq_len - (end - start), seq_len, device=block_table.device)[:, None]
+    return _Span(slice(start, end), slots, (k_pos[None, :] <= q_pos)[None, None],
+                 q_pos[None, None])
 
 
 def _decode_groups(seqs: list[int], lens: list[int], max_tokens: int) -> list[list[int]]:
@@ -127,6 +126,54 @@ def _decode_groups(seqs: list[int], lens: list[int], max_tokens: int) -> list[li
         groups.append(order[start:start + size])
         start += size
     return groups
+
+
+def _plan(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+          block_size: int, group_tokens: int) -> list[_Span]:
+    """The spans of one batch: decode groups, then each sequence with several queries."""
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    decode = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1]
+    spans = [_decode_span([cu[i] for i in group], group, seq_lens, block_tables, block_size)
+             for group in _decode_groups(decode, lens, group_tokens)]
+    spans += [_prompt_span(cu[i], cu[i + 1], lens[i], block_tables[i], block_size)
+              for i in range(len(lens)) if cu[i + 1] - cu[i] > 1]
+    return spans
+
+
+_last_plan: tuple[tuple, tuple[torch.Tensor, ...], list[_Span]] | None = None
+
+
+def _step_plan(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+               block_size: int, group_tokens: int) -> list[_Span]:
+    """_plan, reused while the batch is unchanged (every layer of one step): the inputs are
+    compared by content with a copy taken when the plan was made."""
+    global _last_plan
+    key, inputs = (block_size, group_tokens), (cu_seqlens_q, seq_lens, block_tables)
+    if _last_plan is not None and _last_plan[0] == key and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and torch.equal(a, b) for a, b in zip(_last_plan[1], inputs)):
+        return _last_plan[2]
+    spans = _plan(*inputs, block_size, group_tokens)
+    _last_plan = (key, tuple(t.clone() for t in inputs), spans)
+    return spans
+
+
+def _attend_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: _Span,
+                 scale: float, sliding_window: int, softcap: float) -> torch.Tensor:
+    """q [rows, Hq, D] -> [rows, Hq, D]. A decode group's query heads sharing KV head j are j's
+    query rows (q viewed [G, Hkv, Hq / Hkv, D]); a prompt chunk is [1, Hq, Q, D]."""
+    allowed = span.allowed
+    if sliding_window > 0:
+        k_pos = torch.arange(span.slots.shape[1], device=q.device)
+        allowed = allowed & (k_pos > span.q_pos - sliding_window)
+    dtype = _compute_dtype(k_cache.dtype)
+    if span.is_decode:
+        qs = q.to(dtype).view(q.shape[0], k_cache.shape[2], -1, q.shape[2])
+    else:
+        qs = q.to(dtype).transpose(0, 1)[None]
+    out = _attention(qs, _gather(k_cache, span.slots, dtype), _gather(v_cache, span.slots, dtype),
+                     allowed, scale, softcap)
+    return out.reshape(q.shape) if span.is_decode else out[0].transpose(0, 1)
 
 
 def paged_attention(
@@ -149,18 +196,10 @@ def paged_attention(
     max_seqlen_q / max_seqlen_k are host-side bounds (so kernels launch without a device sync);
     the reference does not need them.
     """
-    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    decode = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1]
     token_bytes = k_cache.shape[2] * k_cache.shape[3] * _compute_dtype(k_cache.dtype).itemsize
-    for group in _decode_groups(decode, lens, DECODE_GROUP_BYTES // token_bytes):
-        rows = torch.tensor([cu[i] for i in group], device=q.device)
-        idx = torch.tensor(group, device=q.device)
-        out[rows] = _decode_group(q[rows], k_cache, v_cache, seq_lens[idx], block_tables[idx],
-                                  scale, sliding_window, softcap).to(out.dtype)
-    for i, seq_len in enumerate(lens):
-        start, end = cu[i], cu[i + 1]
-        if end - start > 1:
-            out[start:end] = _prompt_chunk(q[start:end], k_cache, v_cache, seq_len,
-                                           block_tables[i], scale, sliding_window,
-                                           softcap).to(out.dtype)
+    spans = _step_plan(cu_seqlens_q, seq_lens, block_tables, k_cache.shape[1],
+                       DECODE_GROUP_BYTES // token_bytes)
+    for span in spans:
+        out[span.rows] = _attend_span(q[span.rows], k_cache, v_cache, span, scale,
+                                      sliding_window, softcap).to(out.dtype)
     return out
