@@ -6,8 +6,9 @@
 A token costs about 2 FLOPs per weight it is multiplied by (embedding lookups cost none), so with
 P parameters in matmuls no engine computes more than GEMM rate / (2 x P) tokens per second. The rate
 is measured with F.linear at the model's own shapes (qkv, o, gate_up, down per layer, and lm_head)
-for M tokens in the batch; the ceiling at M is M over the time one forward's GEMMs take, and the
-ceiling is the best of those. Attention, norms and everything else come on top: a real engine
+for M tokens in the batch, through as many distinct weights as a forward pass has (so small M
+streams weights from memory as a real forward does); the ceiling at M is M over the time one
+forward's GEMMs take, and the ceiling is the best of those. Attention, norms and everything else come on top: a real engine
 reaches a share of it.
 """
 
@@ -75,19 +76,23 @@ def machine_description() -> str:
 
 
 def time_linear(m: int, shape: GemmShape, dtype: torch.dtype, min_seconds: float) -> float:
-    """Best seconds per F.linear call of [m, in] x [out, in]^T, over repeated timed batches."""
+    """Best seconds per F.linear call of [m, in] x [out, in]^T, over repeated timed passes.
+
+    Each pass multiplies by per_forward distinct weights, as a forward pass does, so the weights
+    come from memory rather than a warm cache when they do in a real forward (small M).
+    """
     x = torch.randn(m, shape.in_features, dtype=dtype)
-    w = torch.randn(shape.out_features, shape.in_features, dtype=dtype)
-    F.linear(x, w)
-    reps, best, spent = 1, float("inf"), 0.0
+    weights = [torch.randn(shape.out_features, shape.in_features, dtype=dtype)
+               for _ in range(shape.per_forward)]
+    for w in weights:
+        F.linear(x, w)
+    best, spent = float("inf"), 0.0
     while spent < min_seconds:
         start = time.perf_counter()
-        for _ in range(reps):
+        for w in weights:
             F.linear(x, w)
         elapsed = time.perf_counter() - start
-        best, spent = min(best, elapsed / reps), spent + elapsed
-        if elapsed < 0.02:
-            reps *= 2
+        best, spent = min(best, elapsed / len(weights)), spent + elapsed
     return best
 
 
