@@ -133,11 +133,11 @@ async def run_rate(base_url: str, model: str, prompts: list, requests: list[Benc
                 await send_request(client, url, _payload(model, prompts[i], requests[i].output_len),
                                    results[i])
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         tasks = [asyncio.create_task(one(i)) async for i in _arrivals(len(requests), rate, seed)]
         await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-    return summarize(results, duration, rate, max_concurrency)
+        duration, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {**summarize(results, duration, rate, max_concurrency), "client_cpu_s": cpu}
 
 
 def _stats_ms(values: list[float]) -> dict[str, float]:
@@ -239,16 +239,21 @@ def parse_rates(text: str) -> list[float]:
             if r.strip()]
 
 
-def _warm_up(base_url: str, model: str, prompts: list, requests: list[BenchRequest]) -> None:
-    few = [BenchRequest(r.prompt_token_ids, min(r.output_len, 8)) for r in requests[:2]]
-    asyncio.run(run_rate(base_url, model, prompts[:2], few, float("inf"), None, 0))
+def _warm_up(base_url: str, model: str, model_dir: str, requests: list[BenchRequest],
+             fmt: str) -> None:
+    """Two short requests with prompts the workload does not share (nothing cached for it)."""
+    from bench.throughput import warm_up_requests
+
+    few = warm_up_requests(requests, 2)
+    asyncio.run(run_rate(base_url, model, build_prompts(model_dir, few, fmt), few, float("inf"),
+                         None, 0))
 
 
 def sweep(base_url: str, model_dir: str, requests: list[BenchRequest],
           args: argparse.Namespace) -> list[dict]:
     prompts = build_prompts(model_dir, requests, args.prompt_format)
     model = args.served_model_name or model_dir
-    _warm_up(base_url, model, prompts, requests)
+    _warm_up(base_url, model, model_dir, requests, args.prompt_format)
     runs = []
     for rate in parse_rates(args.request_rates):
         run = asyncio.run(run_rate(base_url, model, prompts, requests, rate,
@@ -264,7 +269,8 @@ def print_run(run: dict) -> None:
     for e in run["errors"]:
         print(f"  error: {e}")
     print(f"  request throughput {run['request_throughput']:.2f} req/s, "
-          f"output {run['output_throughput']:.1f} tok/s")
+          f"output {run['output_throughput']:.1f} tok/s; this client used "
+          f"{run['client_cpu_s']:.1f} s of CPU (it shares the machine with the server)")
     print(f"  {'ms':<6} {'mean':>9} {'median':>9} {'p99':>9}")
     for name in ("ttft", "tpot", "itl", "e2e"):
         s = run[f"{name}_ms"]

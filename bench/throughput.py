@@ -32,6 +32,13 @@ def default_model(preset: str = "small") -> Path:
     return out
 
 
+def warm_up_requests(requests: list[BenchRequest], count: int = 4) -> list[BenchRequest]:
+    """A few requests like the workload's first ones but with other prompt ids (reversed), so
+    a warm-up leaves nothing in the prefix cache that the measured requests could hit."""
+    return [BenchRequest(r.prompt_token_ids[::-1], min(r.output_len, 32))
+            for r in requests[:count]]
+
+
 def run_pagedserve(model_dir: str, requests: list[BenchRequest], args) -> dict:
     from pagedserve import LLM, SamplingParams
 
@@ -41,7 +48,11 @@ def run_pagedserve(model_dir: str, requests: list[BenchRequest], args) -> dict:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
               for r in requests]
-    llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+    warm = warm_up_requests(requests)  # other prompts: the measured ones find nothing cached
+    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
+                 [SamplingParams(max_tokens=r.output_len, ignore_eos=True) for r in warm],
+                 use_tqdm=False)
+    hits_before = llm.scheduler.stats().prefix_cache_hits
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -55,6 +66,7 @@ def run_pagedserve(model_dir: str, requests: list[BenchRequest], args) -> dict:
         # in this workload; preemption would add recompute, counted in num_preemptions)
         "computed_tokens_per_s": (prompt_tokens + produced - len(requests)) / elapsed,
         "num_preemptions": llm.scheduler.num_preemptions,
+        "prefix_cache_hit_tokens": llm.scheduler.stats().prefix_cache_hits - hits_before,
         "kv_utilisation_at_peak": llm.kv_usage.utilisation_at_peak,
         "peak_blocks_in_use": llm.kv_usage.peak_blocks_in_use,
         "dtype": str(llm.executor.describe().dtype),

@@ -17,7 +17,7 @@ any other dtype is upcast to float32 first. The output is cast to `out`'s dtype.
 
 How the CPU gets speed from plain torch ops (the semantics above do not depend on it):
   - decode rows (one query) are grouped by context length, longest first, each group padded only
-    to its own longest context and small enough that its float32 K/V stay in the CPU caches;
+    to its own longest context and small enough that its gathered K/V stay in the CPU caches;
     padding to the batch's longest context wasted several times the work on long-tailed lengths;
   - K/V are gathered slot by slot, and a position past a context reads the sequence's own
     position 0 (a slot it wrote) then is masked out, so garbage never enters the arithmetic and
@@ -25,7 +25,9 @@ How the CPU gets speed from plain torch ops (the semantics above do not depend o
   - a decode row's query heads that share a KV head are that head's query rows (GQA folded into
     the query length): torch's fused CPU attention is several times slower with enable_gqa for
     one-row queries, and bf16 then needs no upcast (half the bytes);
-  - prompt chunks go one sequence at a time through torch's fused attention with an explicit mask.
+  - prompt chunks go one sequence at a time through torch's fused attention with an explicit mask;
+  - the groups, slots and masks depend only on the batch, so they are made once per step and
+    reused by every layer (recognised by content, see _step_plan).
 """
 
 from __future__ import annotations
