@@ -7,14 +7,16 @@
 The workload is bench.workload's ShareGPT-like requests (the same ones bench.throughput serves):
 each request asks for exactly its output length (max_tokens, ignore_eos). Prompts go as token ids
 (`--prompt-format ids`, exact lengths) or as the text the model's tokenizer decodes them to
-(`text`). Requests arrive as a Poisson process at --request-rate per second, or all at once (inf),
-with at most --max-concurrency in flight. Per request it records the time to the first token
-(TTFT), the gaps between streamed chunks (ITL), the time per output token after the first (TPOT)
-and the end-to-end latency; it reports their mean, median and p99, and request and output-token
-throughput over the whole run. With several rates it sweeps them and plots latency and throughput
-against rate (PNG, matplotlib). --launch starts `pagedserve serve` on a free port, waits until it
-is healthy, runs, and stops it; --compare-offline then serves the same requests through the
-offline `LLM` in this process (the server stopped) and prints serving's share of it.
+(`text`); each rate of a sweep gets its own prompt ids (same lengths), so no run finds an earlier
+run's prompts in the prefix cache. Requests arrive as a Poisson process at --request-rate per
+second, or all at once (inf), with at most --max-concurrency in flight. Per request it records the
+time to the first token (TTFT), the gaps between streamed chunks (ITL), the time per output token
+after the first (TPOT) and the end-to-end latency; it reports their mean, median and p99, and
+request and output-token throughput over the whole run. With several rates it sweeps them and
+plots latency and throughput against rate (PNG, matplotlib). --launch starts `pagedserve serve`
+on a free port, waits until it is healthy, runs, and stops it; --compare-offline then serves the
+saturated run's requests through the offline `LLM` in this process (the server stopped) and prints
+serving's share of it.
 """
 
 from __future__ import annotations
@@ -249,15 +251,28 @@ def _warm_up(base_url: str, model: str, model_dir: str, requests: list[BenchRequ
                          None, 0))
 
 
-def sweep(base_url: str, model_dir: str, requests: list[BenchRequest],
+def prompt_variant(requests: list[BenchRequest], index: int, vocab_size: int,
+                   first_token_id: int = 16) -> list[BenchRequest]:
+    """The workload with every prompt id moved by index * 7919 within the ordinary vocabulary:
+    the same lengths, but no prompt block in common with another variant, so one run of a sweep
+    finds nothing in the prefix cache that an earlier run left there. Variant 0 is the workload."""
+    span = vocab_size - first_token_id
+    return [BenchRequest([first_token_id + (t - first_token_id + index * 7919) % span
+                          for t in r.prompt_token_ids], r.output_len) for r in requests]
+
+
+def sweep(base_url: str, model_dir: str, requests: list[BenchRequest], vocab_size: int,
           args: argparse.Namespace) -> list[dict]:
-    prompts = build_prompts(model_dir, requests, args.prompt_format)
+    """One run per rate, each with its own prompt variant (see prompt_variant)."""
     model = args.served_model_name or model_dir
     _warm_up(base_url, model, model_dir, requests, args.prompt_format)
     runs = []
-    for rate in parse_rates(args.request_rates):
-        run = asyncio.run(run_rate(base_url, model, prompts, requests, rate,
+    for i, rate in enumerate(parse_rates(args.request_rates)):
+        variant = prompt_variant(requests, i, vocab_size)
+        prompts = build_prompts(model_dir, variant, args.prompt_format)
+        run = asyncio.run(run_rate(base_url, model, prompts, variant, rate,
                                    args.max_concurrency, args.seed))
+        run["prompt_variant"] = i
         print_run(run)
         runs.append(run)
     return runs
@@ -309,12 +324,14 @@ def plot(runs: list[dict], path: Path) -> bool:
 
 
 def compare_offline(model_dir: str, requests: list[BenchRequest], runs: list[dict],
-                    args: argparse.Namespace) -> dict:
-    """The same requests through the offline LLM (same batching options); serving's share."""
+                    vocab_size: int, args: argparse.Namespace) -> dict:
+    """The saturated run's requests through the offline LLM (same batching options); serving's
+    share of its output throughput."""
     from bench.throughput import run_pagedserve
 
-    offline = run_pagedserve(model_dir, requests, args)
     saturated = max(runs, key=lambda r: r["output_throughput"])
+    variant = prompt_variant(requests, saturated["prompt_variant"], vocab_size)
+    offline = run_pagedserve(model_dir, variant, args)
     share = saturated["output_throughput"] / offline["output_tokens_per_s"]
     print(f"\noffline LLM: {offline['output_tokens_per_s']:.1f} output tok/s; serving at rate "
           f"{saturated['request_rate']}: {saturated['output_throughput']:.1f} tok/s = "
@@ -359,14 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     requests = sharegpt_like(args.num_requests, vocab, seed=args.seed)
     if args.launch:
         with launched_server(model_dir, args) as base_url:
-            runs = sweep(base_url, model_dir, requests, args)
+            runs = sweep(base_url, model_dir, requests, vocab, args)
     else:
         wait_healthy(args.base_url, None, 10.0)
-        runs = sweep(args.base_url, model_dir, requests, args)
+        runs = sweep(args.base_url, model_dir, requests, vocab, args)
     results = {"model": model_dir, "machine": machine_description(),
                "num_requests": len(requests), "launched": args.launch, "runs": runs}
     if args.compare_offline:
-        results["comparison"] = compare_offline(model_dir, requests, runs, args)
+        results["comparison"] = compare_offline(model_dir, requests, runs, vocab, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
