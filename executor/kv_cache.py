@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from executor.host_memory import zeros_on_huge_pages
+
 
 def check_block_size(block_size: int) -> None:
     """Kernels tile pages by block_size, so it must be a power of two in [8, 128]."""
@@ -33,12 +35,14 @@ class KVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         # Zeros, not empty: padded block-table entries point at block 0, and a kernel that reads a
         # masked-out page must see finite numbers (0 * NaN would poison the softmax-weighted sum).
-        self.k: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
-        ]
-        self.v: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
-        ]
+        self.k = [self._zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [self._zeros(shape, dtype, device) for _ in range(num_layers)]
+
+    @staticmethod
+    def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        if torch.device(device).type == "cpu":
+            return zeros_on_huge_pages(shape, dtype)
+        return torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_block(

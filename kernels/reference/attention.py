@@ -132,9 +132,10 @@ def _decode_groups(seqs: list[int], lens: list[int], max_tokens: int) -> list[li
 
 def _plan(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
           block_size: int, group_tokens: int) -> list[_Span]:
-    """The spans of one batch: decode groups, then each sequence with several queries."""
+    """The spans of one batch: decode groups (none when group_tokens is 0), then each sequence
+    with several queries."""
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    decode = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1]
+    decode = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1 and group_tokens > 0]
     spans = [_decode_span([cu[i] for i in group], group, seq_lens, block_tables, block_size)
              for group in _decode_groups(decode, lens, group_tokens)]
     spans += [_prompt_span(cu[i], cu[i + 1], lens[i], block_tables[i], block_size)
@@ -178,6 +179,20 @@ def _attend_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out.reshape(q.shape) if span.is_decode else out[0].transpose(0, 1)
 
 
+def attend_spans(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                 out: torch.Tensor, *, scale: float, sliding_window: int, softcap: float,
+                 decode: bool = True) -> None:
+    """paged_attention's work; decode=False leaves the rows of one-query sequences to the caller
+    (the CPU backend attends those in C)."""
+    token_bytes = k_cache.shape[2] * k_cache.shape[3] * _compute_dtype(k_cache.dtype).itemsize
+    group_tokens = max(1, DECODE_GROUP_BYTES // token_bytes) if decode else 0
+    spans = _step_plan(cu_seqlens_q, seq_lens, block_tables, k_cache.shape[1], group_tokens)
+    for span in spans:
+        out[span.rows] = _attend_span(q[span.rows], k_cache, v_cache, span, scale,
+                                      sliding_window, softcap).to(out.dtype)
+
+
 def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
@@ -198,10 +213,6 @@ def paged_attention(
     max_seqlen_q / max_seqlen_k are host-side bounds (so kernels launch without a device sync);
     the reference does not need them.
     """
-    token_bytes = k_cache.shape[2] * k_cache.shape[3] * _compute_dtype(k_cache.dtype).itemsize
-    spans = _step_plan(cu_seqlens_q, seq_lens, block_tables, k_cache.shape[1],
-                       DECODE_GROUP_BYTES // token_bytes)
-    for span in spans:
-        out[span.rows] = _attend_span(q[span.rows], k_cache, v_cache, span, scale,
-                                      sliding_window, softcap).to(out.dtype)
+    attend_spans(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, scale=scale,
+                 sliding_window=sliding_window, softcap=softcap)
     return out

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -102,3 +103,34 @@ def make_batch(q_lens: list[int], seq_lens: list[int], *, num_q_heads: int, num_
     return PagedBatch(q, k_cache, v_cache, cu.to(DEVICE),
                       torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
                       table.to(DEVICE), max(q_lens), max(seq_lens))
+
+
+def dense_attention(batch, scale: float, sliding_window: int, softcap: float) -> torch.Tensor:
+    """Each sequence's context gathered token by token from its block table, then attention in
+    float64 with an explicit mask: SDPA, or the written-out formula when there is a softcap."""
+    out = []
+    cu, lens = batch.cu_seqlens_q.tolist(), batch.seq_lens.tolist()
+    block_size = batch.k_cache.shape[1]
+    group = batch.q.shape[1] // batch.k_cache.shape[2]
+    for i, seq_len in enumerate(lens):
+        q = batch.q[cu[i]:cu[i + 1]].double().transpose(0, 1)  # [H, Q, D]
+        if q.shape[1] == 0:
+            continue
+        slots = [(int(batch.block_tables[i, p // block_size]), p % block_size)
+                 for p in range(seq_len)]
+        k = torch.stack([batch.k_cache[b, r] for b, r in slots]).double()  # [K, Hkv, D]
+        v = torch.stack([batch.v_cache[b, r] for b, r in slots]).double()
+        k = k.repeat_interleave(group, 1).transpose(0, 1)
+        v = v.repeat_interleave(group, 1).transpose(0, 1)
+        q_pos = torch.arange(seq_len - q.shape[1], seq_len)[:, None]
+        k_pos = torch.arange(seq_len)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window:
+            mask &= k_pos > q_pos - sliding_window
+        if softcap:
+            s = softcap * torch.tanh(q @ k.transpose(1, 2) * scale / softcap)
+            o = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)

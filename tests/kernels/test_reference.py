@@ -5,43 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernels import reference
-from tests.kernels.common import make_batch, poisoned, rel_err
+from tests.kernels.common import dense_attention, make_batch, poisoned, rel_err
 
 CPU = torch.device("cpu")
-
-
-def _dense_attention(batch, scale: float, sliding_window: int, softcap: float) -> torch.Tensor:
-    """Each sequence's context gathered token by token from its block table, then attention in
-    float64 with an explicit mask: SDPA, or the written-out formula when there is a softcap."""
-    out = []
-    cu, lens = batch.cu_seqlens_q.tolist(), batch.seq_lens.tolist()
-    block_size = batch.k_cache.shape[1]
-    group = batch.q.shape[1] // batch.k_cache.shape[2]
-    for i, seq_len in enumerate(lens):
-        q = batch.q[cu[i]:cu[i + 1]].double().transpose(0, 1)  # [H, Q, D]
-        if q.shape[1] == 0:
-            continue
-        slots = [(int(batch.block_tables[i, p // block_size]), p % block_size)
-                 for p in range(seq_len)]
-        k = torch.stack([batch.k_cache[b, r] for b, r in slots]).double()  # [K, Hkv, D]
-        v = torch.stack([batch.v_cache[b, r] for b, r in slots]).double()
-        k = k.repeat_interleave(group, 1).transpose(0, 1)
-        v = v.repeat_interleave(group, 1).transpose(0, 1)
-        q_pos = torch.arange(seq_len - q.shape[1], seq_len)[:, None]
-        k_pos = torch.arange(seq_len)[None, :]
-        mask = k_pos <= q_pos
-        if sliding_window:
-            mask &= k_pos > q_pos - sliding_window
-        if softcap:
-            s = softcap * torch.tanh(q @ k.transpose(1, 2) * scale / softcap)
-            o = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        out.append(o.transpose(0, 1))
-    return torch.cat(out)
 
 
 @pytest.mark.parametrize(("q_lens", "seq_lens", "window", "softcap"), [
@@ -59,7 +27,7 @@ def test_reference_attention_matches_dense_sdpa(q_lens, seq_lens, window, softca
     out = poisoned(batch.q.shape, torch.float32, CPU)
     reference.paged_attention(*batch.args(), out, scale=0.3, sliding_window=window,
                               softcap=softcap, **batch.bounds())
-    assert rel_err(out, _dense_attention(batch, 0.3, window, softcap)) < 1e-5
+    assert rel_err(out, dense_attention(batch, 0.3, window, softcap)) < 1e-5
 
 
 def _llama3_config(head_dim: int):

@@ -1,0 +1,77 @@
+"""Compile kernels/cpu/*.c for this CPU on first use and load them through ctypes.
+
+The library is built with the machine's C compiler (-O3 -march=native) into a cache directory
+keyed by the source, the flags and the CPU, so a second process or run loads it in milliseconds and
+a different CPU never loads a library built for another. No compiler, or a failed build, gives
+None and the reason (callers fall back to the reference kernels).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11",
+         # lets gcc vectorise float reductions; infinities and NaN keep their meaning
+         "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
+ENV_DISABLE = "PAGEDSERVE_DISABLE_CPU_KERNELS"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PAGEDSERVE_CACHE") or Path.home() / ".cache" / "pagedserve"
+    return Path(root) / "kernels"
+
+
+def _cpu_identity() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    return platform.machine() + "\n" + "\n".join(wanted)
+
+
+def _compile(source: Path, target: Path, compiler: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@cache
+def load(name: str) -> tuple[ctypes.CDLL | None, str]:
+    """(library, "") or (None, why not) for kernels/cpu/<name>.c."""
+    if os.environ.get(ENV_DISABLE, "").strip() not in ("", "0"):
+        return None, f"{ENV_DISABLE} is set"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc or gcc) on PATH"
+    source = SOURCE_DIR / f"{name}.c"
+    key = hashlib.sha256("\0".join([source.read_text(), *FLAGS, compiler, _cpu_identity()])
+                         .encode()).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{key}.so"
+    try:
+        if not target.exists():
+            _compile(source, target, compiler)
+        return ctypes.CDLL(str(target)), ""
+    except subprocess.CalledProcessError as e:
+        return None, f"{compiler} failed on {source.name}: {e.stderr.strip()[:500]}"
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"building {source.name} failed: {e}"

@@ -1,0 +1,321 @@
+/* Paged attention for decode rows (one query per sequence) on the CPU, straight from the pages.
+ *
+ * The semantics are kernels/reference/attention.py's, restricted to sequences whose query is the
+ * last position of their context. What this file adds is speed: no gathered copy of the context,
+ * K/V read once each from the pages in order (a page holds [block_size, kv_heads, head_dim]
+ * contiguously, so a token's heads are one stretch of memory), every query head of a KV head served
+ * by the same K/V row, scores and accumulation in float32. Slots outside a context are never read.
+ *
+ * Built at run time by kernels/cpu/build.py (gcc -O3 -march=native) and called through ctypes,
+ * which releases the GIL, so Python threads run disjoint ranges of sequences in parallel.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float load_f32(const float *p) { return *p; }
+static inline void store_f32(float *p, float x) { *p = x; }
+
+static inline float load_bf16(const uint16_t *p) {
+    uint32_t u = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays NaN. */
+static inline void store_bf16(uint16_t *p, float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        *p = (uint16_t)((u >> 16) | 0x40u);
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    *p = (uint16_t)(u >> 16);
+}
+
+typedef struct {
+    int num_q_heads, num_kv_heads, head_dim, block_size;
+    int64_t q_row_stride, out_row_stride, block_table_stride;
+    float scale, softcap;
+    int sliding_window;
+} decode_shape;
+
+/* One sequence: scores for every key of its window (all query heads), softmax, then P.V.
+ * scratch holds num_q_heads * window floats of scores and (num_q_heads + 1) * head_dim more. */
+#define DEFINE_DECODE_ONE(NAME, T, LOAD, STORE)                                                   \
+static void NAME(const T *q, const T *k_cache, const T *v_cache, T *out, const int32_t *table,  \
+                 int seq_len, const decode_shape *s, float *scratch) {                        \
+    const int H = s->num_q_heads, HK = s->num_kv_heads, D = s->head_dim, G = H / HK;          \
+    const int start = (s->sliding_window > 0 && seq_len > s->sliding_window)                  \
+                          ? seq_len - s->sliding_window : 0;                                  \
+    const int W = seq_len - start;                                                            \
+    float *scores = scratch, *qf = scratch + (int64_t)H * W, *row = qf + (int64_t)H * D;      \
+    for (int i = 0; i < H * D; i++) qf[i] = LOAD(q + i) * s->scale;                           \
+    for (int t = start; t < seq_len; t++) {                                                   \
+        int64_t slot = (int64_t)table[t / s->block_size] * s->block_size + t % s->block_size; \
+        const T *k = k_cache + slot * HK * D;                                                 \
+        for (int kh = 0; kh < HK; kh++) {                                                     \
+            for (int d = 0; d < D; d++) row[d] = LOAD(k + kh * D + d);                        \
+            for (int g = 0; g < G; g++) {                                                     \
+                const float *qh = qf + (int64_t)(kh * G + g) * D;                             \
+                float acc = 0.0f;                                                             \
+                for (int d = 0; d < D; d++) acc += qh[d] * row[d];                            \
+                scores[(int64_t)(kh * G + g) * W + (t - start)] = acc;                        \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    for (int h = 0; h < H; h++) {                                                             \
+        float *sc = scores + (int64_t)h * W, m = -INFINITY, sum = 0.0f;                       \
+        if (s->softcap > 0.0f)                                                                \
+            for (int t = 0; t < W; t++) sc[t] = s->softcap * tanhf(sc[t] / s->softcap);       \
+        for (int t = 0; t < W; t++) m = sc[t] > m ? sc[t] : m;                                \
+        for (int t = 0; t < W; t++) { sc[t] = expf(sc[t] - m); sum += sc[t]; }                \
+        for (int t = 0; t < W; t++) sc[t] /= sum;                                             \
+    }                                                                                         \
+    float *acc = qf; /* the scaled queries are no longer needed */                           \
+    memset(acc, 0, sizeof(float) * H * D);                                                    \
+    for (int t = start; t < seq_len; t++) {                                                   \
+        int64_t slot = (int64_t)table[t / s->block_size] * s->block_size + t % s->block_size; \
+        const T *v = v_cache + slot * HK * D;                                                 \
+        for (int kh = 0; kh < HK; kh++) {                                                     \
+            for (int d = 0; d < D; d++) row[d] = LOAD(v + kh * D + d);                        \
+            for (int g = 0; g < G; g++) {                                                     \
+                const int h = kh * G + g;                                                     \
+                const float p = scores[(int64_t)h * W + (t - start)];                         \
+                float *ah = acc + (int64_t)h * D;                                             \
+                for (int d = 0; d < D; d++) ah[d] += p * row[d];                              \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    for (int i = 0; i < H * D; i++) STORE(out + i, acc[i]);                                   \
+}
+
+DEFINE_DECODE_ONE(decode_one_f32, float, load_f32, store_f32)
+DEFINE_DECODE_ONE(decode_one_bf16, uint16_t, load_bf16, store_bf16)
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* The AVX-512 path, for head_dim a multiple of 16 up to 256. A few query heads of one KV head (a
+ * head group) keep their queries and outputs in registers while that KV head's keys and values
+ * stream past; head_dim / 16 (NV) and the group size (GC) are constants of each instance. */
+#include <immintrin.h>
+
+static inline __m512 vload_f32(const float *p) { return _mm512_loadu_ps(p); }
+
+static inline __m512 vload_bf16(const uint16_t *p) {
+    __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+
+static inline void vstore_f32(float *p, __m512 x) { _mm512_storeu_ps(p, x); }
+
+static inline void vstore_bf16(uint16_t *p, __m512 x) { /* round to nearest even */
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+
+/* e^x for x <= 0 (scores minus their maximum) to float32 accuracy: Cody-Waite reduction and
+ * Cephes' expf polynomial; scalef applies 2^n and underflows gracefully to 0. */
+static inline __m512 vexp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Each of gc rows of w scores becomes its softmax, in place. */
+static void softmax_rows(float *scores, int gc, int w, float softcap) {
+    for (int g = 0; g < gc; g++) {
+        float *sc = scores + (int64_t)g * w, m = -INFINITY;
+        if (softcap > 0.0f)
+            for (int t = 0; t < w; t++) sc[t] = softcap * tanhf(sc[t] / softcap);
+        for (int t = 0; t < w; t++) m = sc[t] > m ? sc[t] : m;
+        __m512 vm = _mm512_set1_ps(m), vsum = _mm512_setzero_ps();
+        for (int t = 0; t < w; t += 16) {
+            __mmask16 k = w - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (w - t)) - 1);
+            __m512 e = vexp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + t), vm));
+            e = _mm512_maskz_mov_ps(k, e);
+            _mm512_mask_storeu_ps(sc + t, k, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+        for (int t = 0; t < w; t++) sc[t] *= inv;
+    }
+}
+
+/* Keys t0 .. t1-1, all in one page, in slots slot0 .. slot0 + t1-t0-1,
+ * for query heads h0 .. h0+GC-1 of KV head kh. The K instance writes their scores (row g of
+ * `scores` has w entries, key t at t - start); the V instance adds p * v into `acc` ([H, D]). */
+#define DEFINE_HEAD_GROUP(T, VLOAD, VSTORE, NV, GC)                                             \
+static void hk_##T##_##NV##_##GC(const T *q, const T *k_cache, int64_t slot0, int t0, int t1,  \
+                                 int start, int w, int kh, int h0, const decode_shape *s,      \
+                                 float *scores) {                                              \
+    const int HK = s->num_kv_heads, D = NV * 16;                                                \
+    __m512 qv[GC][NV], row[NV];                                                                 \
+    for (int g = 0; g < GC; g++)                                                                \
+        for (int j = 0; j < NV; j++)                                                            \
+            qv[g][j] = _mm512_mul_ps(VLOAD(q + (h0 + g) * D + j * 16), _mm512_set1_ps(s->scale)); \
+    for (int t = t0; t < t1; t++) {                                                             \
+        const T *k = k_cache + ((slot0 + (t - t0)) * HK + kh) * D;                               \
+        for (int j = 0; j < NV; j++) row[j] = VLOAD(k + j * 16);                               \
+        for (int g = 0; g < GC; g++) {                                                          \
+            __m512 a = _mm512_mul_ps(qv[g][0], row[0]);                                         \
+            for (int j = 1; j < NV; j++) a = _mm512_fmadd_ps(qv[g][j], row[j], a);             \
+            scores[(int64_t)(h0 + g) * w + (t - start)] = _mm512_reduce_add_ps(a);              \
+        }                                                                                       \
+    }                                                                                           \
+}                                                                                               \
+static void hv_##T##_##NV##_##GC(const T *v_cache, int64_t slot0, int t0, int t1, int start,   \
+                                 int w, int kh, int h0, const decode_shape *s,                 \
+                                 const float *scores, float *acc) {                            \
+    const int HK = s->num_kv_heads, D = NV * 16;                                                \
+    __m512 o[GC][NV], row[NV];                                                                  \
+    for (int g = 0; g < GC; g++)                                                                \
+        for (int j = 0; j < NV; j++) o[g][j] = _mm512_loadu_ps(acc + (h0 + g) * D + j * 16);   \
+    for (int t = t0; t < t1; t++) {                                                             \
+        const T *v = v_cache + ((slot0 + (t - t0)) * HK + kh) * D;                               \
+        for (int j = 0; j < NV; j++) row[j] = VLOAD(v + j * 16);                               \
+        for (int g = 0; g < GC; g++) {                                                          \
+            const __m512 p = _mm512_set1_ps(scores[(int64_t)(h0 + g) * w + (t - start)]);      \
+            for (int j = 0; j < NV; j++) o[g][j] = _mm512_fmadd_ps(p, row[j], o[g][j]);        \
+        }                                                                                       \
+    }                                                                                           \
+    for (int g = 0; g < GC; g++)                                                                \
+        for (int j = 0; j < NV; j++) _mm512_storeu_ps(acc + (h0 + g) * D + j * 16, o[g][j]);   \
+}
+
+typedef float f32;
+typedef uint16_t bf16;
+typedef void (*k_group_fn)(const void *, const void *, int64_t, int, int, int, int, int, int,
+                           const decode_shape *, float *);
+typedef void (*v_group_fn)(const void *, int64_t, int, int, int, int, int, int,
+                           const decode_shape *, const float *, float *);
+
+/* Instances: queries (or outputs) and one K/V row fit the 32 vector registers. Groups of up to 4
+ * heads for head_dim <= 64, of up to 2 for head_dim <= 128, single heads for 256. */
+#define DEFINE_NV_UP_TO_4(T, VL, VS, NV) DEFINE_HEAD_GROUP(T, VL, VS, NV, 1)                   \
+    DEFINE_HEAD_GROUP(T, VL, VS, NV, 2) DEFINE_HEAD_GROUP(T, VL, VS, NV, 3)                     \
+    DEFINE_HEAD_GROUP(T, VL, VS, NV, 4)
+#define DEFINE_NV_UP_TO_8(T, VL, VS, NV) DEFINE_HEAD_GROUP(T, VL, VS, NV, 1)                   \
+    DEFINE_HEAD_GROUP(T, VL, VS, NV, 2)
+#define DEFINE_ALL(T, VL, VS)                                                                   \
+    DEFINE_NV_UP_TO_4(T, VL, VS, 1) DEFINE_NV_UP_TO_4(T, VL, VS, 2)                             \
+    DEFINE_NV_UP_TO_4(T, VL, VS, 3) DEFINE_NV_UP_TO_4(T, VL, VS, 4)                             \
+    DEFINE_NV_UP_TO_8(T, VL, VS, 5) DEFINE_NV_UP_TO_8(T, VL, VS, 6)                             \
+    DEFINE_NV_UP_TO_8(T, VL, VS, 7) DEFINE_NV_UP_TO_8(T, VL, VS, 8)                             \
+    DEFINE_HEAD_GROUP(T, VL, VS, 16, 1)
+DEFINE_ALL(f32, vload_f32, vstore_f32)
+DEFINE_ALL(bf16, vload_bf16, vstore_bf16)
+
+#define ROW4(P, F, T, NV) {(F)P##_##T##_##NV##_1, (F)P##_##T##_##NV##_2,                        \
+                           (F)P##_##T##_##NV##_3, (F)P##_##T##_##NV##_4}
+#define ROW2(P, F, T, NV) {(F)P##_##T##_##NV##_1, (F)P##_##T##_##NV##_2, 0, 0}
+#define NONE {0, 0, 0, 0}
+#define TABLE(P, F, T) {NONE, ROW4(P, F, T, 1), ROW4(P, F, T, 2), ROW4(P, F, T, 3),             \
+                        ROW4(P, F, T, 4), ROW2(P, F, T, 5), ROW2(P, F, T, 6), ROW2(P, F, T, 7),   \
+                        ROW2(P, F, T, 8), NONE, NONE, NONE, NONE, NONE, NONE, NONE,               \
+                        {(F)P##_##T##_16_1, 0, 0, 0}}
+static const k_group_fn K_GROUPS[2][17][4] = {TABLE(hk, k_group_fn, f32), TABLE(hk, k_group_fn, bf16)};
+static const v_group_fn V_GROUPS[2][17][4] = {TABLE(hv, v_group_fn, f32), TABLE(hv, v_group_fn, bf16)};
+
+/* Every slot of the page, so the next page's lines are on their way while this one is used. */
+static inline void prefetch_page(const char *page, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(page + b, _MM_HINT_T0);
+}
+
+/* One sequence: page by page, every head group's scores; softmax; page by page, P.V. Each page
+ * ([block_size, kv_heads, head_dim]) is used whole while it is in L1. 0 when head_dim has no
+ * instance (the caller falls back to the portable loop). */
+static int decode_one_avx512(const void *q, const void *k_cache, const void *v_cache, void *out,
+                             const int32_t *table, int seq_len, const decode_shape *s,
+                             float *scratch, int is_bf16) {
+    const int D = s->head_dim, nv = D / 16, H = s->num_q_heads, HK = s->num_kv_heads;
+    const int G = H / HK, bs = s->block_size, esize = is_bf16 ? 2 : 4;
+    if (D % 16 != 0 || nv > 16 || K_GROUPS[is_bf16][nv][0] == 0) return 0;
+    const int most = K_GROUPS[is_bf16][nv][3] ? 4 : K_GROUPS[is_bf16][nv][1] ? 2 : 1;
+    const int start = (s->sliding_window > 0 && seq_len > s->sliding_window)
+                          ? seq_len - s->sliding_window : 0;
+    const int w = seq_len - start, last = (seq_len - 1) / bs;
+    const int64_t page_bytes = (int64_t)bs * HK * D * esize;
+    float *scores = scratch, *acc = scratch + (int64_t)H * w;
+    for (int pass = 0; pass < 2; pass++) {
+        const char *cache = pass == 0 ? k_cache : v_cache;
+        if (pass == 1) {
+            softmax_rows(scores, H, w, s->softcap);
+            memset(acc, 0, sizeof(float) * H * D);
+        }
+        for (int blk = start / bs; blk <= last; blk++) {
+            if (blk < last) prefetch_page(cache + (int64_t)table[blk + 1] * page_bytes, page_bytes);
+            const int t0 = blk * bs > start ? blk * bs : start;
+            const int64_t slot0 = (int64_t)table[blk] * bs + (t0 - (int64_t)blk * bs);
+            const int t1 = (blk + 1) * bs < seq_len ? (blk + 1) * bs : seq_len;
+            for (int kh = 0; kh < HK; kh++)
+                for (int h0 = kh * G; h0 < (kh + 1) * G;) {
+                    const int gc = (kh + 1) * G - h0 < most ? (kh + 1) * G - h0 : most;
+                    if (pass == 0)
+                        K_GROUPS[is_bf16][nv][gc - 1](q, k_cache, slot0, t0, t1, start, w, kh, h0,
+                                                      s, scores);
+                    else
+                        V_GROUPS[is_bf16][nv][gc - 1](v_cache, slot0, t0, t1, start, w, kh, h0,
+                                                      s, scores, acc);
+                    h0 += gc;
+                }
+        }
+    }
+    for (int i = 0; i < H * D; i += 16) {
+        if (is_bf16) vstore_bf16((uint16_t *)out + i, _mm512_loadu_ps(acc + i));
+        else vstore_f32((float *)out + i, _mm512_loadu_ps(acc + i));
+    }
+    return 1;
+}
+#else
+static int decode_one_avx512(const void *q, const void *k_cache, const void *v_cache, void *out,
+                             const int32_t *table, int seq_len, const decode_shape *s,
+                             float *scratch, int is_bf16) {
+    (void)q, (void)k_cache, (void)v_cache, (void)out, (void)table, (void)seq_len, (void)s;
+    (void)scratch, (void)is_bf16;
+    return 0;
+}
+#endif
+
+/* Sequences seqs[begin:end) of the batch: sequence i's query is row q_rows[i] of q and out, its
+ * context seq_lens[i] tokens long, its pages row i of block_tables. Returns 0, or -1 when the
+ * scratch buffer cannot be allocated (nothing is written then). */
+#define DEFINE_DECODE_RANGE(NAME, ONE, T, IS_BF16)                                                         \
+int NAME(const T *q, const T *k_cache, const T *v_cache, T *out, const int32_t *seqs,          \
+         const int32_t *q_rows, const int32_t *seq_lens, const int32_t *block_tables,          \
+         int begin, int end, const decode_shape *s) {                                         \
+    int longest = 1;                                                                          \
+    for (int i = begin; i < end; i++)                                                         \
+        longest = seq_lens[seqs[i]] > longest ? seq_lens[seqs[i]] : longest;                  \
+    const int64_t H = s->num_q_heads, D = s->head_dim;                                        \
+    float *scratch = malloc(sizeof(float) * (H * longest + (H + 1) * D));                     \
+    if (!scratch) return -1;                                                                  \
+    for (int i = begin; i < end; i++) {                                                       \
+        const int seq = seqs[i];                                                              \
+        const T *qs = q + q_rows[seq] * s->q_row_stride;                                      \
+        T *os = out + q_rows[seq] * s->out_row_stride;                                        \
+        const int32_t *table = block_tables + seq * s->block_table_stride;                    \
+        if (!decode_one_avx512(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch,    \
+                               IS_BF16))                                                      \
+            ONE(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch);                  \
+    }                                                                                         \
+    free(scratch);                                                                            \
+    return 0;                                                                                 \
+}
+
+DEFINE_DECODE_RANGE(paged_decode_f32, decode_one_f32, float, 0)
+DEFINE_DECODE_RANGE(paged_decode_bf16, decode_one_bf16, uint16_t, 1)

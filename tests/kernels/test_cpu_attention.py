@@ -1,0 +1,133 @@
+"""The CPU backend's paged attention (decode rows in C, kernels/cpu/paged_decode.c) against dense
+float64 attention on the context gathered token by token, over NaN-poisoned caches and outputs."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from kernels import cpu, reference
+from kernels.cpu import attention as cpu_attention
+from kernels.cpu.build import load
+from tests.kernels.common import dense_attention, make_batch, poisoned, rel_err
+
+CPU = torch.device("cpu")
+# bf16 outputs are rounded to bf16 (2^-9 relative); scores and P stay float32 in C
+TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture(autouse=True)
+def built() -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the CPU backend falls back to the reference kernels")
+    lib, why = load("paged_decode")
+    assert lib is not None, why
+
+
+def _on_cpu(batch):
+    return type(batch)(*(t.cpu() if isinstance(t, torch.Tensor) else t
+                         for t in vars(batch).values()))
+
+
+def _check(q_lens, seq_lens, *, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+           dtype=torch.bfloat16, window=0, softcap=0.0, scale=0.3) -> torch.Tensor:
+    batch = _on_cpu(make_batch(q_lens, seq_lens, num_q_heads=num_q_heads,
+                               num_kv_heads=num_kv_heads, head_dim=head_dim,
+                               block_size=block_size, dtype=dtype,
+                               shared_blocks=min(seq_lens[0], seq_lens[1]) // block_size))
+    out = poisoned(batch.q.shape, dtype, CPU)
+    cpu.paged_attention(*batch.args(), out, scale=scale, sliding_window=window, softcap=softcap,
+                        **batch.bounds())
+    assert rel_err(out, dense_attention(batch, scale, window, softcap)) < TOL[dtype]
+    return out
+
+
+DECODE_LENS = [1, 16, 17, 40, 300, 7, 129, 64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim"), [
+    (12, 4, 64),  # GQA 3 (the small preset)
+    (16, 2, 64),  # GQA 8: two head groups of 4 per KV head
+    (6, 6, 48),  # MHA, head_dim 48 (3 vectors)
+    (8, 1, 80),  # MQA, head_dim 80 (5 vectors, groups of 2)
+    (4, 2, 128),
+    (2, 1, 256),  # one head per group
+    (4, 2, 40),  # head_dim not a multiple of 16: the portable loop
+    (4, 4, 16),
+])
+def test_decode_rows_head_layouts(dtype, num_q_heads, num_kv_heads, head_dim) -> None:
+    _check([1] * len(DECODE_LENS), DECODE_LENS, num_q_heads=num_q_heads,
+           num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+
+
+@pytest.mark.parametrize("block_size", [8, 32, 128])
+def test_block_sizes(block_size) -> None:
+    _check([1] * len(DECODE_LENS), DECODE_LENS, block_size=block_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_prompt_chunks_and_decode_rows(dtype) -> None:
+    # prompt, chunk after a cached prefix, decode rows, an idle sequence, a 1-token prompt
+    _check([5, 1, 12, 0, 1, 1], [5, 30, 20, 7, 3, 1], dtype=dtype)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(5, 0.0), (16, 0.0), (500, 0.0), (0, 20.0),
+                                                 (13, 30.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliding_window_and_softcap(dtype, window, softcap) -> None:
+    _check([1, 1, 4, 1, 1], [40, 33, 20, 5, 90], dtype=dtype, window=window, softcap=softcap)
+
+
+def test_large_scores_stay_finite() -> None:
+    """Scores in the hundreds: the softmax must subtract the maximum before exponentiating."""
+    _check([1] * 4, [50, 3, 200, 17], scale=40.0, dtype=torch.float32)
+
+
+def test_same_result_on_one_thread_and_two() -> None:
+    batch = _on_cpu(make_batch([1] * 9, [300, 2, 45, 100, 16, 1, 77, 250, 33], num_q_heads=12,
+                               num_kv_heads=4, head_dim=64, block_size=16, dtype=torch.bfloat16))
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = poisoned(batch.q.shape, torch.bfloat16, CPU)
+            cpu.paged_attention(*batch.args(), out, scale=0.125, **batch.bounds())
+            outs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_strided_queries_like_a_fused_qkv_split() -> None:
+    batch = _on_cpu(make_batch([1] * 5, [9, 80, 33, 2, 64], num_q_heads=8, num_kv_heads=2,
+                               head_dim=32, block_size=8, dtype=torch.float32))
+    qkv = torch.randn(5, (8 + 2 * 2) * 32)
+    q = qkv[:, : 8 * 32].view(5, 8, 32)
+    q.copy_(batch.q)
+    out = poisoned(batch.q.shape, torch.float32, CPU)
+    cpu.paged_attention(q, *batch.args()[1:], out, scale=0.2, **batch.bounds())
+    assert rel_err(out, dense_attention(batch, 0.2, 0, 0.0)) < TOL[torch.float32]
+
+
+def test_unsupported_dtype_falls_back_to_the_reference() -> None:
+    batch = _on_cpu(make_batch([1, 3], [20, 9], num_q_heads=4, num_kv_heads=2, head_dim=32,
+                               block_size=8, dtype=torch.float16))
+    out, ref = (poisoned(batch.q.shape, torch.float16, CPU) for _ in range(2))
+    cpu.paged_attention(*batch.args(), out, scale=0.2, **batch.bounds())
+    reference.paged_attention(*batch.args(), ref, scale=0.2, **batch.bounds())
+    assert torch.equal(out, ref)
+
+
+def test_split_balances_context_tokens() -> None:
+    lens = [500, 10, 10, 10, 300, 200, 5]
+    seqs = sorted(range(len(lens)), key=lambda i: -lens[i])
+    ranges = cpu_attention._split(seqs, lens, 2)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(seqs)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    work = [sum(lens[seqs[j]] for j in range(a, b)) for a, b in ranges]
+    assert max(work) <= sum(lens) // 2 + max(lens)
+    assert cpu_attention._split([], lens, 2) == []
