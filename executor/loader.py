@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from executor.backend import select_backend
+from executor.layers.cpu_gemm import pack_for_cpu
 from executor.model_config import ModelConfig
 from executor.models import get_model_class
 
@@ -163,4 +164,6 @@ def load_model(
     except ValueError as e:
         where = reader.current or ", ".join(str(f) for f in files)
         raise ValueError(f"{e} (in {where})") from None
+    if device.type == "cpu":
+        pack_for_cpu(model)
     return model.eval(), config

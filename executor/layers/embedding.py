@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from executor.layers.cpu_gemm import pack_weight, packed_linear
 from executor.layers.linear import new_param
 
 
@@ -45,8 +46,18 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden [N, d] -> logits [N, V]; may share its weight with the embedding (tied)."""
 
+    packed: torch.Tensor | None = None  # set by pack_for_cpu once the weight is loaded
+
+    def pack_for_cpu(self) -> bool:
+        """Keep a copy of the loaded weight in the CPU GEMM's blocked layout (see cpu_gemm)."""
+        self.packed = pack_weight(self.weight)
+        return self.packed is not None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        if self.packed is not None and hidden.dim() == 2:
+            logits = packed_linear(hidden, self.packed, None)
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)

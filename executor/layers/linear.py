@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from executor.layers.cpu_gemm import pack_weight, packed_linear
+
 
 def new_param(*shape: int) -> nn.Parameter:
     """Uninitialised storage for a weight the loader fills (every one is checked to be loaded)."""
@@ -69,12 +71,23 @@ class LinearBase(nn.Module):
         self.bias = new_param(output_size) if bias else None
         for p in (self.weight, self.bias):
             _attach(p, self.weight_loader)
+        self.packed: torch.Tensor | None = None  # set by pack_for_cpu once the weight is loaded
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         default_weight_loader(param, loaded)
 
+    def pack_for_cpu(self) -> bool:
+        """Keep a copy of the loaded weight in the CPU GEMM's blocked layout (see cpu_gemm)."""
+        self.packed = pack_weight(self.weight, self.bias)
+        return self.packed is not None
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None and x.dim() == 2:
+            return packed_linear(x, self.packed, bias)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -111,9 +124,9 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return self._matmul(x, self.bias)
         # Only rank 0 adds the bias, so the all-reduce adds it exactly once.
-        out = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        out = self._matmul(x, self.bias if self.tp_rank == 0 else None)
         dist.all_reduce(out)
         return out
 
