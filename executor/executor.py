@@ -11,6 +11,8 @@ A request whose scheduled tokens stop short of the end (a prompt chunk) produces
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from executor.config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
@@ -83,6 +85,7 @@ class Executor:
 
     @torch.inference_mode()
     def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
+        start = time.perf_counter()  # the result's execute_seconds: this whole method
         self._check_plan(plan)
         for request_id in plan.forget_request_ids:  # unknown ids: nothing to forget
             state = self.requests.pop(request_id, None)
@@ -101,6 +104,7 @@ class Executor:
         result = executor_pb2.StepResult(step_id=plan.step_id)
         if scheduled:
             result.outputs.extend(self._run(scheduled))
+        result.execute_seconds = time.perf_counter() - start
         return result
 
     def _run(self, scheduled: list[tuple[RequestState, int]]) -> list[executor_pb2.RequestOutput]:

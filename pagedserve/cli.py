@@ -7,7 +7,8 @@
     pagedserve healthcheck TARGET          exit 0 when a gRPC address or http URL is healthy
     pagedserve make-model OUT_DIR          an HF-format model with random weights
     pagedserve bench NAME [OPTIONS]        throughput (offline LLM vs transformers), serve (HTTP
-                                           latency and throughput), roofline (GEMM ceiling)
+                                           latency and throughput), roofline (GEMM ceiling),
+                                           step-overhead (scheduler + RPC share of a step)
 
 Internal services listen on loopback by default; give --listen 0.0.0.0:PORT (or a unix:///path)
 to expose them, as compose.yaml does inside its private network.
@@ -199,7 +200,8 @@ def _run_healthcheck(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
-BENCHES = {"throughput": "bench.throughput", "serve": "bench.serve", "roofline": "bench.roofline"}
+BENCHES = {"throughput": "bench.throughput", "serve": "bench.serve", "roofline": "bench.roofline",
+           "step-overhead": "bench.step_overhead"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

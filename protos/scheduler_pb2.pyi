@@ -64,7 +64,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_preemptions", "blocks_total", "blocks_free", "blocks_used", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate", "executor_connected", "steps")
+    __slots__ = ("num_waiting", "num_running", "num_preemptions", "blocks_total", "blocks_free", "blocks_used", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate", "executor_connected", "steps", "step_schedule_seconds", "step_rpc_seconds", "step_execute_seconds", "step_apply_seconds", "step_running_requests_sum")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,11 @@ class StatsResponse(_message.Message):
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_CONNECTED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SCHEDULE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_RPC_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_EXECUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_APPLY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_RUNNING_REQUESTS_SUM_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     num_preemptions: int
@@ -87,7 +92,12 @@ class StatsResponse(_message.Message):
     prefix_cache_hit_rate: float
     executor_connected: bool
     steps: int
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., executor_connected: _Optional[bool] = ..., steps: _Optional[int] = ...) -> None: ...
+    step_schedule_seconds: float
+    step_rpc_seconds: float
+    step_execute_seconds: float
+    step_apply_seconds: float
+    step_running_requests_sum: int
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., executor_connected: _Optional[bool] = ..., steps: _Optional[int] = ..., step_schedule_seconds: _Optional[float] = ..., step_rpc_seconds: _Optional[float] = ..., step_execute_seconds: _Optional[float] = ..., step_apply_seconds: _Optional[float] = ..., step_running_requests_sum: _Optional[int] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()

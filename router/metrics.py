@@ -1,7 +1,8 @@
 """Prometheus metrics in the text exposition format, written by hand (no client library needed).
 
-The router counts what passes through it (requests, tokens, latencies); queue and KV-cache gauges
-come from the scheduler's Stats at scrape time.
+The router counts what passes through it (requests, tokens, latencies); queue and KV-cache gauges,
+and the step loop's time by phase (schedule, RPC, executor compute, apply), come from the
+scheduler's Stats at scrape time.
 """
 
 from __future__ import annotations
@@ -122,4 +123,23 @@ def _scheduler_gauges(s: scheduler_pb2.StatsResponse) -> list[str]:
         *_gauge("executor_connected", "1 when the scheduler has an executor.",
                 s.executor_connected),
         *_gauge("scheduler_steps_total", "Scheduler steps so far.", s.steps, "counter"),
+        *_step_counters(s),
     ]
+
+
+def _step_counters(s: scheduler_pb2.StatsResponse) -> list[str]:
+    """Where the scheduler's steps spent their time (rpc - execute: transport and serialization)."""
+    seconds = (("schedule", "in the scheduler's schedule()", s.step_schedule_seconds),
+               ("rpc", "from sending a step plan to receiving its result",
+                s.step_rpc_seconds),
+               ("execute", "computing step plans, as the executor measured it",
+                s.step_execute_seconds),
+               ("apply", "applying step results and streaming them out", s.step_apply_seconds))
+    lines = []
+    for phase, what, value in seconds:
+        lines += _gauge(f"step_{phase}_seconds_total", f"Seconds {what}, over all steps.", value,
+                        "counter")
+    return lines + _gauge("step_running_requests_total",
+                          "Requests in each step's plan, summed over steps (divided by "
+                          "scheduler_steps_total: the mean batch).",
+                          s.step_running_requests_sum, "counter")

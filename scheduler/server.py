@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.outputs import RequestOutputDelta
 from scheduler.step_loop import StepLoop
+from scheduler.step_timing import StepTimings
 
 log = structlog.get_logger("scheduler.server")
 
@@ -54,6 +55,14 @@ def _token_output(first: RequestOutputDelta,
         if queue.empty():
             return out
         delta = queue.get_nowait()
+
+
+def _step_stats(t: StepTimings) -> scheduler_pb2.StatsResponse:
+    """The step loop's counters since start, as Stats reports them."""
+    return scheduler_pb2.StatsResponse(
+        steps=t.steps, step_schedule_seconds=t.schedule_seconds, step_rpc_seconds=t.rpc_seconds,
+        step_execute_seconds=t.execute_seconds, step_apply_seconds=t.apply_seconds,
+        step_running_requests_sum=t.running_requests_sum)
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
@@ -97,8 +106,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Stats(self, request: scheduler_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> scheduler_pb2.StatsResponse:
-        resp = scheduler_pb2.StatsResponse(executor_connected=self._loop.connected,
-                                           steps=self._loop.steps)
+        resp = _step_stats(self._loop.timings)
+        resp.executor_connected = self._loop.connected
         if self._loop.scheduler is None:
             return resp
         s = self._loop.scheduler.stats()

@@ -8,6 +8,9 @@ is in flight, new requests and aborts are held back and applied after its result
 never sees a change between schedule() and apply_result(). When the executor goes away, the scheduler forgets what the executor
 held (`reset_executor_state`: running requests wait again, keeping their tokens) and the loop
 reconnects with backoff; the next executor is refilled by recompute, and no request is lost.
+
+Each step that reaches the executor is timed by phase into `timings` (a StepTimings): schedule(),
+the Execute round trip, the executor's own compute as it reports it, and apply_result + fan-out.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.executor_client import AsyncExecutorConnection, ExecutorGone
 from scheduler.outputs import RequestOutputDelta
 from scheduler.scheduler import Scheduler
+from scheduler.step_timing import StepTimings
 from scheduler.validation import validate_request
 
 log = structlog.get_logger("scheduler.step_loop")
@@ -55,7 +59,7 @@ class StepLoop:
         self.scheduler: Scheduler | None = None
         self.model_info: executor_pb2.DescribeResponse | None = None
         self.connected = False
-        self.steps = 0
+        self.timings = StepTimings()  # steps that reached the executor, and their phases
         self.ready = asyncio.Event()  # set once the first executor described itself
         self._wake = asyncio.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutputDelta]] = {}
@@ -82,26 +86,41 @@ class StepLoop:
             await self._conn.close()
 
     async def _step_once(self) -> None:
+        """schedule -> Execute -> apply_result and fan-out, each phase timed (see StepTimings)."""
         assert self.scheduler is not None
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         if not (plan.new_requests or plan.continuing_requests or plan.forget_request_ids):
-            self._fan_out(self.scheduler.apply_result(
-                executor_pb2.StepResult(step_id=plan.step_id)))
-            if self.scheduler.has_unfinished():
-                await self._wait_for_work(0.05)  # nothing fits right now; don't spin
+            await self._nothing_scheduled(plan)
             return
-        self._in_step = True
-        try:
-            result = await self._conn.execute(plan)
-        except ExecutorGone as e:
-            self._lost_executor(str(e))
+        sent = time.perf_counter()
+        result = await self._execute(plan)
+        if result is None:
             return
-        finally:
-            self._in_step = False
-        self.steps += 1
+        received = time.perf_counter()
         self._failures = 0
         self._fan_out(self.scheduler.apply_result(result))
         self._apply_pending()
+        self.timings.add(schedule=sent - start, rpc=received - sent,
+                         execute=result.execute_seconds, apply=time.perf_counter() - received,
+                         running=len(plan.new_requests) + len(plan.continuing_requests))
+
+    async def _nothing_scheduled(self, plan: executor_pb2.StepPlan) -> None:
+        assert self.scheduler is not None
+        self._fan_out(self.scheduler.apply_result(executor_pb2.StepResult(step_id=plan.step_id)))
+        if self.scheduler.has_unfinished():
+            await self._wait_for_work(0.05)  # nothing fits right now; don't spin
+
+    async def _execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult | None:
+        """The plan's result, or None when the executor went away (then handled here)."""
+        self._in_step = True
+        try:
+            return await self._conn.execute(plan)
+        except ExecutorGone as e:
+            self._lost_executor(str(e))
+            return None
+        finally:
+            self._in_step = False
 
     async def _idle(self) -> None:
         """Waits for a request, and notices meanwhile when the executor's channel drops."""
@@ -251,6 +270,10 @@ class StepLoop:
             queue.put_nowait(delta)
             if delta.finished:
                 del self._streams[delta.request_id]
+
+    @property
+    def steps(self) -> int:
+        return self.timings.steps
 
     @property
     def num_streams(self) -> int:

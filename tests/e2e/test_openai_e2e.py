@@ -256,3 +256,20 @@ def test_dropped_stream_frees_every_block(serve: Serve, client: openai.OpenAI) -
     # And the server goes on serving.
     out = client.completions.create(model="", prompt=PROMPTS[1], max_tokens=4)
     assert out.usage.completion_tokens == 4
+
+
+# --- the step loop's time, by phase ---------------------------------------------------------------
+
+
+def test_metrics_count_the_step_phases(serve: Serve, client: openai.OpenAI) -> None:
+    before = metrics(serve.base_url)
+    out = client.completions.create(model="", prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 6
+    now = metrics(serve.base_url)
+    delta = {k: now[k] - before[k] for k in now if k.startswith(("step_", "scheduler_steps"))}
+    assert delta["scheduler_steps_total"] >= 6, delta
+    for phase in ("schedule", "rpc", "execute", "apply"):
+        assert delta[f"step_{phase}_seconds_total"] > 0, delta
+    assert now["step_rpc_seconds_total"] >= now["step_execute_seconds_total"] > 0
+    assert delta["step_running_requests_total"] >= delta["scheduler_steps_total"] - 1, delta

@@ -118,7 +118,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     async def Stats(self, request, context):
         return scheduler_pb2.StatsResponse(
             num_running=len(self.live), num_waiting=0, blocks_total=64, blocks_free=60,
-            blocks_used=4, executor_connected=self.executor_connected, steps=7)
+            blocks_used=4, executor_connected=self.executor_connected, steps=7,
+            step_schedule_seconds=0.5, step_rpc_seconds=2.25, step_execute_seconds=2.0,
+            step_apply_seconds=0.125, step_running_requests_sum=21)
 
     async def ModelInfo(self, request, context):
         return executor_pb2.DescribeResponse(

@@ -230,6 +230,18 @@ def test_metrics(client: openai.OpenAI, router, fake: FakeScheduler) -> None:
     assert float(generated[0].split()[1]) >= 3
 
 
+def test_metrics_step_counters(router) -> None:
+    """The scheduler's step-phase counters, as the fake's Stats reports them."""
+    text = httpx.get(router.base_url + "/metrics").text
+    for sample in ("pagedserve_scheduler_steps_total 7", "pagedserve_step_schedule_seconds_total 0.5",
+                   "pagedserve_step_rpc_seconds_total 2.25",
+                   "pagedserve_step_execute_seconds_total 2",
+                   "pagedserve_step_apply_seconds_total 0.125",
+                   "pagedserve_step_running_requests_total 21",
+                   "# TYPE pagedserve_step_rpc_seconds_total counter"):
+        assert sample in text.splitlines(), sample
+
+
 def test_tokenize_detokenize(router, tokenizer: Tokenizer, fake: FakeScheduler) -> None:
     url = router.base_url
     r = httpx.post(url + "/tokenize", json={"model": SERVED, "prompt": PROMPT}).json()

@@ -94,6 +94,7 @@ def test_execute_stream_gives_the_in_process_results_in_order(executor, llama_di
     assert [[o.token_ids for o in r.outputs] for r in remote] == \
         [[o.token_ids for o in r.outputs] for r in expected]
     assert remote[0].outputs[1].top_logprobs[0].token_ids  # logprobs travel too
+    assert all(r.execute_seconds > 0 for r in remote + expected)  # timed in-process and remote
     for got, want in zip(remote, expected):
         for g, w in zip(got.outputs, want.outputs):
             assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)

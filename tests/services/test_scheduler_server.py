@@ -136,3 +136,25 @@ def test_model_info_is_the_executor_description(services: str) -> None:
     info = run(services, body)
     assert isinstance(info, executor_pb2.DescribeResponse)
     assert info.architecture == "LlamaForCausalLM" and info.max_model_len == MAX_MODEL_LEN
+
+
+def test_stats_times_the_step_phases(services: str) -> None:
+    """The step counters grow with the steps run, each phase is counted, and the RPC round trip
+    holds the executor's own compute (no timing is asserted beyond that)."""
+    async def body(stub):
+        before = await stats_when(stub, lambda s: s.num_running + s.num_waiting == 0)
+        requests = [schedule_request(f"timed-{rid}", p, 8) for rid, p in prompts().items()]
+        await asyncio.gather(*(collect(stub, r) for r in requests))
+        return before, await stub.Stats(scheduler_pb2.StatsRequest(), timeout=5)
+
+    before, after = run(services, body)
+    delta = {f: getattr(after, f) - getattr(before, f) for f in (
+        "steps", "step_schedule_seconds", "step_rpc_seconds", "step_execute_seconds",
+        "step_apply_seconds", "step_running_requests_sum")}
+    assert delta["steps"] >= 8, delta  # one step per token at least
+    for phase in ("schedule", "rpc", "execute", "apply"):
+        assert delta[f"step_{phase}_seconds"] > 0, delta
+    assert after.step_rpc_seconds >= after.step_execute_seconds
+    assert delta["step_rpc_seconds"] >= delta["step_execute_seconds"]
+    # Every step of the window ran at least one of these requests, and at most all four.
+    assert delta["steps"] <= delta["step_running_requests_sum"] <= 4 * delta["steps"], delta
