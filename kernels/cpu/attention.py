@@ -32,8 +32,12 @@ class _DecodeShape(ctypes.Structure):
 
 
 def available() -> tuple[bool, str]:
-    lib, why = load("paged_decode")
-    return lib is not None, why
+    """Whether the C kernels built here, and why not."""
+    for name in ("paged_decode", "rotary"):
+        lib, why = load(name)
+        if lib is None:
+            return False, why
+    return True, ""
 
 
 @cache
@@ -128,7 +132,7 @@ def paged_attention(
     """kernels.reference.paged_attention, with decode rows computed by the C kernel when it is
     built and the tensors are in a layout it takes (otherwise the reference does everything)."""
     index = (cu_seqlens_q, seq_lens, block_tables)
-    in_c = available()[0] and _supported(q, k_cache, v_cache, out, *index)
+    in_c = load("paged_decode")[0] is not None and _supported(q, k_cache, v_cache, out, *index)
     if in_c and max_seqlen_q > 1:
         attend_spans(q, k_cache, v_cache, *index, out, scale=scale,
                      sliding_window=sliding_window, softcap=softcap, decode=False)

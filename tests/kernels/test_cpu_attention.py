@@ -4,6 +4,7 @@ float64 attention on the context gathered token by token, over NaN-poisoned cach
 from __future__ import annotations
 
 import shutil
+from itertools import pairwise
 
 import pytest
 import torch
@@ -127,7 +128,7 @@ def test_split_balances_context_tokens() -> None:
     seqs = sorted(range(len(lens)), key=lambda i: -lens[i])
     ranges = cpu_attention._split(seqs, lens, 2)
     assert ranges[0][0] == 0 and ranges[-1][1] == len(seqs)
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in pairwise(ranges))
     work = [sum(lens[seqs[j]] for j in range(a, b)) for a, b in ranges]
     assert max(work) <= sum(lens) // 2 + max(lens)
     assert cpu_attention._split([], lens, 2) == []
