@@ -5,7 +5,8 @@
 
 A token costs about 2 FLOPs per weight it is multiplied by (embedding lookups cost none), so with
 P parameters in matmuls no engine computes more than GEMM rate / (2 x P) tokens per second. The rate
-is measured with F.linear at the model's own shapes (qkv, o, gate_up, down per layer, and lm_head)
+is measured with F.linear (and with pre-packed weights where the executor uses them, taking the
+faster) at the model's own shapes (qkv, o, gate_up, down per layer, and lm_head)
 for M tokens in the batch, through as many distinct weights as a forward pass has (so small M
 streams weights from memory as a real forward does); the ceiling at M is M over the time one
 forward's GEMMs take, and the ceiling is the best of those. Attention, norms and everything else come on top: a real engine
@@ -75,24 +76,37 @@ def machine_description() -> str:
     return f"{name}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
 
 
-def time_linear(m: int, shape: GemmShape, dtype: torch.dtype, min_seconds: float) -> float:
-    """Best seconds per F.linear call of [m, in] x [out, in]^T, over repeated timed passes.
-
-    Each pass multiplies by per_forward distinct weights, as a forward pass does, so the weights
-    come from memory rather than a warm cache when they do in a real forward (small M).
-    """
-    x = torch.randn(m, shape.in_features, dtype=dtype)
-    weights = [torch.randn(shape.out_features, shape.in_features, dtype=dtype)
-               for _ in range(shape.per_forward)]
+def _best_pass_seconds(apply, weights: list, min_seconds: float) -> float:
+    """Best seconds per multiply over repeated timed passes through every weight."""
     for w in weights:
-        F.linear(x, w)
+        apply(w)
     best, spent = float("inf"), 0.0
     while spent < min_seconds:
         start = time.perf_counter()
         for w in weights:
-            F.linear(x, w)
+            apply(w)
         elapsed = time.perf_counter() - start
         best, spent = min(best, elapsed / len(weights)), spent + elapsed
+    return best
+
+
+def time_linear(m: int, shape: GemmShape, dtype: torch.dtype, min_seconds: float) -> float:
+    """Best seconds per [m, in] x [out, in]^T multiply: F.linear, or the executor's pre-packed
+    CPU weights (executor/layers/cpu_gemm.py) where they exist, whichever is faster.
+
+    Each pass multiplies by per_forward distinct weights, as a forward pass does, so the weights
+    come from memory rather than a warm cache when they do in a real forward (small M).
+    """
+    from executor.layers.cpu_gemm import pack_weight, packed_linear
+
+    x = torch.randn(m, shape.in_features, dtype=dtype)
+    weights = [torch.randn(shape.out_features, shape.in_features, dtype=dtype)
+               for _ in range(shape.per_forward)]
+    best = _best_pass_seconds(lambda w: F.linear(x, w), weights, min_seconds)
+    packed = [pack_weight(w) for w in weights]
+    if all(p is not None for p in packed):
+        best = min(best, _best_pass_seconds(lambda p: packed_linear(x, p, None), packed,
+                                            min_seconds))
     return best
 
 
@@ -121,7 +135,7 @@ def measure(config: dict, dtype: torch.dtype, ms: list[int], min_seconds: float 
 
 def print_table(result: dict) -> None:
     shapes = [GemmShape(**s) for s in result["shapes"]]
-    print(f"\nF.linear GFLOP/s, {result['dtype']}, {result['machine']}")
+    print(f"\nmatmul GFLOP/s (best of F.linear and packed weights), {result['dtype']}, {result['machine']}")
     header = f"{'M':>5} " + " ".join(f"{s.label:>18}" for s in shapes) + f" {'model tok/s':>12}"
     print(header)
     for m, row in result["gflops"].items():
