@@ -1,7 +1,7 @@
-"""Compile kernels/cpu/*.c for this CPU on first use and load them through ctypes.
+"""Compile kernels/cpu/*.c (with the shared *.h) for this CPU on first use and load them through ctypes.
 
 The library is built with the machine's C compiler (-O3 -march=native) into a cache directory
-keyed by the source, the flags and the CPU, so a second process or run loads it in milliseconds and
+keyed by the sources, the flags and the CPU, so a second process or run loads it in milliseconds and
 a different CPU never loads a library built for another. No compiler, or a failed build, gives
 None and the reason (callers fall back to the reference kernels).
 """
@@ -47,7 +47,7 @@ def _compile(source: Path, target: Path, compiler: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], check=True,
+        subprocess.run([compiler, *FLAGS, f"-I{SOURCE_DIR}", str(source), "-o", tmp, "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
     finally:
@@ -64,8 +64,9 @@ def load(name: str) -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, "no C compiler (cc or gcc) on PATH"
     source = SOURCE_DIR / f"{name}.c"
-    key = hashlib.sha256("\0".join([source.read_text(), *FLAGS, compiler, _cpu_identity()])
-                         .encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))]
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, *FLAGS, compiler,
+                                     _cpu_identity()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     try:
         if not target.exists():
@@ -75,3 +76,18 @@ def load(name: str) -> tuple[ctypes.CDLL | None, str]:
         return None, f"{compiler} failed on {source.name}: {e.stderr.strip()[:500]}"
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"building {source.name} failed: {e}"
+
+
+_SUFFIX = {"torch.float32": "f32", "torch.bfloat16": "bf16"}
+
+
+def typed_function(name: str, symbol: str, dtype) -> ctypes._CFuncPtr | None:
+    """`<symbol>_f32` or `<symbol>_bf16` of library `name` for a torch dtype; None when the
+    library is not built or the dtype has no variant (callers use the reference then)."""
+    lib, _ = load(name)
+    suffix = _SUFFIX.get(str(dtype))
+    return None if lib is None or suffix is None else getattr(lib, f"{symbol}_{suffix}")
+
+
+def ptr(tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())

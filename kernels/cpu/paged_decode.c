@@ -14,27 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float load_f32(const float *p) { return *p; }
-static inline void store_f32(float *p, float x) { *p = x; }
-
-static inline float load_bf16(const uint16_t *p) {
-    uint32_t u = (uint32_t)*p << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays NaN. */
-static inline void store_bf16(uint16_t *p, float x) {
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        *p = (uint16_t)((u >> 16) | 0x40u);
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    *p = (uint16_t)(u >> 16);
-}
+#include "simd.h"
 
 typedef struct {
     int num_q_heads, num_kv_heads, head_dim, block_size;
@@ -96,45 +76,10 @@ static void NAME(const T *q, const T *k_cache, const T *v_cache, T *out, const i
 DEFINE_DECODE_ONE(decode_one_f32, float, load_f32, store_f32)
 DEFINE_DECODE_ONE(decode_one_bf16, uint16_t, load_bf16, store_bf16)
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#ifdef PAGEDSERVE_AVX512
 /* The AVX-512 path, for head_dim a multiple of 16 up to 256. A few query heads of one KV head (a
  * head group) keep their queries and outputs in registers while that KV head's keys and values
  * stream past; head_dim / 16 (NV) and the group size (GC) are constants of each instance. */
-#include <immintrin.h>
-
-static inline __m512 vload_f32(const float *p) { return _mm512_loadu_ps(p); }
-
-static inline __m512 vload_bf16(const uint16_t *p) {
-    __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-}
-
-static inline void vstore_f32(float *p, __m512 x) { _mm512_storeu_ps(p, x); }
-
-static inline void vstore_bf16(uint16_t *p, __m512 x) { /* round to nearest even */
-    __m512i u = _mm512_castps_si512(x);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-}
-
-/* e^x for x <= 0 (scores minus their maximum) to float32 accuracy: Cody-Waite reduction and
- * Cephes' expf polynomial; scalef applies 2^n and underflows gracefully to 0. */
-static inline __m512 vexp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* Each of gc rows of w scores becomes its softmax, in place. */
 static void softmax_rows(float *scores, int gc, int w, float softcap) {

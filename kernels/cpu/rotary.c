@@ -7,29 +7,7 @@
  * few hundred kilobytes per layer, so at decode sizes dispatch and thread hand-offs cost more than
  * the arithmetic; here it is one loop.
  */
-#include <stdint.h>
-#include <string.h>
-
-static inline float load_f32(const float *p) { return *p; }
-static inline void store_f32(float *p, float x) { *p = x; }
-
-static inline float load_bf16(const uint16_t *p) {
-    uint32_t u = (uint32_t)*p << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline void store_bf16(uint16_t *p, float x) { /* round to nearest even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        *p = (uint16_t)((u >> 16) | 0x40u);
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    *p = (uint16_t)(u >> 16);
-}
+#include "simd.h"
 
 /* The first `rot` dimensions of every head of x [rows, heads, head_dim] (rows `x_stride` elements
  * apart, heads contiguous) rotated by their position's angles: dimension j pairs with j + rot/2;

@@ -8,9 +8,7 @@ import ctypes
 import torch
 
 from kernels import reference
-from kernels.cpu.build import load
-
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+from kernels.cpu.build import ptr, typed_function
 
 
 def _heads_ok(t: torch.Tensor) -> bool:
@@ -21,15 +19,13 @@ def _heads_ok(t: torch.Tensor) -> bool:
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
-    lib, _ = load("rotary")
-    if (lib is None or not is_neox or q.dtype not in _SUFFIX or q.dtype != k.dtype
-            or not _heads_ok(q) or not _heads_ok(k) or cos_sin_cache.dtype != torch.float32
-            or not cos_sin_cache.is_contiguous() or cos_sin_cache.device.type != "cpu"):
+    fn = typed_function("rotary", "rotary_neox", q.dtype)
+    if (fn is None or not is_neox or q.dtype != k.dtype or not _heads_ok(q) or not _heads_ok(k)
+            or cos_sin_cache.dtype != torch.float32 or not cos_sin_cache.is_contiguous()
+            or cos_sin_cache.device.type != "cpu"):
         reference.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
         return
-    fn = getattr(lib, f"rotary_neox_{_SUFFIX[q.dtype]}")
     pos = positions.to(torch.int64).contiguous()
     for t in (q, k):
-        fn(ctypes.c_void_p(t.data_ptr()), ctypes.c_int64(t.stride(0)), ctypes.c_int64(t.shape[0]),
-           t.shape[1], t.shape[2], ctypes.c_void_p(cos_sin_cache.data_ptr()),
-           cos_sin_cache.shape[1], ctypes.c_void_p(pos.data_ptr()))
+        fn(ptr(t), ctypes.c_int64(t.stride(0)), ctypes.c_int64(t.shape[0]), t.shape[1],
+           t.shape[2], ptr(cos_sin_cache), cos_sin_cache.shape[1], ptr(pos))

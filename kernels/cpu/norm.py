@@ -1,0 +1,41 @@
+"""RMSNorm and fused add + RMSNorm on the CPU through norm.c, with kernels.reference's
+signatures; other dtypes, layouts or devices and a missing compiler go to the reference."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kernels import reference
+from kernels.cpu.build import ptr, typed_function
+
+
+def _matrix_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """[rows, hidden] on the CPU with contiguous rows, and a matching contiguous weight."""
+    return (x.device.type == "cpu" and x.dim() == 2 and x.stride(1) == 1
+            and weight.dtype == x.dtype and weight.is_contiguous()
+            and weight.shape == (x.shape[1],))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    fn = typed_function("norm", "rms_norm", x.dtype)
+    if fn is None or not _matrix_ok(x, weight):
+        return reference.rms_norm(x, weight, eps)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    fn(ptr(x), ctypes.c_int64(x.stride(0)), ptr(weight), ptr(out), ctypes.c_int64(x.shape[0]),
+       x.shape[1], ctypes.c_float(eps))
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = typed_function("norm", "add_rms_norm", x.dtype)
+    if (fn is None or not _matrix_ok(x, weight) or not x.is_contiguous()
+            or not residual.is_contiguous() or residual.shape != x.shape
+            or residual.dtype != x.dtype):
+        return reference.fused_add_rms_norm(x, residual, weight, eps)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    fn(ptr(x), ptr(residual), ptr(weight), ptr(out), ctypes.c_int64(x.shape[0]), x.shape[1],
+       ctypes.c_float(eps))
+    return out, residual

@@ -1,0 +1,86 @@
+/* Helpers shared by the CPU kernels: float32/bfloat16 loads and stores (scalar, and 16 lanes of
+ * AVX-512 where the compiler targets it) and a vector e^x. bf16 stores round to nearest even, as
+ * torch's float -> bfloat16 conversion does. */
+#ifndef PAGEDSERVE_SIMD_H
+#define PAGEDSERVE_SIMD_H
+
+#include <stdint.h>
+#include <string.h>
+
+static inline float load_f32(const float *p) { return *p; }
+static inline void store_f32(float *p, float x) { *p = x; }
+
+static inline float load_bf16(const uint16_t *p) {
+    uint32_t u = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t bf16_bits(float x) { /* NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline void store_bf16(uint16_t *p, float x) { *p = bf16_bits(x); }
+
+/* x as a tensor of that dtype holds it: unchanged in float32, rounded in bf16. */
+static inline float round_f32(float x) { return x; }
+static inline float round_bf16(float x) {
+    const uint16_t b = bf16_bits(x);
+    return load_bf16(&b);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define PAGEDSERVE_AVX512 1
+#include <immintrin.h>
+
+static inline __m512 vload_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore_f32(float *p, __m512 x) { _mm512_storeu_ps(p, x); }
+static inline __m512 vround_f32(__m512 x) { return x; }
+
+static inline __m512 vload_bf16(const uint16_t *p) {
+    __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+
+/* The float32 bit patterns rounded to bf16 in their upper half (finite inputs). */
+static inline __m512i vbf16_rounded_bits(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+}
+
+static inline void vstore_bf16(uint16_t *p, __m512 x) {
+    __m512i u = _mm512_srli_epi32(vbf16_rounded_bits(x), 16);
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(u));
+}
+
+static inline __m512 vround_bf16(__m512 x) {
+    __m512i u = _mm512_and_si512(vbf16_rounded_bits(x), _mm512_set1_epi32((int)0xffff0000u));
+    return _mm512_castsi512_ps(u);
+}
+
+/* e^x for x <= 0 to float32 accuracy (a few ulp): Cody-Waite reduction and Cephes' expf
+ * polynomial; scalef applies 2^n and underflows gracefully to 0. */
+static inline __m512 vexp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#endif

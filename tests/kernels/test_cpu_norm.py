@@ -1,0 +1,63 @@
+"""The CPU backend's RMSNorm and fused add + RMSNorm (kernels/cpu/norm.c) against the reference
+and transformers' LlamaRMSNorm."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels.cpu import fused_add_rms_norm, rms_norm
+from kernels.cpu.build import load
+
+
+@pytest.fixture(autouse=True)
+def built() -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the CPU backend falls back to the reference kernels")
+    lib, why = load("norm")
+    assert lib is not None, why
+
+
+# float32 sums the squares in another order (a few last places); bf16 rounds that away but for ties
+ULPS = {torch.float32: 8, torch.bfloat16: 1}
+
+
+def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units of the last place between same-dtype tensors."""
+    bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    return int((a.view(bits).long() - b.view(bits).long()).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [768, 96, 40])  # 40: not a multiple of 16, the scalar loop
+def test_rms_norm_within_last_places_of_transformers(dtype, hidden) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(hidden, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden))
+        x = (torch.randn(33, hidden) * 3).to(dtype)
+        expected = norm(x)
+    assert _ulps_apart(rms_norm(x, norm.weight.data, 1e-5), expected) <= ULPS[dtype]
+    wide = torch.randn(33, hidden + 16).to(dtype)  # rows further apart than hidden
+    wide[:, :hidden] = x
+    assert _ulps_apart(rms_norm(wide[:, :hidden], norm.weight.data, 1e-5), expected) <= ULPS[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_add_rms_norm_updates_the_residual_like_the_reference(dtype) -> None:
+    x, w = torch.randn(17, 768).to(dtype), torch.randn(768).to(dtype)
+    residual = torch.randn(17, 768).to(dtype)
+    ref_residual = residual.clone()
+    out, res = fused_add_rms_norm(x, residual, w, 1e-6)
+    ref_out, _ = reference.fused_add_rms_norm(x, ref_residual, w, 1e-6)
+    assert res is residual and torch.equal(residual, ref_residual)
+    assert _ulps_apart(out, ref_out) <= ULPS[dtype]
+
+
+def test_three_dimensional_input_goes_to_the_reference() -> None:
+    x, w = torch.randn(5, 4, 32).bfloat16(), torch.randn(32).bfloat16()  # Qwen3's q/k norm
+    assert torch.equal(rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
