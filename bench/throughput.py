@@ -3,10 +3,11 @@
     python -m bench.throughput [--model DIR] [--num-requests 200] [--out results/throughput.json]
 
 With no --model, the `small` llama preset is built once into .models/bench. transformers is tried
-in each dtype and batch size on a slice of the workload and run in its best configuration on the
-whole workload; pagedserve runs the same requests. Both produce exactly the requested tokens.
-The roofline (bench/roofline.py) is measured in the same run, and pagedserve's rate of computed
-tokens (prompt + output) is printed as a share of that GEMM-bound ceiling.
+in each dtype and batch size on the whole workload (or on a slice, --tune-requests, and then rerun
+in its best configuration on the whole workload); pagedserve runs the same requests. Both produce
+exactly the requested tokens. The roofline (bench/roofline.py) is measured in the same run, and
+pagedserve's rate of computed tokens (prompt + output) is printed as a share of that GEMM-bound
+ceiling.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--hf-dtypes", default="bfloat16,float32")
     p.add_argument("--hf-batch-sizes", default="8,16,32,64")
-    p.add_argument("--tune-requests", type=int, default=64)
+    p.add_argument("--tune-requests", type=int, default=0,
+                   help="transformers is tuned on this many requests (0: the whole workload; a "
+                        "slice shorter than a few batches misjudges static batching's tail)")
     p.add_argument("--skip-hf", action="store_true", help="only measure pagedserve")
     p.add_argument("--skip-roofline", action="store_true", help="no GEMM ceiling")
     p.add_argument("--out", default=str(ROOT / "results" / "throughput.json"))
@@ -94,11 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _hf_side(model_dir: str, requests: list[BenchRequest], args) -> dict:
-    tune = requests[: args.tune_requests]
+    """transformers in its best (dtype, batch size). Tuned on the whole workload (tune-requests 0
+    or >= the workload), the best trial is the result; on a slice, the best is rerun on all."""
+    whole = args.tune_requests <= 0 or args.tune_requests >= len(requests)
+    tune = requests if whole else requests[: args.tune_requests]
     dtypes = [d for d in args.hf_dtypes.split(",") if d]
     sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b]
     dtype, batch, trials = best_static_config(model_dir, tune, dtypes, sizes)
-    result = run_hf(model_dir, requests, dtype, batch)
+    result = (max(trials, key=lambda t: t.output_tokens_per_s) if whole
+              else run_hf(model_dir, requests, dtype, batch))
     return {
         "dtype": dtype, "batch_size": batch, "elapsed_s": result.elapsed_s,
         "output_tokens": result.output_tokens, "requests_per_s": result.requests_per_s,
@@ -119,6 +126,10 @@ def print_table(results: dict) -> None:
     for name, r in rows:
         ratio = f"{r['output_tokens_per_s'] / base:.2f}x" if base else "-"
         print(f"{name:<34} {r['requests_per_s']:>8.2f} {r['output_tokens_per_s']:>10.1f} {ratio:>7}")
+    if hf:
+        trials = ", ".join(f"{t['dtype']} bs={t['batch_size']}: {t['output_tokens_per_s']:.1f}"
+                           for t in hf["tuning"])
+        print(f"transformers trials (output tok/s): {trials}")
     print(f"KV utilisation at peak: {ps['kv_utilisation_at_peak']:.1%} "
           f"({ps['peak_blocks_in_use']} blocks); preemptions: {ps['num_preemptions']}")
     roof = results.get("roofline")
