@@ -31,11 +31,11 @@ class HFResult:
         return self.num_requests / self.elapsed_s
 
 
-def load_hf_model(model_dir: str, dtype: str):
+def load_hf_model(model_dir: str, dtype: str, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _left_padded(batch: list[BenchRequest], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,18 +58,21 @@ def run_static_batches(model, requests: list[BenchRequest], batch_size: int) -> 
         ids, mask = _left_padded(batch, pad_id)
         new = max(r.output_len for r in batch)
         model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+            input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new, min_new_tokens=new,
             do_sample=False, pad_token_id=pad_id,
         )
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
 def best_static_config(model_dir: str, tune: list[BenchRequest], dtypes: list[str],
-                       batch_sizes: list[int]) -> tuple[str, int, list[HFResult]]:
+                       batch_sizes: list[int],
+                       device: str = "cpu") -> tuple[str, int, list[HFResult]]:
     """Try each (dtype, batch size) on a tuning slice; return the fastest and every trial."""
     trials = []
     for dtype in dtypes:
-        model = load_hf_model(model_dir, dtype)
+        model = load_hf_model(model_dir, dtype, device)
         for bs in batch_sizes:
             elapsed = run_static_batches(model, tune, bs)
             out = sum(r.output_len for r in tune)
@@ -79,7 +82,8 @@ def best_static_config(model_dir: str, tune: list[BenchRequest], dtypes: list[st
     return best.dtype, best.batch_size, trials
 
 
-def run_hf(model_dir: str, requests: list[BenchRequest], dtype: str, batch_size: int) -> HFResult:
-    model = load_hf_model(model_dir, dtype)
+def run_hf(model_dir: str, requests: list[BenchRequest], dtype: str, batch_size: int,
+           device: str = "cpu") -> HFResult:
+    model = load_hf_model(model_dir, dtype, device)
     elapsed = run_static_batches(model, requests, batch_size)
     return HFResult(dtype, batch_size, elapsed, len(requests), sum(r.output_len for r in requests))

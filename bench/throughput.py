@@ -103,9 +103,9 @@ def _hf_side(model_dir: str, requests: list[BenchRequest], args) -> dict:
     tune = requests if whole else requests[: args.tune_requests]
     dtypes = [d for d in args.hf_dtypes.split(",") if d]
     sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b]
-    dtype, batch, trials = best_static_config(model_dir, tune, dtypes, sizes)
+    dtype, batch, trials = best_static_config(model_dir, tune, dtypes, sizes, args.device)
     result = (max(trials, key=lambda t: t.output_tokens_per_s) if whole
-              else run_hf(model_dir, requests, dtype, batch))
+              else run_hf(model_dir, requests, dtype, batch, args.device))
     return {
         "dtype": dtype, "batch_size": batch, "elapsed_s": result.elapsed_s,
         "output_tokens": result.output_tokens, "requests_per_s": result.requests_per_s,

@@ -40,7 +40,7 @@ if [ -f bench/throughput.py ]; then
     status=1
   else
     $PY -m bench.throughput --model "$MODEL_DIR" --dtype bfloat16 --device cuda \
-      --num-requests 200 --hf-dtypes bfloat16 --hf-batch-sizes 32,64 --tune-requests 64 \
+      --num-requests 200 --hf-dtypes bfloat16 --hf-batch-sizes 32,64 --tune-requests 128 \
       --out "$RESULTS/throughput.json" || status=1
   fi
 else
