@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from unittest import mock
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -134,3 +136,14 @@ def dense_attention(batch, scale: float, sliding_window: int, softcap: float) ->
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         out.append(o.transpose(0, 1))
     return torch.cat(out)
+
+
+def require_cpu_kernel(name: str) -> None:
+    """Skip where no C compiler exists (the CPU backend then runs the reference); where one does,
+    kernels/cpu/<name>.c must build."""
+    from kernels.cpu.build import load
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the CPU backend falls back to the reference kernels")
+    lib, why = load(name)
+    assert lib is not None, why

@@ -3,7 +3,6 @@ float64 attention on the context gathered token by token, over NaN-poisoned cach
 
 from __future__ import annotations
 
-import shutil
 from itertools import pairwise
 
 import pytest
@@ -11,8 +10,7 @@ import torch
 
 from kernels import cpu, reference
 from kernels.cpu import attention as cpu_attention
-from kernels.cpu.build import load
-from tests.kernels.common import dense_attention, make_batch, poisoned, rel_err
+from tests.kernels.common import dense_attention, make_batch, poisoned, rel_err, require_cpu_kernel
 
 CPU = torch.device("cpu")
 # bf16 outputs are rounded to bf16 (2^-9 relative); scores and P stay float32 in C
@@ -21,10 +19,7 @@ TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3}
 
 @pytest.fixture(autouse=True)
 def built() -> None:
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler: the CPU backend falls back to the reference kernels")
-    lib, why = load("paged_decode")
-    assert lib is not None, why
+    require_cpu_kernel("paged_decode")
 
 
 def _on_cpu(batch):

@@ -3,22 +3,17 @@ and transformers' LlamaRMSNorm."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from kernels import reference
 from kernels.cpu import fused_add_rms_norm, rms_norm
-from kernels.cpu.build import load
+from tests.kernels.common import require_cpu_kernel
 
 
 @pytest.fixture(autouse=True)
 def built() -> None:
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler: the CPU backend falls back to the reference kernels")
-    lib, why = load("norm")
-    assert lib is not None, why
+    require_cpu_kernel("norm")
 
 
 # float32 sums the squares in another order (a few last places); bf16 rounds that away but for ties

@@ -3,22 +3,17 @@ bits, on the strided q/k views a fused QKV projection produces."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from kernels import reference
 from kernels.cpu import rotary_embedding
-from kernels.cpu.build import load
+from tests.kernels.common import require_cpu_kernel
 
 
 @pytest.fixture(autouse=True)
 def built() -> None:
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler: the CPU backend falls back to the reference kernels")
-    lib, why = load("rotary")
-    assert lib is not None, why
+    require_cpu_kernel("rotary")
 
 
 def _qk(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
