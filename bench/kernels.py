@@ -12,7 +12,6 @@ Prefill: causal attention over whole prompts as TFLOP/s against torch SDPA (is_c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -189,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
               "prefill": bench_prefill(torch, shapes, device, measure)}
     print_tables(result)
     out = args.out or Path(os.environ.get("OUT") or ROOT / "results") / "bench_kernels.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    from bench.results import write_results
+
+    write_results(out, result)
     return 0
 
 

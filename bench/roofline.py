@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.results import write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_M = (1, 16, 64, 256, 512)
 
@@ -178,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": model_dir,
               **measure(config, resolve_dtype(args.dtype, config), ms, args.min_seconds)}
     print_table(result)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.results import write_results
 from bench.workload import BenchRequest, sharegpt_like
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -385,9 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_offline:
         results["comparison"] = compare_offline(model_dir, requests, runs, vocab, args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(out, results)
     if len(runs) > 1 and plot(runs, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")
     return 0 if all(r["failed"] == 0 for r in runs) else 1

@@ -30,6 +30,7 @@ import re
 import time
 from pathlib import Path
 
+from bench.results import write_results
 from bench.serve import RequestResult, _payload, launched_server, send_request, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                "num_running": args.num_running, "max_tokens": args.max_tokens,
                "prompt_len": [low, high], "window": window, "per_step": report}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(out, results)
     return 0 if report["clean"] else 1
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench.hf_baseline import best_static_config, run_hf
+from bench.results import write_results
 from bench.roofline import machine_description, measure, model_config, resolve_dtype
 from bench.workload import BenchRequest, sharegpt_like
 
@@ -158,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         results["ratio"] = (results["pagedserve"]["output_tokens_per_s"]
                             / results["transformers"]["output_tokens_per_s"])
     print_table(results)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
     return 0
 
 
