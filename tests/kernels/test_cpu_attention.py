@@ -28,7 +28,7 @@ def _on_cpu(batch):
 
 
 def _check(q_lens, seq_lens, *, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
-           dtype=torch.bfloat16, window=0, softcap=0.0, scale=0.3) -> torch.Tensor:
+           dtype=torch.bfloat16, window=0, softcap=0.0, scale=0.3, tol=None) -> torch.Tensor:
     batch = _on_cpu(make_batch(q_lens, seq_lens, num_q_heads=num_q_heads,
                                num_kv_heads=num_kv_heads, head_dim=head_dim,
                                block_size=block_size, dtype=dtype,
@@ -36,7 +36,7 @@ def _check(q_lens, seq_lens, *, num_q_heads=8, num_kv_heads=2, head_dim=64, bloc
     out = poisoned(batch.q.shape, dtype, CPU)
     cpu.paged_attention(*batch.args(), out, scale=scale, sliding_window=window, softcap=softcap,
                         **batch.bounds())
-    assert rel_err(out, dense_attention(batch, scale, window, softcap)) < TOL[dtype]
+    assert rel_err(out, dense_attention(batch, scale, window, softcap)) < (tol or TOL[dtype])
     return out
 
 
@@ -78,8 +78,10 @@ def test_sliding_window_and_softcap(dtype, window, softcap) -> None:
 
 
 def test_large_scores_stay_finite() -> None:
-    """Scores in the hundreds: the softmax must subtract the maximum before exponentiating."""
-    _check([1] * 4, [50, 3, 200, 17], scale=40.0, dtype=torch.float32)
+    """Scores in the hundreds: the softmax must subtract the maximum before exponentiating (else
+    exp overflows to inf and the output is NaN). float32 scores near 1000 carry rounding errors
+    near 1000 * 2^-24 = 6e-5, so the bound is wider than for scores near 1."""
+    _check([1] * 4, [50, 3, 200, 17], scale=40.0, dtype=torch.float32, tol=3e-4)
 
 
 def test_same_result_on_one_thread_and_two() -> None:
