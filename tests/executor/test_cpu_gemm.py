@@ -1,5 +1,5 @@
-"""Pre-packed CPU weights: the same bits as F.linear, and every linear layer of a loaded bf16 model
-takes the packed form."""
+"""Pre-packed CPU weights: bf16 gives F.linear's bits, float32 agrees with a float64 product as
+closely as F.linear does, and every linear layer of a loaded model takes the packed form."""
 
 from __future__ import annotations
 
@@ -26,16 +26,32 @@ def test_packed_linear_equals_f_linear_bit_for_bit() -> None:
     assert torch.equal(packed_linear(x, packed, bias), F.linear(x, weight, bias))
 
 
-def test_float32_weights_are_not_packed() -> None:
-    assert pack_weight(torch.randn(8, 8)) is None
+def test_packed_float32_linear_is_as_close_to_float64_as_f_linear() -> None:
+    """float32 may sum in another order than F.linear: both must sit within float32 rounding of
+    the exact (float64) product, at decode and prompt sizes, with and without a bias."""
+    weight, bias = torch.randn(300, 2048), torch.randn(300)
+    for b in (None, bias):
+        packed = pack_weight(weight, b)
+        if packed is None:
+            pytest.skip("this torch build has no oneDNN weight packing")
+        for rows in (1, 7, 64, 257):
+            x = torch.randn(rows, 2048)
+            exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+            size = F.linear(x.abs().double(), weight.abs().double())
+            for got in (packed_linear(x, packed, b), F.linear(x, weight, b)):
+                assert ((got.double() - exact).abs() <= 2048 * 2.0**-24 * size).all()
 
 
-def test_loaded_bf16_model_packs_every_linear_layer() -> None:
-    model, config = load_model(model_dir("llama"), dtype="bfloat16")
+def test_other_dtypes_and_devices_are_not_packed() -> None:
+    assert pack_weight(torch.randn(8, 8).half()) is None
+    assert pack_weight(torch.randn(8, 8, device="meta")) is None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_loaded_model_packs_every_linear_layer(dtype) -> None:
+    model, config = load_model(model_dir("llama"), dtype=dtype)
     layers = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
-    if pack_weight(torch.randn(4, 4).bfloat16()) is None:
+    if pack_weight(torch.randn(4, 4).to(getattr(torch, dtype))) is None:
         pytest.skip("this torch build has no oneDNN weight packing")
     assert len(layers) == 4 * config.num_layers + 1
     assert all(m.packed is not None for m in layers)
-    fp32, _ = load_model(model_dir("llama"), dtype="float32")
-    assert all(m.packed is None for m in fp32.modules() if isinstance(m, LinearBase))
