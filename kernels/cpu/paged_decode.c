@@ -76,6 +76,15 @@ static void NAME(const T *q, const T *k_cache, const T *v_cache, T *out, const i
 DEFINE_DECODE_ONE(decode_one_f32, float, load_f32, store_f32)
 DEFINE_DECODE_ONE(decode_one_bf16, uint16_t, load_bf16, store_bf16)
 
+#if defined(PAGEDSERVE_AVX512) || defined(PAGEDSERVE_AVX2)
+/* Every line of the page into L2, so the next page is on its way while this one is used (into
+ * L2 rather than L1: measured faster, the L1 miss buffers are few). */
+static inline void prefetch_page(const char *page, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(page + b, _MM_HINT_T1);
+}
+
+#endif
+
 #ifdef PAGEDSERVE_AVX512
 /* The AVX-512 path, for head_dim a multiple of 16 up to 256. A few query heads of one KV head (a
  * head group) keep their queries and outputs in registers while that KV head's keys and values
@@ -176,16 +185,10 @@ DEFINE_ALL(bf16, vload_bf16, vstore_bf16)
 static const k_group_fn K_GROUPS[2][17][4] = {TABLE(hk, k_group_fn, f32), TABLE(hk, k_group_fn, bf16)};
 static const v_group_fn V_GROUPS[2][17][4] = {TABLE(hv, v_group_fn, f32), TABLE(hv, v_group_fn, bf16)};
 
-/* Every line of the page into L2, so the next page is on its way while this one is used (into
- * L2 rather than L1: measured faster, the L1 miss buffers are few). */
-static inline void prefetch_page(const char *page, int64_t bytes) {
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(page + b, _MM_HINT_T1);
-}
-
 /* One sequence: page by page, every head group's scores; softmax; page by page, P.V. Each page
  * ([block_size, kv_heads, head_dim]) is used whole while it is in L1. 0 when head_dim has no
  * instance (the caller falls back to the portable loop). */
-static int decode_one_avx512(const void *q, const void *k_cache, const void *v_cache, void *out,
+static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
                              const int32_t *table, int seq_len, const decode_shape *s,
                              float *scratch, int is_bf16) {
     const int D = s->head_dim, nv = D / 16, H = s->num_q_heads, HK = s->num_kv_heads;
@@ -227,8 +230,121 @@ static int decode_one_avx512(const void *q, const void *k_cache, const void *v_c
     }
     return 1;
 }
+#elif defined(PAGEDSERVE_AVX2)
+/* The AVX2 path, for head_dim a multiple of 8. Sixteen vector registers cannot hold a head group's
+ * queries as above, so the scaled queries and the outputs sit in float32 in the scratch buffer
+ * (L1); a K or V row is loaded into registers in chunks of up to 8 vectors and serves every query
+ * head of its KV head. */
+#define ROW_VECTORS 8
+
+/* The N vectors of row chunk `row` against q (8 * N floats), as 8 partial sums. */
+static inline __m256 dot_chunk(const float *q, const __m256 *row, int n) {
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), row[0]);
+    for (int j = 1; j < n; j++) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), row[j], a);
+    return a;
+}
+
+static inline void axpy_chunk(float *acc, float p, const __m256 *row, int n) {
+    const __m256 vp = _mm256_set1_ps(p);
+    for (int j = 0; j < n; j++)
+        _mm256_storeu_ps(acc + 8 * j, _mm256_fmadd_ps(vp, row[j], _mm256_loadu_ps(acc + 8 * j)));
+}
+
+/* Keys (pass 0: scores, row h of w entries, key t at t - start) or values (pass 1: acc[h] +=
+ * p * v) of slots slot0 .. slot0 + t1-t0-1 of one page, for every query head. A full chunk has a
+ * constant length, so its row stays in registers. */
+#define DEFINE_AVX2_PAGE(T, VLOAD)                                                             \
+static void page_##T(int pass, const float *qf, const T *cache, int64_t slot0, int t0, int t1, \
+                     int start, int w, const decode_shape *s, float *scores, float *acc) {   \
+    const int HK = s->num_kv_heads, D = s->head_dim, G = s->num_q_heads / HK;                \
+    __m256 row[ROW_VECTORS];                                                                 \
+    for (int t = t0; t < t1; t++)                                                            \
+        for (int kh = 0; kh < HK; kh++) {                                                    \
+            const T *x = cache + ((slot0 + (t - t0)) * HK + kh) * D;                          \
+            for (int c = 0; c < D; c += 8 * ROW_VECTORS) {                                   \
+                const int n = D - c >= 8 * ROW_VECTORS ? ROW_VECTORS : (D - c) / 8;           \
+                if (n == ROW_VECTORS)                                                        \
+                    for (int j = 0; j < ROW_VECTORS; j++) row[j] = VLOAD(x + c + 8 * j);     \
+                else                                                                         \
+                    for (int j = 0; j < n; j++) row[j] = VLOAD(x + c + 8 * j);               \
+                for (int h = kh * G; h < (kh + 1) * G; h++) {                                \
+                    float *sc = scores + (int64_t)h * w + (t - start);                       \
+                    if (pass == 1) {                                                         \
+                        float *ah = acc + (int64_t)h * D + c;                                \
+                        if (n == ROW_VECTORS) axpy_chunk(ah, *sc, row, ROW_VECTORS);          \
+                        else axpy_chunk(ah, *sc, row, n);                                    \
+                        continue;                                                            \
+                    }                                                                        \
+                    const float *qh = qf + (int64_t)h * D + c;                               \
+                    const float dot = v8sum(n == ROW_VECTORS ? dot_chunk(qh, row, ROW_VECTORS) \
+                                                             : dot_chunk(qh, row, n));       \
+                    *sc = c == 0 ? dot : *sc + dot;                                          \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+}
+typedef float f32;
+typedef uint16_t bf16;
+DEFINE_AVX2_PAGE(f32, v8load_f32)
+DEFINE_AVX2_PAGE(bf16, v8load_bf16)
+
+static void softmax_rows(float *scores, int rows, int w, float softcap) {
+    for (int g = 0; g < rows; g++) {
+        float *sc = scores + (int64_t)g * w, m = -INFINITY, sum = 0.0f;
+        if (softcap > 0.0f)
+            for (int t = 0; t < w; t++) sc[t] = softcap * tanhf(sc[t] / softcap);
+        for (int t = 0; t < w; t++) m = sc[t] > m ? sc[t] : m;
+        const __m256 vm = _mm256_set1_ps(m);
+        __m256 vsum = _mm256_setzero_ps();
+        int t = 0;
+        for (; t + 8 <= w; t += 8) {
+            const __m256 e = v8exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vm));
+            _mm256_storeu_ps(sc + t, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        for (; t < w; t++) { sc[t] = expf(sc[t] - m); sum += sc[t]; }
+        const float inv = 1.0f / (sum + v8sum(vsum));
+        for (t = 0; t < w; t++) sc[t] *= inv;
+    }
+}
+
+/* One sequence: scaled queries, page by page every head's scores, softmax, page by page P.V.
+ * scratch holds H * w scores and 2 * H * D floats more. 0 when head_dim is not a multiple of 8
+ * (the caller falls back to the portable loop). */
+static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
+                           const int32_t *table, int seq_len, const decode_shape *s,
+                           float *scratch, int is_bf16) {
+    const int D = s->head_dim, H = s->num_q_heads, HK = s->num_kv_heads, bs = s->block_size;
+    if (D % 8 != 0) return 0;
+    const int start = (s->sliding_window > 0 && seq_len > s->sliding_window)
+                          ? seq_len - s->sliding_window : 0;
+    const int w = seq_len - start, last = (seq_len - 1) / bs;
+    const int64_t page_bytes = (int64_t)bs * HK * D * (is_bf16 ? 2 : 4);
+    float *scores = scratch, *qf = scratch + (int64_t)H * w, *acc = qf + (int64_t)H * D;
+    for (int i = 0; i < H * D; i++)
+        qf[i] = (is_bf16 ? load_bf16((const uint16_t *)q + i) : ((const float *)q)[i]) * s->scale;
+    memset(acc, 0, sizeof(float) * H * D);
+    for (int pass = 0; pass < 2; pass++) {
+        const char *cache = pass == 0 ? k_cache : v_cache;
+        if (pass == 1) softmax_rows(scores, H, w, s->softcap);
+        for (int blk = start / bs; blk <= last; blk++) {
+            if (blk < last) prefetch_page(cache + (int64_t)table[blk + 1] * page_bytes, page_bytes);
+            const int t0 = blk * bs > start ? blk * bs : start;
+            const int64_t slot0 = (int64_t)table[blk] * bs + (t0 - (int64_t)blk * bs);
+            const int t1 = (blk + 1) * bs < seq_len ? (blk + 1) * bs : seq_len;
+            if (is_bf16) page_bf16(pass, qf, (const uint16_t *)cache, slot0, t0, t1, start, w, s,
+                                   scores, acc);
+            else page_f32(pass, qf, (const float *)cache, slot0, t0, t1, start, w, s, scores, acc);
+        }
+    }
+    for (int i = 0; i < H * D; i += 8) {
+        if (is_bf16) v8store_bf16((uint16_t *)out + i, _mm256_loadu_ps(acc + i));
+        else v8store_f32((float *)out + i, _mm256_loadu_ps(acc + i));
+    }
+    return 1;
+}
 #else
-static int decode_one_avx512(const void *q, const void *k_cache, const void *v_cache, void *out,
+static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
                              const int32_t *table, int seq_len, const decode_shape *s,
                              float *scratch, int is_bf16) {
     (void)q, (void)k_cache, (void)v_cache, (void)out, (void)table, (void)seq_len, (void)s;
@@ -248,14 +364,14 @@ int NAME(const T *q, const T *k_cache, const T *v_cache, T *out, const int32_t *
     for (int i = begin; i < end; i++)                                                         \
         longest = seq_lens[seqs[i]] > longest ? seq_lens[seqs[i]] : longest;                  \
     const int64_t H = s->num_q_heads, D = s->head_dim;                                        \
-    float *scratch = malloc(sizeof(float) * (H * longest + (H + 1) * D));                     \
+    float *scratch = malloc(sizeof(float) * (H * longest + (2 * H + 1) * D));                     \
     if (!scratch) return -1;                                                                  \
     for (int i = begin; i < end; i++) {                                                       \
         const int seq = seqs[i];                                                              \
         const T *qs = q + q_rows[seq] * s->q_row_stride;                                      \
         T *os = out + q_rows[seq] * s->out_row_stride;                                        \
         const int32_t *table = block_tables + seq * s->block_table_stride;                    \
-        if (!decode_one_avx512(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch,    \
+        if (!decode_one_simd(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch,    \
                                IS_BF16))                                                      \
             ONE(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch);                  \
     }                                                                                         \

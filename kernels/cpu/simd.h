@@ -1,6 +1,6 @@
-/* Helpers shared by the CPU kernels: float32/bfloat16 loads and stores (scalar, and 16 lanes of
- * AVX-512 where the compiler targets it) and a vector e^x. bf16 stores round to nearest even, as
- * torch's float -> bfloat16 conversion does. */
+/* Helpers shared by the CPU kernels: float32/bfloat16 loads and stores (scalar; 16 lanes of
+ * AVX-512, or else 8 lanes of AVX2, where the compiler targets them) and a vector e^x. bf16 stores
+ * round to nearest even, as torch's float -> bfloat16 conversion does. */
 #ifndef PAGEDSERVE_SIMD_H
 #define PAGEDSERVE_SIMD_H
 
@@ -80,6 +80,56 @@ static inline __m512 vexp_nonpositive(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#if !defined(PAGEDSERVE_AVX512) && defined(__AVX2__) && defined(__FMA__)
+/* CPUs without AVX-512 (Zen 3 and older, many Intel client parts): 8 lanes. */
+#define PAGEDSERVE_AVX2 1
+#include <immintrin.h>
+
+static inline __m256 v8load_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline void v8store_f32(float *p, __m256 x) { _mm256_storeu_ps(p, x); }
+
+static inline __m256 v8load_bf16(const uint16_t *p) {
+    __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
+
+/* Rounded to nearest even like bf16_bits (finite inputs), then the 8 upper halves packed. */
+static inline void v8store_bf16(uint16_t *p, __m256 x) {
+    __m256i u = _mm256_castps_si256(x);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    /* packus works within 128-bit lanes: lanes 0 and 1 hold 4 results each in their low halves */
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0xd8);
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+}
+
+static inline float v8sum(__m256 x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* e^x for x <= 0, the same reduction and polynomial as the AVX-512 version; 2^n is built in the
+ * exponent bits, so x is clamped at -87 (2^n stays normal; e^-87 is 1.6e-38, nothing next to the
+ * softmax's largest term, 1). */
+static inline __m256 v8exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 #endif
 

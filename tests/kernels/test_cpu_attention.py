@@ -47,11 +47,12 @@ DECODE_LENS = [1, 16, 17, 40, 300, 7, 129, 64]
 @pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim"), [
     (12, 4, 64),  # GQA 3 (the small preset)
     (16, 2, 64),  # GQA 8: two head groups of 4 per KV head
-    (6, 6, 48),  # MHA, head_dim 48 (3 vectors)
-    (8, 1, 80),  # MQA, head_dim 80 (5 vectors, groups of 2)
+    (6, 6, 48),  # MHA, head_dim 48 (3 AVX-512 vectors, 6 AVX2 vectors: one partial chunk)
+    (8, 1, 80),  # MQA, head_dim 80 (5 vectors, groups of 2; AVX2: a chunk of 8 and one of 2)
     (4, 2, 128),
     (2, 1, 256),  # one head per group
-    (4, 2, 40),  # head_dim not a multiple of 16: the portable loop
+    (4, 2, 40),  # not a multiple of 16: the portable loop under AVX-512, a short chunk in AVX2
+    (4, 2, 36),  # not a multiple of 8: the portable loop everywhere
     (4, 4, 16),
 ])
 def test_decode_rows_head_layouts(dtype, num_q_heads, num_kv_heads, head_dim) -> None:
