@@ -7,7 +7,9 @@
  * by the same K/V row, scores and accumulation in float32. Slots outside a context are never read.
  *
  * Built at run time by kernels/cpu/build.py (gcc -O3 -march=native) and called through ctypes,
- * which releases the GIL, so Python threads run disjoint ranges of sequences in parallel.
+ * which releases the GIL, so Python threads run disjoint ranges of sequences in parallel. The
+ * compiler's target picks the path: AVX-512 (16 lanes), else AVX2 with FMA (8 lanes), else a
+ * portable loop; all three compute the same thing and are tested against the same reference.
  */
 #include <math.h>
 #include <stdint.h>
@@ -232,61 +234,65 @@ static int decode_one_simd(const void *q, const void *k_cache, const void *v_cac
 }
 #elif defined(PAGEDSERVE_AVX2)
 /* The AVX2 path, for head_dim a multiple of 8. Sixteen vector registers cannot hold a head group's
- * queries as above, so the scaled queries and the outputs sit in float32 in the scratch buffer
- * (L1); a K or V row is loaded into registers in chunks of up to 8 vectors and serves every query
- * head of its KV head. */
+ * queries as above; instead one query head's chunk of up to 64 elements (8 vectors) stays in
+ * registers while the page's rows for its KV head pass (they are in L1 after the first head of the
+ * group), and likewise one output chunk while P.V accumulates. No partial sums go through memory
+ * inside the token loop: that store-to-load chain, not the memory, was the limit. */
 #define ROW_VECTORS 8
 
-/* The N vectors of row chunk `row` against q (8 * N floats), as 8 partial sums. */
-static inline __m256 dot_chunk(const float *q, const __m256 *row, int n) {
-    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), row[0]);
-    for (int j = 1; j < n; j++) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), row[j], a);
-    return a;
-}
-
-static inline void axpy_chunk(float *acc, float p, const __m256 *row, int n) {
-    const __m256 vp = _mm256_set1_ps(p);
-    for (int j = 0; j < n; j++)
-        _mm256_storeu_ps(acc + 8 * j, _mm256_fmadd_ps(vp, row[j], _mm256_loadu_ps(acc + 8 * j)));
-}
-
-/* Keys (pass 0: scores, row h of w entries, key t at t - start) or values (pass 1: acc[h] +=
- * p * v) of slots slot0 .. slot0 + t1-t0-1 of one page, for every query head. A full chunk has a
- * constant length, so its row stays in registers. */
-#define DEFINE_AVX2_PAGE(T, VLOAD)                                                             \
+/* Scores of head h, row chunk [c, c + 8n), for keys t0..t1-1 of one page (rows at `rows`, one
+ * every `stride` elements): sc[t - t0] is set (c == 0) or added to. */
+#define DEFINE_AVX2_CHUNKS(T, VLOAD)                                                           \
+static inline void k_chunk_##T(const float *qh, const T *rows, int64_t stride, int count,      \
+                               int n, int first, float *sc) {                                 \
+    __m256 qv[ROW_VECTORS];                                                                  \
+    for (int j = 0; j < n; j++) qv[j] = _mm256_loadu_ps(qh + 8 * j);                          \
+    for (int t = 0; t < count; t++) {                                                        \
+        const T *x = rows + t * stride;                                                      \
+        __m256 a = _mm256_mul_ps(qv[0], VLOAD(x));                                           \
+        for (int j = 1; j < n; j++) a = _mm256_fmadd_ps(qv[j], VLOAD(x + 8 * j), a);           \
+        sc[t] = first ? v8sum(a) : sc[t] + v8sum(a);                                         \
+    }                                                                                        \
+}                                                                                            \
+static inline void v_chunk_##T(const float *p, const T *rows, int64_t stride, int count, int n, \
+                               float *acc) {                                                 \
+    __m256 o[ROW_VECTORS];                                                                   \
+    for (int j = 0; j < n; j++) o[j] = _mm256_loadu_ps(acc + 8 * j);                          \
+    for (int t = 0; t < count; t++) {                                                        \
+        const __m256 vp = _mm256_set1_ps(p[t]);                                              \
+        for (int j = 0; j < n; j++) o[j] = _mm256_fmadd_ps(vp, VLOAD(rows + t * stride + 8 * j), o[j]); \
+    }                                                                                        \
+    for (int j = 0; j < n; j++) _mm256_storeu_ps(acc + 8 * j, o[j]);                          \
+}                                                                                            \
+/* Keys (pass 0: scores, row h of w entries, key t at t - start) or values (pass 1: acc[h] +=  \
+ * p * v) of slots slot0 .. slot0 + t1-t0-1 of one page, for every query head. */             \
 static void page_##T(int pass, const float *qf, const T *cache, int64_t slot0, int t0, int t1, \
                      int start, int w, const decode_shape *s, float *scores, float *acc) {   \
     const int HK = s->num_kv_heads, D = s->head_dim, G = s->num_q_heads / HK;                \
-    __m256 row[ROW_VECTORS];                                                                 \
-    for (int t = t0; t < t1; t++)                                                            \
-        for (int kh = 0; kh < HK; kh++) {                                                    \
-            const T *x = cache + ((slot0 + (t - t0)) * HK + kh) * D;                          \
-            for (int c = 0; c < D; c += 8 * ROW_VECTORS) {                                   \
-                const int n = D - c >= 8 * ROW_VECTORS ? ROW_VECTORS : (D - c) / 8;           \
-                if (n == ROW_VECTORS)                                                        \
-                    for (int j = 0; j < ROW_VECTORS; j++) row[j] = VLOAD(x + c + 8 * j);     \
-                else                                                                         \
-                    for (int j = 0; j < n; j++) row[j] = VLOAD(x + c + 8 * j);               \
-                for (int h = kh * G; h < (kh + 1) * G; h++) {                                \
-                    float *sc = scores + (int64_t)h * w + (t - start);                       \
-                    if (pass == 1) {                                                         \
-                        float *ah = acc + (int64_t)h * D + c;                                \
-                        if (n == ROW_VECTORS) axpy_chunk(ah, *sc, row, ROW_VECTORS);          \
-                        else axpy_chunk(ah, *sc, row, n);                                    \
-                        continue;                                                            \
-                    }                                                                        \
-                    const float *qh = qf + (int64_t)h * D + c;                               \
-                    const float dot = v8sum(n == ROW_VECTORS ? dot_chunk(qh, row, ROW_VECTORS) \
-                                                             : dot_chunk(qh, row, n));       \
-                    *sc = c == 0 ? dot : *sc + dot;                                          \
-                }                                                                            \
-            }                                                                                \
+    const int count = t1 - t0;                                                               \
+    for (int h = 0; h < s->num_q_heads; h++) {                                               \
+        const T *rows = cache + (slot0 * HK + h / G) * D;                                    \
+        float *sc = scores + (int64_t)h * w + (t0 - start);                                  \
+        for (int c = 0; c < D; c += 8 * ROW_VECTORS) {                                       \
+            const int n = D - c >= 8 * ROW_VECTORS ? ROW_VECTORS : (D - c) / 8;               \
+            if (pass == 0 && n == ROW_VECTORS)                                               \
+                k_chunk_##T(qf + (int64_t)h * D + c, rows + c, (int64_t)HK * D, count,       \
+                            ROW_VECTORS, c == 0, sc);                                        \
+            else if (pass == 0)                                                              \
+                k_chunk_##T(qf + (int64_t)h * D + c, rows + c, (int64_t)HK * D, count, n,    \
+                            c == 0, sc);                                                     \
+            else if (n == ROW_VECTORS)                                                       \
+                v_chunk_##T(sc, rows + c, (int64_t)HK * D, count, ROW_VECTORS,               \
+                            acc + (int64_t)h * D + c);                                       \
+            else                                                                             \
+                v_chunk_##T(sc, rows + c, (int64_t)HK * D, count, n, acc + (int64_t)h * D + c); \
         }                                                                                    \
+    }                                                                                        \
 }
 typedef float f32;
 typedef uint16_t bf16;
-DEFINE_AVX2_PAGE(f32, v8load_f32)
-DEFINE_AVX2_PAGE(bf16, v8load_bf16)
+DEFINE_AVX2_CHUNKS(f32, v8load_f32)
+DEFINE_AVX2_CHUNKS(bf16, v8load_bf16)
 
 static void softmax_rows(float *scores, int rows, int w, float softcap) {
     for (int g = 0; g < rows; g++) {
