@@ -42,12 +42,12 @@ def _cpu_identity() -> str:
     return platform.machine() + "\n" + "\n".join(wanted)
 
 
-def _compile(source: Path, target: Path, compiler: str) -> None:
+def _compile(source: Path, target: Path, compiler: str, flags: list[str]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, f"-I{SOURCE_DIR}", str(source), "-o", tmp, "-lm"], check=True,
+        subprocess.run([compiler, *flags, f"-I{SOURCE_DIR}", str(source), "-o", tmp, "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
     finally:
@@ -56,8 +56,10 @@ def _compile(source: Path, target: Path, compiler: str) -> None:
 
 
 @cache
-def load(name: str) -> tuple[ctypes.CDLL | None, str]:
-    """(library, "") or (None, why not) for kernels/cpu/<name>.c."""
+def load(name: str, extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
+    """(library, "") or (None, why not) for kernels/cpu/<name>.c. `extra_flags` (say
+    "-mno-avx512f") build another variant beside the default one: tests use them to run each
+    SIMD path on a CPU that would pick a wider one."""
     if os.environ.get(ENV_DISABLE, "").strip() not in ("", "0"):
         return None, f"{ENV_DISABLE} is set"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -65,12 +67,13 @@ def load(name: str) -> tuple[ctypes.CDLL | None, str]:
         return None, "no C compiler (cc or gcc) on PATH"
     source = SOURCE_DIR / f"{name}.c"
     headers = [h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))]
-    key = hashlib.sha256("\0".join([source.read_text(), *headers, *FLAGS, compiler,
+    flags = [*FLAGS, *extra_flags]
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, *flags, compiler,
                                      _cpu_identity()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     try:
         if not target.exists():
-            _compile(source, target, compiler)
+            _compile(source, target, compiler, flags)
         return ctypes.CDLL(str(target)), ""
     except subprocess.CalledProcessError as e:
         return None, f"{compiler} failed on {source.name}: {e.stderr.strip()[:500]}"

@@ -10,6 +10,7 @@ import torch
 
 from kernels import cpu, reference
 from kernels.cpu import attention as cpu_attention
+from kernels.cpu import build
 from tests.kernels.common import dense_attention, make_batch, poisoned, rel_err, require_cpu_kernel
 
 CPU = torch.device("cpu")
@@ -130,3 +131,23 @@ def test_split_balances_context_tokens() -> None:
     work = [sum(lens[seqs[j]] for j in range(a, b)) for a, b in ranges]
     assert max(work) <= sum(lens) // 2 + max(lens)
     assert cpu_attention._split([], lens, 2) == []
+
+
+# The default build takes the widest SIMD path the CPU has; these builds take the narrower ones, so
+# every path is tested on a CPU that has it.
+NARROWER_BUILDS = {"avx2": ("-mno-avx512f",), "portable": ("-mno-avx2", "-mno-avx512f")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", sorted(NARROWER_BUILDS))
+def test_narrower_simd_paths(monkeypatch, path, dtype) -> None:
+    if path == "avx2" and " avx2 " not in f" {build._cpu_identity().replace(chr(10), ' ')} ":
+        pytest.skip("this CPU has no AVX2")
+    lib, why = build.load("paged_decode", NARROWER_BUILDS[path])
+    if lib is None:
+        pytest.skip(why)
+    monkeypatch.setattr(cpu_attention, "load", lambda name: (lib, ""))
+    for num_q_heads, num_kv_heads, head_dim in [(12, 4, 64), (8, 1, 80), (4, 2, 128), (4, 2, 40)]:
+        _check([1] * len(DECODE_LENS), DECODE_LENS, num_q_heads=num_q_heads,
+               num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+    _check([1, 1, 4, 1, 1], [40, 33, 20, 5, 90], dtype=dtype, window=13, softcap=30.0)
