@@ -13,12 +13,15 @@ from executor.layers.linear import LinearBase
 from executor.loader import load_model
 from tests.conftest import model_dir
 
+NO_PACKING = ("oneDNN packs no weights of this dtype here (bf16 on a CPU without native bf16, "
+              "or a torch build without the packing ops)")
+
 
 def test_packed_linear_equals_f_linear_bit_for_bit() -> None:
     weight, bias = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
     packed = pack_weight(weight, bias)
     if packed is None:
-        pytest.skip("this torch build has no oneDNN weight packing")
+        pytest.skip(NO_PACKING)
     for rows in (1, 3, 17, 64, 300):
         x = torch.randn(rows, 64).bfloat16()
         assert torch.equal(packed_linear(x, packed, bias), F.linear(x, weight, bias))
@@ -33,7 +36,7 @@ def test_packed_float32_linear_is_as_close_to_float64_as_f_linear() -> None:
     for b in (None, bias):
         packed = pack_weight(weight, b)
         if packed is None:
-            pytest.skip("this torch build has no oneDNN weight packing")
+            pytest.skip(NO_PACKING)
         for rows in (1, 7, 64, 257):
             x = torch.randn(rows, 2048)
             exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
@@ -52,6 +55,6 @@ def test_loaded_model_packs_every_linear_layer(dtype) -> None:
     model, config = load_model(model_dir("llama"), dtype=dtype)
     layers = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
     if pack_weight(torch.randn(4, 4).to(getattr(torch, dtype))) is None:
-        pytest.skip("this torch build has no oneDNN weight packing")
+        pytest.skip(NO_PACKING)
     assert len(layers) == 4 * config.num_layers + 1
     assert all(m.packed is not None for m in layers)
