@@ -78,15 +78,6 @@ static void NAME(const T *q, const T *k_cache, const T *v_cache, T *out, const i
 DEFINE_DECODE_ONE(decode_one_f32, float, load_f32, store_f32)
 DEFINE_DECODE_ONE(decode_one_bf16, uint16_t, load_bf16, store_bf16)
 
-#if defined(PAGEDSERVE_AVX512) || defined(PAGEDSERVE_AVX2)
-/* Every line of the page into L2, so the next page is on its way while this one is used (into
- * L2 rather than L1: measured faster, the L1 miss buffers are few). */
-static inline void prefetch_page(const char *page, int64_t bytes) {
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(page + b, _MM_HINT_T1);
-}
-
-#endif
-
 #ifdef PAGEDSERVE_AVX512
 /* The AVX-512 path, for head_dim a multiple of 16 up to 256. A few query heads of one KV head (a
  * head group) keep their queries and outputs in registers while that KV head's keys and values
@@ -187,6 +178,12 @@ DEFINE_ALL(bf16, vload_bf16, vstore_bf16)
 static const k_group_fn K_GROUPS[2][17][4] = {TABLE(hk, k_group_fn, f32), TABLE(hk, k_group_fn, bf16)};
 static const v_group_fn V_GROUPS[2][17][4] = {TABLE(hv, v_group_fn, f32), TABLE(hv, v_group_fn, bf16)};
 
+/* Every line of the page into L2, so the next page is on its way while this one is used (into
+ * L2 rather than L1: measured faster, the L1 miss buffers are few). */
+static inline void prefetch_page(const char *page, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(page + b, _MM_HINT_T1);
+}
+
 /* One sequence: page by page, every head group's scores; softmax; page by page, P.V. Each page
  * ([block_size, kv_heads, head_dim]) is used whole while it is in L1. 0 when head_dim has no
  * instance (the caller falls back to the portable loop). */
@@ -237,7 +234,7 @@ static int decode_one_simd(const void *q, const void *k_cache, const void *v_cac
  * queries as above; instead one query head's chunk of up to 64 elements (8 vectors) stays in
  * registers while the page's rows for its KV head pass (they are in L1 after the first head of the
  * group), and likewise one output chunk while P.V accumulates. No partial sums go through memory
- * inside the token loop: that store-to-load chain, not the memory, was the limit. */
+ * inside the token loop (in cache, that store-to-load chain was the limit). */
 #define ROW_VECTORS 8
 
 /* Share `part` of `parts` of a page's lines into L2. Spread over the work on the current page:
