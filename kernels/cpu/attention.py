@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from concurrent.futures import ThreadPoolExecutor
-from functools import cache
-from itertools import pairwise
 
 import torch
 
@@ -40,46 +37,27 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-@cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="paged-decode")
-
-
 def _threads() -> int:
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
-def _split(seqs: list[int], lens: list[int], parts: int) -> list[tuple[int, int]]:
-    """[begin, end) ranges of seqs with about equal context tokens each (the work is linear in
-    them)."""
-    total, bounds, acc = sum(lens[i] for i in seqs), [0], 0
-    for j, i in enumerate(seqs):
-        acc += lens[i]
-        if len(bounds) < parts and acc * parts >= total * len(bounds):
-            bounds.append(j + 1)
-    bounds.append(len(seqs))
-    return [(a, b) for a, b in pairwise(bounds) if b > a]
+_last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
-_last: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]] | None = None
-
-
-def _decode_work(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                 parts: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """The one-query sequences as an int32 tensor and their split into ranges, made once per
-    step: every layer of a step passes equal tensors (compared by content)."""
+def _decode_seqs(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """The one-query sequences as an int32 tensor, longest context first (the C side hands them
+    out in this order, so the short ones fill in at the end), made once per step: every layer of
+    a step passes equal tensors (compared by content)."""
     global _last
     if (_last is not None and _last[0].shape == cu_seqlens_q.shape
             and _last[1].shape == seq_lens.shape and torch.equal(_last[0], cu_seqlens_q)
-            and torch.equal(_last[1], seq_lens) and len(_last[3]) <= parts):
-        return _last[2], _last[3]
+            and torch.equal(_last[1], seq_lens)):
+        return _last[2]
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
     seqs = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1]
-    # longest contexts first, so the last range to finish holds short ones
     seqs.sort(key=lambda i: -lens[i])
-    ranges = _split(seqs, lens, parts)
-    _last = (cu_seqlens_q.clone(), seq_lens.clone(), torch.tensor(seqs, dtype=torch.int32), ranges)
-    return _last[2], ranges
+    _last = (cu_seqlens_q.clone(), seq_lens.clone(), torch.tensor(seqs, dtype=torch.int32))
+    return _last[2]
 
 
 def _supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -96,21 +74,14 @@ def _run_decode(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, 
                 sliding_window, softcap) -> None:
     lib, _ = load("paged_decode")
     fn = getattr(lib, _FUNCTIONS[q.dtype])
-    seqs, ranges = _decode_work(cu_seqlens_q, seq_lens, _threads())
-    if not ranges:
+    seqs = _decode_seqs(cu_seqlens_q, seq_lens)
+    if not len(seqs):
         return
     shape = _DecodeShape(q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], q.stride(0),
                          out.stride(0), block_tables.stride(0), scale, softcap, sliding_window)
     ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (q, k_cache, v_cache, out, seqs,
                                                     cu_seqlens_q, seq_lens, block_tables)]
-
-    def run(bounds: tuple[int, int]) -> int:
-        return fn(*ptrs, bounds[0], bounds[1], ctypes.byref(shape))
-
-    # the calling thread takes the first range itself: one hand-off fewer per layer
-    others = [_pool(len(ranges) - 1).submit(run, r) for r in ranges[1:]] if len(ranges) > 1 else []
-    codes = [run(ranges[0]), *(f.result() for f in others)]
-    if any(codes):
+    if fn(*ptrs, len(seqs), min(_threads(), len(seqs)), ctypes.byref(shape)):
         raise MemoryError("paged_decode: could not allocate its scratch buffer")
 
 

@@ -26,6 +26,9 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11",
          # lets gcc vectorise float reductions; infinities and NaN keep their meaning
          "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
 ENV_DISABLE = "PAGEDSERVE_DISABLE_CPU_KERNELS"
+# paged_decode runs its sequences on OpenMP threads (torch's pool: see paged_decode.c); a compiler
+# without OpenMP builds it without the flag, and it runs on the calling thread alone
+LIBRARY_FLAGS = {"paged_decode": ("-fopenmp",)}
 
 
 def cache_dir() -> Path:
@@ -65,9 +68,16 @@ def load(name: str, extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | No
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler (cc or gcc) on PATH"
+    flags = [*FLAGS, *extra_flags]
+    lib, why = _build_and_load(name, compiler, [*flags, *LIBRARY_FLAGS.get(name, ())])
+    if lib is None and name in LIBRARY_FLAGS:
+        lib, _ = _build_and_load(name, compiler, flags)
+    return lib, "" if lib is not None else why
+
+
+def _build_and_load(name: str, compiler: str, flags: list[str]) -> tuple[ctypes.CDLL | None, str]:
     source = SOURCE_DIR / f"{name}.c"
     headers = [h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))]
-    flags = [*FLAGS, *extra_flags]
     key = hashlib.sha256("\0".join([source.read_text(), *headers, *flags, compiler,
                                      _cpu_identity()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"

@@ -6,9 +6,11 @@
  * contiguously, so a token's heads are one stretch of memory), every query head of a KV head served
  * by the same K/V row, scores and accumulation in float32. Slots outside a context are never read.
  *
- * Built at run time by kernels/cpu/build.py (gcc -O3 -march=native) and called through ctypes,
- * which releases the GIL, so Python threads run disjoint ranges of sequences in parallel. The
- * compiler's target picks the path: AVX-512 (16 lanes), else AVX2 with FMA (8 lanes), else a
+ * Built at run time by kernels/cpu/build.py (gcc -O3 -march=native -fopenmp) and called through
+ * ctypes. The sequences run on OpenMP threads: torch has loaded its libgomp by then, and the library
+ * shares it (same soname), so the work lands on torch's own worker threads. Those spin for a while
+ * after each of torch's parallel regions; threads of our own would compete with them for the cores
+ * (measured: decode attention twice as slow between matmuls). The compiler's target picks the path: AVX-512 (16 lanes), else AVX2 with FMA (8 lanes), else a
  * portable loop; all three compute the same thing and are tested against the same reference.
  */
 #include <math.h>
@@ -369,31 +371,39 @@ static int decode_one_simd(const void *q, const void *k_cache, const void *v_cac
 }
 #endif
 
-/* Sequences seqs[begin:end) of the batch: sequence i's query is row q_rows[i] of q and out, its
- * context seq_lens[i] tokens long, its pages row i of block_tables. Returns 0, or -1 when the
- * scratch buffer cannot be allocated (nothing is written then). */
-#define DEFINE_DECODE_RANGE(NAME, ONE, T, IS_BF16)                                                         \
+/* The decode rows seqs[0:count) of the batch, longest context first: sequence i's query is row
+ * q_rows[i] of q and out, its context seq_lens[i] tokens long, its pages row i of block_tables.
+ * Sequences are handed to up to num_threads threads one at a time, longest first, so the threads
+ * finish together. Returns 0, or -1 when a thread could not allocate its scratch buffer (its
+ * sequences are not written then). */
+#define DEFINE_DECODE_BATCH(NAME, ONE, T, IS_BF16)                                               \
 int NAME(const T *q, const T *k_cache, const T *v_cache, T *out, const int32_t *seqs,          \
          const int32_t *q_rows, const int32_t *seq_lens, const int32_t *block_tables,          \
-         int begin, int end, const decode_shape *s) {                                         \
-    int longest = 1;                                                                          \
-    for (int i = begin; i < end; i++)                                                         \
+         int count, int num_threads, const decode_shape *s) {                                  \
+    int longest = 1, failed = 0;                                                              \
+    for (int i = 0; i < count; i++)                                                           \
         longest = seq_lens[seqs[i]] > longest ? seq_lens[seqs[i]] : longest;                  \
     const int64_t H = s->num_q_heads, D = s->head_dim;                                        \
-    float *scratch = malloc(sizeof(float) * (H * longest + (2 * H + 1) * D));                     \
-    if (!scratch) return -1;                                                                  \
-    for (int i = begin; i < end; i++) {                                                       \
-        const int seq = seqs[i];                                                              \
-        const T *qs = q + q_rows[seq] * s->q_row_stride;                                      \
-        T *os = out + q_rows[seq] * s->out_row_stride;                                        \
-        const int32_t *table = block_tables + seq * s->block_table_stride;                    \
-        if (!decode_one_simd(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch,    \
-                               IS_BF16))                                                      \
-            ONE(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch);                  \
+    (void)num_threads;                                                                        \
+    _Pragma("omp parallel num_threads(num_threads) reduction(|: failed)")                     \
+    {                                                                                         \
+        float *scratch = malloc(sizeof(float) * (H * longest + (2 * H + 1) * D));             \
+        failed = scratch == NULL;                                                             \
+        _Pragma("omp for schedule(dynamic, 1)")                                               \
+        for (int i = 0; i < count; i++) {                                                     \
+            if (!scratch) continue;                                                           \
+            const int seq = seqs[i];                                                          \
+            const T *qs = q + q_rows[seq] * s->q_row_stride;                                  \
+            T *os = out + q_rows[seq] * s->out_row_stride;                                    \
+            const int32_t *table = block_tables + seq * s->block_table_stride;                \
+            if (!decode_one_simd(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch,  \
+                                 IS_BF16))                                                    \
+                ONE(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch);              \
+        }                                                                                     \
+        free(scratch);                                                                        \
     }                                                                                         \
-    free(scratch);                                                                            \
-    return 0;                                                                                 \
+    return failed ? -1 : 0;                                                                   \
 }
 
-DEFINE_DECODE_RANGE(paged_decode_f32, decode_one_f32, float, 0)
-DEFINE_DECODE_RANGE(paged_decode_bf16, decode_one_bf16, uint16_t, 1)
+DEFINE_DECODE_BATCH(paged_decode_f32, decode_one_f32, float, 0)
+DEFINE_DECODE_BATCH(paged_decode_bf16, decode_one_bf16, uint16_t, 1)
