@@ -30,7 +30,7 @@ class _DecodeShape(ctypes.Structure):
 
 def available() -> tuple[bool, str]:
     """Whether the C kernels built here, and why not."""
-    for name in ("paged_decode", "rotary", "norm"):
+    for name in ("paged_decode", "rotary", "norm", "activation", "kv_write"):
         lib, why = load(name)
         if lib is None:
             return False, why

@@ -26,9 +26,9 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11",
          # lets gcc vectorise float reductions; infinities and NaN keep their meaning
          "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
 ENV_DISABLE = "PAGEDSERVE_DISABLE_CPU_KERNELS"
-# paged_decode runs its sequences on OpenMP threads (torch's pool: see paged_decode.c); a compiler
-# without OpenMP builds it without the flag, and it runs on the calling thread alone
-LIBRARY_FLAGS = {"paged_decode": ("-fopenmp",)}
+# These split their work over OpenMP threads, torch's own pool (see paged_decode.c); a compiler
+# without OpenMP builds them without the flag, and they run on the calling thread alone
+LIBRARY_FLAGS = {"paged_decode": ("-fopenmp",), "activation": ("-fopenmp",)}
 
 
 def cache_dir() -> Path:
