@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from executor.layers.cpu_gemm import pack_weight, packed_linear
+from executor.layers.cpu_gemm import PackedWeight, pack_weight, packed_linear
 from executor.layers.linear import new_param
 
 
@@ -46,7 +46,7 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden [N, d] -> logits [N, V]; may share its weight with the embedding (tied)."""
 
-    packed: torch.Tensor | None = None  # set by pack_for_cpu once the weight is loaded
+    packed: PackedWeight | None = None  # set by pack_for_cpu once the weight is loaded
 
     def pack_for_cpu(self) -> bool:
         """Keep a copy of the loaded weight in the CPU GEMM's blocked layout (see cpu_gemm)."""

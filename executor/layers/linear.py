@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from executor.layers.cpu_gemm import pack_weight, packed_linear
+from executor.layers.cpu_gemm import PackedWeight, pack_weight, packed_linear
 
 
 def new_param(*shape: int) -> nn.Parameter:
@@ -71,7 +71,7 @@ class LinearBase(nn.Module):
         self.bias = new_param(output_size) if bias else None
         for p in (self.weight, self.bias):
             _attach(p, self.weight_loader)
-        self.packed: torch.Tensor | None = None  # set by pack_for_cpu once the weight is loaded
+        self.packed: PackedWeight | None = None  # set by pack_for_cpu once the weight is loaded
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         default_weight_loader(param, loaded)

@@ -1,0 +1,100 @@
+/* y = x W^T (+ bias) in float32 for the few rows of a decode step, on CPUs with AVX2 and FMA but
+ * no AVX-512 (Zen 3 and older, many Intel client parts: there bf16 is emulated, so the engine
+ * runs float32).
+ *
+ * With a handful of rows a GEMM is a stream of the weights: each weight is used M times. oneDNN's
+ * float32 kernels stream them at a third to a half of memory speed at M = 4..32 on a Zen 3; this
+ * one keeps the weights in panels of 16 output rows, each panel [K][16] contiguous, so a thread
+ * reads its panels front to back while up to 6 rows of x times the panel's 16 columns accumulate
+ * in 12 vector registers. Panels are split over torch's OpenMP threads (see paged_decode.c), each
+ * output sums its K products in order (the float32 reordering bound of executor/layers/cpu_gemm
+ * covers it).
+ */
+#include <stdint.h>
+
+#define NR 16 /* outputs per panel */
+#define MR 6  /* rows of x per tile */
+
+/* packed[p][k][j] = w[16 p + j][k]; rows past n are zero. */
+void pack_panels_f32(const float *w, int64_t n, int64_t k, float *packed) {
+    const int64_t panels = (n + NR - 1) / NR;
+    for (int64_t p = 0; p < panels; p++)
+        for (int j = 0; j < NR; j++) {
+            const int64_t row = p * NR + j;
+            for (int64_t kk = 0; kk < k; kk++)
+                packed[(p * k + kk) * NR + j] = row < n ? w[row * k + kk] : 0.0f;
+        }
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+
+int small_gemm_available(void) { return 1; }
+
+/* one output row of a tile: 16 sums (+ bias), the first `cols` of them stored */
+static inline void store_row(__m256 lo, __m256 hi, const float *bias, float *out, int cols) {
+    float y[NR];
+    _mm256_storeu_ps(y, lo);
+    _mm256_storeu_ps(y + 8, hi);
+    for (int j = 0; j < cols; j++) out[j] = bias ? y[j] + bias[j] : y[j];
+}
+
+/* Accumulators are named variables, one pair per row (an array of them went through the stack on
+ * every step: twelve stores per k, the tile's limit). ROWS_R(X) expands X(0) .. X(R-1). */
+#define ROWS_1(X) X(0)
+#define ROWS_2(X) ROWS_1(X) X(1)
+#define ROWS_3(X) ROWS_2(X) X(2)
+#define ROWS_4(X) ROWS_3(X) X(3)
+#define ROWS_5(X) ROWS_4(X) X(4)
+#define ROWS_6(X) ROWS_5(X) X(5)
+#define ZERO(r) __m256 lo##r = _mm256_setzero_ps(), hi##r = _mm256_setzero_ps();
+#define FMA(r) {                                                                                \
+        const __m256 b = _mm256_broadcast_ss(x + r * x_stride + kk);                            \
+        lo##r = _mm256_fmadd_ps(b, w0, lo##r);                                                  \
+        hi##r = _mm256_fmadd_ps(b, w1, hi##r);                                                  \
+    }
+#define STORE(r) store_row(lo##r, hi##r, bias, out + r * out_stride, cols);
+
+/* rows x[0..R) (x_stride apart) times one panel: out[r][0..cols) (+ bias[0..cols)) */
+#define DEFINE_TILE(R)                                                                          \
+static void tile_##R(const float *x, int64_t x_stride, const float *panel, int64_t k,          \
+                     const float *bias, float *out, int64_t out_stride, int cols) {            \
+    ROWS_##R(ZERO)                                                                              \
+    for (int64_t kk = 0; kk < k; kk++) {                                                        \
+        _mm_prefetch((const char *)(panel + (kk + 32) * NR), _MM_HINT_T0);                   \
+        const __m256 w0 = _mm256_loadu_ps(panel + kk * NR), w1 = _mm256_loadu_ps(panel + kk * NR + 8); \
+        ROWS_##R(FMA)                                                                           \
+    }                                                                                           \
+    ROWS_##R(STORE)                                                                             \
+}
+DEFINE_TILE(1)
+DEFINE_TILE(2)
+DEFINE_TILE(3)
+DEFINE_TILE(4)
+DEFINE_TILE(5)
+DEFINE_TILE(6)
+
+typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, const float *, float *,
+                        int64_t, int);
+static const tile_fn TILES[MR + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
+
+/* out [m, n] (rows n apart) = x [m, k] (rows x_stride apart) times the packed weight, + bias
+ * (NULL: none). Each panel is read from memory once and serves every row of x from cache. */
+void small_gemm_f32(const float *x, int64_t x_stride, const float *packed, const float *bias,
+                    float *out, int64_t m, int64_t n, int64_t k, int num_threads) {
+    const int64_t panels = (n + NR - 1) / NR;
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads)")
+    for (int64_t p = 0; p < panels; p++) {
+        const int cols = n - p * NR < NR ? (int)(n - p * NR) : NR;
+        for (int64_t r = 0; r < m; r += MR) {
+            const int rows = m - r < MR ? (int)(m - r) : MR;
+            TILES[rows](x + r * x_stride, x_stride, packed + p * k * NR, k,
+                        bias ? bias + p * NR : 0, out + r * n + p * NR, n, cols);
+        }
+    }
+}
+#else
+/* elsewhere oneDNN's own kernels are used (AVX-512 parts run them well, and this file has no
+ * tile for them) */
+int small_gemm_available(void) { return 0; }
+#endif
