@@ -48,17 +48,21 @@ class ServiceSpec:
     health_service: str = ""
     stop_timeout: float = 10.0  # SIGTERM, then this long before SIGKILL
     env: dict[str, str] | None = None  # added to the supervisor's environment (secrets: not argv)
+    nice: int = 0  # added to the child's niceness (lower priority) when it starts
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    """A preexec_fn that makes the child receive SIGKILL when its parent dies (Linux only)."""
+def _preexec(parent_pid: int, nice: int) -> Callable[[], None] | None:
+    """A preexec_fn that lowers the child's priority by `nice` and, on Linux, makes it receive
+    SIGKILL when its parent dies."""
     if not sys.platform.startswith("linux"):
-        return None
+        return (lambda: os.nice(nice)) if nice > 0 else None
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: no allocation in the child
 
     def preexec() -> None:
+        if nice > 0:
+            os.nice(nice)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
@@ -81,7 +85,7 @@ class Child:
     def start(self) -> None:
         env = {**os.environ, **self.spec.env} if self.spec.env else None
         self.proc = subprocess.Popen(self.spec.argv, start_new_session=True, env=env,
-                                     preexec_fn=_die_with_parent(os.getpid()))
+                                     preexec_fn=_preexec(os.getpid(), self.spec.nice))
         self.starts.append(time.monotonic())
         log.info("started", child=self.name, pid=self.proc.pid)
 
@@ -231,13 +235,13 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
                              "--drain-timeout": a["drain_timeout"],
                              "--trust-request-chat-template": a["trust_request_chat_template"],
                              **_limit_flags(a)}))
-    drain = float(a["drain_timeout"]) + 5.0
+    drain, nice = float(a["drain_timeout"]) + 5.0, int(a.get("frontend_nice") or 0)
     return [
         ServiceSpec("executor", executor, executor_addr, "pagedserve.v1.Executor"),
         ServiceSpec("scheduler", scheduler, scheduler_addr, "pagedserve.v1.Scheduler",
-                    stop_timeout=drain),
+                    stop_timeout=drain, nice=nice),
         ServiceSpec("router", router, f"http://{_probe_host(a['host'])}:{a['port']}/health",
-                    stop_timeout=drain,
+                    stop_timeout=drain, nice=nice,
                     env={API_KEY_ENV: a["api_key"]} if a.get("api_key") else None),
     ]
 

@@ -1,10 +1,16 @@
 """The router's API flags: `pagedserve router` builds its limits from them, and `serve` hands them
-to its router child (the API key in the child's environment, never in its argv)."""
+to its router child (the API key in the child's environment, never in its argv); `serve` starts
+its router and scheduler at a lower priority."""
 
 from __future__ import annotations
 
+import os
+import sys
+
+import pytest
+
 from pagedserve.cli import _router_core_options, build_parser
-from pagedserve.serve import API_KEY_ENV, build_specs
+from pagedserve.serve import API_KEY_ENV, Child, ServiceSpec, build_specs
 from router.limits import Limits
 
 
@@ -34,3 +40,22 @@ def test_serve_passes_api_flags_to_the_router(tmp_path) -> None:
     plain = build_parser().parse_args(["serve", "model"])
     router = next(s for s in build_specs(plain, "model", str(tmp_path)) if s.name == "router")
     assert router.env is None and "--max-n" not in " ".join(router.argv)
+
+
+def test_serve_lowers_the_frontends_priority(tmp_path) -> None:
+    specs = {s.name: s for s in build_specs(build_parser().parse_args(["serve", "m"]), "m",
+                                            str(tmp_path))}
+    assert (specs["executor"].nice, specs["scheduler"].nice, specs["router"].nice) == (0, 10, 10)
+    off = build_parser().parse_args(["serve", "m", "--frontend-nice", "0"])
+    assert all(s.nice == 0 for s in build_specs(off, "m", str(tmp_path)))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m", "--frontend-nice", "-5"])
+
+
+def test_a_child_starts_with_its_niceness_added(tmp_path) -> None:
+    out = tmp_path / "nice"
+    code = "import os, sys; open(sys.argv[1], 'w').write(str(os.nice(0)))"
+    child = Child(ServiceSpec("probe", [sys.executable, "-c", code, str(out)], "unused", nice=3))
+    child.start()
+    assert child.proc is not None and child.proc.wait(timeout=30) == 0
+    assert int(out.read_text()) == os.nice(0) + 3
