@@ -46,18 +46,10 @@ static int vector_row_##SUFFIX(const T *g, const T *u, T *o, int d) {           
         const __m256 e = v8exp_nonpositive(_mm256_or_ps(x, sign)); /* exp(-|x|) */             \
         const __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);                   \
         const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, e), neg);                       \
-        const __m256 s = V8ROUND_##SUFFIX(_mm256_div_ps(num, _mm256_add_ps(e, one)));           \
+        const __m256 s = v8round_##SUFFIX(_mm256_div_ps(num, _mm256_add_ps(e, one)));           \
         v8store_##SUFFIX(o + j, _mm256_mul_ps(s, v8load_##SUFFIX(u + j)));                      \
     }                                                                                           \
     return j;                                                                                   \
-}
-/* bf16 rounding of 8 lanes through a store and a load: the AVX2 path keeps no vround helper */
-#define V8ROUND_f32(x) (x)
-#define V8ROUND_bf16(x) v8round_bf16(x)
-static inline __m256 v8round_bf16(__m256 x) {
-    uint16_t b[8];
-    v8store_bf16(b, x);
-    return v8load_bf16(b);
 }
 #else
 #define DEFINE_VECTOR_ROW(T, SUFFIX)                                                            \

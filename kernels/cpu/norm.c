@@ -28,6 +28,22 @@ static int row_norm_##SUFFIX(const T *x, const T *w, T *o, int hidden, float eps
     }                                                                                            \
     return 1;                                                                                    \
 }
+#elif defined(PAGEDSERVE_AVX2)
+#define DEFINE_ROW_NORM(T, SUFFIX)                                                              \
+static int row_norm_##SUFFIX(const T *x, const T *w, T *o, int hidden, float eps) {            \
+    if (hidden % 8) return 0;                                                                    \
+    __m256 acc = _mm256_setzero_ps();                                                            \
+    for (int i = 0; i < hidden; i += 8) {                                                        \
+        const __m256 v = v8load_##SUFFIX(x + i);                                                 \
+        acc = _mm256_fmadd_ps(v, v, acc);                                                        \
+    }                                                                                            \
+    const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(v8sum(acc) / hidden + eps));                 \
+    for (int i = 0; i < hidden; i += 8) {                                                        \
+        const __m256 y = v8round_##SUFFIX(_mm256_mul_ps(v8load_##SUFFIX(x + i), inv));           \
+        v8store_##SUFFIX(o + i, _mm256_mul_ps(v8load_##SUFFIX(w + i), y));                       \
+    }                                                                                            \
+    return 1;                                                                                    \
+}
 #else
 #define DEFINE_ROW_NORM(T, SUFFIX)                                                              \
 static int row_norm_##SUFFIX(const T *x, const T *w, T *o, int hidden, float eps) {            \
@@ -66,6 +82,10 @@ void add_rms_norm_##SUFFIX(const T *x, T *residual, const T *w, T *out, int64_t 
 #define ADD_VECTOR(SUFFIX)                                                                      \
     for (; i + 16 <= n; i += 16)                                                                 \
         vstore_##SUFFIX(residual + i, _mm512_add_ps(vload_##SUFFIX(residual + i), vload_##SUFFIX(x + i)));
+#elif defined(PAGEDSERVE_AVX2)
+#define ADD_VECTOR(SUFFIX)                                                                      \
+    for (; i + 8 <= n; i += 8)                                                                   \
+        v8store_##SUFFIX(residual + i, _mm256_add_ps(v8load_##SUFFIX(residual + i), v8load_##SUFFIX(x + i)));
 #else
 #define ADD_VECTOR(SUFFIX)
 #endif

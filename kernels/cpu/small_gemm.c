@@ -6,7 +6,7 @@
  * float32 kernels stream them at a third to a half of memory speed at M = 4..32 on a Zen 3; this
  * one keeps the weights in panels of 16 output rows, each panel [K][16] contiguous, so a thread
  * reads its panels front to back while up to 6 rows of x times the panel's 16 columns accumulate
- * in 12 vector registers. Panels are split over torch's OpenMP threads (see paged_decode.c), each
+ * in 12 vector registers. Panels are shared out over torch's OpenMP threads (see paged_decode.c), each
  * output sums its K products in order (the float32 reordering bound of executor/layers/cpu_gemm
  * covers it).
  */
@@ -83,7 +83,9 @@ static const tile_fn TILES[MR + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5,
 void small_gemm_f32(const float *x, int64_t x_stride, const float *packed, const float *bias,
                     float *out, int64_t m, int64_t n, int64_t k, int num_threads) {
     const int64_t panels = (n + NR - 1) / NR;
-    _Pragma("omp parallel for schedule(static) num_threads(num_threads)")
+    /* chunks of 4 panels handed out in turn: a thread that the OS preempts (a busy 2-core machine)
+     * leaves its remaining chunks to the others instead of holding them at the barrier */
+    _Pragma("omp parallel for schedule(dynamic, 4) num_threads(num_threads)")
     for (int64_t p = 0; p < panels; p++) {
         const int cols = n - p * NR < NR ? (int)(n - p * NR) : NR;
         for (int64_t r = 0; r < m; r += MR) {

@@ -27,7 +27,7 @@ def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hidden", [768, 96, 40])  # 40: not a multiple of 16, the scalar loop
+@pytest.mark.parametrize("hidden", [768, 96, 40, 36])  # 40: the scalar loop under AVX-512; 36: everywhere
 def test_rms_norm_within_last_places_of_transformers(dtype, hidden) -> None:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -36,7 +36,10 @@ def test_rms_norm_within_last_places_of_transformers(dtype, hidden) -> None:
         norm.weight.copy_(torch.randn(hidden))
         x = (torch.randn(33, hidden) * 3).to(dtype)
         expected = norm(x)
-    assert _ulps_apart(rms_norm(x, norm.weight.data, 1e-5), expected) <= ULPS[dtype]
+    got = rms_norm(x, norm.weight.data, 1e-5)
+    assert _ulps_apart(got, expected) <= ULPS[dtype]
+    if dtype == torch.bfloat16:  # rounded twice like transformers: a tie now and then, no more
+        assert float((got != expected).float().mean()) < 1e-3
     wide = torch.randn(33, hidden + 16).to(dtype)  # rows further apart than hidden
     wide[:, :hidden] = x
     assert _ulps_apart(rms_norm(wide[:, :hidden], norm.weight.data, 1e-5), expected) <= ULPS[dtype]
