@@ -38,11 +38,13 @@ def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int,
     """F.linear(x, weight, bias) for x [m, k] float32 through the weight's panels."""
     if x.stride(1) != 1:
         x = x.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # held here: the C call gets only its address
     m, k = x.shape
     out = torch.empty(m, out_features)
     threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
     load("small_gemm")[0].small_gemm_f32(
         ptr(x), ctypes.c_int64(x.stride(0)), ptr(panels),
-        None if bias is None else ptr(bias.contiguous()), ptr(out), ctypes.c_int64(m),
+        None if bias is None else ptr(bias), ptr(out), ctypes.c_int64(m),
         ctypes.c_int64(out_features), ctypes.c_int64(k), threads)
     return out

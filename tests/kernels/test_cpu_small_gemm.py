@@ -36,10 +36,11 @@ def test_within_float32_rounding_of_float64(rows, out_features, in_features) -> 
     _check(torch.randn(rows, in_features), weight, torch.randn(out_features))
 
 
-def test_rows_further_apart_than_their_width() -> None:
+def test_strided_rows_columns_and_bias() -> None:
     weight = torch.randn(40, 64)
     _check(torch.randn(9, 100)[:, 10:74], weight, None)
     _check(torch.randn(9, 128)[:, ::2], weight, None)  # strided columns: copied first
+    _check(torch.randn(9, 64), weight, torch.randn(80)[::2])  # a strided bias: copied first
 
 
 def test_other_dtypes_are_not_packed() -> None:
