@@ -10,11 +10,10 @@ Prompt chunks have many query rows per key and stay with the reference (matrix m
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
-from kernels.cpu.build import load
+from kernels.cpu.build import load, omp_threads
 from kernels.reference.attention import attend_spans
 
 _FUNCTIONS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
@@ -35,10 +34,6 @@ def available() -> tuple[bool, str]:
         if lib is None:
             return False, why
     return True, ""
-
-
-def _threads() -> int:
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
 _last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -81,7 +76,7 @@ def _run_decode(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, 
                          out.stride(0), block_tables.stride(0), scale, softcap, sliding_window)
     ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (q, k_cache, v_cache, out, seqs,
                                                     cu_seqlens_q, seq_lens, block_tables)]
-    if fn(*ptrs, len(seqs), min(_threads(), len(seqs)), ctypes.byref(shape)):
+    if fn(*ptrs, len(seqs), min(omp_threads(), len(seqs)), ctypes.byref(shape)):
         raise MemoryError("paged_decode: could not allocate its scratch buffer")
 
 

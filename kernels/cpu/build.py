@@ -104,3 +104,10 @@ def typed_function(name: str, symbol: str, dtype) -> ctypes._CFuncPtr | None:
 
 def ptr(tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
+
+
+def omp_threads() -> int:
+    """Threads for the OpenMP kernels: torch's own count, never more than the CPUs."""
+    import torch
+
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))

@@ -5,11 +5,10 @@ the weight's panel layout once; `linear` multiplies through it."""
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
-from kernels.cpu.build import load, ptr
+from kernels.cpu.build import load, omp_threads, ptr
 
 PANEL = 16  # outputs per panel, as in small_gemm.c
 
@@ -42,9 +41,8 @@ def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int,
         bias = bias.contiguous()  # held here: the C call gets only its address
     m, k = x.shape
     out = torch.empty(m, out_features)
-    threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
     load("small_gemm")[0].small_gemm_f32(
         ptr(x), ctypes.c_int64(x.stride(0)), ptr(panels),
         None if bias is None else ptr(bias), ptr(out), ctypes.c_int64(m),
-        ctypes.c_int64(out_features), ctypes.c_int64(k), threads)
+        ctypes.c_int64(out_features), ctypes.c_int64(k), omp_threads())
     return out
