@@ -1,0 +1,79 @@
+"""bench.serve's lean streaming client (bench/sse_client.py) reads what the official `openai`
+client reads: against the real server, and against a hand-made chunked stream that splits events
+across chunks, uses CRLF line ends, comments and multi-line data, or ends mid-event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import openai
+import pytest
+
+from bench.serve import RequestResult, run_event_loop, send_request
+from bench.sse_client import HTTPStatusError, stream_events
+from tests.e2e.conftest import Serve
+
+
+async def _collect(url: str, payload: dict) -> list[str]:
+    return [event async for event in stream_events(url, payload)]
+
+
+def test_streamed_completion_matches_the_openai_client(serve: Serve) -> None:
+    payload = {"model": "", "prompt": "The quick brown fox", "max_tokens": 12,
+               "temperature": 0, "ignore_eos": True, "stream": True,
+               "stream_options": {"include_usage": True}}
+    events = run_event_loop(_collect(f"{serve.base_url}/v1/completions", payload))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    ours = "".join(c["text"] for chunk in chunks for c in chunk["choices"])
+    client = openai.OpenAI(base_url=f"{serve.base_url}/v1", api_key="x", max_retries=0)
+    body = {k: v for k, v in payload.items() if k not in ("model", "prompt", "ignore_eos")}
+    theirs = client.completions.create(model=payload["model"], prompt=payload["prompt"],
+                                       extra_body={"ignore_eos": True}, **body)
+    texts, usage = [], None
+    for chunk in theirs:
+        usage = chunk.usage or usage
+        texts += [c.text for c in chunk.choices]
+    assert ours == "".join(texts) and ours
+    assert chunks[-1]["usage"]["completion_tokens"] == usage.completion_tokens == 12
+
+    result = run_event_loop(send_request(f"{serve.base_url}/v1/completions", payload,
+                                         RequestResult(prompt_len=4, output_len=12)))
+    assert result.ok and result.completion_tokens == 12 and result.ttft_s > 0
+    assert len(result.itl_s) == sum(1 for c in chunks if any(x["text"] for x in c["choices"])) - 1
+
+
+def test_an_error_status_raises_with_the_body(serve: Serve) -> None:
+    payload = {"model": "no-such-model", "prompt": "x", "max_tokens": 2, "stream": True}
+    with pytest.raises(HTTPStatusError, match=r"HTTP 404: .*no-such-model"):
+        run_event_loop(_collect(f"{serve.base_url}/v1/completions", payload))
+
+
+def _chunked(pieces: list[bytes]) -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("response, events", [
+    (_chunked([b"data: {\"a\"", b": 1}\n\nda", b"ta: two\r\n\r\n: a comment\n\n",
+               b"event: x\ndata: line1\ndata:line2\n\ndata: [DONE]\n\n"]),
+     ['{"a": 1}', "two", "line1\nline2", "[DONE]"]),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 21\r\n\r\ndata: one\n\ndata: tail", ["one"]),
+])
+def test_events_are_split_as_the_sse_format_says(response: bytes, events: list[str]) -> None:
+    async def scenario() -> list[str]:
+        async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while await reader.readline() not in (b"\r\n", b""):  # the request head
+                pass
+            writer.write(response)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(reply, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await _collect(f"http://127.0.0.1:{port}/x", {})
+
+    assert run_event_loop(scenario()) == events
