@@ -3,14 +3,15 @@
 One executor holds one persistent batch state, so one Execute stream drives it at a time. A new
 stream (a scheduler that reconnected or restarted) supersedes the old one: the old stream is aborted
 at its next plan, and every request the executor still holds is forgotten first, so the new scheduler
-starts from the clean state it assumes (it resends requests whole, as NewRequest).
+starts from the clean state it assumes (it resends requests whole, as NewRequest). The model is
+loaded and stepped on one thread whatever gRPC thread a call arrives on (see compute_thread).
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -18,6 +19,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from executor.compute_thread import ComputeThread
 from protos import executor_pb2, executor_pb2_grpc
 
 log = structlog.get_logger("executor.server")
@@ -38,12 +40,14 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
 
     def __init__(self) -> None:
         self._executor: Any = None
+        self._compute = ComputeThread()
         self._lock = threading.Lock()  # one step at a time, and guards the fields below
         self._stream = 0  # id of the stream that currently owns the executor
         self._live: set[str] = set()  # request ids the executor holds state for
 
-    def attach(self, executor: Any) -> None:
-        self._executor = executor
+    def load(self, factory: Callable[[], Any]) -> None:
+        """Builds the executor on the compute thread (its weights, KV cache and OpenMP team)."""
+        self._executor = self._compute.run(factory)
 
     def Describe(self, request: executor_pb2.DescribeRequest,
                  context: grpc.ServicerContext) -> executor_pb2.DescribeResponse:
@@ -68,7 +72,8 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             self._stream += 1
             if self._live:
                 log.info("forgetting requests of a previous stream", count=len(self._live))
-                self._executor.execute(executor_pb2.StepPlan(forget_request_ids=sorted(self._live)))
+                forget = executor_pb2.StepPlan(forget_request_ids=sorted(self._live))
+                self._compute.run(self._executor.execute, forget)
                 self._live.clear()
             return self._stream
 
@@ -78,7 +83,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             if stream != self._stream:
                 context.abort(grpc.StatusCode.ABORTED, "superseded by a newer Execute stream")
             try:
-                result = self._executor.execute(plan)
+                result = self._compute.run(self._executor.execute, plan)
             except Exception as e:
                 log.exception("step failed", step_id=plan.step_id)
                 code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError)
@@ -126,7 +131,7 @@ def run_executor(config: Any, listen: str, *, reflection: bool = False,
     server.start()
     log.info("executor listening", listen=listen, model=str(config.model))
     try:
-        service.attach(Executor(config))
+        service.load(lambda: Executor(config))
         loaded.set()
         desc = service._executor.describe()
         log.info("executor ready", model=desc.model, dtype=desc.dtype, device=desc.device,
