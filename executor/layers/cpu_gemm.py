@@ -10,7 +10,9 @@ rounding flip there is a whole bf16 ulp), float32 within what reordering the sam
 
 On CPUs with AVX2 but no AVX-512 a float32 weight gets a second layout, kernels/cpu/small_gemm's
 panels: oneDNN streams a decode step's weights at a third to a half of memory speed there, and the
-panels kernel was 1.2-1.6x faster up to 48 rows on a Zen 3 (about even at 64-96; oneDNN beyond).
+panels kernel was 1.2-1.7x faster up to 64 rows on a Zen 3, 1.05-1.3x up to 192 (over the small
+model's 49 weights, alternating, best of 5); from 256 rows oneDNN is 5-10% faster. The panels
+also share work out dynamically, so a thread the OS preempts does not hold its partner at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 
 from kernels.cpu import small_gemm
 
-SMALL_GEMM_MAX_ROWS = 48
+SMALL_GEMM_MAX_ROWS = 192
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from executor.layers.cpu_gemm import pack_weight, packed_linear
+from executor.layers.cpu_gemm import SMALL_GEMM_MAX_ROWS, pack_weight, packed_linear
 from executor.layers.embedding import ParallelLMHead
 from executor.layers.linear import LinearBase
 from executor.loader import load_model
@@ -39,7 +39,8 @@ def test_packed_float32_linear_is_as_close_to_float64_as_f_linear() -> None:
         packed = pack_weight(weight, b)
         if packed is None:
             pytest.skip(NO_PACKING)
-        for rows in (1, 7, 48, 49, 257):  # 48 and below: small_gemm's panels, where it runs
+        top = SMALL_GEMM_MAX_ROWS  # up to it: small_gemm's panels, where it runs
+        for rows in (1, 7, top, top + 1, 257):
             x = torch.randn(rows, 2048)
             exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
             size = F.linear(x.abs().double(), weight.abs().double())
