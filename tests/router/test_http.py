@@ -117,7 +117,7 @@ def test_stop_string_across_tokens(client: openai.OpenAI, fake: FakeScheduler,
     tokens = FakeScheduler.tokens_for(tokenizer.encode(PROMPT), 11, 40)
     stop, used = _boundary_stop(tokenizer, tokens)
     full = tokenizer.decode(tokens)
-    fake.token_delay_s = 0.002
+    fake.token_delay_s = 0.05  # 2 s of tokens: only the router's cancel ends the stream early
     kw = dict(model=SERVED, prompt=PROMPT, max_tokens=40, seed=11, stop=["NEVER", stop])
     if stream:
         chunks = list(client.completions.create(**kw, stream=True,
