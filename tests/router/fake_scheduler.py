@@ -104,7 +104,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                 self._with_logprobs(out, k)
                 yield out
             self.completed.append(rid)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # a cancel that lands while gRPC writes a message closes this generator at its yield
+            # (GeneratorExit) instead of cancelling it in a sleep
             self.cancelled.append(rid)
             raise
         finally:
