@@ -20,6 +20,8 @@ import argparse
 import os
 import sys
 
+from pagedserve.lifeline import die_with_supervisor
+
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
 DEFAULT_EXECUTOR_ADDR = "127.0.0.1:50053"
 DEFAULT_SCHEDULER_ADDR = "127.0.0.1:50052"
@@ -247,6 +249,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_supervisor()  # a no-op unless `pagedserve serve` started this process
     args = build_parser().parse_args(argv)
     if getattr(args, "log_level", None):
         from pagedserve.logs import configure_logging

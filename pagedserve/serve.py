@@ -9,7 +9,7 @@ until every child reports healthy, prints the URLs, and restarts a child that di
 refilled by the scheduler's recompute, so no request is lost. On SIGINT or SIGTERM it stops the router
 first (it stops accepting and drains its streams), then the scheduler, then the executor. Children
 run in their own sessions (a terminal's Ctrl-C reaches only the supervisor, which orders the
-shutdown) and, on Linux, get SIGKILL if the supervisor itself dies (PR_SET_PDEATHSIG).
+shutdown) and, on Linux, get SIGKILL if the supervisor itself dies (PR_SET_PDEATHSIG, see pagedserve/lifeline.py).
 """
 
 from __future__ import annotations
@@ -23,19 +23,18 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from pagedserve.health import probe
+from pagedserve.lifeline import PARENT_PID_ENV
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"  # the router's key travels in its environment, not its argv
 
 log = structlog.get_logger("pagedserve.serve")
 
-PR_SET_PDEATHSIG = 1
 RESTART_WINDOW_S = 60.0
 MAX_RESTARTS_IN_WINDOW = 5
 
@@ -51,23 +50,12 @@ class ServiceSpec:
     nice: int = 0  # added to the child's niceness (lower priority) when it starts
 
 
-def _preexec(parent_pid: int, nice: int) -> Callable[[], None] | None:
-    """A preexec_fn that lowers the child's priority by `nice` and, on Linux, makes it receive
-    SIGKILL when its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return (lambda: os.nice(nice)) if nice > 0 else None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: no allocation in the child
-
-    def preexec() -> None:
-        if nice > 0:
-            os.nice(nice)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
+def _add_niceness(pid: int, nice: int) -> None:
+    """Lowers a just-started child's priority from here: Linux keeps niceness per thread, and the
+    child has not started its threads yet, so they inherit it."""
+    if nice > 0:
+        with contextlib.suppress(OSError):  # it may already have exited
+            os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, pid) + nice)
 
 
 class Child:
@@ -83,9 +71,9 @@ class Child:
         return self.spec.name
 
     def start(self) -> None:
-        env = {**os.environ, **self.spec.env} if self.spec.env else None
-        self.proc = subprocess.Popen(self.spec.argv, start_new_session=True, env=env,
-                                     preexec_fn=_preexec(os.getpid(), self.spec.nice))
+        env = {**os.environ, **(self.spec.env or {}), PARENT_PID_ENV: str(os.getpid())}
+        self.proc = subprocess.Popen(self.spec.argv, start_new_session=True, env=env)
+        _add_niceness(self.proc.pid, self.spec.nice)
         self.starts.append(time.monotonic())
         log.info("started", child=self.name, pid=self.proc.pid)
 
