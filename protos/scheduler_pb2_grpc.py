@@ -40,6 +40,11 @@ class SchedulerStub:
                 request_serializer=protos_dot_scheduler__pb2.ScheduleRequest.SerializeToString,
                 response_deserializer=protos_dot_scheduler__pb2.TokenOutput.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/pagedserve.v1.Scheduler/Session',
+                request_serializer=protos_dot_scheduler__pb2.SessionRequest.SerializeToString,
+                response_deserializer=protos_dot_scheduler__pb2.TokenOutputBatch.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pagedserve.v1.Scheduler/Abort',
                 request_serializer=protos_dot_scheduler__pb2.AbortRequest.SerializeToString,
@@ -62,6 +67,15 @@ class SchedulerServicer:
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Requests on one stream; each output's request_id says whose. Request ids are unique per
+        scheduler as with Generate. The stream ends once the caller has closed its side and every
+        request has finished; cancelling it cancels every request still running on it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -92,6 +106,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protos_dot_scheduler__pb2.ScheduleRequest.FromString,
                     response_serializer=protos_dot_scheduler__pb2.TokenOutput.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=protos_dot_scheduler__pb2.SessionRequest.FromString,
+                    response_serializer=protos_dot_scheduler__pb2.TokenOutputBatch.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -136,6 +155,33 @@ class Scheduler:
             '/pagedserve.v1.Scheduler/Generate',
             protos_dot_scheduler__pb2.ScheduleRequest.SerializeToString,
             protos_dot_scheduler__pb2.TokenOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pagedserve.v1.Scheduler/Session',
+            protos_dot_scheduler__pb2.SessionRequest.SerializeToString,
+            protos_dot_scheduler__pb2.TokenOutputBatch.FromString,
             options,
             channel_credentials,
             insecure,

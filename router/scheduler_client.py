@@ -1,7 +1,8 @@
 """The router's client for the internal Scheduler service (grpc.aio).
 
 The channel is opened on first use, inside the running event loop, so one client can be built
-before the server's loop starts. Cancelling a Generate stream aborts the request in the scheduler.
+before the server's loop starts. Requests go over one Session stream (router/scheduler_session.py),
+opened on first use and again after it broke; closing a request's iterator early cancels it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
+from router.scheduler_session import SchedulerSession
 
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -23,6 +25,7 @@ class SchedulerClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: scheduler_pb2_grpc.SchedulerStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: SchedulerSession | None = None
 
     @property
     def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
@@ -34,17 +37,16 @@ class SchedulerClient:
             ])
             self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
             self._loop = loop
+            self._session = None
         return self._stub
 
-    async def generate(self, request: scheduler_pb2.ScheduleRequest
-                       ) -> AsyncIterator[scheduler_pb2.TokenOutput]:
-        """Stream the request's token outputs; closing the iterator early cancels the call."""
-        call = self.stub.Generate(request)
-        try:
-            async for output in call:
-                yield output
-        finally:
-            call.cancel()  # a no-op once the stream has ended
+    def generate(self, request: scheduler_pb2.ScheduleRequest
+                 ) -> AsyncIterator[scheduler_pb2.TokenOutput]:
+        """Stream the request's token outputs; closing the iterator early cancels the request."""
+        stub = self.stub
+        if self._session is None or self._session.failed is not None:
+            self._session = SchedulerSession(stub)
+        return self._session.generate(request)
 
     async def abort(self, request_id: str, timeout: float = 5.0) -> bool:
         reply = await self.stub.Abort(scheduler_pb2.AbortRequest(request_id=request_id),
@@ -60,6 +62,8 @@ class SchedulerClient:
                                          wait_for_ready=wait_for_ready)
 
     async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
         if self._channel is not None:
             await self._channel.close()
-        self._channel = self._stub = self._loop = None
+        self._channel = self._stub = self._loop = self._session = None

@@ -1,10 +1,12 @@
-"""The scheduler's gRPC server (grpc.aio): Generate, Abort, Stats, ModelInfo and grpc.health.v1.
+"""The scheduler's gRPC server (grpc.aio): Generate, Session, Abort, Stats, ModelInfo and
+grpc.health.v1.
 
 Generate adds the request to the step loop and streams its TokenOutputs until it finishes; a
 ScheduleRequest with max_tokens 0 may generate up to max_model_len. When the caller cancels the
 stream (or goes away), the request is aborted and its blocks are freed at the next step.
-Health turns SERVING once an executor has described itself; shutdown (SIGTERM, SIGINT) stops
-taking requests, lets the open ones finish (up to a drain timeout), then stops.
+Session (scheduler/session.py) does the same for many requests on one stream, their outputs
+batched per step. Health turns SERVING once an executor has described itself; shutdown (SIGTERM,
+SIGINT) stops taking requests, lets the open ones finish (up to a drain timeout), then stops.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler.admission import admit
 from scheduler.outputs import RequestOutputDelta
+from scheduler.session import run_session
 from scheduler.step_loop import StepLoop
 from scheduler.step_timing import StepTimings
+from scheduler.token_output import append_delta
 
 log = structlog.get_logger("scheduler.server")
 
@@ -43,16 +48,8 @@ def _token_output(first: RequestOutputDelta,
     out = scheduler_pb2.TokenOutput(request_id=first.request_id)
     delta = first
     while True:
-        out.token_ids.extend(delta.new_token_ids)
-        out.logprobs.extend(delta.new_logprobs or ())
-        for top in delta.new_top_logprobs or ():
-            out.top_logprobs.add(token_ids=list(top), logprobs=list(top.values()))
-        out.num_prompt_tokens = max(out.num_prompt_tokens, delta.num_prompt_tokens)
-        out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
-        if delta.finished:
-            out.finished, out.finish_reason = True, delta.finish_reason or ""
-            return out
-        if queue.empty():
+        append_delta(out, delta)
+        if delta.finished or queue.empty():
             return out
         delta = queue.get_nowait()
 
@@ -85,20 +82,18 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _admit(self, request: scheduler_pb2.ScheduleRequest,
                      context: grpc.aio.ServicerContext) -> asyncio.Queue[RequestOutputDelta]:
-        if not self.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is shutting down")
-        try:
-            await asyncio.wait_for(self._loop.ready.wait(), context.time_remaining())
-        except asyncio.TimeoutError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no executor has connected yet")
-        try:
-            return self._loop.submit(request)
-        except KeyError:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"request_id {request.request_id!r} is already running")
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        raise AssertionError("unreachable")
+        queue: asyncio.Queue[RequestOutputDelta] = asyncio.Queue()
+        error = await admit(self._loop, request, queue, accepting=self.accepting,
+                            timeout=context.time_remaining())
+        if error is not None:
+            await context.abort(*error)
+        return queue
+
+    async def Session(self, request_iterator: AsyncIterator[scheduler_pb2.SessionRequest],
+                      context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[scheduler_pb2.TokenOutputBatch]:
+        async for batch in run_session(self._loop, request_iterator, lambda: self.accepting):
+            yield batch
 
     async def Abort(self, request: scheduler_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> scheduler_pb2.AbortResponse:

@@ -1,7 +1,8 @@
 """The scheduler server's step loop: one asyncio task that owns the Scheduler.
 
     while there is work:  plan = schedule()  ->  Execute stream  ->  apply_result(result)
-                          -> each delta to its request's asyncio queue
+                          -> each delta to its request's sink (an asyncio queue, or a
+                             Session's batch: anything with put_nowait)
 
 Everything touching the Scheduler runs on the event loop thread, so no lock is needed; while a plan
 is in flight, new requests and aborts are held back and applied after its result, so the Scheduler
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -31,6 +32,13 @@ from scheduler.step_timing import StepTimings
 from scheduler.validation import validate_request
 
 log = structlog.get_logger("scheduler.step_loop")
+
+
+class DeltaSink(Protocol):
+    """Where a request's deltas go: its own asyncio.Queue, or a Session's shared batch."""
+
+    def put_nowait(self, delta: RequestOutputDelta) -> None: ...
+
 
 # The pool and model facts a scheduler was built on: a new executor must agree on them.
 _POOL_FACTS = ("block_size", "num_kv_blocks", "max_model_len")
@@ -62,7 +70,7 @@ class StepLoop:
         self.timings = StepTimings()  # steps that reached the executor, and their phases
         self.ready = asyncio.Event()  # set once the first executor described itself
         self._wake = asyncio.Event()
-        self._streams: dict[str, asyncio.Queue[RequestOutputDelta]] = {}
+        self._streams: dict[str, DeltaSink] = {}
         self._pending_adds: list[scheduler_pb2.ScheduleRequest] = []
         self._pending_aborts: list[str] = []
         self._in_step = False
@@ -195,8 +203,9 @@ class StepLoop:
 
     # --- requests ---------------------------------------------------------------------------
 
-    def submit(self, req: scheduler_pb2.ScheduleRequest) -> asyncio.Queue[RequestOutputDelta]:
-        """Adds a request; its deltas arrive on the returned queue.
+    def submit(self, req: scheduler_pb2.ScheduleRequest, sink: DeltaSink | None = None
+               ) -> DeltaSink:
+        """Adds a request; its deltas go to `sink`, by default a new asyncio.Queue (returned).
 
         Raises KeyError for a request id already streaming, ValueError for an invalid request.
         """
@@ -209,13 +218,13 @@ class StepLoop:
         validate_request(self.scheduler.config, req.request_id, req.prompt_token_ids,
                          max_tokens=req.max_tokens, min_tokens=req.min_tokens,
                          stop_token_ids=req.stop_token_ids, n=1)
-        queue: asyncio.Queue[RequestOutputDelta] = asyncio.Queue()
-        self._streams[req.request_id] = queue
+        sink = asyncio.Queue() if sink is None else sink
+        self._streams[req.request_id] = sink
         self._pending_adds.append(req)
         if not self._in_step:
             self._apply_pending()
         self._wake.set()
-        return queue
+        return sink
 
     def _add(self, req: scheduler_pb2.ScheduleRequest) -> None:
         assert self.scheduler is not None
@@ -241,11 +250,11 @@ class StepLoop:
         return True
 
     def _close_stream(self, request_id: str, notify: bool) -> bool:
-        queue = self._streams.pop(request_id, None)
-        if queue is None:
+        sink = self._streams.pop(request_id, None)
+        if sink is None:
             return False
         if notify:
-            queue.put_nowait(RequestOutputDelta(
+            sink.put_nowait(RequestOutputDelta(
                 request_id=request_id, new_token_ids=[], new_logprobs=None,
                 new_top_logprobs=None, finished=True, finish_reason="abort",
                 num_prompt_tokens=0, num_cached_tokens=0))
@@ -264,10 +273,10 @@ class StepLoop:
 
     def _fan_out(self, deltas: list[RequestOutputDelta]) -> None:
         for delta in deltas:
-            queue = self._streams.get(delta.request_id)
-            if queue is None:
+            sink = self._streams.get(delta.request_id)
+            if sink is None:
                 continue
-            queue.put_nowait(delta)
+            sink.put_nowait(delta)
             if delta.finished:
                 del self._streams[delta.request_id]
 

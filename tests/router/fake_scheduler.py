@@ -4,7 +4,9 @@ Outputs are deterministic: a pseudo-random token sequence drawn from (prompt ids
 can compute what a request will produce with `FakeScheduler.tokens_for`. It honours max_tokens,
 EOS (at output number `eos_at`, when set), stop_token_ids, ignore_eos and min_tokens; cancelled or
 aborted requests are recorded; Stats counts live requests. With sampling.logprobs set, each token
-comes with `logprob_of(token)` and `top_of(token, k)`: made up, but deterministic.
+comes with `logprob_of(token)` and `top_of(token, k)`: made up, but deterministic. Session runs
+each of its requests through Generate and batches whatever outputs are waiting, as the real
+scheduler's Session batches a step's.
 """
 
 from __future__ import annotations
@@ -112,6 +114,41 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         finally:
             self.live.discard(rid)
 
+    async def Session(self, request_iterator, context):
+        outbox: asyncio.Queue[scheduler_pb2.TokenOutput] = asyncio.Queue()
+        tasks: dict[str, asyncio.Task] = {}
+        reader = asyncio.create_task(self._read_session(request_iterator, outbox, tasks))
+        try:
+            while True:
+                batch = [await outbox.get()]
+                while not outbox.empty():
+                    batch.append(outbox.get_nowait())
+                yield scheduler_pb2.TokenOutputBatch(outputs=batch)
+        finally:
+            reader.cancel()
+            for task in tasks.values():
+                task.cancel()
+
+    async def _read_session(self, request_iterator, outbox, tasks) -> None:
+        async for msg in request_iterator:
+            rid = msg.schedule.request_id or msg.cancel.request_id
+            if msg.WhichOneof("kind") == "schedule":
+                tasks[rid] = asyncio.create_task(self._session_request(msg.schedule, outbox, tasks))
+            elif rid in tasks:
+                tasks.pop(rid).cancel()
+
+    async def _session_request(self, request, outbox, tasks) -> None:
+        try:
+            async for out in self.Generate(request, _SessionCallContext()):
+                outbox.put_nowait(out)
+        except _Aborted as e:
+            outbox.put_nowait(scheduler_pb2.TokenOutput(
+                request_id=request.request_id, finished=True, error_code=e.code.value[0],
+                error_message=e.details))
+        finally:
+            if tasks.get(request.request_id) is asyncio.current_task():
+                del tasks[request.request_id]
+
     async def Abort(self, request, context):
         found = request.request_id in self.live
         self._abort.add(request.request_id)
@@ -129,6 +166,19 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             model="fake", architecture="LlamaForCausalLM", dtype="float32",
             vocab_size=self.vocab_size, max_model_len=self.max_model_len,
             eos_token_ids=list(self.eos_ids), block_size=16, num_kv_blocks=64, device="cpu")
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _SessionCallContext:
+    """What Generate needs of a call's context, for one request of a Session."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
 
 
 class FakeSchedulerThread:

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
+from router.scheduler_session import SchedulerSession
 from tests.services.conftest import (
     MAX_MODEL_LEN,
     MAX_TOKENS,
@@ -158,3 +159,88 @@ def test_stats_times_the_step_phases(services: str) -> None:
     assert delta["step_rpc_seconds"] >= delta["step_execute_seconds"]
     # Every step of the window ran at least one of these requests, and at most all four.
     assert delta["steps"] <= delta["step_running_requests_sum"] <= 4 * delta["steps"], delta
+
+
+# --- Session: many requests on one stream -------------------------------------------------------
+
+
+async def session_collect(session: SchedulerSession, request: scheduler_pb2.ScheduleRequest
+                          ) -> tuple[list[int], list[scheduler_pb2.TokenOutput]]:
+    outputs = [out async for out in session.generate(request)]
+    return [t for out in outputs for t in out.token_ids], outputs
+
+
+def test_session_streams_the_in_process_tokens_batched_per_step(services: str,
+                                                                reference_tokens) -> None:
+    async def body(stub):
+        requests = iter([scheduler_pb2.SessionRequest(schedule=schedule_request(rid, p))
+                         for rid, p in prompts().items()])
+        batches = [batch async for batch in stub.Session(requests, timeout=30)]
+        session = SchedulerSession(stub)  # the router's end, on the same scheduler
+        again = await asyncio.gather(*(session_collect(session, schedule_request(rid + "-r", p))
+                                       for rid, p in prompts().items()))
+        await session.close()
+        return batches, again
+
+    batches, again = run(services, body)
+    outputs = [out for batch in batches for out in batch.outputs]
+    for (request_id, prompt), (tokens, mine) in zip(prompts().items(), again):
+        theirs = [out for out in outputs if out.request_id == request_id]
+        assert [t for out in theirs for t in out.token_ids] == reference_tokens[request_id]
+        assert tokens == reference_tokens[request_id]
+        for outs in (theirs, mine):
+            assert outs[-1].finished and outs[-1].finish_reason == "length"
+            assert not any(out.finished for out in outs[:-1])
+            assert outs[-1].num_prompt_tokens == len(prompt)
+    # the requests decode together, so most steps carry all of them in one message
+    assert max(len(batch.outputs) for batch in batches) == len(prompts())
+    assert len(batches) < len(outputs)
+    # the stream ended by itself once the caller was done and every request had finished
+
+
+def test_session_cancel_and_close_abort_and_free_every_block(services: str) -> None:
+    async def body(stub):
+        session = SchedulerSession(stub)
+        streams = [session.generate(schedule_request(f"s-cancel-{i}", p, MAX_MODEL_LEN - len(p)))
+                   for i, p in enumerate(prompts().values())]
+        for stream in streams:  # each has started generating
+            await anext(stream)
+        busy = await stub.Stats(scheduler_pb2.StatsRequest(), timeout=5)
+        await streams[0].aclose()  # one cancelled by a message on the stream
+        one_less = await stats_when(stub, lambda s: s.num_running + s.num_waiting
+                                    == len(prompts()) - 1)
+        await session.close()  # the rest with the stream
+        idle = await stats_when(stub, lambda s: s.num_running + s.num_waiting == 0
+                                and s.blocks_free == s.blocks_total)
+        return busy, one_less, idle
+
+    busy, one_less, idle = run(services, body)
+    assert busy.num_running + busy.num_waiting == len(prompts()) and busy.blocks_used > 0
+    assert one_less.num_running + one_less.num_waiting == len(prompts()) - 1
+    assert idle.num_running == idle.num_waiting == 0 and idle.blocks_free == idle.blocks_total
+
+
+def test_session_requests_fail_alone_with_their_grpc_status(services: str) -> None:
+    async def body(stub):
+        session = SchedulerSession(stub)
+        running = session.generate(schedule_request("s-long", [11, 12, 13], 200))
+        first = await anext(running)
+        codes = []
+        too_long = schedule_request("s-too-long", list(range(10, 10 + MAX_MODEL_LEN + 1)), 1)
+        for request in (too_long, schedule_request("s-empty", [], 4),
+                        schedule_request("s-long", [5, 6, 7], 4)):
+            try:
+                await session_collect(session, request)
+            except grpc.aio.AioRpcError as e:
+                codes.append(e.code())
+        found = await stub.Abort(scheduler_pb2.AbortRequest(request_id="s-long"), timeout=5)
+        rest = [out async for out in running]
+        await session.close()
+        return first, codes, found.found, rest
+
+    first, codes, found, rest = run(services, body)
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT,
+                     grpc.StatusCode.ALREADY_EXISTS]
+    # the other request on the stream went on, until the Abort RPC ended it
+    assert not first.finished and found
+    assert rest[-1].finished and rest[-1].finish_reason == "abort"
