@@ -94,8 +94,8 @@ async def measure(base_url: str, model: str, prompts: list[list[int]],
     limits = httpx.Limits(max_connections=n + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
         cpu = time.process_time()
-        tasks = [asyncio.create_task(send_request(client, url, payload(model, p, args.max_tokens),
-                                                  r)) for p, r in zip(prompts, results)]
+        tasks = [asyncio.create_task(send_request(url, payload(model, p, args.max_tokens), r))
+                 for p, r in zip(prompts, results)]
         try:
             window = await _window(client, base_url, results, args)
         finally:

@@ -77,3 +77,19 @@ def test_events_are_split_as_the_sse_format_says(response: bytes, events: list[s
             return await _collect(f"http://127.0.0.1:{port}/x", {})
 
     assert run_event_loop(scenario()) == events
+
+
+def test_step_overhead_measures_a_window_of_the_running_server(serve: Serve, llama_dir,
+                                                                tmp_path) -> None:
+    """bench.step_overhead end to end on a small window (its request path is bench.serve's)."""
+    from bench import step_overhead
+
+    out = tmp_path / "step_overhead.json"
+    code = step_overhead.main([
+        "--base-url", serve.base_url, "--model", str(llama_dir), "--served-model-name", "",
+        "--num-running", "3", "--window-steps", "3", "--skip-steps", "1", "--max-tokens", "1000",
+        "--finish-margin", "600", "--prompt-len", "8,16", "--timeout", "60", "--out", str(out)])
+    report = json.loads(out.read_text())["per_step"]
+    assert code == 0 and report["clean"] and report["mean_batch"] == 3
+    assert report["steps"] >= 1 and report["execute_ms"] > 0
+    assert 0 <= report["overhead_share"] < 1
