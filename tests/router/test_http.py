@@ -309,3 +309,30 @@ def test_without_scheduler(llama_dir, tmp_path) -> None:
         models = httpx.get(r.base_url + "/v1/models").json()["data"]
         assert models[0]["id"] == str(llama_dir) and models[0]["max_model_len"] is None
         assert "pagedserve_scheduler_up 0" in httpx.get(r.base_url + "/metrics").text
+
+
+def test_a_restarted_scheduler_is_reached_again(llama_dir, tmp_path) -> None:
+    """The router's requests share one Session stream: when the scheduler goes away the requests
+    on it fail (none hangs), and the next request opens a stream to the new scheduler."""
+    from router.server import RouterThread
+    from tests.router.fake_scheduler import FakeSchedulerThread
+
+    address = f"unix://{tmp_path}/s.sock"
+    first = FakeSchedulerThread(address).start()
+    first.servicer.token_delay_s = 0.05
+    body = {"model": str(llama_dir), "prompt": "x", "max_tokens": 200, "stream": True}
+    with RouterThread(llama_dir, address) as r, httpx.Client(timeout=30) as http:
+        with http.stream("POST", r.base_url + "/v1/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            assert resp.status_code == 200 and next(lines).startswith("data: {")
+            first.stop()
+            rest = [line for line in lines if line]  # ends: an error event, then [DONE]
+        assert any('"error"' in line for line in rest) and rest[-1] == "data: [DONE]"
+        second = FakeSchedulerThread(address).start()
+        try:
+            short = {**body, "max_tokens": 3, "stream": False}
+            wait_until(lambda: http.post(r.base_url + "/v1/completions",
+                                         json=short).status_code == 200, timeout=10)
+            assert second.servicer.completed
+        finally:
+            second.stop()
