@@ -1,6 +1,7 @@
 """float32 GEMMs of a few rows through small_gemm.c, for CPUs with AVX2 but no AVX-512 (where the
 engine runs float32 and oneDNN streams the weights of a decode-sized GEMM slowly). `pack` gives
-the weight's panel layout once; `linear` multiplies through it."""
+the weight's panel layout once; `linear` multiplies through it. A weight whose values are all bf16
+values (a bf16 checkpoint run in float32) is packed as bf16: exact, and half the bytes to read."""
 
 from __future__ import annotations
 
@@ -18,16 +19,23 @@ def available() -> bool:
     return lib is not None and bool(lib.small_gemm_available())
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """weight [n, k] float32 -> panels [ceil(n / 16), k, 16], or None where the kernel is not
-    used (another dtype or device, or a CPU it has no path for)."""
+def pack(weight: torch.Tensor, allow_bf16: bool = True) -> torch.Tensor | None:
+    """weight [n, k] float32 -> panels [ceil(n / 16), k, 16], bfloat16 when every value of the
+    weight is one (and allow_bf16), else float32; None where the kernel is not used (another
+    dtype or device, or a CPU it has no path for)."""
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
         return None
     if not available():
         return None
     n, k = weight.shape
-    panels = torch.empty((n + PANEL - 1) // PANEL, k, PANEL)
     w = weight.detach().contiguous()
+    narrow = w.to(torch.bfloat16)
+    if allow_bf16 and torch.equal(narrow.to(torch.float32), w):  # NaN never passes: float32
+        panels = torch.empty((n + PANEL - 1) // PANEL, k, PANEL, dtype=torch.bfloat16)
+        load("small_gemm")[0].pack_panels_bf16(ptr(narrow), ctypes.c_int64(n),
+                                               ctypes.c_int64(k), ptr(panels))
+        return panels
+    panels = torch.empty((n + PANEL - 1) // PANEL, k, PANEL)
     load("small_gemm")[0].pack_panels_f32(ptr(w), ctypes.c_int64(n), ctypes.c_int64(k), ptr(panels))
     return panels
 
@@ -41,8 +49,9 @@ def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int,
         bias = bias.contiguous()  # held here: the C call gets only its address
     m, k = x.shape
     out = torch.empty(m, out_features)
-    load("small_gemm")[0].small_gemm_f32(
-        ptr(x), ctypes.c_int64(x.stride(0)), ptr(panels),
-        None if bias is None else ptr(bias), ptr(out), ctypes.c_int64(m),
-        ctypes.c_int64(out_features), ctypes.c_int64(k), omp_threads())
+    lib = load("small_gemm")[0]
+    gemm = lib.small_gemm_f32_bf16_panels if panels.dtype == torch.bfloat16 else lib.small_gemm_f32
+    gemm(ptr(x), ctypes.c_int64(x.stride(0)), ptr(panels), None if bias is None else ptr(bias),
+         ptr(out), ctypes.c_int64(m), ctypes.c_int64(out_features), ctypes.c_int64(k),
+         omp_threads())
     return out

@@ -1,5 +1,6 @@
 """kernels/cpu/small_gemm.c (float32 GEMMs of a few rows through weight panels) against a float64
-product: every tile height, partial panels, strided rows, bias."""
+product: every tile height, partial panels, strided rows, bias; bf16 panels for weights whose
+values are all bf16, bit for bit the float32 panels' result."""
 
 from __future__ import annotations
 
@@ -33,8 +34,33 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (300, 768), (5, 7)])
 def test_within_float32_rounding_of_float64(rows, out_features, in_features) -> None:
     weight = torch.randn(out_features, in_features)
+    assert small_gemm.pack(weight).dtype == torch.float32
     _check(torch.randn(rows, in_features), weight, None)
     _check(torch.randn(rows, in_features), weight, torch.randn(out_features))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 24, 48])
+@pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (300, 768), (5, 7)])
+def test_bf16_panels_give_the_float32_panels_result(rows, out_features, in_features) -> None:
+    """A weight of bf16 values (a bf16 checkpoint run in float32) goes into bf16 panels, and the
+    tile widens them exactly: the same sums in the same order as float32 panels of it."""
+    weight = torch.randn(out_features, in_features).bfloat16().float()
+    narrow, wide = small_gemm.pack(weight), small_gemm.pack(weight, allow_bf16=False)
+    assert narrow.dtype == torch.bfloat16 and wide.dtype == torch.float32
+    assert narrow.numel() == wide.numel() and narrow.element_size() * 2 == wide.element_size()
+    x, bias = torch.randn(rows, in_features), torch.randn(out_features)
+    for b in (None, bias):
+        got = small_gemm.linear(x, narrow, out_features, b)
+        assert torch.equal(got, small_gemm.linear(x, wide, out_features, b))
+    _check(x, weight, bias)
+
+
+def test_a_weight_not_all_bf16_keeps_float32_panels() -> None:
+    weight = torch.randn(32, 16).bfloat16().float()
+    weight[3, 5] = 1.0 + 2.0**-12  # between two bf16 values (their spacing at 1 is 2**-7)
+    assert small_gemm.pack(weight).dtype == torch.float32
+    weight[3, 5] = float("nan")
+    assert small_gemm.pack(weight).dtype == torch.float32
 
 
 def test_strided_rows_columns_and_bias() -> None:
