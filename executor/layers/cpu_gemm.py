@@ -31,7 +31,8 @@ SMALL_GEMM_MAX_ROWS = 192
 @dataclass
 class PackedWeight:
     onednn: torch.Tensor  # oneDNN's blocked layout
-    panels: torch.Tensor | None  # small_gemm's layout, float32 on AVX2-only CPUs; else None
+    panels: torch.Tensor | None  # small_gemm's layout on AVX2-only CPUs (float32, or bf16 when
+    # every value is one: see small_gemm.pack); else None
     out_features: int
 
 
