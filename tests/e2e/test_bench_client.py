@@ -93,3 +93,24 @@ def test_step_overhead_measures_a_window_of_the_running_server(serve: Serve, lla
     assert code == 0 and report["clean"] and report["mean_batch"] == 3
     assert report["steps"] >= 1 and report["execute_ms"] > 0
     assert 0 <= report["overhead_share"] < 1
+
+
+def test_bench_serve_sweeps_rates_and_compares_with_offline(serve: Serve, llama_dir,
+                                                           tmp_path) -> None:
+    """bench.serve end to end on a small workload: a two-rate sweep against the running server,
+    then the saturated run's requests through the offline LLM."""
+    from bench import serve as bench_serve
+
+    out = tmp_path / "serve.json"
+    code = bench_serve.main([
+        "--base-url", serve.base_url, "--model", str(llama_dir), "--num-requests", "4",
+        "--request-rate", "20,inf", "--compare-offline", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert code == 0 and [r["request_rate"] for r in results["runs"]] == [20.0, "inf"]
+    for run in results["runs"]:
+        assert run["completed"] == 4 and run["failed"] == 0
+        assert run["output_tokens"] == run["asked_output_tokens"] > 0
+        assert run["ttft_ms"]["p99"] >= run["ttft_ms"]["median"] > 0
+    comparison = results["comparison"]
+    assert comparison["offline"]["output_tokens_per_s"] > 0
+    assert comparison["serve_share_of_offline"] > 0
