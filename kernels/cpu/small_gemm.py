@@ -29,8 +29,8 @@ def pack(weight: torch.Tensor, allow_bf16: bool = True) -> torch.Tensor | None:
         return None
     n, k = weight.shape
     w = weight.detach().contiguous()
-    narrow = w.to(torch.bfloat16)
-    if allow_bf16 and torch.equal(narrow.to(torch.float32), w):  # NaN never passes: float32
+    narrow = w.to(torch.bfloat16) if allow_bf16 else None
+    if narrow is not None and torch.equal(narrow.to(torch.float32), w):  # NaN: float32 panels
         panels = torch.empty((n + PANEL - 1) // PANEL, k, PANEL, dtype=torch.bfloat16)
         load("small_gemm")[0].pack_panels_bf16(ptr(narrow), ctypes.c_int64(n),
                                                ctypes.c_int64(k), ptr(panels))
