@@ -28,7 +28,7 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11",
 ENV_DISABLE = "PAGEDSERVE_DISABLE_CPU_KERNELS"
 # These split their work over OpenMP threads, torch's own pool (see paged_decode.c); a compiler
 # without OpenMP builds them without the flag, and they run on the calling thread alone
-LIBRARY_FLAGS = {name: ("-fopenmp",) for name in ("paged_decode", "activation", "small_gemm")}
+LIBRARY_FLAGS = {name: ("-fopenmp",) for name in ("paged_decode", "activation", "panel_gemm")}
 
 
 def cache_dir() -> Path:
@@ -106,8 +106,13 @@ def ptr(tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
+@cache
+def _cpu_count() -> int:
+    return os.cpu_count() or 1  # 7 us a call (it reads /sys): once per process, not per kernel
+
+
 def omp_threads() -> int:
     """Threads for the OpenMP kernels: torch's own count, never more than the CPUs."""
     import torch
 
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+    return max(1, min(torch.get_num_threads(), _cpu_count()))

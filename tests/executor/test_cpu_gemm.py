@@ -1,6 +1,6 @@
 """Pre-packed CPU weights: bf16 gives F.linear's bits, float32 agrees with a float64 product as
-closely as F.linear does (through oneDNN, and through small_gemm's panels at few rows where that
-kernel runs), and every linear layer of a loaded model takes the packed form."""
+closely as F.linear does (through oneDNN, or panel_gemm's panels where that kernel runs), and every
+linear layer of a loaded model takes the packed form."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from executor.layers.cpu_gemm import SMALL_GEMM_MAX_ROWS, pack_weight, packed_linear
+from executor.layers.cpu_gemm import pack_weight, packed_linear
 from executor.layers.embedding import ParallelLMHead
 from executor.layers.linear import LinearBase
 from executor.loader import load_model
-from kernels.cpu import small_gemm
+from kernels.cpu import panel_gemm
 from tests.conftest import model_dir
 
 NO_PACKING = ("oneDNN packs no weights of this dtype here (bf16 on a CPU without native bf16, "
@@ -39,8 +39,8 @@ def test_packed_float32_linear_is_as_close_to_float64_as_f_linear() -> None:
         packed = pack_weight(weight, b)
         if packed is None:
             pytest.skip(NO_PACKING)
-        top = SMALL_GEMM_MAX_ROWS  # up to it: small_gemm's panels, where it runs
-        for rows in (1, 7, top, top + 1, 257):
+        # 1030 rows: panel_gemm takes x in blocks of 8 MiB (1024 rows of 2048), so two blocks
+        for rows in (1, 7, 192, 257, 1030):
             x = torch.randn(rows, 2048)
             exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
             size = F.linear(x.abs().double(), weight.abs().double())
@@ -61,5 +61,5 @@ def test_loaded_model_packs_every_linear_layer(dtype) -> None:
         pytest.skip(NO_PACKING)
     assert len(layers) == 4 * config.num_layers + 1
     assert all(m.packed is not None for m in layers)
-    if dtype == "float32" and small_gemm.available():
+    if dtype == "float32" and panel_gemm.available():
         assert all(m.packed.panels is not None for m in layers)

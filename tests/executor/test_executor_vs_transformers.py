@@ -269,14 +269,14 @@ def test_continuing_validation_and_forget_first(small_executor):
 
 def test_bf16_checkpoint_run_in_float32(tiny_llama, tmp_path):
     """A bf16 checkpoint (as most are) run in float32 on a CPU without native bf16: every weight
-    is a bf16 value, so small_gemm keeps its panels in bf16 (exact, half the bytes to read), and
+    is a bf16 value, so panel_gemm keeps its panels in bf16 (exact, half the bytes to read), and
     the outputs still match transformers' float32 run of the same checkpoint."""
     import shutil
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from executor.layers.linear import LinearBase
-    from kernels.cpu import small_gemm
+    from kernels.cpu import panel_gemm
 
     AutoModelForCausalLM.from_pretrained(tiny_llama).to(torch.bfloat16).save_pretrained(tmp_path)
     for f in tiny_llama.iterdir():
@@ -284,7 +284,7 @@ def test_bf16_checkpoint_run_in_float32(tiny_llama, tmp_path):
             shutil.copy(f, tmp_path / f.name)
     refs = hf_generate(tmp_path, stdlib_prompts(AutoTokenizer.from_pretrained(tmp_path))[::2])
     executor = make_executor(tmp_path)
-    if small_gemm.available():
+    if panel_gemm.available():
         layers = [m for m in executor.model.modules() if isinstance(m, LinearBase)]
         assert layers and all(m.packed.panels.dtype == torch.bfloat16 for m in layers)
     check_all(run_all(Harness(executor), refs), refs, "bf16 checkpoint in float32")

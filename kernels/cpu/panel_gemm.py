@@ -1,7 +1,8 @@
-"""float32 GEMMs of a few rows through small_gemm.c, for CPUs with AVX2 but no AVX-512 (where the
-engine runs float32 and oneDNN streams the weights of a decode-sized GEMM slowly). `pack` gives
-the weight's panel layout once; `linear` multiplies through it. A weight whose values are all bf16
-values (a bf16 checkpoint run in float32) is packed as bf16: exact, and half the bytes to read."""
+"""float32 GEMMs through weight panels (panel_gemm.c), for CPUs with AVX2 but no AVX-512, where the
+engine runs float32: faster than oneDNN there at every row count, most at decode sizes. `pack`
+gives the weight's panel layout once; `linear` multiplies through it. A weight whose values are all
+bf16 values (a bf16 checkpoint run in float32) is packed as bf16: exact, and half the bytes to
+read."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import torch
 
 from kernels.cpu.build import load, omp_threads, ptr
 
-PANEL = 16  # outputs per panel, as in small_gemm.c
+PANEL = 16  # outputs per panel, as in panel_gemm.c
 
 
 def available() -> bool:
-    lib, _ = load("small_gemm")
-    return lib is not None and bool(lib.small_gemm_available())
+    lib, _ = load("panel_gemm")
+    return lib is not None and bool(lib.panel_gemm_available())
 
 
 def pack(weight: torch.Tensor, allow_bf16: bool = True) -> torch.Tensor | None:
@@ -32,11 +33,11 @@ def pack(weight: torch.Tensor, allow_bf16: bool = True) -> torch.Tensor | None:
     narrow = w.to(torch.bfloat16) if allow_bf16 else None
     if narrow is not None and torch.equal(narrow.to(torch.float32), w):  # NaN: float32 panels
         panels = torch.empty((n + PANEL - 1) // PANEL, k, PANEL, dtype=torch.bfloat16)
-        load("small_gemm")[0].pack_panels_bf16(ptr(narrow), ctypes.c_int64(n),
+        load("panel_gemm")[0].pack_panels_bf16(ptr(narrow), ctypes.c_int64(n),
                                                ctypes.c_int64(k), ptr(panels))
         return panels
     panels = torch.empty((n + PANEL - 1) // PANEL, k, PANEL)
-    load("small_gemm")[0].pack_panels_f32(ptr(w), ctypes.c_int64(n), ctypes.c_int64(k), ptr(panels))
+    load("panel_gemm")[0].pack_panels_f32(ptr(w), ctypes.c_int64(n), ctypes.c_int64(k), ptr(panels))
     return panels
 
 
@@ -49,8 +50,8 @@ def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int,
         bias = bias.contiguous()  # held here: the C call gets only its address
     m, k = x.shape
     out = torch.empty(m, out_features)
-    lib = load("small_gemm")[0]
-    gemm = lib.small_gemm_f32_bf16_panels if panels.dtype == torch.bfloat16 else lib.small_gemm_f32
+    lib = load("panel_gemm")[0]
+    gemm = lib.panel_gemm_f32_bf16_panels if panels.dtype == torch.bfloat16 else lib.panel_gemm_f32
     gemm(ptr(x), ctypes.c_int64(x.stride(0)), ptr(panels), None if bias is None else ptr(bias),
          ptr(out), ctypes.c_int64(m), ctypes.c_int64(out_features), ctypes.c_int64(k),
          omp_threads())

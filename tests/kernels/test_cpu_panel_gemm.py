@@ -1,6 +1,6 @@
-"""kernels/cpu/small_gemm.c (float32 GEMMs of a few rows through weight panels) against a float64
-product: every tile height, partial panels, strided rows, bias; bf16 panels for weights whose
-values are all bf16, bit for bit the float32 panels' result."""
+"""kernels/cpu/panel_gemm.c (float32 GEMMs through weight panels) against a float64 product:
+every tile height, prompt-sized row counts over several blocks of x, partial panels, strided rows,
+bias; bf16 panels for weights whose values are all bf16, bit for bit the float32 panels' result."""
 
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu import small_gemm
+from kernels.cpu import panel_gemm
 from tests.kernels.common import require_cpu_kernel
 
 
 @pytest.fixture(autouse=True)
 def built() -> None:
-    require_cpu_kernel("small_gemm")
-    if not small_gemm.available():
-        pytest.skip("small_gemm has a path for AVX2 CPUs without AVX-512 only")
+    require_cpu_kernel("panel_gemm")
+    if not panel_gemm.available():
+        pytest.skip("panel_gemm has a path for AVX2 CPUs without AVX-512 only")
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Within the bound on summing K float32 products in any order: K u sum(|terms|)."""
-    got = small_gemm.linear(x, small_gemm.pack(weight), weight.shape[0], bias)
+    got = panel_gemm.linear(x, panel_gemm.pack(weight), weight.shape[0], bias)
     exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     size = F.linear(x.abs().double(), weight.abs().double(),
                     None if bias is None else bias.abs().double())
@@ -34,7 +34,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (300, 768), (5, 7)])
 def test_within_float32_rounding_of_float64(rows, out_features, in_features) -> None:
     weight = torch.randn(out_features, in_features)
-    assert small_gemm.pack(weight).dtype == torch.float32
+    assert panel_gemm.pack(weight).dtype == torch.float32
     _check(torch.randn(rows, in_features), weight, None)
     _check(torch.randn(rows, in_features), weight, torch.randn(out_features))
 
@@ -45,22 +45,34 @@ def test_bf16_panels_give_the_float32_panels_result(rows, out_features, in_featu
     """A weight of bf16 values (a bf16 checkpoint run in float32) goes into bf16 panels, and the
     tile widens them exactly: the same sums in the same order as float32 panels of it."""
     weight = torch.randn(out_features, in_features).bfloat16().float()
-    narrow, wide = small_gemm.pack(weight), small_gemm.pack(weight, allow_bf16=False)
+    narrow, wide = panel_gemm.pack(weight), panel_gemm.pack(weight, allow_bf16=False)
     assert narrow.dtype == torch.bfloat16 and wide.dtype == torch.float32
     assert narrow.numel() == wide.numel() and narrow.element_size() * 2 == wide.element_size()
     x, bias = torch.randn(rows, in_features), torch.randn(out_features)
     for b in (None, bias):
-        got = small_gemm.linear(x, narrow, out_features, b)
-        assert torch.equal(got, small_gemm.linear(x, wide, out_features, b))
+        got = panel_gemm.linear(x, narrow, out_features, b)
+        assert torch.equal(got, panel_gemm.linear(x, wide, out_features, b))
     _check(x, weight, bias)
+
+
+def test_rows_over_several_blocks_of_x() -> None:
+    """x goes through in blocks of 8 MiB of rows (512 rows of 4096 here): 1100 rows make two
+    whole blocks and a ragged third, strided rows included."""
+    weight = torch.randn(40, 4096)
+    _check(torch.randn(1100, 4096), weight, torch.randn(40))
+    _check(torch.randn(1100, 4200)[:, 50:4146], weight, None)
+    narrow = weight.bfloat16().float()
+    x = torch.randn(1100, 4096)
+    assert torch.equal(panel_gemm.linear(x, panel_gemm.pack(narrow), 40, None),
+                       panel_gemm.linear(x, panel_gemm.pack(narrow, allow_bf16=False), 40, None))
 
 
 def test_a_weight_not_all_bf16_keeps_float32_panels() -> None:
     weight = torch.randn(32, 16).bfloat16().float()
     weight[3, 5] = 1.0 + 2.0**-12  # between two bf16 values (their spacing at 1 is 2**-7)
-    assert small_gemm.pack(weight).dtype == torch.float32
+    assert panel_gemm.pack(weight).dtype == torch.float32
     weight[3, 5] = float("nan")
-    assert small_gemm.pack(weight).dtype == torch.float32
+    assert panel_gemm.pack(weight).dtype == torch.float32
 
 
 def test_strided_rows_columns_and_bias() -> None:
@@ -71,5 +83,5 @@ def test_strided_rows_columns_and_bias() -> None:
 
 
 def test_other_dtypes_are_not_packed() -> None:
-    assert small_gemm.pack(torch.randn(8, 8).bfloat16()) is None
-    assert small_gemm.pack(torch.randn(8, 8, device="meta")) is None
+    assert panel_gemm.pack(torch.randn(8, 8).bfloat16()) is None
+    assert panel_gemm.pack(torch.randn(8, 8, device="meta")) is None
