@@ -31,6 +31,8 @@ def copy_shard(
 ) -> None:
     """dst <- part `rank` of `size` equal parts of `loaded` along `dim` (dim None: all of it).
     The full tensor's shape is checked first, so a wrong checkpoint never loads half-right."""
+    if dst.is_meta:  # see LinearBase.pack_for_cpu
+        raise ValueError("the weight is already packed for the CPU; weights load before packing")
     expected = list(dst.shape)
     if dim is not None:
         expected[dim] *= size
@@ -77,13 +79,21 @@ class LinearBase(nn.Module):
         default_weight_loader(param, loaded)
 
     def pack_for_cpu(self) -> bool:
-        """Keep a copy of the loaded weight in the CPU GEMM's blocked layout (see cpu_gemm)."""
+        """Move the loaded weight into the CPU GEMM's packed layout (see cpu_gemm). The original
+        is then a shape on the meta device: every multiply goes through the packed copy, and a
+        second copy of the weights would double the model's memory."""
         self.packed = pack_weight(self.weight, self.bias)
+        if self.packed is not None:
+            loaded = self.weight
+            shape_only = torch.empty(loaded.shape, dtype=loaded.dtype, device="meta")
+            self.weight = nn.Parameter(shape_only, requires_grad=False)
+            _attach(self.weight, loaded.weight_loader, loaded.shard_ids)
         return self.packed is not None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed is not None and x.dim() == 2:
-            return packed_linear(x, self.packed, bias)
+        if self.packed is not None:
+            rows = packed_linear(x.reshape(-1, x.shape[-1]), self.packed, bias)
+            return rows.view(*x.shape[:-1], rows.shape[-1])
         return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -63,3 +63,23 @@ def test_loaded_model_packs_every_linear_layer(dtype) -> None:
     assert all(m.packed is not None for m in layers)
     if dtype == "float32" and panel_gemm.available():
         assert all(m.packed.panels is not None for m in layers)
+    assert all(m.weight.is_meta for m in layers if isinstance(m, LinearBase))
+
+
+def test_a_packed_layer_keeps_no_second_copy_and_takes_any_leading_shape() -> None:
+    """After packing, the layer's weight is a shape only (no memory); inputs of any leading shape
+    go through the packed copy, and loading into it again is refused by name."""
+    layer = LinearBase(64, 40, bias=True)
+    weight, bias = torch.randn(40, 64), torch.randn(40)
+    layer.weight_loader(layer.weight, weight)
+    layer.weight_loader(layer.bias, bias)
+    if not layer.pack_for_cpu():
+        pytest.skip(NO_PACKING)
+    assert layer.weight.is_meta and layer.weight.shape == (40, 64)
+    x = torch.randn(2, 3, 64)
+    exact = F.linear(x.double(), weight.double(), bias.double())
+    size = F.linear(x.abs().double(), weight.abs().double(), bias.abs().double())
+    got = layer(x)
+    assert got.shape == (2, 3, 40) and ((got.double() - exact).abs() <= 65 * 2.0**-24 * size).all()
+    with pytest.raises(ValueError, match="already packed"):
+        layer.weight_loader(layer.weight, weight)
