@@ -8,7 +8,8 @@
     pagedserve make-model OUT_DIR          an HF-format model with random weights
     pagedserve bench NAME [OPTIONS]        throughput (offline LLM vs transformers), serve (HTTP
                                            latency and throughput), roofline (GEMM ceiling),
-                                           step-overhead (scheduler + RPC share of a step)
+                                           step-overhead (scheduler + RPC share of a step),
+                                           targets (the three, then issue 7's targets as a table)
 
 Internal services listen on loopback by default; give --listen 0.0.0.0:PORT (or a unix:///path)
 to expose them, as compose.yaml does inside its private network.
@@ -215,7 +216,7 @@ def _run_healthcheck(args: argparse.Namespace) -> int:
 
 
 BENCHES = {"throughput": "bench.throughput", "serve": "bench.serve", "roofline": "bench.roofline",
-           "step-overhead": "bench.step_overhead"}
+           "step-overhead": "bench.step_overhead", "targets": "bench.targets"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

@@ -114,3 +114,35 @@ def test_bench_serve_sweeps_rates_and_compares_with_offline(serve: Serve, llama_
     comparison = results["comparison"]
     assert comparison["offline"]["output_tokens_per_s"] > 0
     assert comparison["serve_share_of_offline"] > 0
+
+
+def test_bench_targets_reads_the_three_benchmarks(serve: Serve, llama_dir, tmp_path) -> None:
+    """bench.targets' table from small runs of the benchmarks it runs: each figure is the one its
+    benchmark wrote, and the verdicts follow the issue's bounds."""
+    from bench import serve as bench_serve
+    from bench import step_overhead, targets, throughput
+
+    common = ["--model", str(llama_dir)]
+    assert throughput.main([*common, "--num-requests", "4", "--hf-batch-sizes", "2",
+                            "--hf-dtypes", "float32", "--out", str(tmp_path / "throughput.json")]) == 0
+    assert bench_serve.main([*common, "--base-url", serve.base_url, "--num-requests", "4",
+                             "--compare-offline", "--out", str(tmp_path / "serve.json")]) == 0
+    assert step_overhead.main([
+        *common, "--base-url", serve.base_url, "--served-model-name", "", "--num-running", "3",
+        "--window-steps", "3", "--skip-steps", "1", "--max-tokens", "1000", "--finish-margin",
+        "600", "--prompt-len", "8,16", "--timeout", "60",
+        "--out", str(tmp_path / "step_overhead.json")]) == 0
+    rows = targets.targets(tmp_path)
+    offline = json.loads((tmp_path / "throughput.json").read_text())
+    served = json.loads((tmp_path / "serve.json").read_text())["runs"][-1]["output_throughput"]
+    step = json.loads((tmp_path / "step_overhead.json").read_text())["per_step"]
+    ps, hf = offline["pagedserve"], offline["transformers"]
+    assert [t.measured for t in rows] == pytest.approx([
+        ps["output_tokens_per_s"] / hf["output_tokens_per_s"],
+        ps["computed_tokens_per_s"] / offline["roofline"]["ceiling_tokens_per_s"],
+        served / json.loads((tmp_path / "serve.json").read_text())["comparison"]["offline"][
+            "output_tokens_per_s"],
+        step["overhead_share"]])
+    assert [t.met for t in rows] == [rows[0].measured >= 4, rows[1].measured >= 0.5,
+                                     rows[2].measured >= 0.85, rows[3].measured <= 0.1]
+    targets.print_table(rows)
