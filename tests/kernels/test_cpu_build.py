@@ -1,9 +1,10 @@
-"""Building the CPU kernels: the switch that turns them off, a compiler that fails, and a cache
-that a second build reuses."""
+"""Building the CPU kernels: the switch that turns them off, a compiler that fails, a cache that
+a second build reuses, and every SIMD path compiling cleanly on any machine."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -35,3 +36,27 @@ def test_built_library_is_cached_and_reused(monkeypatch, tmp_path) -> None:
     mtime = built[0].stat().st_mtime_ns
     assert build.load.__wrapped__("rotary")[0] is not None
     assert list(tmp_path.rglob("rotary-*.so")) == built and built[0].stat().st_mtime_ns == mtime
+
+
+# Every SIMD path this repository has, as a compiler target: the AVX-512 + bf16 one (Zen 4,
+# Cooper Lake and later), AVX2 + FMA without AVX-512 (Zen 3) and plain x86-64 (the portable loops).
+SIMD_TARGETS = {"avx512-bf16": ["-march=x86-64-v4", "-mavx512bf16"], "avx2": ["-march=x86-64-v3"],
+                "portable": ["-march=x86-64"]}
+
+
+@pytest.mark.parametrize("target", sorted(SIMD_TARGETS))
+@pytest.mark.parametrize("name", sorted(p.stem for p in build.SOURCE_DIR.glob("*.c")))
+def test_every_simd_path_compiles_cleanly(name, target, tmp_path) -> None:
+    """A path this machine cannot run is still compiled, warnings as errors, so a change made on
+    one kind of CPU does not break another kind's build (which would fall back to the reference
+    kernels there, silently slower)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    flags = [f for f in build.FLAGS if not f.startswith("-march") and f != "-shared"]
+    source = build.SOURCE_DIR / f"{name}.c"
+    result = subprocess.run(
+        [compiler, *flags, *SIMD_TARGETS[target], "-O1", "-fopenmp", "-Wall", "-Wextra", "-Werror",
+         f"-I{build.SOURCE_DIR}", "-c", str(source), "-o", str(tmp_path / f"{name}.o")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
