@@ -16,7 +16,9 @@ request and output-token throughput over the whole run. With several rates it sw
 plots latency and throughput against rate (PNG, matplotlib). --launch starts `pagedserve serve`
 on a free port, waits until it is healthy, runs, and stops it; --compare-offline then serves the
 saturated run's requests through the offline `LLM` in this process (the server stopped) and prints
-serving's share of it.
+serving's share of it. --rounds N alternates the two N times (a fresh server and fresh prompts
+each round) and reports the round with the median share: one pair of runs on a shared machine
+can be off by a quarter.
 """
 
 from __future__ import annotations
@@ -260,12 +262,13 @@ def prompt_variant(requests: list[BenchRequest], index: int, vocab_size: int,
 
 
 def sweep(base_url: str, model_dir: str, requests: list[BenchRequest], vocab_size: int,
-          args: argparse.Namespace) -> list[dict]:
-    """One run per rate, each with its own prompt variant (see prompt_variant)."""
+          args: argparse.Namespace, first_variant: int = 0) -> list[dict]:
+    """One run per rate, each with its own prompt variant (see prompt_variant), numbered from
+    first_variant."""
     model = args.served_model_name or model_dir
     _warm_up(base_url, model, model_dir, requests, args.prompt_format)
     runs = []
-    for i, rate in enumerate(parse_rates(args.request_rates)):
+    for i, rate in enumerate(parse_rates(args.request_rates), start=first_variant):
         variant = prompt_variant(requests, i, vocab_size)
         prompts = build_prompts(model_dir, variant, args.prompt_format)
         run = run_event_loop(run_rate(base_url, model, prompts, variant, rate,
@@ -338,6 +341,19 @@ def compare_offline(model_dir: str, requests: list[BenchRequest], runs: list[dic
             "serve_share_of_offline": share}
 
 
+def _median_round(rounds: list[tuple[list[dict], dict | None]]) -> tuple[list[dict], dict | None]:
+    """The round whose served share of offline is the median (the lower middle one of an even
+    count), its comparison carrying every round's share; a single round as it is."""
+    if len(rounds) == 1:
+        return rounds[0]
+    ranked = sorted(rounds, key=lambda r: r[1]["serve_share_of_offline"])
+    runs, comparison = ranked[(len(ranked) - 1) // 2]
+    shares = [r[1]["serve_share_of_offline"] for r in rounds]
+    print(f"\nserved share of offline over {len(rounds)} rounds: "
+          + ", ".join(f"{x:.1%}" for x in shares) + f"; median {comparison['serve_share_of_offline']:.1%}")
+    return runs, {**comparison, "round_shares": shares}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="a running server")
@@ -353,6 +369,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-format", choices=("ids", "text"), default="ids")
     p.add_argument("--compare-offline", action="store_true",
                    help="also serve the requests through the offline LLM and compare")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --compare-offline: served runs and offline runs alternate this many "
+                        "times; the round with the median share is reported")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -372,16 +391,24 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model or str(default_model(args.preset))
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     requests = sharegpt_like(args.num_requests, vocab, seed=args.seed)
-    if args.launch:
-        with launched_server(model_dir, args) as base_url:
-            runs = sweep(base_url, model_dir, requests, vocab, args)
-    else:
-        wait_healthy(args.base_url, None, 10.0)
-        runs = sweep(args.base_url, model_dir, requests, vocab, args)
+    rounds = []
+    for r in range(args.rounds if args.compare_offline else 1):
+        # a round's prompts share no block with an earlier round's (a running server's prefix
+        # cache keeps them); a launched server is a fresh one each round, gone while LLM runs
+        first = r * len(parse_rates(args.request_rates))
+        if args.launch:
+            with launched_server(model_dir, args) as base_url:
+                runs = sweep(base_url, model_dir, requests, vocab, args, first)
+        else:
+            wait_healthy(args.base_url, None, 10.0)
+            runs = sweep(args.base_url, model_dir, requests, vocab, args, first)
+        rounds.append((runs, compare_offline(model_dir, requests, runs, vocab, args)
+                       if args.compare_offline else None))
+    runs, comparison = _median_round(rounds)
     results = {"model": model_dir, "machine": machine_description(),
                "num_requests": len(requests), "launched": args.launch, "runs": runs}
-    if args.compare_offline:
-        results["comparison"] = compare_offline(model_dir, requests, runs, vocab, args)
+    if comparison is not None:
+        results["comparison"] = comparison
     out = Path(args.out)
     write_results(out, results)
     if len(runs) > 1 and plot(runs, out.with_suffix(".png")):

@@ -7,8 +7,8 @@ another on the same model and workload, then one table of target, measured value
   - bench.throughput, side by side with transformers (in the engine's own dtype unless
     --hf-dtypes says otherwise) and the roofline: offline output tok/s at least 4x transformers'
     best static batching, computed tokens/s at least 50% of the GEMM-bound ceiling;
-  - bench.serve --launch --request-rate inf --compare-offline: the served output tok/s at
-    saturation at least 85% of the offline LLM's on the same requests;
+  - bench.serve --launch --request-rate inf --compare-offline [--rounds N]: the served output
+    tok/s at saturation at least 85% of the offline LLM's on the same requests;
   - bench.step_overhead: scheduler + RPC at most 10% of a decode step at 64 running requests.
 
 Each benchmark writes its own JSON under --out-dir; this one adds targets.json. The exit status is
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--hf-dtypes", default=None, help="default: the engine's dtype")
     p.add_argument("--hf-batch-sizes", default="8,32")
+    p.add_argument("--serve-rounds", type=int, default=1,
+                   help="bench.serve --rounds: served and offline runs alternate this many times "
+                        "and the median share counts (3 on a noisy machine: ~5 more minutes)")
     p.add_argument("--out-dir", default=str(ROOT / "results" / "targets"))
     return p.parse_args(argv)
 
@@ -62,7 +65,8 @@ def run_benchmarks(args: argparse.Namespace, model_dir: str, out: Path) -> None:
                      "--hf-batch-sizes", args.hf_batch_sizes,
                      "--out", str(out / "throughput.json")])
     serve.main([*common, "--num-requests", str(args.num_requests), "--launch",
-                "--request-rate", "inf", "--compare-offline", "--out", str(out / "serve.json")])
+                "--request-rate", "inf", "--compare-offline", "--rounds", str(args.serve_rounds),
+                "--out", str(out / "serve.json")])
     step_overhead.main([*common, "--out", str(out / "step_overhead.json")])
 
 

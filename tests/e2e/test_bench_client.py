@@ -104,9 +104,13 @@ def test_bench_serve_sweeps_rates_and_compares_with_offline(serve: Serve, llama_
     out = tmp_path / "serve.json"
     code = bench_serve.main([
         "--base-url", serve.base_url, "--model", str(llama_dir), "--num-requests", "4",
-        "--request-rate", "20,inf", "--compare-offline", "--out", str(out)])
+        "--request-rate", "20,inf", "--compare-offline", "--rounds", "3", "--out", str(out)])
     results = json.loads(out.read_text())
     assert code == 0 and [r["request_rate"] for r in results["runs"]] == [20.0, "inf"]
+    shares = results["comparison"]["round_shares"]  # three rounds, the median one reported
+    assert len(shares) == 3 and results["comparison"]["serve_share_of_offline"] == sorted(shares)[1]
+    variants = [r["prompt_variant"] for r in results["runs"]]  # round r's prompts: 2r and 2r + 1
+    assert variants[0] % 2 == 0 and variants[1] == variants[0] + 1
     for run in results["runs"]:
         assert run["completed"] == 4 and run["failed"] == 0
         assert run["output_tokens"] == run["asked_output_tokens"] > 0
