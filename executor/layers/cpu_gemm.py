@@ -81,6 +81,17 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Packe
     return packed
 
 
+def shape_only(param: nn.Parameter) -> nn.Parameter:
+    """What a layer keeps of a weight whose packed form serves every call: its shape and dtype on
+    the meta device (no memory), with its loader attributes. Loaders refuse to fill it."""
+    kept = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                        requires_grad=False)
+    for name in ("weight_loader", "shard_ids"):
+        if hasattr(param, name):
+            setattr(kept, name, getattr(param, name))
+    return kept
+
+
 def pack_for_cpu(model: nn.Module) -> int:
     """Packs every layer that offers `pack_for_cpu()` (the linear family, the LM head); returns
     how many took the packed form."""

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from executor.layers.cpu_gemm import PackedWeight, pack_weight, packed_linear
+from executor.layers.cpu_gemm import PackedWeight, pack_weight, packed_linear, shape_only
 from executor.layers.linear import new_param
 
 
@@ -26,6 +26,8 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.shard_ids = (None,)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if param.is_meta:  # see cpu_gemm.shape_only
+            raise ValueError("the weight is already packed for the CPU; weights load before packing")
         expected = (self.num_embeddings, param.shape[1])
         if tuple(loaded.shape) != expected:
             raise ValueError(f"expected shape {expected}, got {tuple(loaded.shape)}")
@@ -44,17 +46,22 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """hidden [N, d] -> logits [N, V]; may share its weight with the embedding (tied)."""
+    """hidden [N, d] -> logits [N, V]; may share its weight with the embedding (tied: the model
+    sets `tied`)."""
 
     packed: PackedWeight | None = None  # set by pack_for_cpu once the weight is loaded
+    tied: bool = False
 
     def pack_for_cpu(self) -> bool:
-        """Keep a copy of the loaded weight in the CPU GEMM's blocked layout (see cpu_gemm)."""
+        """Move the loaded weight into the CPU GEMM's packed layout (see cpu_gemm); a tied weight
+        stays, as the embedding's."""
         self.packed = pack_weight(self.weight)
+        if self.packed is not None and not self.tied:
+            self.weight = shape_only(self.weight)
         return self.packed is not None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and hidden.dim() == 2:
+        if self.packed is not None:  # hidden is [N, d]: the packed GEMM takes matrices
             logits = packed_linear(hidden, self.packed, None)
         else:
             logits = F.linear(hidden, self.weight)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from executor.layers.cpu_gemm import PackedWeight, pack_weight, packed_linear
+from executor.layers.cpu_gemm import PackedWeight, pack_weight, packed_linear, shape_only
 
 
 def new_param(*shape: int) -> nn.Parameter:
@@ -31,7 +31,7 @@ def copy_shard(
 ) -> None:
     """dst <- part `rank` of `size` equal parts of `loaded` along `dim` (dim None: all of it).
     The full tensor's shape is checked first, so a wrong checkpoint never loads half-right."""
-    if dst.is_meta:  # see LinearBase.pack_for_cpu
+    if dst.is_meta:  # see cpu_gemm.shape_only
         raise ValueError("the weight is already packed for the CPU; weights load before packing")
     expected = list(dst.shape)
     if dim is not None:
@@ -84,10 +84,7 @@ class LinearBase(nn.Module):
         second copy of the weights would double the model's memory."""
         self.packed = pack_weight(self.weight, self.bias)
         if self.packed is not None:
-            loaded = self.weight
-            shape_only = torch.empty(loaded.shape, dtype=loaded.dtype, device="meta")
-            self.weight = nn.Parameter(shape_only, requires_grad=False)
-            _attach(self.weight, loaded.weight_loader, loaded.shard_ids)
+            self.weight = shape_only(self.weight)
         return self.packed is not None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

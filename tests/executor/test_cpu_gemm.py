@@ -64,6 +64,9 @@ def test_loaded_model_packs_every_linear_layer(dtype) -> None:
     if dtype == "float32" and panel_gemm.available():
         assert all(m.packed.panels is not None for m in layers)
     assert all(m.weight.is_meta for m in layers if isinstance(m, LinearBase))
+    # the LM head drops its copy too, unless it is the embedding's (tied)
+    assert model.lm_head.weight.is_meta == (not config.tie_word_embeddings)
+    assert not model.model.embed_tokens.weight.is_meta
 
 
 def test_a_packed_layer_keeps_no_second_copy_and_takes_any_leading_shape() -> None:
@@ -83,3 +86,12 @@ def test_a_packed_layer_keeps_no_second_copy_and_takes_any_leading_shape() -> No
     assert got.shape == (2, 3, 40) and ((got.double() - exact).abs() <= 65 * 2.0**-24 * size).all()
     with pytest.raises(ValueError, match="already packed"):
         layer.weight_loader(layer.weight, weight)
+
+
+def test_a_tied_lm_head_keeps_the_embedding_weight() -> None:
+    model, config = load_model(model_dir("qwen2"), dtype="float32")
+    assert config.tie_word_embeddings
+    if model.lm_head.packed is None:
+        pytest.skip(NO_PACKING)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not model.lm_head.weight.is_meta
