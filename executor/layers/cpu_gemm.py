@@ -83,13 +83,20 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Packe
 
 def shape_only(param: nn.Parameter) -> nn.Parameter:
     """What a layer keeps of a weight whose packed form serves every call: its shape and dtype on
-    the meta device (no memory), with its loader attributes. Loaders refuse to fill it."""
+    the meta device (no memory), with its loader attributes (which refuse to fill it: see
+    check_loadable)."""
     kept = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
                         requires_grad=False)
     for name in ("weight_loader", "shard_ids"):
         if hasattr(param, name):
             setattr(kept, name, getattr(param, name))
     return kept
+
+
+def check_loadable(dst: torch.Tensor) -> None:
+    """A loader's first step: a weight already moved into its packed form cannot be filled."""
+    if dst.is_meta:
+        raise ValueError("the weight is already packed for the CPU; weights load before packing")
 
 
 def pack_for_cpu(model: nn.Module) -> int:

@@ -11,7 +11,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from executor.layers.cpu_gemm import PackedWeight, pack_weight, packed_linear, shape_only
+from executor.layers.cpu_gemm import (
+    PackedWeight,
+    check_loadable,
+    pack_weight,
+    packed_linear,
+    shape_only,
+)
 from executor.layers.linear import new_param
 
 
@@ -26,8 +32,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.shard_ids = (None,)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        if param.is_meta:  # see cpu_gemm.shape_only
-            raise ValueError("the weight is already packed for the CPU; weights load before packing")
+        check_loadable(param)
         expected = (self.num_embeddings, param.shape[1])
         if tuple(loaded.shape) != expected:
             raise ValueError(f"expected shape {expected}, got {tuple(loaded.shape)}")

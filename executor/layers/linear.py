@@ -18,7 +18,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from executor.layers.cpu_gemm import PackedWeight, pack_weight, packed_linear, shape_only
+from executor.layers.cpu_gemm import (
+    PackedWeight,
+    check_loadable,
+    pack_weight,
+    packed_linear,
+    shape_only,
+)
 
 
 def new_param(*shape: int) -> nn.Parameter:
@@ -31,8 +37,7 @@ def copy_shard(
 ) -> None:
     """dst <- part `rank` of `size` equal parts of `loaded` along `dim` (dim None: all of it).
     The full tensor's shape is checked first, so a wrong checkpoint never loads half-right."""
-    if dst.is_meta:  # see cpu_gemm.shape_only
-        raise ValueError("the weight is already packed for the CPU; weights load before packing")
+    check_loadable(dst)
     expected = list(dst.shape)
     if dim is not None:
         expected[dim] *= size

@@ -67,6 +67,10 @@ def test_loaded_model_packs_every_linear_layer(dtype) -> None:
     # the LM head drops its copy too, unless it is the embedding's (tied)
     assert model.lm_head.weight.is_meta == (not config.tie_word_embeddings)
     assert not model.model.embed_tokens.weight.is_meta
+    assert not config.tie_word_embeddings  # the llama test model: its head is its own
+    with pytest.raises(ValueError, match="already packed"):
+        head = model.lm_head
+        head.weight_loader(head.weight, torch.zeros(config.vocab_size, config.hidden_size))
 
 
 def test_a_packed_layer_keeps_no_second_copy_and_takes_any_leading_shape() -> None:
