@@ -60,8 +60,9 @@ def _agrees(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight | None:
-    """The packed forms of a bf16 or float32 CPU weight [out, in], or None where packing is
-    unavailable or a probe through it disagrees with F.linear (then the caller keeps F.linear)."""
+    """The packed form of a bf16 or float32 CPU weight [out, in]: panel_gemm's panels where that
+    kernel runs and its probe agrees, else oneDNN's layout; None where neither is available or
+    agrees with F.linear (then the caller keeps F.linear)."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
         return None
     probe = torch.randn(5, weight.shape[1]).to(weight.dtype)
