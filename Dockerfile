@@ -16,7 +16,7 @@ WORKDIR /app
 # 2.13.0 is the version the test suite runs against (see the Makefile).
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY pagedserve ./pagedserve
 COPY router ./router
 COPY scheduler ./scheduler
@@ -24,7 +24,8 @@ COPY executor ./executor
 COPY kernels ./kernels
 COPY protos ./protos
 COPY bench ./bench
-RUN pip install .
+# The tested set (requirements.lock); the wheel installs one top-level name, pagedserve.
+RUN pip install -c requirements.lock .
 
 RUN useradd --create-home --uid 1000 pagedserve
 USER pagedserve

@@ -1,18 +1,20 @@
-# The two commands a newcomer runs: `make serve` and `make test`. Each installs into .venv first.
+# The two commands a newcomer runs: `make serve` and `make test`. Each installs into .venv first,
+# the exact set in requirements.lock (`make lock` refreshes it and runs the suite).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip install -q -c requirements.lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) --upgrade pip setuptools
 	# The CPU build of torch lies on local disk; pinning it keeps pip from pulling a CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q torch
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(PIP) torch==2.13.0 || $(PIP) torch
+	$(PIP) --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: install serve test lint protos
+.PHONY: install serve test lint protos lock
 install: $(STAMP)
 
 serve: $(STAMP)
@@ -27,3 +29,6 @@ lint: $(STAMP)
 
 protos: $(STAMP)
 	bash scripts/gen_protos.sh
+
+lock:
+	PY=$(PY) bash scripts/lock.sh

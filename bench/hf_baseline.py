@@ -10,8 +10,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-from bench.workload import BenchRequest
+from pagedserve.bench.workload import BenchRequest
 
 
 @dataclass(frozen=True)

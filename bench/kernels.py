@@ -5,8 +5,8 @@ Decode: Llama-1B-like attention (32 query heads, 8 KV heads, head 64, bf16, 16-t
 device-to-device copy bandwidth (bytes read plus written), with and without the split-KV path.
 Prefill: causal attention over whole prompts as TFLOP/s against torch SDPA (is_causal, contiguous).
 
-    python3 bench/kernels.py              # on a GPU; JSON to $OUT/bench_kernels.json or results/
-    python3 bench/kernels.py --cpu-smoke  # tiny sizes through the Triton interpreter, as a check
+    python -m pagedserve.bench.kernels              # on a GPU; JSON to $OUT/bench_kernels.json or results/
+    python -m pagedserve.bench.kernels --cpu-smoke  # tiny sizes through the Triton interpreter, as a check
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def paged_context(torch, batch: int, ctx: int, shapes: dict, device):
 
 def rel_err_vs_reference(torch, args: tuple, kw: dict, max_q: int, max_k: int) -> float:
     """||out - ref|| / ||ref|| for the output the Triton kernel left in args[-1]."""
-    from kernels import reference
+    from pagedserve.kernels import reference
 
     ref = reference.paged_attention(*args[:-1], torch.empty_like(args[-1]), **kw,
                                     max_seqlen_q=max_q, max_seqlen_k=max_k)
@@ -82,9 +82,9 @@ def rel_err_vs_reference(torch, args: tuple, kw: dict, max_q: int, max_k: int) -
 
 
 def bench_decode(torch, shapes: dict, device, measure, num_sms: int) -> list[dict]:
-    from kernels.triton.attention import _tile_config, num_kv_splits
-    from kernels.triton.attention import paged_attention as attn
-    from kernels.triton.attention import paged_attention_launch as launch
+    from pagedserve.kernels.triton.attention import _tile_config, num_kv_splits
+    from pagedserve.kernels.triton.attention import paged_attention as attn
+    from pagedserve.kernels.triton.attention import paged_attention_launch as launch
 
     q_heads, kv_heads, head_dim = shapes["heads"]
     dtype = getattr(torch, shapes["dtype"])
@@ -118,8 +118,7 @@ def bench_decode(torch, shapes: dict, device, measure, num_sms: int) -> list[dic
 
 def bench_prefill(torch, shapes: dict, device, measure) -> list[dict]:
     import torch.nn.functional as F
-
-    from kernels.triton.attention import paged_attention
+    from pagedserve.kernels.triton.attention import paged_attention
 
     q_heads, _, head_dim = shapes["heads"]
     dtype = getattr(torch, shapes["dtype"])
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
               "prefill": bench_prefill(torch, shapes, device, measure)}
     print_tables(result)
     out = args.out or Path(os.environ.get("OUT") or ROOT / "results") / "bench_kernels.json"
-    from bench.results import write_results
+    from pagedserve.bench.results import write_results
 
     write_results(out, result)
     return 0

@@ -1,6 +1,6 @@
 """Roofline: this machine's matmul rate at the benchmark model's shapes, and the ceiling it sets.
 
-    python -m bench.roofline [--model DIR] [--dtype bfloat16] [--m 1,16,64,256,512]
+    python -m pagedserve.bench.roofline [--model DIR] [--dtype bfloat16] [--m 1,16,64,256,512]
     pagedserve bench roofline ...
 
 A token costs about 2 FLOPs per weight it is multiplied by (embedding lookups cost none), so with
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from bench.results import write_results
+from pagedserve.bench.results import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_M = (1, 16, 64, 256, 512)
@@ -99,7 +98,7 @@ def time_linear(m: int, shape: GemmShape, dtype: torch.dtype, min_seconds: float
     Each pass multiplies by per_forward distinct weights, as a forward pass does, so the weights
     come from memory rather than a warm cache when they do in a real forward (small M).
     """
-    from executor.layers.cpu_gemm import pack_weight, packed_linear
+    from pagedserve.executor.layers.cpu_gemm import pack_weight, packed_linear
 
     x = torch.randn(m, shape.in_features, dtype=dtype)
     weights = [torch.randn(shape.out_features, shape.in_features, dtype=dtype)
@@ -164,7 +163,7 @@ def model_config(model_dir: str) -> dict:
 
 def resolve_dtype(name: str, config: dict) -> torch.dtype:
     """The dtype the executor would run on the CPU ('auto': bf16 where the CPU has it)."""
-    from executor.loader import resolve_dtype as executor_dtype
+    from pagedserve.executor.loader import resolve_dtype as executor_dtype
 
     return executor_dtype(config.get("dtype") or config.get("torch_dtype"), name, "cpu")
 
@@ -182,7 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.throughput import default_model
+    from pagedserve.bench.throughput import default_model
 
     args = parse_args(argv)
     model_dir = args.model or str(default_model(args.preset))

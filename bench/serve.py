@@ -1,7 +1,7 @@
 """Serving benchmark: a running server driven over HTTP (OpenAI completions, streamed).
 
-    python -m bench.serve --launch [--model DIR] [--request-rates 1,2,4,inf] [--compare-offline]
-    python -m bench.serve --base-url http://127.0.0.1:8000 --request-rate inf
+    python -m pagedserve.bench.serve --launch [--model DIR] [--request-rates 1,2,4,inf] [--compare-offline]
+    python -m pagedserve.bench.serve --base-url http://127.0.0.1:8000 --request-rate inf
     pagedserve bench serve ...
 
 The workload is bench.workload's ShareGPT-like requests (the same ones bench.throughput serves):
@@ -39,10 +39,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from bench.results import write_results
-from bench.sse_client import stream_events
-from bench.workload import BenchRequest, sharegpt_like
+from pagedserve.bench.results import write_results
+from pagedserve.bench.sse_client import stream_events
+from pagedserve.bench.workload import BenchRequest, sharegpt_like
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,7 +243,7 @@ def parse_rates(text: str) -> list[float]:
 def _warm_up(base_url: str, model: str, model_dir: str, requests: list[BenchRequest],
              fmt: str) -> None:
     """Two short requests with prompts the workload does not share (nothing cached for it)."""
-    from bench.throughput import warm_up_requests
+    from pagedserve.bench.throughput import warm_up_requests
 
     few = warm_up_requests(requests, 2)
     run_event_loop(run_rate(base_url, model, build_prompts(model_dir, few, fmt), few,
@@ -328,7 +327,7 @@ def compare_offline(model_dir: str, requests: list[BenchRequest], runs: list[dic
                     vocab_size: int, args: argparse.Namespace) -> dict:
     """The saturated run's requests through the offline LLM (same batching options); serving's
     share of its output throughput."""
-    from bench.throughput import run_pagedserve
+    from pagedserve.bench.throughput import run_pagedserve
 
     saturated = max(runs, key=lambda r: r["output_throughput"])
     variant = prompt_variant(requests, saturated["prompt_variant"], vocab_size)
@@ -384,8 +383,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.roofline import machine_description
-    from bench.throughput import default_model
+    from pagedserve.bench.roofline import machine_description
+    from pagedserve.bench.throughput import default_model
 
     args = parse_args(argv)
     model_dir = args.model or str(default_model(args.preset))

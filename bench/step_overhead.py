@@ -1,6 +1,6 @@
 """Step overhead: the scheduler's and the RPC's share of a decode step at N running requests.
 
-    python -m bench.step_overhead [--num-running 64] [--window-steps 40] [--model DIR]
+    python -m pagedserve.bench.step_overhead [--num-running 64] [--window-steps 40] [--model DIR]
     pagedserve bench step-overhead ...
 
 Issue 7's target: scheduler plus RPC time at most 10% of a decode step at 64 running requests.
@@ -30,8 +30,14 @@ import re
 import time
 from pathlib import Path
 
-from bench.results import write_results
-from bench.serve import RequestResult, _payload, launched_server, send_request, wait_healthy
+from pagedserve.bench.results import write_results
+from pagedserve.bench.serve import (
+    RequestResult,
+    _payload,
+    launched_server,
+    send_request,
+    wait_healthy,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_SHARE = 0.10
@@ -213,8 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.roofline import machine_description
-    from bench.throughput import default_model
+    from pagedserve.bench.roofline import machine_description
+    from pagedserve.bench.throughput import default_model
 
     args = parse_args(argv)
     model_dir = args.model or str(default_model(args.preset))

@@ -1,7 +1,7 @@
 """Issue 7's CPU targets in one command: the three benchmarks that measure them, run one after
 another on the same model and workload, then one table of target, measured value and verdict.
 
-    python -m bench.targets [--num-requests 100] [--hf-batch-sizes 8,32] [--model DIR]
+    python -m pagedserve.bench.targets [--num-requests 100] [--hf-batch-sizes 8,32] [--model DIR]
     pagedserve bench targets ...
 
   - bench.throughput, side by side with transformers (in the engine's own dtype unless
@@ -23,9 +23,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import serve, step_overhead, throughput
-from bench.results import write_results
-from bench.roofline import machine_description, model_config, resolve_dtype
+from pagedserve.bench import serve, step_overhead, throughput
+from pagedserve.bench.results import write_results
+from pagedserve.bench.roofline import machine_description, model_config, resolve_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """Offline throughput: pagedserve's `LLM` against transformers' static batching, side by side.
 
-    python -m bench.throughput [--model DIR] [--num-requests 200] [--out results/throughput.json]
+    python -m pagedserve.bench.throughput [--model DIR] [--num-requests 200] [--out results/throughput.json]
 
 With no --model, the `small` llama preset is built once into .models/bench. transformers is tried
 in each dtype and batch size on the whole workload (or on a slice, --tune-requests, and then rerun
@@ -17,10 +17,10 @@ import json
 import time
 from pathlib import Path
 
-from bench.hf_baseline import best_static_config, run_hf
-from bench.results import write_results
-from bench.roofline import machine_description, measure, model_config, resolve_dtype
-from bench.workload import BenchRequest, sharegpt_like
+from pagedserve.bench.hf_baseline import best_static_config, run_hf
+from pagedserve.bench.results import write_results
+from pagedserve.bench.roofline import machine_description, measure, model_config, resolve_dtype
+from pagedserve.bench.workload import BenchRequest, sharegpt_like
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = {"reference": "kernels.reference", "triton": "kernels.triton", "cpu": "kernels.cpu"}
+BACKENDS = {"reference": "pagedserve.kernels.reference", "triton": "pagedserve.kernels.triton", "cpu": "pagedserve.kernels.cpu"}
 ENV_VAR = "PAGEDSERVE_ATTENTION_BACKEND"
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def select_backend(device: torch.device) -> ModuleType:
     """A module exposing paged_attention, write_kv, rms_norm, fused_add_rms_norm,
     rotary_embedding and silu_and_mul with the signatures of kernels.reference."""
     module = importlib.import_module(BACKENDS[backend_name(device)])
-    if module.__name__ == "kernels.cpu":
+    if module.__name__ == "pagedserve.kernels.cpu":
         built, why = module.available()
         if not built:
             log.warning("CPU attention kernel not built (%s): using the reference kernels", why)

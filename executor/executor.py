@@ -14,15 +14,19 @@ from __future__ import annotations
 import time
 
 import torch
-
-from executor.config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
-from executor.host_memory import keep_freed_memory
-from executor.input_batch import InputBatch
-from executor.kv_cache import KVCache
-from executor.loader import load_model
-from executor.request_state import RequestState
-from executor.sampler import Sampler, SamplerOutput, build_sampling_metadata, check_sampling_params
-from protos import executor_pb2
+from pagedserve.executor.config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
+from pagedserve.executor.host_memory import keep_freed_memory
+from pagedserve.executor.input_batch import InputBatch
+from pagedserve.executor.kv_cache import KVCache
+from pagedserve.executor.loader import load_model
+from pagedserve.executor.request_state import RequestState
+from pagedserve.executor.sampler import (
+    Sampler,
+    SamplerOutput,
+    build_sampling_metadata,
+    check_sampling_params,
+)
+from pagedserve.protos import executor_pb2
 
 CUDA_KV_CACHE_FRACTION = 0.9  # of the memory free after loading weights, when no budget is given
 

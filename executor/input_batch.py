@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from executor.attention_metadata import AttentionMetadata
-from executor.request_state import RequestState
+from pagedserve.executor.attention_metadata import AttentionMetadata
+from pagedserve.executor.request_state import RequestState
 
 
 @dataclass

@@ -7,8 +7,7 @@ s = block_id * block_size + offset is row s of the pool viewed as [num_blocks * 
 from __future__ import annotations
 
 import torch
-
-from executor.host_memory import zeros_on_huge_pages
+from pagedserve.executor.host_memory import zeros_on_huge_pages
 
 
 def check_block_size(block_size: int) -> None:

@@ -15,13 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from pagedserve.executor.backend import select_backend
+from pagedserve.executor.layers.cpu_gemm import pack_for_cpu
+from pagedserve.executor.model_config import ModelConfig
+from pagedserve.executor.models import get_model_class
 from safetensors import safe_open
 from torch import nn
-
-from executor.backend import select_backend
-from executor.layers.cpu_gemm import pack_for_cpu
-from executor.model_config import ModelConfig
-from executor.models import get_model_class
 
 DTYPES = {
     "bfloat16": torch.bfloat16,

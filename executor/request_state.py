@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protos import executor_pb2
+from pagedserve.protos import executor_pb2
 
 
 @dataclass

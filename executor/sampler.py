@@ -30,9 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from executor.request_state import RequestState
-from protos import executor_pb2
+from pagedserve.executor.request_state import RequestState
+from pagedserve.protos import executor_pb2
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy
 _MASK32 = 0xFFFFFFFF

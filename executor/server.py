@@ -18,11 +18,10 @@ from typing import Any
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pagedserve.executor.compute_thread import ComputeThread
+from pagedserve.protos import executor_pb2, executor_pb2_grpc
 
-from executor.compute_thread import ComputeThread
-from protos import executor_pb2, executor_pb2_grpc
-
-log = structlog.get_logger("executor.server")
+log = structlog.get_logger("pagedserve.executor.server")
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
 MAX_MESSAGE_BYTES = 64 << 20
@@ -121,7 +120,7 @@ def run_executor(config: Any, listen: str, *, reflection: bool = False,
     The port opens first (health NOT_SERVING, Describe UNAVAILABLE), so a supervisor can tell
     "loading" from "gone"; health turns SERVING once the weights and KV cache are in place.
     """
-    from executor.executor import Executor
+    from pagedserve.executor.executor import Executor
 
     service = ExecutorService()
     server, health_servicer = build_server(service, listen, reflection=reflection)

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# The parts (router, scheduler, executor, kernels, protos, bench) are imported only as
+# pagedserve.<part>. A wheel installs them inside this package (pyproject's package-dir); a source
+# checkout (and an editable install of it) keeps them at the repository root, so there this
+# package's search path takes in the root too. The root folders have no __init__.py, so a process
+# started there never shadows a PyPI package of the same name (Hugging Face's `kernels`).
+PARTS = ("router", "scheduler", "executor", "kernels", "protos", "bench")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(__path__[0], "router")) and os.path.isdir(
+        os.path.join(_ROOT, "router")):
+    __path__.append(_ROOT)
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
 
 if TYPE_CHECKING:

@@ -82,8 +82,8 @@ def _add_executor(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_executor(args: argparse.Namespace) -> int:
-    from executor.config import ExecutorConfig
-    from executor.server import run_executor
+    from pagedserve.executor.config import ExecutorConfig
+    from pagedserve.executor.server import run_executor
 
     config = ExecutorConfig(
         model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
@@ -107,7 +107,7 @@ def _add_scheduler(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_scheduler(args: argparse.Namespace) -> int:
-    from scheduler.server import run_scheduler
+    from pagedserve.scheduler.server import run_scheduler
 
     options = {"max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -118,7 +118,7 @@ def _run_scheduler(args: argparse.Namespace) -> int:
 
 def _add_api_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     """The router's API options: auth, trust, and one flag per request limit."""
-    from router.limits import LIMIT_FIELDS
+    from pagedserve.router.limits import LIMIT_FIELDS
 
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (and "
@@ -132,7 +132,7 @@ def _add_api_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
 
 
 def _router_core_options(args: argparse.Namespace) -> dict:
-    from router.limits import LIMIT_FIELDS, Limits
+    from pagedserve.router.limits import LIMIT_FIELDS, Limits
 
     limits = {name: getattr(args, name) for name, _, _ in LIMIT_FIELDS}
     return {"limits": Limits(**limits), "api_key": args.api_key or os.environ.get(API_KEY_ENV),
@@ -155,7 +155,7 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_router(args: argparse.Namespace) -> int:
-    from router.server import run_router
+    from pagedserve.router.server import run_router
 
     run_router(args.model, args.scheduler, host=args.host, port=args.port,
                grpc_port=None if args.grpc_port < 0 else args.grpc_port,
@@ -215,8 +215,8 @@ def _run_healthcheck(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
-BENCHES = {"throughput": "bench.throughput", "serve": "bench.serve", "roofline": "bench.roofline",
-           "step-overhead": "bench.step_overhead", "targets": "bench.targets"}
+BENCHES = {"throughput": "pagedserve.bench.throughput", "serve": "pagedserve.bench.serve", "roofline": "pagedserve.bench.roofline",
+           "step-overhead": "pagedserve.bench.step_overhead", "targets": "pagedserve.bench.targets"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

@@ -54,10 +54,10 @@ class LLM:
                  num_kv_blocks: int | None = None, seed: int = 0, device: str = "cpu") -> None:
         from transformers import AutoTokenizer
 
-        from executor.config import ExecutorConfig
-        from executor.executor import Executor
-        from scheduler.config import SchedulerConfig
-        from scheduler.scheduler import Scheduler
+        from pagedserve.executor.config import ExecutorConfig
+        from pagedserve.executor.executor import Executor
+        from pagedserve.scheduler.config import SchedulerConfig
+        from pagedserve.scheduler.scheduler import Scheduler
 
         model = str(model) if model is not None else str(demo_model_dir())
         batched = max_num_batched_tokens or 2048

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from protos import executor_pb2
+from pagedserve.protos import executor_pb2
 
 
 def _check(cond: bool, name: str, message: str) -> None:

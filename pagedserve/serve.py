@@ -236,7 +236,7 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
 
 def _limit_flags(a: dict) -> dict[str, object]:
     """The router's request-limit flags that `serve` was given (None: the router's default)."""
-    from router.limits import LIMIT_FIELDS
+    from pagedserve.router.limits import LIMIT_FIELDS
 
     return {f"--{name.replace('_', '-')}": a.get(name) for name, _, _ in LIMIT_FIELDS}
 

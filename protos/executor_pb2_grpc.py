@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import executor_pb2 as protos_dot_executor__pb2
+from pagedserve.protos import executor_pb2 as protos_dot_executor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -18,15 +18,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from router.core import RouterCore, random_id
-from router.errors import RouterError, invalid_request
-from router.generation import GenerationParams
-from router.http_middleware import ApiKeyMiddleware, RequestIdMiddleware, bind_request_id
-from router.json_body import read_model
-from router.openai_protocol import (
+from pagedserve.router.core import RouterCore, random_id
+from pagedserve.router.errors import RouterError, invalid_request
+from pagedserve.router.generation import GenerationParams
+from pagedserve.router.http_middleware import ApiKeyMiddleware, RequestIdMiddleware, bind_request_id
+from pagedserve.router.json_body import read_model
+from pagedserve.router.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -35,8 +32,10 @@ from router.openai_protocol import (
     SamplingRequest,
     TokenizeRequest,
 )
-from router.serving import ChatGeneration, CompletionGeneration, Generation, Prompt
-from router.tokenizer import ChatTemplateError
+from pagedserve.router.serving import ChatGeneration, CompletionGeneration, Generation, Prompt
+from pagedserve.router.tokenizer import ChatTemplateError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = structlog.get_logger("pagedserve.router")
 T = TypeVar("T")

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import grpc
 import structlog
-
-from protos import executor_pb2, scheduler_pb2
-from router.errors import (
+from pagedserve.protos import executor_pb2, scheduler_pb2
+from pagedserve.router.errors import (
     RouterError,
     context_length_exceeded,
     from_grpc,
@@ -25,11 +24,11 @@ from router.errors import (
     model_not_found,
     too_many_requests,
 )
-from router.generation import ChoiceSpec, Delta, generate, merge
-from router.limits import Limits
-from router.metrics import Metrics
-from router.scheduler_client import SchedulerClient
-from router.tokenizer import Tokenizer
+from pagedserve.router.generation import ChoiceSpec, Delta, generate, merge
+from pagedserve.router.limits import Limits
+from pagedserve.router.metrics import Metrics
+from pagedserve.router.scheduler_client import SchedulerClient
+from pagedserve.router.tokenizer import Tokenizer
 
 log = structlog.get_logger("pagedserve.router")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from router.tokenizer import Tokenizer
+from pagedserve.router.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 6  # prompt tokens decoded as context for the first output tokens

@@ -14,13 +14,12 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 import grpc
-
-from protos import executor_pb2, scheduler_pb2
-from router.detokenizer import IncrementalDetokenizer
-from router.errors import RouterError, from_grpc
-from router.scheduler_client import SchedulerClient
-from router.stop_strings import StopStringMatcher
-from router.tokenizer import Tokenizer
+from pagedserve.protos import executor_pb2, scheduler_pb2
+from pagedserve.router.detokenizer import IncrementalDetokenizer
+from pagedserve.router.errors import RouterError, from_grpc
+from pagedserve.router.scheduler_client import SchedulerClient
+from pagedserve.router.stop_strings import StopStringMatcher
+from pagedserve.router.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pagedserve.protos import generation_pb2, generation_pb2_grpc
+from pagedserve.router.core import RouterCore, random_id
+from pagedserve.router.errors import RouterError, invalid_request
+from pagedserve.router.generation import ChoiceSpec, Delta, GenerationParams
+from pagedserve.router.json_body import validation_error
+from pagedserve.router.openai_protocol import SamplingRequest
+from pagedserve.router.tokenizer import ChatTemplateError
 from pydantic import ValidationError
-
-from protos import generation_pb2, generation_pb2_grpc
-from router.core import RouterCore, random_id
-from router.errors import RouterError, invalid_request
-from router.generation import ChoiceSpec, Delta, GenerationParams
-from router.json_body import validation_error
-from router.openai_protocol import SamplingRequest
-from router.tokenizer import ChatTemplateError
 
 log = structlog.get_logger("pagedserve.router")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name

@@ -15,9 +15,8 @@ import re
 from typing import Any
 
 import structlog
-
-from router.core import random_id
-from router.errors import RouterError, internal_error, unauthorized
+from pagedserve.router.core import random_id
+from pagedserve.router.errors import RouterError, internal_error, unauthorized
 
 log = structlog.get_logger("pagedserve.router")
 _REQUEST_ID_OK = re.compile(r"^[\w.:@/-]{1,128}$")

@@ -15,11 +15,10 @@ import json
 import math
 from typing import Any, TypeVar
 
+from pagedserve.router.errors import RouterError, invalid_request
+from pagedserve.router.limits import INT64_MAX, INT64_MIN
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-
-from router.errors import RouterError, invalid_request
-from router.limits import INT64_MAX, INT64_MIN
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -12,8 +12,8 @@ tokens it samples.
 
 from __future__ import annotations
 
-from router.generation import TopLogprobs
-from router.tokenizer import Tokenizer
+from pagedserve.router.generation import TopLogprobs
+from pagedserve.router.tokenizer import Tokenizer
 
 
 class CompletionLogprobs:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pagedserve.router.errors import invalid_request
+from pagedserve.router.generation import GenerationParams
+from pagedserve.router.limits import INT32_MAX, INT64_MAX, INT64_MIN, Limits
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from router.errors import invalid_request
-from router.generation import GenerationParams
-from router.limits import INT32_MAX, INT64_MAX, INT64_MIN, Limits
 
 ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
 

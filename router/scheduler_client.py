@@ -11,9 +11,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-
-from protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
-from router.scheduler_session import SchedulerSession
+from pagedserve.protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
+from pagedserve.router.scheduler_session import SchedulerSession
 
 MAX_MESSAGE_BYTES = 64 << 20
 

@@ -23,10 +23,9 @@ from typing import Any
 import grpc
 import structlog
 import uvicorn
-
-from router.app import create_app
-from router.core import RouterCore
-from router.grpc_service import HealthReporter, create_grpc_server
+from pagedserve.router.app import create_app
+from pagedserve.router.core import RouterCore
+from pagedserve.router.grpc_service import HealthReporter, create_grpc_server
 
 log = structlog.get_logger("pagedserve.router")
 

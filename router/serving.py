@@ -15,12 +15,15 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import structlog
-
-from router.core import RouterCore, collect
-from router.errors import RouterError, internal_error
-from router.generation import ChoiceSpec, Delta, GenerationParams
-from router.logprobs import CompletionLogprobs, chat_logprobs, merge_completion_logprobs
-from router.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from pagedserve.router.core import RouterCore, collect
+from pagedserve.router.errors import RouterError, internal_error
+from pagedserve.router.generation import ChoiceSpec, Delta, GenerationParams
+from pagedserve.router.logprobs import CompletionLogprobs, chat_logprobs, merge_completion_logprobs
+from pagedserve.router.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingRequest,
+)
 
 log = structlog.get_logger("pagedserve.router")
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-
-from protos import scheduler_pb2
-from scheduler.step_loop import DeltaSink, StepLoop
+from pagedserve.protos import scheduler_pb2
+from pagedserve.scheduler.step_loop import DeltaSink, StepLoop
 
 
 async def admit(loop: StepLoop, request: scheduler_pb2.ScheduleRequest, sink: DeltaSink, *,

@@ -12,7 +12,7 @@ import json
 import struct
 from collections.abc import Sequence
 
-from scheduler.block_pool import BlockHash
+from pagedserve.scheduler.block_pool import BlockHash
 
 ROOT_HASH: BlockHash = hashlib.sha256(b"pagedserve.v1 block hash root").digest()
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from protos import executor_pb2
+from pagedserve.protos import executor_pb2
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ import queue
 from collections.abc import Iterator
 
 import grpc
-
-from protos import executor_pb2, executor_pb2_grpc
+from pagedserve.protos import executor_pb2, executor_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 << 20
 

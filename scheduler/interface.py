@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from protos import executor_pb2
+from pagedserve.protos import executor_pb2
 
 
 class ExecutorClient(Protocol):

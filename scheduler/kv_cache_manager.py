@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from scheduler.block_pool import Block, BlockPool
-from scheduler.config import SchedulerConfig
-from scheduler.prefix_cache import PrefixCache
-from scheduler.request import Request
+from pagedserve.scheduler.block_pool import Block, BlockPool
+from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.prefix_cache import PrefixCache
+from pagedserve.scheduler.request import Request
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:

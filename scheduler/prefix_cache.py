@@ -6,9 +6,9 @@ it; this file decides which blocks to look up and register, and counts queries a
 
 from __future__ import annotations
 
-from scheduler.block_hash import extend_block_hashes
-from scheduler.block_pool import Block, BlockHash, BlockPool
-from scheduler.request import Request
+from pagedserve.scheduler.block_hash import extend_block_hashes
+from pagedserve.scheduler.block_pool import Block, BlockHash, BlockPool
+from pagedserve.scheduler.request import Request
 
 
 class PrefixCache:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from protos import executor_pb2
-from scheduler.block_pool import BlockHash
+from pagedserve.protos import executor_pb2
+from pagedserve.scheduler.block_pool import BlockHash
 
 
 class RequestStatus(enum.Enum):

@@ -12,15 +12,15 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from protos import executor_pb2
-from scheduler.block_pool import BlockHash
-from scheduler.config import SchedulerConfig
-from scheduler.interface import ExecutorClient
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.outputs import RequestOutputDelta, SchedulerStats
-from scheduler.request import Request, RequestStatus, StopParams
-from scheduler.stop import check_stop
-from scheduler.validation import validate_request
+from pagedserve.protos import executor_pb2
+from pagedserve.scheduler.block_pool import BlockHash
+from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.interface import ExecutorClient
+from pagedserve.scheduler.kv_cache_manager import KVCacheManager
+from pagedserve.scheduler.outputs import RequestOutputDelta, SchedulerStats
+from pagedserve.scheduler.request import Request, RequestStatus, StopParams
+from pagedserve.scheduler.stop import check_stop
+from pagedserve.scheduler.validation import validate_request
 
 
 @dataclass

@@ -20,16 +20,15 @@ from typing import Any
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pagedserve.protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
+from pagedserve.scheduler.admission import admit
+from pagedserve.scheduler.outputs import RequestOutputDelta
+from pagedserve.scheduler.session import run_session
+from pagedserve.scheduler.step_loop import StepLoop
+from pagedserve.scheduler.step_timing import StepTimings
+from pagedserve.scheduler.token_output import append_delta
 
-from protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
-from scheduler.admission import admit
-from scheduler.outputs import RequestOutputDelta
-from scheduler.session import run_session
-from scheduler.step_loop import StepLoop
-from scheduler.step_timing import StepTimings
-from scheduler.token_output import append_delta
-
-log = structlog.get_logger("scheduler.server")
+log = structlog.get_logger("pagedserve.scheduler.server")
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 MAX_MESSAGE_BYTES = 64 << 20

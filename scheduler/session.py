@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-from protos import scheduler_pb2
-from scheduler.admission import admit
-from scheduler.outputs import RequestOutputDelta
-from scheduler.step_loop import StepLoop
-from scheduler.token_output import append_delta, error_output
+from pagedserve.protos import scheduler_pb2
+from pagedserve.scheduler.admission import admit
+from pagedserve.scheduler.outputs import RequestOutputDelta
+from pagedserve.scheduler.step_loop import StepLoop
+from pagedserve.scheduler.token_output import append_delta, error_output
 
 
 class SessionOutputs:

@@ -22,16 +22,15 @@ import time
 from typing import Any, Protocol
 
 import structlog
+from pagedserve.protos import executor_pb2, scheduler_pb2
+from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.executor_client import AsyncExecutorConnection, ExecutorGone
+from pagedserve.scheduler.outputs import RequestOutputDelta
+from pagedserve.scheduler.scheduler import Scheduler
+from pagedserve.scheduler.step_timing import StepTimings
+from pagedserve.scheduler.validation import validate_request
 
-from protos import executor_pb2, scheduler_pb2
-from scheduler.config import SchedulerConfig
-from scheduler.executor_client import AsyncExecutorConnection, ExecutorGone
-from scheduler.outputs import RequestOutputDelta
-from scheduler.scheduler import Scheduler
-from scheduler.step_timing import StepTimings
-from scheduler.validation import validate_request
-
-log = structlog.get_logger("scheduler.step_loop")
+log = structlog.get_logger("pagedserve.scheduler.step_loop")
 
 
 class DeltaSink(Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from scheduler.request import Request, RequestStatus
+from pagedserve.scheduler.request import Request, RequestStatus
 
 
 def check_stop(request: Request, eos_token_ids: Collection[int],

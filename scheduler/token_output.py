@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import grpc
-
-from protos import scheduler_pb2
-from scheduler.outputs import RequestOutputDelta
+from pagedserve.protos import scheduler_pb2
+from pagedserve.scheduler.outputs import RequestOutputDelta
 
 
 def append_delta(out: scheduler_pb2.TokenOutput, delta: RequestOutputDelta) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from protos import executor_pb2
-from scheduler.config import SchedulerConfig
+from pagedserve.protos import executor_pb2
+from pagedserve.scheduler.config import SchedulerConfig
 
 
 def _is_int(value: object) -> bool:

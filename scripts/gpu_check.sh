@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a GPU machine, fetching nothing: (a) the kernel tests on CUDA, (b) the kernel
-# microbenchmarks (bench/kernels.py), (c) the offline throughput benchmark on a llama-1b model in
+# microbenchmarks (pagedserve.bench.kernels), (c) the offline throughput benchmark on a llama-1b model in
 # bf16 when bench/throughput.py exists. Results go to $OUT when set, else results/.
 # Budget: under 5 minutes on one H100/H200. Exit status is non-zero if any step failed.
 set -uo pipefail
@@ -25,7 +25,7 @@ else
 fi
 
 echo "== (b) kernel microbenchmarks"
-$PY bench/kernels.py --out "$RESULTS/bench_kernels.json" || status=1
+$PY -m pagedserve.bench.kernels --out "$RESULTS/bench_kernels.json" || status=1
 
 echo "== (c) offline throughput"
 if [ -f bench/throughput.py ]; then
@@ -35,11 +35,11 @@ if [ -f bench/throughput.py ]; then
   fi
   # The stubs in protos/ need a protobuf runtime at least as new as their gencode (see
   # pyproject.toml); carry its wheel in .whl when the machine's is older.
-  if ! $PY -c 'import protos.executor_pb2' 2>"$RESULTS/protobuf_check.txt"; then
+  if ! $PY -c 'import pagedserve.protos.executor_pb2' 2>"$RESULTS/protobuf_check.txt"; then
     echo "protos/ do not import here (protobuf too old?): carry protobuf>=7.35 as a wheel" >&2
     status=1
   else
-    $PY -m bench.throughput --model "$MODEL_DIR" --dtype bfloat16 --device cuda \
+    $PY -m pagedserve.bench.throughput --model "$MODEL_DIR" --dtype bfloat16 --device cuda \
       --num-requests 200 --hf-dtypes bfloat16 --hf-batch-sizes 32,64 --tune-requests 128 \
       --out "$RESULTS/throughput.json" || status=1
   fi

@@ -22,7 +22,7 @@ def test_regenerating_stubs_changes_nothing(tmp_path: Path) -> None:
 
 
 def test_step_plan_round_trips() -> None:
-    from protos import executor_pb2
+    from pagedserve.protos import executor_pb2
 
     plan = executor_pb2.StepPlan(step_id=7)
     new = plan.new_requests.add(request_id="a", prompt_token_ids=[1, 2, 3], block_ids=[4])

@@ -5,9 +5,8 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+from pagedserve.executor.attention_metadata import AttentionMetadata
 from torch import nn
-
-from executor.attention_metadata import AttentionMetadata
 
 
 class PagedAttention(nn.Module):

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pagedserve.kernels.cpu import panel_gemm
 from torch import nn
-
-from kernels.cpu import panel_gemm
 
 
 @dataclass

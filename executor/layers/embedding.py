@@ -9,16 +9,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-
-from executor.layers.cpu_gemm import (
+from pagedserve.executor.layers.cpu_gemm import (
     PackedWeight,
     check_loadable,
     pack_weight,
     packed_linear,
     shape_only,
 )
-from executor.layers.linear import new_param
+from pagedserve.executor.layers.linear import new_param
+from torch import nn
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -16,15 +16,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-
-from executor.layers.cpu_gemm import (
+from pagedserve.executor.layers.cpu_gemm import (
     PackedWeight,
     check_loadable,
     pack_weight,
     packed_linear,
     shape_only,
 )
+from torch import nn
 
 
 def new_param(*shape: int) -> nn.Parameter:

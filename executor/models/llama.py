@@ -16,16 +16,19 @@ from collections.abc import Iterable
 from types import ModuleType
 
 import torch
+from pagedserve.executor.attention_metadata import AttentionMetadata
+from pagedserve.executor.kv_cache import KVCache
+from pagedserve.executor.layers.attention import PagedAttention
+from pagedserve.executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedserve.executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from pagedserve.executor.layers.norm import RMSNorm
+from pagedserve.executor.layers.rotary import RotaryEmbedding
+from pagedserve.executor.model_config import ModelConfig
 from torch import nn
-
-from executor.attention_metadata import AttentionMetadata
-from executor.kv_cache import KVCache
-from executor.layers.attention import PagedAttention
-from executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from executor.layers.norm import RMSNorm
-from executor.layers.rotary import RotaryEmbedding
-from executor.model_config import ModelConfig
 
 # Checkpoint projections that live inside one fused parameter: (checkpoint part, our part, shard).
 STACKED_PARAMS = (

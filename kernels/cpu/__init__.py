@@ -2,11 +2,11 @@
 (built on first use by kernels/cpu/build.py); prompt attention and every fallback from
 kernels.reference."""
 
-from kernels.cpu.activation import silu_and_mul
-from kernels.cpu.attention import available, paged_attention
-from kernels.cpu.kv_write import write_kv
-from kernels.cpu.norm import fused_add_rms_norm, rms_norm
-from kernels.cpu.rotary import rotary_embedding
+from pagedserve.kernels.cpu.activation import silu_and_mul
+from pagedserve.kernels.cpu.attention import available, paged_attention
+from pagedserve.kernels.cpu.kv_write import write_kv
+from pagedserve.kernels.cpu.norm import fused_add_rms_norm, rms_norm
+from pagedserve.kernels.cpu.rotary import rotary_embedding
 
 __all__ = [
     "available", "fused_add_rms_norm", "paged_attention", "rms_norm", "rotary_embedding",

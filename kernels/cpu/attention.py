@@ -12,9 +12,8 @@ from __future__ import annotations
 import ctypes
 
 import torch
-
-from kernels.cpu.build import load, omp_threads
-from kernels.reference.attention import attend_spans
+from pagedserve.kernels.cpu.build import load, omp_threads
+from pagedserve.kernels.reference.attention import attend_spans
 
 _FUNCTIONS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import ctypes
 
 import torch
-
-from kernels import reference
-from kernels.cpu.build import load, ptr
+from pagedserve.kernels import reference
+from pagedserve.kernels.cpu.build import load, ptr
 
 
 def _rows_ok(t: torch.Tensor, cache: torch.Tensor) -> bool:

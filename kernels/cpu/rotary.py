@@ -6,9 +6,8 @@ from __future__ import annotations
 import ctypes
 
 import torch
-
-from kernels import reference
-from kernels.cpu.build import ptr, typed_function
+from pagedserve.kernels import reference
+from pagedserve.kernels.cpu.build import ptr, typed_function
 
 
 def _heads_ok(t: torch.Tensor) -> bool:

@@ -21,11 +21,11 @@ from __future__ import annotations
 import functools
 
 import torch
+from pagedserve.kernels.triton.attention_reduce import reduce_splits
+from pagedserve.kernels.triton.runtime import INTERPRETING, check_device, dot_in_fp32, next_pow2
+
 import triton
 import triton.language as tl
-
-from kernels.triton.attention_reduce import reduce_splits
-from kernels.triton.runtime import INTERPRETING, check_device, dot_in_fp32, next_pow2
 
 MIN_KEYS_PER_SPLIT = 256  # a split reads at least this many keys, so its partials stay cheap
 MAX_SPLITS = 64

@@ -12,6 +12,7 @@ own position, so M is finite.
 from __future__ import annotations
 
 import torch
+
 import triton
 import triton.language as tl
 

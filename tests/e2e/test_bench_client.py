@@ -9,9 +9,9 @@ import json
 
 import openai
 import pytest
+from pagedserve.bench.serve import RequestResult, run_event_loop, send_request
+from pagedserve.bench.sse_client import HTTPStatusError, stream_events
 
-from bench.serve import RequestResult, run_event_loop, send_request
-from bench.sse_client import HTTPStatusError, stream_events
 from tests.e2e.conftest import Serve
 
 
@@ -82,7 +82,7 @@ def test_events_are_split_as_the_sse_format_says(response: bytes, events: list[s
 def test_step_overhead_measures_a_window_of_the_running_server(serve: Serve, llama_dir,
                                                                 tmp_path) -> None:
     """bench.step_overhead end to end on a small window (its request path is bench.serve's)."""
-    from bench import step_overhead
+    from pagedserve.bench import step_overhead
 
     out = tmp_path / "step_overhead.json"
     code = step_overhead.main([
@@ -99,7 +99,7 @@ def test_bench_serve_sweeps_rates_and_compares_with_offline(serve: Serve, llama_
                                                            tmp_path) -> None:
     """bench.serve end to end on a small workload: a two-rate sweep against the running server,
     then the saturated run's requests through the offline LLM."""
-    from bench import serve as bench_serve
+    from pagedserve.bench import serve as bench_serve
 
     out = tmp_path / "serve.json"
     code = bench_serve.main([
@@ -123,8 +123,8 @@ def test_bench_serve_sweeps_rates_and_compares_with_offline(serve: Serve, llama_
 def test_bench_targets_reads_the_three_benchmarks(serve: Serve, llama_dir, tmp_path) -> None:
     """bench.targets' table from small runs of the benchmarks it runs: each figure is the one its
     benchmark wrote, and the verdicts follow the issue's bounds."""
-    from bench import serve as bench_serve
-    from bench import step_overhead, targets, throughput
+    from pagedserve.bench import serve as bench_serve
+    from pagedserve.bench import step_overhead, targets, throughput
 
     common = ["--model", str(llama_dir)]
     assert throughput.main([*common, "--num-requests", "4", "--hf-batch-sizes", "2",

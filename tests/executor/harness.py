@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from protos import executor_pb2
+from pagedserve.protos import executor_pb2
 
 
 @dataclass

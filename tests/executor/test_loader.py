@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from pagedserve.executor import loader
+from pagedserve.executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from pagedserve.executor.loader import load_model, resolve_dtype
+from pagedserve.executor.model_config import ModelConfig
 from safetensors.torch import load_file, save_file
 
-from executor import loader
-from executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from executor.loader import load_model, resolve_dtype
-from executor.model_config import ModelConfig
 from tests.conftest import model_dir
 
 
@@ -38,8 +42,8 @@ def copy_model(
 
 def logits(model, n: int = 20) -> torch.Tensor:
     """Last-token logits of a fixed prompt, through a real paged cache."""
-    from executor.attention_metadata import AttentionMetadata
-    from executor.kv_cache import KVCache
+    from pagedserve.executor.attention_metadata import AttentionMetadata
+    from pagedserve.executor.kv_cache import KVCache
 
     cfg = model.config
     cache = KVCache(

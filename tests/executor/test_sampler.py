@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-
-from executor.request_state import RequestState
-from executor.sampler import (
+from pagedserve.executor.request_state import RequestState
+from pagedserve.executor.sampler import (
     Sampler,
     apply_penalties_and_bias,
     apply_top_k_top_p,
@@ -18,7 +17,7 @@ from executor.sampler import (
     counter_uniform,
     inverse_cdf,
 )
-from protos import executor_pb2
+from pagedserve.protos import executor_pb2
 
 V = 64
 EOS = (1, 3)

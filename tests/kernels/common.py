@@ -141,7 +141,7 @@ def dense_attention(batch, scale: float, sliding_window: int, softcap: float) ->
 def require_cpu_kernel(name: str) -> None:
     """Skip where no C compiler exists (the CPU backend then runs the reference); where one does,
     kernels/cpu/<name>.c must build."""
-    from kernels.cpu.build import load
+    from pagedserve.kernels.cpu.build import load
 
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler: the CPU backend falls back to the reference kernels")

@@ -18,14 +18,14 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def tk():
     """The kernels.triton package, imported after TRITON_INTERPRET is in place."""
-    already = "kernels.triton.runtime" in sys.modules
-    import kernels.triton
-    from kernels.triton.runtime import INTERPRETING
+    already = "pagedserve.kernels.triton.runtime" in sys.modules
+    import pagedserve.kernels.triton as triton_kernels
+    from pagedserve.kernels.triton.runtime import INTERPRETING
 
     if not torch.cuda.is_available() and not INTERPRETING:
         pytest.fail("kernels.triton was imported before TRITON_INTERPRET=1 was set "
                     f"(imported earlier in this process: {already}); set it in the environment")
-    return kernels.triton
+    return triton_kernels
 
 
 @pytest.fixture(autouse=True)

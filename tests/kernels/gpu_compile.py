@@ -40,8 +40,7 @@ def _attrs(kernel, signature: dict[str, str]) -> dict:
 
 def _attention_variants() -> list[tuple]:
     import torch
-
-    from kernels.triton import attention, attention_reduce
+    from pagedserve.kernels.triton import attention, attention_reduce
 
     ints = {"cu_seqlens_q_ptr": "i32", "seq_lens_ptr": "i32", "block_tables_ptr": "i32",
             "part_acc_ptr": "fp32", "part_ml_ptr": "fp32"}
@@ -63,7 +62,7 @@ def _attention_variants() -> list[tuple]:
 
 
 def _elementwise_variants() -> list[tuple]:
-    from kernels.triton import activation, kv_write, norm, rotary
+    from pagedserve.kernels.triton import activation, kv_write, norm, rotary
 
     return [
         (kv_write._write_kv_kernel, {"slot_mapping_ptr": "i64"},

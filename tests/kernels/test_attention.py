@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pagedserve.kernels import reference
 
-from kernels import reference
 from tests.kernels.common import (
     DEVICE,
     DTYPES,
@@ -36,7 +36,7 @@ def _check(tk, batch, dtype, *, window=0, softcap=0.0, launch=None) -> None:
     if launch is None:
         tk.paged_attention(*batch.args(), out, **kw, **batch.bounds())
     else:
-        from kernels.triton.attention import paged_attention_launch
+        from pagedserve.kernels.triton.attention import paged_attention_launch
 
         paged_attention_launch(*batch.args(), out, **kw, **launch)
     assert rel_err(out, ref) < TOL[dtype]
@@ -109,7 +109,7 @@ def test_split_kv_path(tk, num_splits, window, softcap) -> None:
 
 
 def test_heuristic_splits_long_decode(tk) -> None:
-    from kernels.triton.attention import _num_sms, num_kv_splits
+    from pagedserve.kernels.triton.attention import _num_sms, num_kv_splits
 
     batch = make_batch([1, 1], _scaled([600, 300]), num_q_heads=4, num_kv_heads=1,
                        head_dim=32, block_size=16, dtype=torch.float32)
@@ -118,7 +118,7 @@ def test_heuristic_splits_long_decode(tk) -> None:
 
 
 def test_num_kv_splits_heuristic() -> None:
-    from kernels.triton.attention import num_kv_splits
+    from pagedserve.kernels.triton.attention import num_kv_splits
 
     assert num_kv_splits(1, 8, 1, 16384, 4, num_sms=132) == 64  # batch 1, long context
     assert num_kv_splits(1, 8, 1, 300, 4, num_sms=132) == 1  # short context: not worth it

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pagedserve.kernels import reference
+from pagedserve.kernels.cpu import silu_and_mul
 
-from kernels import reference
-from kernels.cpu import silu_and_mul
 from tests.kernels.common import require_cpu_kernel
 
 
@@ -61,7 +61,7 @@ def test_nan_stays_nan_and_other_layouts_go_to_the_reference() -> None:
 @pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx2", "-mno-avx512f")],
                          ids=["avx2", "portable"])
 def test_narrower_simd_paths(monkeypatch, flags) -> None:
-    from kernels.cpu import activation, build
+    from pagedserve.kernels.cpu import activation, build
 
     lib, why = build.load("activation", flags)
     if lib is None:

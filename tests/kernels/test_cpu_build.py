@@ -8,8 +8,7 @@ import shutil
 import subprocess
 
 import pytest
-
-from kernels.cpu import build
+from pagedserve.kernels.cpu import build
 
 
 def test_disabled_by_environment(monkeypatch) -> None:

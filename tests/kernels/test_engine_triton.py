@@ -25,5 +25,5 @@ def test_triton_backend_gives_the_reference_tokens(tk, arch, monkeypatch) -> Non
     expected, ref_backend = _greedy(arch)
     monkeypatch.setenv("PAGEDSERVE_ATTENTION_BACKEND", "triton")
     got, backend = _greedy(arch)
-    assert ref_backend.__name__ == "kernels.reference" and backend is tk
+    assert ref_backend.__name__ == "pagedserve.kernels.reference" and backend is tk
     assert got == expected

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import openai
 import pytest
+from pagedserve.router.tokenizer import Tokenizer
 
-from router.tokenizer import Tokenizer
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
 
@@ -252,7 +252,7 @@ def test_chat_template_fields(client: openai.OpenAI, fake: FakeScheduler,
 
 
 def test_trusted_chat_template(llama_dir, scheduler_thread) -> None:
-    from router.server import RouterThread
+    from pagedserve.router.server import RouterThread
 
     with RouterThread(llama_dir, scheduler_thread.address,
                       core_options={"trust_request_chat_template": True}) as r:

@@ -8,10 +8,10 @@ import os
 import sys
 
 import pytest
+from pagedserve.router.limits import Limits
 
 from pagedserve.cli import _router_core_options, build_parser
 from pagedserve.serve import API_KEY_ENV, Child, ServiceSpec, build_specs
-from router.limits import Limits
 
 
 def test_router_flags_make_the_core_options(monkeypatch) -> None:

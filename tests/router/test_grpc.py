@@ -8,10 +8,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pagedserve.protos import generation_pb2 as pb
+from pagedserve.protos import generation_pb2_grpc
+from pagedserve.router.tokenizer import Tokenizer
 
-from protos import generation_pb2 as pb
-from protos import generation_pb2_grpc
-from router.tokenizer import Tokenizer
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
 
@@ -116,7 +116,7 @@ def test_reflection_lists_services(channel) -> None:
 
 
 def test_reflection_off_by_default(llama_dir, scheduler_thread) -> None:
-    from router.server import RouterThread
+    from pagedserve.router.server import RouterThread
 
     with RouterThread(llama_dir, scheduler_thread.address, grpc_port=0) as r, \
             grpc.insecure_channel(r.grpc_address) as ch:

@@ -17,10 +17,10 @@ import httpx
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pagedserve.protos import generation_pb2 as pb
+from pagedserve.protos import generation_pb2_grpc
+from pagedserve.router.server import RouterThread
 
-from protos import generation_pb2 as pb
-from protos import generation_pb2_grpc
-from router.server import RouterThread
 from tests.conftest import ROOT
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
@@ -149,7 +149,7 @@ def test_error_after_streaming_began_is_an_sse_event(router: RouterThread,
 
 
 def test_internal_fault_mid_stream(router: RouterThread, fake: FakeScheduler, monkeypatch) -> None:
-    from router import serving
+    from pagedserve.router import serving
 
     def boom(*args, **kwargs):
         raise RuntimeError("a bug")

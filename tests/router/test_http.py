@@ -7,8 +7,8 @@ import time
 import httpx
 import openai
 import pytest
+from pagedserve.router.tokenizer import Tokenizer
 
-from router.tokenizer import Tokenizer
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
 
@@ -299,7 +299,7 @@ def test_scheduler_refusal_gets_a_status(client: openai.OpenAI, fake: FakeSchedu
 
 
 def test_without_scheduler(llama_dir, tmp_path) -> None:
-    from router.server import RouterThread
+    from pagedserve.router.server import RouterThread
 
     with RouterThread(llama_dir, f"unix://{tmp_path}/none.sock") as r:
         assert httpx.get(r.base_url + "/health").status_code == 503
@@ -314,7 +314,8 @@ def test_without_scheduler(llama_dir, tmp_path) -> None:
 def test_a_restarted_scheduler_is_reached_again(llama_dir, tmp_path) -> None:
     """The router's requests share one Session stream: when the scheduler goes away the requests
     on it fail (none hangs), and the next request opens a stream to the new scheduler."""
-    from router.server import RouterThread
+    from pagedserve.router.server import RouterThread
+
     from tests.router.fake_scheduler import FakeSchedulerThread
 
     address = f"unix://{tmp_path}/s.sock"

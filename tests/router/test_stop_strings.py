@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from router.stop_strings import StopStringMatcher
+from pagedserve.router.stop_strings import StopStringMatcher
 
 
 def _run(text: str, stops: list[str], cuts: list[int], include: bool = False

@@ -6,8 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from router.tokenizer import ChatTemplateError, Tokenizer, compile_chat_template
+from pagedserve.router.tokenizer import ChatTemplateError, Tokenizer, compile_chat_template
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello there"}],

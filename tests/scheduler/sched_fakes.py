@@ -14,9 +14,10 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
-from protos import executor_pb2
-from scheduler import Scheduler, SchedulerConfig
-from scheduler.outputs import RequestOutputDelta
+from pagedserve.protos import executor_pb2
+from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.outputs import RequestOutputDelta
+from pagedserve.scheduler.scheduler import Scheduler
 
 
 @dataclass

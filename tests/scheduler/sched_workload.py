@@ -9,9 +9,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.scheduler import Scheduler
 from sched_fakes import GREEDY, FakeExecutor, Outcome, assert_all_free, check_invariants, collect
-
-from scheduler import Scheduler, SchedulerConfig
 
 EOS = 0
 STOP_ID = 1

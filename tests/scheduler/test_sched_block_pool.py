@@ -1,8 +1,7 @@
 """The block pool: free-queue order, reference counts, eviction of cached blocks."""
 
 import pytest
-
-from scheduler.block_pool import Block, BlockPool, FreeBlockQueue
+from pagedserve.scheduler.block_pool import Block, BlockPool, FreeBlockQueue
 
 
 def ids(blocks: object) -> list[int]:

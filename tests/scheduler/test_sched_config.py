@@ -1,10 +1,10 @@
 """SchedulerConfig validation and the scheduler's agreement check with the executor."""
 
 import pytest
+from pagedserve.protos import executor_pb2
+from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.scheduler import Scheduler
 from sched_fakes import FakeExecutor
-
-from protos import executor_pb2
-from scheduler import Scheduler, SchedulerConfig
 
 
 def test_defaults() -> None:

@@ -1,10 +1,10 @@
 """Stop rules: EOS, stop token ids, min_tokens, ignore_eos, max_tokens, max_model_len."""
 
 import pytest
+from pagedserve.protos import executor_pb2
+from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.scheduler import Scheduler
 from sched_fakes import GREEDY, FakeExecutor, run
-
-from protos import executor_pb2
-from scheduler import Scheduler, SchedulerConfig
 
 EOS = 2
 

@@ -137,11 +137,11 @@ def prompts() -> dict[str, list[int]]:
 def reference_tokens(llama_dir: Path) -> dict[str, list[int]]:
     """Greedy tokens of `prompts()` from an in-process Executor + Scheduler, no network."""
     import torch
-
-    from executor.config import ExecutorConfig
-    from executor.executor import Executor
-    from protos import executor_pb2
-    from scheduler import Scheduler, SchedulerConfig
+    from pagedserve.executor.config import ExecutorConfig
+    from pagedserve.executor.executor import Executor
+    from pagedserve.protos import executor_pb2
+    from pagedserve.scheduler.config import SchedulerConfig
+    from pagedserve.scheduler.scheduler import Scheduler
 
     torch.set_num_threads(1)  # as the service processes run (OMP_NUM_THREADS=1)
     executor = Executor(ExecutorConfig(

@@ -7,11 +7,10 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from executor.compute_thread import ComputeThread
-from executor.server import ExecutorService, build_server
-from protos import executor_pb2
-from scheduler.executor_client import GrpcExecutorClient
+from pagedserve.executor.compute_thread import ComputeThread
+from pagedserve.executor.server import ExecutorService, build_server
+from pagedserve.protos import executor_pb2
+from pagedserve.scheduler.executor_client import GrpcExecutorClient
 
 
 def test_calls_run_in_order_on_one_other_thread_and_raise_there() -> None:

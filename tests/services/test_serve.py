@@ -20,7 +20,7 @@ from pagedserve.health import grpc_serving
 from tests.conftest import ROOT
 from tests.services.conftest import MAX_MODEL_LEN, NUM_KV_BLOCKS
 
-pytest.importorskip("router.server", reason="the router is not written yet")
+pytest.importorskip("pagedserve.router.server", reason="the router is not written yet")
 
 
 def free_port() -> int:

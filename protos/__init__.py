@@ -1,1 +1,0 @@
-"""The wire contracts (package pagedserve.v1) and their generated stubs."""
