@@ -46,3 +46,15 @@ def tiny_model(request) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama() -> Path:
     return model_dir("llama")
+
+
+@pytest.fixture
+def panel_gemm_path(monkeypatch) -> None:
+    """kernels/cpu/panel_gemm's AVX2 path, in use for the test on any CPU that executes AVX2:
+    an AVX-512 CPU (which the default build gives no path) runs a build without AVX-512."""
+    from pagedserve.kernels.cpu import panel_gemm
+
+    if not panel_gemm.available():
+        monkeypatch.setattr(panel_gemm, "BUILD_FLAGS", ("-mno-avx512f",))
+    if not panel_gemm.available():
+        pytest.skip("panel_gemm has a path for CPUs with AVX2 and FMA only")

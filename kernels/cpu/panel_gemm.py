@@ -12,10 +12,18 @@ import torch
 from pagedserve.kernels.cpu.build import load, omp_threads, ptr
 
 PANEL = 16  # outputs per panel, as in panel_gemm.c
+# Extra compiler flags of the build in use. The engine leaves them empty (the C file has a path
+# only where AVX-512 is absent); tests set ("-mno-avx512f",) to run the AVX2 path on an AVX-512
+# CPU, which executes AVX2 code as well.
+BUILD_FLAGS: tuple[str, ...] = ()
+
+
+def _lib() -> ctypes.CDLL | None:
+    return load("panel_gemm", BUILD_FLAGS)[0]
 
 
 def available() -> bool:
-    lib, _ = load("panel_gemm")
+    lib = _lib()
     return lib is not None and bool(lib.panel_gemm_available())
 
 
@@ -32,11 +40,11 @@ def pack(weight: torch.Tensor, allow_bf16: bool = True) -> torch.Tensor | None:
     narrow = w.to(torch.bfloat16) if allow_bf16 else None
     if narrow is not None and torch.equal(narrow.to(torch.float32), w):  # NaN: float32 panels
         panels = torch.empty((n + PANEL - 1) // PANEL, k, PANEL, dtype=torch.bfloat16)
-        load("panel_gemm")[0].pack_panels_bf16(ptr(narrow), ctypes.c_int64(n),
+        _lib().pack_panels_bf16(ptr(narrow), ctypes.c_int64(n),
                                                ctypes.c_int64(k), ptr(panels))
         return panels
     panels = torch.empty((n + PANEL - 1) // PANEL, k, PANEL)
-    load("panel_gemm")[0].pack_panels_f32(ptr(w), ctypes.c_int64(n), ctypes.c_int64(k), ptr(panels))
+    _lib().pack_panels_f32(ptr(w), ctypes.c_int64(n), ctypes.c_int64(k), ptr(panels))
     return panels
 
 
@@ -49,7 +57,7 @@ def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int,
         bias = bias.contiguous()  # held here: the C call gets only its address
     m, k = x.shape
     out = torch.empty(m, out_features)
-    lib = load("panel_gemm")[0]
+    lib = _lib()
     gemm = lib.panel_gemm_f32_bf16_panels if panels.dtype == torch.bfloat16 else lib.panel_gemm_f32
     gemm(ptr(x), ctypes.c_int64(x.stride(0)), ptr(panels), None if bias is None else ptr(bias),
          ptr(out), ctypes.c_int64(m), ctypes.c_int64(out_features), ctypes.c_int64(k),

@@ -53,8 +53,11 @@ def test_other_dtypes_and_devices_are_not_packed() -> None:
     assert pack_weight(torch.randn(8, 8, device="meta")) is None
 
 
+@pytest.mark.parametrize("panels", [False, True], ids=["default", "panel_gemm"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_loaded_model_packs_every_linear_layer(dtype) -> None:
+def test_loaded_model_packs_every_linear_layer(dtype, panels, request) -> None:
+    if panels:
+        request.getfixturevalue("panel_gemm_path")
     model, config = load_model(model_dir("llama"), dtype=dtype)
     layers = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
     if pack_weight(torch.randn(4, 4).to(getattr(torch, dtype))) is None:

@@ -267,7 +267,7 @@ def test_continuing_validation_and_forget_first(small_executor):
     assert not ex.requests
 
 
-def test_bf16_checkpoint_run_in_float32(tiny_llama, tmp_path):
+def test_bf16_checkpoint_run_in_float32(tiny_llama, tmp_path, panel_gemm_path):
     """A bf16 checkpoint (as most are) run in float32 on a CPU without native bf16: every weight
     is a bf16 value, so panel_gemm keeps its panels in bf16 (exact, half the bytes to read), and
     the outputs still match transformers' float32 run of the same checkpoint."""
@@ -283,7 +283,7 @@ def test_bf16_checkpoint_run_in_float32(tiny_llama, tmp_path):
             shutil.copy(f, tmp_path / f.name)
     refs = hf_generate(tmp_path, stdlib_prompts(AutoTokenizer.from_pretrained(tmp_path))[::2])
     executor = make_executor(tmp_path)
-    if panel_gemm.available():
-        layers = [m for m in executor.model.modules() if isinstance(m, LinearBase)]
-        assert layers and all(m.packed.panels.dtype == torch.bfloat16 for m in layers)
+    assert panel_gemm.available()  # panel_gemm_path: on an AVX-512 CPU, its AVX2 build
+    layers = [m for m in executor.model.modules() if isinstance(m, LinearBase)]
+    assert layers and all(m.packed.panels.dtype == torch.bfloat16 for m in layers)
     check_all(run_all(Harness(executor), refs), refs, "bf16 checkpoint in float32")

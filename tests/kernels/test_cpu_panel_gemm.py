@@ -13,10 +13,8 @@ from tests.kernels.common import require_cpu_kernel
 
 
 @pytest.fixture(autouse=True)
-def built() -> None:
+def built(panel_gemm_path) -> None:
     require_cpu_kernel("panel_gemm")
-    if not panel_gemm.available():
-        pytest.skip("panel_gemm has a path for AVX2 CPUs without AVX-512 only")
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
