@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": model_dir, "num_requests": len(requests), "machine": machine_description(),
         "pagedserve": run_pagedserve(model_dir, requests, args),
     }
+    write_results(args.out, results)  # kept if a later part is cut off (a GPU window's timeout)
     if not args.skip_roofline:
         config = model_config(model_dir)
         results["roofline"] = measure(config, resolve_dtype(args.dtype, config), [64, 256, 512])

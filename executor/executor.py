@@ -65,6 +65,7 @@ class Executor:
         budget = config.kv_cache_memory_bytes
         if budget is None:
             if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # blocks torch holds but no tensor uses count as free
                 budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_KV_CACHE_FRACTION)
             else:
                 budget = DEFAULT_CPU_KV_CACHE_BYTES

@@ -32,6 +32,20 @@ class StepInputs:
     num_tokens: int  # T
 
 
+# Staging buffers and what a device copy holds past a step's live entries (padding, so a kernel,
+# or a CUDA graph replayed at a larger padded size, reads nothing stale): slot -1 is skipped by the
+# KV write, a sequence of length 0 attends to nothing, block id 0 is never read.
+BUFFERS = {  # name: (dtype, padding)
+    "input_ids": (torch.int64, 0),
+    "positions": (torch.int64, 0),
+    "slot_mapping": (torch.int64, -1),
+    "cu_seqlens_q": (torch.int32, None),  # padded with the step's token count: 0 query rows
+    "seq_lens": (torch.int32, 0),
+    "block_tables": (torch.int32, 0),
+    "last_token_indices": (torch.int64, 0),
+}
+
+
 class InputBatch:
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  block_size: int, device: torch.device | str = "cpu"):
@@ -42,21 +56,25 @@ class InputBatch:
         self.token_ids = np.zeros((max_num_seqs, max_model_len), dtype=np.int32)
         self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
-        pin = self.device.type == "cuda"
-        self._cpu = {
-            "input_ids": torch.zeros(max_num_batched_tokens, dtype=torch.int64, pin_memory=pin),
-            "positions": torch.zeros(max_num_batched_tokens, dtype=torch.int64, pin_memory=pin),
-            "slot_mapping": torch.zeros(max_num_batched_tokens, dtype=torch.int64, pin_memory=pin),
-            "cu_seqlens_q": torch.zeros(max_num_seqs + 1, dtype=torch.int32, pin_memory=pin),
-            "seq_lens": torch.zeros(max_num_seqs, dtype=torch.int32, pin_memory=pin),
-            "block_tables": torch.zeros(max_num_seqs * self.max_blocks_per_seq, dtype=torch.int32,
-                                        pin_memory=pin),
-            "last_token_indices": torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=pin),
+        self.on_device = self.device.type == "cuda"
+        capacity = {"input_ids": max_num_batched_tokens, "positions": max_num_batched_tokens,
+                    "slot_mapping": max_num_batched_tokens, "cu_seqlens_q": max_num_seqs + 1,
+                    "seq_lens": max_num_seqs, "last_token_indices": max_num_seqs,
+                    "block_tables": max_num_seqs * self.max_blocks_per_seq}
+        # On CUDA two pinned staging sets take turns: step N+1 writes one while step N's
+        # non-blocking copies may still read the other (a prompt chunk samples nothing, so no
+        # sync separates two such steps). Before a set is rewritten, the event recorded after
+        # its last upload is waited on; it is two steps old, so the wait is almost always free.
+        self._stages = [{name: torch.zeros(capacity[name], dtype=BUFFERS[name][0],
+                                           pin_memory=self.on_device) for name in BUFFERS}
+                        for _ in range(2 if self.on_device else 1)]
+        self._stage_np = [{n: t.numpy() for n, t in s.items()} for s in self._stages]
+        self._uploaded = [torch.cuda.Event() if self.on_device else None for _ in self._stages]
+        self._turn = 0
+        self._dev = self._stages[0] if not self.on_device else {
+            name: torch.zeros_like(t, device=self.device) for name, t in self._stages[0].items()
         }
-        self._np = {name: t.numpy() for name, t in self._cpu.items()}
-        self._dev = self._cpu if not pin else {
-            name: torch.zeros_like(t, device=self.device) for name, t in self._cpu.items()
-        }
+        self._dirty = dict.fromkeys(BUFFERS, 0)  # entries of each device buffer ever written
 
     @property
     def num_free_rows(self) -> int:
@@ -107,27 +125,30 @@ class InputBatch:
             the one whose logits sample, when c + n reaches the end of the held tokens.
         """
         num_seqs, bs = len(states), self.block_size
+        buf = self._next_stage()
         rows = np.array([s.row for s in states], dtype=np.int64)
         computed = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
         sched = np.asarray(num_scheduled, dtype=np.int64)
-        cu = self._np["cu_seqlens_q"][: num_seqs + 1]
+        cu = buf["cu_seqlens_q"][: num_seqs + 1]
         cu[0] = 0
         np.cumsum(sched, out=cu[1:])
         num_tokens = int(cu[-1])
         seq_of_token = np.repeat(np.arange(num_seqs), sched)
         positions = np.arange(num_tokens) - cu[:-1][seq_of_token] + computed[seq_of_token]
         row_of_token = rows[seq_of_token]
-        self._np["positions"][:num_tokens] = positions
-        self._np["input_ids"][:num_tokens] = self.token_ids[row_of_token, positions]
+        buf["positions"][:num_tokens] = positions
+        buf["input_ids"][:num_tokens] = self.token_ids[row_of_token, positions]
         blocks = self.block_table[row_of_token, positions // bs].astype(np.int64)
-        self._np["slot_mapping"][:num_tokens] = blocks * bs + positions % bs
+        buf["slot_mapping"][:num_tokens] = blocks * bs + positions % bs
         seq_lens = computed + sched
-        self._np["seq_lens"][:num_seqs] = seq_lens
-        width = int(-(-seq_lens.max() // bs))
-        tables = self._np["block_tables"][: num_seqs * width].reshape(num_seqs, width)
+        buf["seq_lens"][:num_seqs] = seq_lens
+        # On CUDA the table keeps its full width (one stride for every step, as a captured graph
+        # needs); on the CPU only the columns this step's longest context reaches are gathered.
+        width = self.max_blocks_per_seq if self.on_device else int(-(-seq_lens.max() // bs))
+        tables = buf["block_tables"][: num_seqs * width].reshape(num_seqs, width)
         tables[:] = self.block_table[rows, :width]
-        self._np["last_token_indices"][:num_seqs] = cu[1:] - 1
-        t = self._upload({
+        buf["last_token_indices"][:num_seqs] = cu[1:] - 1
+        t = self._upload(buf, {
             "input_ids": num_tokens, "positions": num_tokens, "slot_mapping": num_tokens,
             "cu_seqlens_q": num_seqs + 1, "seq_lens": num_seqs, "block_tables": num_seqs * width,
             "last_token_indices": num_seqs,
@@ -139,11 +160,25 @@ class InputBatch:
         )
         return StepInputs(t["input_ids"], t["positions"], attn, t["last_token_indices"], num_tokens)
 
-    def _upload(self, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
-        """The first `size` entries of each buffer, on the device."""
-        out = {}
+    def _next_stage(self) -> dict[str, np.ndarray]:
+        """The staging set this step writes, once the copies that last read it have finished."""
+        self._turn = (self._turn + 1) % len(self._stages)
+        done = self._uploaded[self._turn]
+        if done is not None:
+            done.synchronize()
+        return self._stage_np[self._turn]
+
+    def _upload(self, buf: dict[str, np.ndarray], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+        """The first `size` entries of each buffer, on the device. On CUDA the entries a larger
+        earlier step left on the device are overwritten with padding in the same copy."""
+        if not self.on_device:
+            return {name: self._dev[name][:size] for name, size in sizes.items()}
+        stage = self._stages[self._turn]
         for name, size in sizes.items():
-            out[name] = self._dev[name][:size]
-            if self._dev is not self._cpu:
-                out[name].copy_(self._cpu[name][:size], non_blocking=True)
-        return out
+            extent = max(size, self._dirty[name])
+            pad = BUFFERS[name][1] if name != "cu_seqlens_q" else int(buf["cu_seqlens_q"][size - 1])
+            buf[name][size:extent] = pad
+            self._dev[name][:extent].copy_(stage[name][:extent], non_blocking=True)
+            self._dirty[name] = extent
+        self._uploaded[self._turn].record()  # waiting on one never recorded returns at once
+        return {name: self._dev[name][:size] for name, size in sizes.items()}

@@ -1,49 +1,70 @@
 #!/usr/bin/env bash
-# One command for a GPU machine, fetching nothing: (a) the kernel tests on CUDA, (b) the kernel
-# microbenchmarks (pagedserve.bench.kernels), (c) the offline throughput benchmark on a llama-1b model in
-# bf16 when bench/throughput.py exists. Results go to $OUT when set, else results/.
-# Budget: under 5 minutes on one H100/H200. Exit status is non-zero if any step failed.
+# One command for a lent GPU machine, fetching nothing from the network:
+#   scripts/gpu_check.sh [--dry-run] [--budget SECONDS]
+# Steps, cheapest and most telling first, each under `timeout`, output teed to $OUT as it goes:
+#   env        versions and imports (torch, CUDA, triton, transformers, protobuf, the stubs); wheels
+#              carried in .whl/ (scripts/gpu_wheels.sh) are installed from disk if an import fails
+#   model      the llama-1b bench model, built in the background while the kernel steps run
+#   kernels    the Triton kernel tests and the CUDA-only tests (pytest -m "triton or cuda")
+#   kbench     kernel microbenchmarks (pagedserve.bench.kernels), then the tile sweep if present
+#   throughput offline throughput vs transformers (one dtype, one batch size; no CPU roofline)
+# Results: $OUT (default results/gpu): NAME.log per step, summary.txt, *.json, kernel_tests.xml.
+# The budget (default 480 s) caps the whole run; partial results stay. Exit 1 if any step failed,
+# 2 when there is no CUDA device or an argument is wrong.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-RESULTS=${OUT:-results}
-mkdir -p "$RESULTS"
-status=0
+OUT=${OUT:-results/gpu}
+BUDGET=480
+DRY=0
+while (($#)); do
+  case $1 in
+    --dry-run) DRY=1 ;;
+    --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
+    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[[ $BUDGET =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: --budget must be whole seconds" >&2; exit 2; }
+START=$SECONDS
+STATUS=0
+mkdir -p "$OUT"
+: > "$OUT/summary.txt"
+# shellcheck source=scripts/gpu_steps.sh
+source scripts/gpu_steps.sh
 unset TRITON_INTERPRET
+MODEL_DIR=${MODEL_DIR:-/tmp/pagedserve-llama-1b}
 
-echo "== (a) kernel tests on CUDA"
-if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "no CUDA device visible to $PY: this script is for a GPU machine" >&2
+if ((!DRY)) && ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "no CUDA device visible to $PY: this script is for a GPU machine (--dry-run shows the plan)" >&2
   exit 2
 fi
-if $PY -c 'import pytest' 2>/dev/null; then
-  $PY -m pytest tests/kernels -q -p no:cacheprovider --junitxml="$RESULTS/kernel_tests.xml" \
-    || status=1
-else
-  echo "pytest is not installed for $PY: carry its wheel (pip install --no-index .whl/pytest-*.whl)" >&2
-  status=1
+step env 90 bash scripts/gpu_env.sh "$PY"
+
+echo "== model (background, timeout 300s) -> $OUT/model.log"
+echo "   $PY -m pagedserve.cli make-model $MODEL_DIR --preset llama-1b"
+if ((!DRY)) && [ ! -f "$MODEL_DIR/config.json" ]; then
+  timeout 300 "$PY" -m pagedserve.cli make-model "$MODEL_DIR" --preset llama-1b > "$OUT/model.log" 2>&1 &
+  model_pid=$!
 fi
 
-echo "== (b) kernel microbenchmarks"
-$PY -m pagedserve.bench.kernels --out "$RESULTS/bench_kernels.json" || status=1
-
-echo "== (c) offline throughput"
-if [ -f bench/throughput.py ]; then
-  MODEL_DIR=${MODEL_DIR:-/tmp/pagedserve-llama-1b}
-  if [ ! -f "$MODEL_DIR/config.json" ]; then
-    $PY -m pagedserve.cli make-model "$MODEL_DIR" --preset llama-1b || status=1
-  fi
-  # The stubs in protos/ need a protobuf runtime at least as new as their gencode (see
-  # pyproject.toml); carry its wheel in .whl when the machine's is older.
-  if ! $PY -c 'import pagedserve.protos.executor_pb2' 2>"$RESULTS/protobuf_check.txt"; then
-    echo "protos/ do not import here (protobuf too old?): carry protobuf>=7.35 as a wheel" >&2
-    status=1
-  else
-    $PY -m pagedserve.bench.throughput --model "$MODEL_DIR" --dtype bfloat16 --device cuda \
-      --num-requests 200 --hf-dtypes bfloat16 --hf-batch-sizes 32,64 --tune-requests 128 \
-      --out "$RESULTS/throughput.json" || status=1
-  fi
-else
-  echo "throughput benchmark not present"
+step kernels 150 "$PY" -m pytest tests/kernels tests/executor -m "triton or cuda" -q -p no:cacheprovider \
+  --junitxml="$OUT/kernel_tests.xml"
+step kbench 60 "$PY" -m pagedserve.bench.kernels --out "$OUT/bench_kernels.json"
+if grep -q -- "--sweep" bench/kernels.py; then
+  step sweep 60 "$PY" -m pagedserve.bench.kernels --sweep --out "$OUT/bench_sweep.json"
 fi
-exit $status
+
+if [ -n "${model_pid:-}" ]; then
+  wait "$model_pid" || { echo "model build failed: see $OUT/model.log"; STATUS=1; }
+fi
+# The engine as a GPU runs it: 4096-token steps, an explicit 16 GiB KV budget (the executor empties
+# torch's cache before measuring free memory), transformers at its usual best batch size only.
+step throughput 180 "$PY" -m pagedserve.bench.throughput --model "$MODEL_DIR" --dtype bfloat16 \
+  --device cuda --num-requests 200 --max-num-batched-tokens 4096 --max-num-seqs 256 \
+  --kv-cache-memory-bytes $((16 << 30)) --hf-dtypes bfloat16 --hf-batch-sizes 64 \
+  --skip-roofline --out "$OUT/throughput.json"
+
+echo "== done in $((SECONDS - START))s (budget ${BUDGET}s); summary: $OUT/summary.txt"
+exit $STATUS
