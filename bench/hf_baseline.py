@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from pagedserve.bench.workload import BenchRequest
 
 

@@ -118,6 +118,7 @@ def bench_decode(torch, shapes: dict, device, measure, num_sms: int) -> list[dic
 
 def bench_prefill(torch, shapes: dict, device, measure) -> list[dict]:
     import torch.nn.functional as F
+
     from pagedserve.kernels.triton.attention import paged_attention
 
     q_heads, _, head_dim = shapes["heads"]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from pagedserve.bench.results import write_results
 
 ROOT = Path(__file__).resolve().parent.parent

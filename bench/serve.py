@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from pagedserve.bench.results import write_results
 from pagedserve.bench.sse_client import stream_events
 from pagedserve.bench.workload import BenchRequest, sharegpt_like

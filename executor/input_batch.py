@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from pagedserve.executor.attention_metadata import AttentionMetadata
 from pagedserve.executor.request_state import RequestState
 

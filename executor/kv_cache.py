@@ -7,6 +7,7 @@ s = block_id * block_size + offset is row s of the pool viewed as [num_blocks * 
 from __future__ import annotations
 
 import torch
+
 from pagedserve.executor.host_memory import zeros_on_huge_pages
 
 

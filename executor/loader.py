@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from torch import nn
+
 from pagedserve.executor.backend import select_backend
 from pagedserve.executor.layers.cpu_gemm import pack_for_cpu
 from pagedserve.executor.model_config import ModelConfig
 from pagedserve.executor.models import get_model_class
-from safetensors import safe_open
-from torch import nn
 
 DTYPES = {
     "bfloat16": torch.bfloat16,

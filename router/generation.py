@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 import grpc
+
 from pagedserve.protos import executor_pb2, scheduler_pb2
 from pagedserve.router.detokenizer import IncrementalDetokenizer
 from pagedserve.router.errors import RouterError, from_grpc

@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 import structlog
+
 from pagedserve.router.core import random_id
 from pagedserve.router.errors import RouterError, internal_error, unauthorized
 

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+
 from pagedserve.protos import scheduler_pb2, scheduler_pb2_grpc
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

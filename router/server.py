@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import structlog
 import uvicorn
+
 from pagedserve.router.app import create_app
 from pagedserve.router.core import RouterCore
 from pagedserve.router.grpc_service import HealthReporter, create_grpc_server

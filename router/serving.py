@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import structlog
+
 from pagedserve.router.core import RouterCore, collect
 from pagedserve.router.errors import RouterError, internal_error
 from pagedserve.router.generation import ChoiceSpec, Delta, GenerationParams

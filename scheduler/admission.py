@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+
 from pagedserve.protos import scheduler_pb2
 from pagedserve.scheduler.step_loop import DeltaSink, StepLoop
 

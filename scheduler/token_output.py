@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+
 from pagedserve.protos import scheduler_pb2
 from pagedserve.scheduler.outputs import RequestOutputDelta
 

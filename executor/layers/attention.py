@@ -5,8 +5,9 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from pagedserve.executor.attention_metadata import AttentionMetadata
 from torch import nn
+
+from pagedserve.executor.attention_metadata import AttentionMetadata
 
 
 class PagedAttention(nn.Module):

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pagedserve.kernels.cpu import panel_gemm
 from torch import nn
+
+from pagedserve.kernels.cpu import panel_gemm
 
 
 @dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+
 from pagedserve.executor.layers.cpu_gemm import (
     PackedWeight,
     check_loadable,
@@ -17,7 +19,6 @@ from pagedserve.executor.layers.cpu_gemm import (
     shape_only,
 )
 from pagedserve.executor.layers.linear import new_param
-from torch import nn
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+
 from pagedserve.executor.layers.cpu_gemm import (
     PackedWeight,
     check_loadable,
@@ -23,7 +25,6 @@ from pagedserve.executor.layers.cpu_gemm import (
     packed_linear,
     shape_only,
 )
-from torch import nn
 
 
 def new_param(*shape: int) -> nn.Parameter:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from pagedserve.executor.layers.linear import default_weight_loader, new_param
 from torch import nn
+
+from pagedserve.executor.layers.linear import default_weight_loader, new_param
 
 
 class RMSNorm(nn.Module):

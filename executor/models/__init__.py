@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pagedserve.executor.models.llama import LlamaFamilyForCausalLM
 from torch import nn
+
+from pagedserve.executor.models.llama import LlamaFamilyForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaFamilyForCausalLM,

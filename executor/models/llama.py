@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from types import ModuleType
 
 import torch
+from torch import nn
+
 from pagedserve.executor.attention_metadata import AttentionMetadata
 from pagedserve.executor.kv_cache import KVCache
 from pagedserve.executor.layers.attention import PagedAttention
@@ -28,7 +30,6 @@ from pagedserve.executor.layers.linear import (
 from pagedserve.executor.layers.norm import RMSNorm
 from pagedserve.executor.layers.rotary import RotaryEmbedding
 from pagedserve.executor.model_config import ModelConfig
-from torch import nn
 
 # Checkpoint projections that live inside one fused parameter: (checkpoint part, our part, shard).
 STACKED_PARAMS = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+
 from pagedserve.kernels.cpu.build import load, omp_threads
 from pagedserve.kernels.reference.attention import attend_spans
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+
 from pagedserve.kernels import reference
 from pagedserve.kernels.cpu.build import load, ptr
 

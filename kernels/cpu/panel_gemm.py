@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+
 from pagedserve.kernels.cpu.build import load, omp_threads, ptr
 
 PANEL = 16  # outputs per panel, as in panel_gemm.c

@@ -4,10 +4,10 @@ silu(gate) is rounded to the input dtype before the product, as torch's F.silu(g
 from __future__ import annotations
 
 import torch
-from pagedserve.kernels.triton.runtime import check_device, next_pow2
 
 import triton
 import triton.language as tl
+from pagedserve.kernels.triton.runtime import check_device, next_pow2
 
 BLOCK = 1024
 

@@ -5,10 +5,10 @@ Cache offsets are int64, so pools beyond 2^31 elements work."""
 from __future__ import annotations
 
 import torch
-from pagedserve.kernels.triton.runtime import check_device, next_pow2
 
 import triton
 import triton.language as tl
+from pagedserve.kernels.triton.runtime import check_device, next_pow2
 
 
 @triton.jit

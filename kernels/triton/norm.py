@@ -5,10 +5,10 @@ the sum of squares in fp32, the normalised row cast to the input dtype, then tim
 from __future__ import annotations
 
 import torch
-from pagedserve.kernels.triton.runtime import check_device, next_pow2
 
 import triton
 import triton.language as tl
+from pagedserve.kernels.triton.runtime import check_device, next_pow2
 
 MAX_HIDDEN = 65536
 

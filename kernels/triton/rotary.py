@@ -10,10 +10,10 @@ Dimensions past rotary_dim are left untouched.
 from __future__ import annotations
 
 import torch
-from pagedserve.kernels.triton.runtime import check_device, next_pow2
 
 import triton
 import triton.language as tl
+from pagedserve.kernels.triton.runtime import check_device, next_pow2
 
 
 @triton.jit

@@ -13,8 +13,8 @@ import grpc
 import httpx
 import openai
 import pytest
-from pagedserve.protos import generation_pb2, generation_pb2_grpc
 
+from pagedserve.protos import generation_pb2, generation_pb2_grpc
 from tests.e2e.conftest import HF, Serve, metrics
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,9 +9,9 @@ import json
 
 import openai
 import pytest
+
 from pagedserve.bench.serve import RequestResult, run_event_loop, send_request
 from pagedserve.bench.sse_client import HTTPStatusError, stream_events
-
 from tests.e2e.conftest import Serve
 
 

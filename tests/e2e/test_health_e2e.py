@@ -10,8 +10,8 @@ import time
 
 import httpx
 import pytest
-from pagedserve.router.server import RouterThread
 
+from pagedserve.router.server import RouterThread
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(60)

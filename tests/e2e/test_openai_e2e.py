@@ -14,8 +14,8 @@ import time
 import grpc
 import openai
 import pytest
-from pagedserve.protos import generation_pb2, generation_pb2_grpc
 
+from pagedserve.protos import generation_pb2, generation_pb2_grpc
 from tests.e2e.conftest import HF, Reference, Serve, metrics
 
 pytestmark = pytest.mark.timeout(120)  # the first test also starts serve and loads transformers

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from pagedserve.executor.layers.cpu_gemm import pack_weight, packed_linear
 from pagedserve.executor.layers.embedding import ParallelLMHead
 from pagedserve.executor.layers.linear import LinearBase
 from pagedserve.executor.loader import load_model
 from pagedserve.kernels.cpu import panel_gemm
-
 from tests.conftest import model_dir
 
 NO_PACKING = ("oneDNN packs no weights of this dtype here (bf16 on a CPU without native bf16, "

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from pagedserve.executor.config import ExecutorConfig
 from pagedserve.executor.executor import Executor
 from pagedserve.executor.kv_cache import KVCache
 from pagedserve.protos import executor_pb2
-
 from tests.executor.harness import Completion, Harness
 
 LENGTHS = (1, 3, 16, 17, 40, 64, 129, 230)
@@ -273,9 +273,10 @@ def test_bf16_checkpoint_run_in_float32(tiny_llama, tmp_path, panel_gemm_path):
     the outputs still match transformers' float32 run of the same checkpoint."""
     import shutil
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from pagedserve.executor.layers.linear import LinearBase
     from pagedserve.kernels.cpu import panel_gemm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoModelForCausalLM.from_pretrained(tiny_llama).to(torch.bfloat16).save_pretrained(tmp_path)
     for f in tiny_llama.iterdir():

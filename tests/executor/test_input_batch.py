@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+
 from pagedserve.executor.input_batch import InputBatch
 from pagedserve.executor.request_state import RequestState
 from pagedserve.protos import executor_pb2

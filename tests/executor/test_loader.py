@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from pagedserve.executor import loader
 from pagedserve.executor.layers.linear import (
     MergedColumnParallelLinear,
@@ -17,8 +19,6 @@ from pagedserve.executor.layers.linear import (
 )
 from pagedserve.executor.loader import load_model, resolve_dtype
 from pagedserve.executor.model_config import ModelConfig
-from safetensors.torch import load_file, save_file
-
 from tests.conftest import model_dir
 
 

@@ -12,12 +12,12 @@ import itertools
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from pagedserve.executor.attention_metadata import AttentionMetadata
 from pagedserve.executor.kv_cache import KVCache
 from pagedserve.executor.layers.rotary import build_cos_sin_cache
 from pagedserve.executor.loader import load_model
-from transformers import AutoModelForCausalLM
-
 from tests.conftest import model_dir
 
 LENGTHS = (1, 7, 16, 33, 130, 250)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from pagedserve.executor.request_state import RequestState
 from pagedserve.executor.sampler import (
     Sampler,

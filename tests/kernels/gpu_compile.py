@@ -40,6 +40,7 @@ def _attrs(kernel, signature: dict[str, str]) -> dict:
 
 def _attention_variants() -> list[tuple]:
     import torch
+
     from pagedserve.kernels.triton import attention, attention_reduce
 
     ints = {"cu_seqlens_q_ptr": "i32", "seq_lens_ptr": "i32", "block_tables_ptr": "i32",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pagedserve.kernels import reference
 
+from pagedserve.kernels import reference
 from tests.kernels.common import (
     DEVICE,
     DTYPES,

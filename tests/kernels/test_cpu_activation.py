@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pagedserve.kernels import reference
 from pagedserve.kernels.cpu import silu_and_mul
-
 from tests.kernels.common import require_cpu_kernel
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from pagedserve.kernels import cpu, reference
 from pagedserve.kernels.cpu import attention as cpu_attention
 from pagedserve.kernels.cpu import build
-
 from tests.kernels.common import dense_attention, make_batch, poisoned, rel_err, require_cpu_kernel
 
 CPU = torch.device("cpu")

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from pagedserve.kernels.cpu import build
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pagedserve.kernels import reference
 from pagedserve.kernels.cpu import write_kv
-
 from tests.kernels.common import poisoned, require_cpu_kernel
 
 CPU = torch.device("cpu")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pagedserve.kernels import reference
 from pagedserve.kernels.cpu import fused_add_rms_norm, rms_norm
-
 from tests.kernels.common import require_cpu_kernel
 
 

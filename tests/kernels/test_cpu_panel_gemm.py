@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from pagedserve.kernels.cpu import panel_gemm
 
+from pagedserve.kernels.cpu import panel_gemm
 from tests.kernels.common import require_cpu_kernel
 
 

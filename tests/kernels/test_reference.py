@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pagedserve.kernels import reference
 
+from pagedserve.kernels import reference
 from tests.kernels.common import dense_attention, make_batch, poisoned, rel_err
 
 CPU = torch.device("cpu")

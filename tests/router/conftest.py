@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from pagedserve.router.server import RouterThread
 from pagedserve.router.tokenizer import Tokenizer
-
 from tests.conftest import model_dir
 from tests.router.fake_scheduler import FakeScheduler, FakeSchedulerThread
 

@@ -17,6 +17,7 @@ import random
 import threading
 
 import grpc
+
 from pagedserve.protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 FIRST_ID = 6  # ids below are the test model's special tokens

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import openai
 import pytest
-from pagedserve.router.tokenizer import Tokenizer
 
+from pagedserve.router.tokenizer import Tokenizer
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
 

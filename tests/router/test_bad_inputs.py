@@ -7,8 +7,8 @@ import json
 
 import httpx
 import pytest
-from pagedserve.router.limits import Limits
 
+from pagedserve.router.limits import Limits
 from tests.router.conftest import SERVED
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,9 +8,9 @@ import os
 import sys
 
 import pytest
-from pagedserve.router.limits import Limits
 
 from pagedserve.cli import _router_core_options, build_parser
+from pagedserve.router.limits import Limits
 from pagedserve.serve import API_KEY_ENV, Child, ServiceSpec, build_specs
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
-from pagedserve.router.detokenizer import REPLACEMENT, IncrementalDetokenizer
-from pagedserve.router.tokenizer import Tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers
+
+from pagedserve.router.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from pagedserve.router.tokenizer import Tokenizer
 
 TEXTS = ["héllo wörld 😀 世界 ✓", "def f(x):\n    return x ** 2  # ½ → ∞", "naïve café, Ελληνικά"]
 

@@ -8,10 +8,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from pagedserve.protos import generation_pb2 as pb
 from pagedserve.protos import generation_pb2_grpc
 from pagedserve.router.tokenizer import Tokenizer
-
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
 

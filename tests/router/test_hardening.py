@@ -17,10 +17,10 @@ import httpx
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from pagedserve.protos import generation_pb2 as pb
 from pagedserve.protos import generation_pb2_grpc
 from pagedserve.router.server import RouterThread
-
 from tests.conftest import ROOT
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler

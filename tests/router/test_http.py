@@ -7,8 +7,8 @@ import time
 import httpx
 import openai
 import pytest
-from pagedserve.router.tokenizer import Tokenizer
 
+from pagedserve.router.tokenizer import Tokenizer
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
 
@@ -315,7 +315,6 @@ def test_a_restarted_scheduler_is_reached_again(llama_dir, tmp_path) -> None:
     """The router's requests share one Session stream: when the scheduler goes away the requests
     on it fail (none hangs), and the next request opens a stream to the new scheduler."""
     from pagedserve.router.server import RouterThread
-
     from tests.router.fake_scheduler import FakeSchedulerThread
 
     address = f"unix://{tmp_path}/s.sock"

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from pagedserve.router.tokenizer import ChatTemplateError, Tokenizer, compile_chat_template
 
 CONVERSATIONS = [

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pagedserve.protos import executor_pb2
 from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.driver import StepDriver
 from pagedserve.scheduler.outputs import RequestOutputDelta
 from pagedserve.scheduler.scheduler import Scheduler
 
@@ -154,14 +155,26 @@ class FakeExecutor:
 GREEDY = executor_pb2.SamplingParams(temperature=0.0, top_p=1.0)
 
 
+class DrivenScheduler(Scheduler):
+    """A Scheduler with the executor the tests step it with: step() is StepDriver's step (the
+    engine's Scheduler holds no executor; the tests' loops are shorter with one at hand)."""
+
+    def __init__(self, config: SchedulerConfig, executor: FakeExecutor) -> None:
+        super().__init__(config)
+        self._driver = StepDriver(self, executor)
+
+    def step(self) -> list[RequestOutputDelta]:
+        return self._driver.step()
+
+
 def make(*, block_size: int = 4, num_blocks: int = 64, max_model_len: int = 128,
          scripts: dict[str, list[int]] | None = None, vocab_size: int = 1000,
-         **config: object) -> tuple[Scheduler, FakeExecutor]:
+         **config: object) -> tuple[DrivenScheduler, FakeExecutor]:
     fake = FakeExecutor(block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
                         vocab_size=vocab_size, scripts=scripts)
     cfg = SchedulerConfig(block_size=block_size, num_kv_blocks=num_blocks,
                           max_model_len=max_model_len, **config)  # type: ignore[arg-type]
-    return Scheduler(cfg, fake), fake
+    return DrivenScheduler(cfg, fake), fake
 
 
 def check_invariants(sched: Scheduler) -> None:

@@ -9,9 +9,18 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from sched_fakes import (
+    GREEDY,
+    DrivenScheduler,
+    FakeExecutor,
+    Outcome,
+    assert_all_free,
+    check_invariants,
+    collect,
+)
+
 from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.scheduler import Scheduler
-from sched_fakes import GREEDY, FakeExecutor, Outcome, assert_all_free, check_invariants, collect
 
 EOS = 0
 STOP_ID = 1
@@ -61,7 +70,7 @@ def random_workload(rng: random.Random) -> Workload:
                     {rng.randint(1, 40) for _ in range(rng.randint(0, 2))})
 
 
-def make_scheduler(w: Workload, unconstrained: bool) -> tuple[Scheduler, FakeExecutor]:
+def make_scheduler(w: Workload, unconstrained: bool) -> tuple[DrivenScheduler, FakeExecutor]:
     num_blocks = 4096 if unconstrained else w.num_blocks
     fake = FakeExecutor(block_size=w.block_size, num_blocks=num_blocks,
                         max_model_len=w.max_model_len, vocab_size=40, eos_token_ids=(EOS,))
@@ -70,7 +79,7 @@ def make_scheduler(w: Workload, unconstrained: bool) -> tuple[Scheduler, FakeExe
         max_num_seqs=256 if unconstrained else w.max_num_seqs,
         max_num_batched_tokens=4096 if unconstrained else w.budget,
         enable_prefix_caching=w.caching, eos_token_ids=(EOS,))
-    return Scheduler(cfg, fake), fake
+    return DrivenScheduler(cfg, fake), fake
 
 
 def add(sched: Scheduler, s: Spec) -> None:

@@ -1,6 +1,7 @@
 """The block pool: free-queue order, reference counts, eviction of cached blocks."""
 
 import pytest
+
 from pagedserve.scheduler.block_pool import Block, BlockPool, FreeBlockQueue
 
 

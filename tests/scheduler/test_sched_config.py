@@ -1,10 +1,12 @@
 """SchedulerConfig validation and the scheduler's agreement check with the executor."""
 
 import pytest
+from sched_fakes import FakeExecutor
+
 from pagedserve.protos import executor_pb2
 from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.driver import StepDriver
 from pagedserve.scheduler.scheduler import Scheduler
-from sched_fakes import FakeExecutor
 
 
 def test_defaults() -> None:
@@ -53,7 +55,9 @@ def test_from_describe() -> None:
 def test_scheduler_rejects_a_config_the_executor_cannot_back() -> None:
     fake = FakeExecutor(block_size=4, num_blocks=8, max_model_len=32)
     with pytest.raises(ValueError, match="block_size"):
-        Scheduler(SchedulerConfig(block_size=8, num_kv_blocks=8, max_model_len=32), fake)
+        StepDriver(Scheduler(SchedulerConfig(block_size=8, num_kv_blocks=8, max_model_len=32)), fake)
     with pytest.raises(ValueError, match="num_kv_blocks"):
-        Scheduler(SchedulerConfig(block_size=4, num_kv_blocks=9, max_model_len=32), fake)
-    Scheduler(SchedulerConfig(block_size=4, num_kv_blocks=6, max_model_len=24), fake)
+        StepDriver(Scheduler(SchedulerConfig(block_size=4, num_kv_blocks=9, max_model_len=32)), fake)
+    with pytest.raises(ValueError, match="max_model_len"):
+        StepDriver(Scheduler(SchedulerConfig(block_size=4, num_kv_blocks=8, max_model_len=64)), fake)
+    StepDriver(Scheduler(SchedulerConfig(block_size=4, num_kv_blocks=6, max_model_len=24)), fake)

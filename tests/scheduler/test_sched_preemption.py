@@ -1,8 +1,9 @@
 """Preemption by recompute under a tiny block pool."""
 
 import pytest
-from pagedserve.scheduler.scheduler import Scheduler
 from sched_fakes import GREEDY, FakeExecutor, Outcome, assert_all_free, collect, make, run
+
+from pagedserve.scheduler.scheduler import Scheduler
 
 
 def workload(sched: Scheduler) -> None:

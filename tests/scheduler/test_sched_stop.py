@@ -1,10 +1,10 @@
 """Stop rules: EOS, stop token ids, min_tokens, ignore_eos, max_tokens, max_model_len."""
 
 import pytest
+from sched_fakes import GREEDY, DrivenScheduler, FakeExecutor, run
+
 from pagedserve.protos import executor_pb2
 from pagedserve.scheduler.config import SchedulerConfig
-from pagedserve.scheduler.scheduler import Scheduler
-from sched_fakes import GREEDY, FakeExecutor, run
 
 EOS = 2
 
@@ -15,7 +15,7 @@ def finish(script: list[int], max_model_len: int = 64, prompt_len: int = 3,
                         eos_token_ids=(EOS,), scripts={"r": script})
     cfg = SchedulerConfig(block_size=4, num_kv_blocks=32, max_model_len=max_model_len,
                           eos_token_ids=(EOS,))
-    sched = Scheduler(cfg, fake)
+    sched = DrivenScheduler(cfg, fake)
     kwargs.setdefault("max_tokens", 10)
     sched.add_request("r", [7] * prompt_len, GREEDY, **kwargs)  # type: ignore[arg-type]
     out = run(sched)
@@ -60,7 +60,7 @@ def test_max_model_len() -> None:
 
 def test_the_executor_gets_the_stop_rules_in_sampling() -> None:
     fake = FakeExecutor(block_size=4, num_blocks=32, max_model_len=64)
-    sched = Scheduler(SchedulerConfig(block_size=4, num_kv_blocks=32, max_model_len=64), fake)
+    sched = DrivenScheduler(SchedulerConfig(block_size=4, num_kv_blocks=32, max_model_len=64), fake)
     sched.add_request("r", [7, 7], GREEDY, max_tokens=5, min_tokens=2, stop_token_ids=[9, 4],
                       ignore_eos=True)
     sched.step()
@@ -76,7 +76,7 @@ def test_the_executor_gets_the_stop_rules_in_sampling() -> None:
 ])
 def test_sampling_must_agree_with_the_stop_rules(sampling: object, field: str) -> None:
     fake = FakeExecutor(block_size=4, num_blocks=32, max_model_len=64)
-    sched = Scheduler(SchedulerConfig(block_size=4, num_kv_blocks=32, max_model_len=64), fake)
+    sched = DrivenScheduler(SchedulerConfig(block_size=4, num_kv_blocks=32, max_model_len=64), fake)
     with pytest.raises(ValueError, match=field):
         sched.add_request("r", [7], sampling, max_tokens=5)  # type: ignore[arg-type]
     agreeing = executor_pb2.SamplingParams(min_tokens=3, stop_token_ids=[5], ignore_eos=True)

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from pagedserve.executor.compute_thread import ComputeThread
 from pagedserve.executor.server import ExecutorService, build_server
 from pagedserve.protos import executor_pb2

@@ -7,8 +7,8 @@ import asyncio
 from pathlib import Path
 
 import grpc
-from pagedserve.protos import scheduler_pb2, scheduler_pb2_grpc
 
+from pagedserve.protos import scheduler_pb2, scheduler_pb2_grpc
 from tests.services.conftest import (
     EXECUTOR_SERVICE,
     MAX_TOKENS,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from pagedserve.protos import executor_pb2
-from pagedserve.scheduler.executor_client import ExecutorGone, GrpcExecutorClient
 
 from pagedserve.health import grpc_serving
+from pagedserve.protos import executor_pb2
+from pagedserve.scheduler.executor_client import ExecutorGone, GrpcExecutorClient
 from tests.services.conftest import (
     BLOCK_SIZE,
     EXECUTOR_SERVICE,
@@ -79,6 +79,7 @@ def test_reflection_is_off_by_default(executor) -> None:
 
 def test_execute_stream_gives_the_in_process_results_in_order(executor, llama_dir) -> None:
     import torch
+
     from pagedserve.executor.config import ExecutorConfig
     from pagedserve.executor.executor import Executor
 

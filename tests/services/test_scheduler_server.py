@@ -9,9 +9,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from pagedserve.protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
 from pagedserve.router.scheduler_session import SchedulerSession
-
 from tests.services.conftest import (
     MAX_MODEL_LEN,
     MAX_TOKENS,
