@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from types import ModuleType
 
 import torch
 
-BACKENDS = {"reference": "pagedserve.kernels.reference", "triton": "pagedserve.kernels.triton", "cpu": "pagedserve.kernels.cpu"}
+from pagedserve.kernels.backend import KernelBackend
+
+BACKENDS = {"reference": "pagedserve.kernels.reference", "triton": "pagedserve.kernels.triton",
+            "cpu": "pagedserve.kernels.cpu"}
 ENV_VAR = "PAGEDSERVE_ATTENTION_BACKEND"
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,14 @@ def backend_name(device: torch.device) -> str:
     return name
 
 
-def select_backend(device: torch.device) -> ModuleType:
-    """A module exposing paged_attention, write_kv, rms_norm, fused_add_rms_norm,
-    rotary_embedding and silu_and_mul with the signatures of kernels.reference."""
-    module = importlib.import_module(BACKENDS[backend_name(device)])
-    if module.__name__ == "pagedserve.kernels.cpu":
-        built, why = module.available()
-        if not built:
-            log.warning("CPU attention kernel not built (%s): using the reference kernels", why)
+def select_backend(device: torch.device) -> KernelBackend:
+    """The chosen kernels module (a KernelBackend: kernels.reference's names and signatures)."""
+    name = backend_name(device)
+    module = importlib.import_module(BACKENDS[name])
+    assert isinstance(module, KernelBackend), f"{module.__name__} misses a kernel"
+    ok, why = module.available()
+    if not ok and name == "cpu":  # its fallbacks are the reference kernels: it still runs
+        log.warning("CPU kernels not built (%s): using the reference kernels", why)
+    elif not ok:
+        raise ValueError(f"{ENV_VAR}={name}: {why}")
     return module

@@ -57,6 +57,7 @@ class LLM:
         from pagedserve.executor.config import ExecutorConfig
         from pagedserve.executor.executor import Executor
         from pagedserve.scheduler.config import SchedulerConfig
+        from pagedserve.scheduler.driver import StepDriver
         from pagedserve.scheduler.scheduler import Scheduler
 
         model = str(model) if model is not None else str(demo_model_dir())
@@ -74,7 +75,8 @@ class LLM:
         self.scheduler = Scheduler(SchedulerConfig.from_describe(
             desc, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=batched, enable_prefix_caching=enable_prefix_caching,
-        ), self.executor)
+        ))
+        self.driver = StepDriver(self.scheduler, self.executor)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.max_model_len = max_model_len
         self.kv_usage = KVUsage(block_size=desc.block_size)
@@ -153,7 +155,7 @@ class LLM:
         bar = _progress_bar(len(pending), use_tqdm)
         self.kv_usage = KVUsage(block_size=self.kv_usage.block_size)
         while self.scheduler.has_unfinished():
-            for delta in self.scheduler.step():
+            for delta in self.driver.step():
                 completion = by_child.get(delta.request_id)
                 if completion is None:
                     continue

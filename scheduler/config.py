@@ -46,6 +46,17 @@ class SchedulerConfig:
     def max_blocks_per_request(self) -> int:
         return -(-self.max_model_len // self.block_size)
 
+    def check_executor(self, desc: executor_pb2.DescribeResponse) -> None:
+        """ValueError unless an executor that describes itself so can run this config's plans."""
+        if desc.block_size != self.block_size:
+            raise ValueError(f"block_size={self.block_size} but the executor's is {desc.block_size}")
+        if self.num_kv_blocks > desc.num_kv_blocks:
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} but the executor has only "
+                             f"{desc.num_kv_blocks}")
+        if 0 < desc.max_model_len < self.max_model_len:
+            raise ValueError(f"max_model_len={self.max_model_len} but the executor's is "
+                             f"{desc.max_model_len}")
+
     @classmethod
     def from_describe(cls, desc: executor_pb2.DescribeResponse, **overrides: Any) -> SchedulerConfig:
         """A config whose pool and model facts come from the executor, other fields from overrides."""

@@ -49,12 +49,12 @@ class PrefixCache:
     def register_computed(self, request: Request) -> None:
         """Offers the request's full computed blocks that were not offered yet to the cache."""
         num_full = request.num_computed_tokens // self.block_size
-        if not self.enabled or num_full <= request.num_cached_blocks:
+        if not self.enabled or num_full <= request.num_blocks_offered_to_cache:
             return
         hashes = self._hashes(request)
-        for i in range(request.num_cached_blocks, num_full):
+        for i in range(request.num_blocks_offered_to_cache, num_full):
             self.pool.register(self.pool.blocks[request.block_ids[i]], hashes[i])
-        request.num_cached_blocks = num_full
+        request.num_blocks_offered_to_cache = num_full
 
     def pending_hashes(self, request: Request) -> list[BlockHash]:
         """Hashes of the full blocks the request holds tokens for but has not computed yet.
@@ -65,7 +65,7 @@ class PrefixCache:
         if not self.enabled:
             return []
         num_full_held = request.num_tokens // self.block_size
-        return self._hashes(request)[request.num_cached_blocks:num_full_held]
+        return self._hashes(request)[request.num_blocks_offered_to_cache:num_full_held]
 
     def clear(self) -> None:
         self.pool.clear_cache()

@@ -54,8 +54,8 @@ class Request:
     num_sent_blocks: int = 0
     # Hashes of the full blocks of all held tokens, grown lazily.
     block_hashes: list[BlockHash] = field(default_factory=list)
-    # How many leading blocks of block_ids were offered to the prefix cache.
-    num_cached_blocks: int = 0
+    # How many leading blocks of block_ids were offered to the prefix cache (registered by hash).
+    num_blocks_offered_to_cache: int = 0
     # Prefix-cache hit in tokens at first admission (usage: cached prompt tokens); -1 before that.
     num_cached_tokens: int = -1
     all_token_ids: list[int] = field(init=False)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pagedserve.protos import executor_pb2
 from pagedserve.scheduler.block_pool import BlockHash
 from pagedserve.scheduler.config import SchedulerConfig
-from pagedserve.scheduler.interface import ExecutorClient
 from pagedserve.scheduler.kv_cache_manager import KVCacheManager
 from pagedserve.scheduler.outputs import RequestOutputDelta, SchedulerStats
 from pagedserve.scheduler.request import Request, RequestStatus, StopParams
@@ -33,19 +32,12 @@ class _InFlight:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, executor: ExecutorClient) -> None:
-        desc = executor.describe()
-        if desc.block_size != config.block_size:
-            raise ValueError(f"block_size={config.block_size} but the executor's is "
-                             f"{desc.block_size}")
-        if config.num_kv_blocks > desc.num_kv_blocks:
-            raise ValueError(f"num_kv_blocks={config.num_kv_blocks} but the executor has only "
-                             f"{desc.num_kv_blocks}")
-        if 0 < desc.max_model_len < config.max_model_len:
-            raise ValueError(f"max_model_len={config.max_model_len} but the executor's is "
-                             f"{desc.max_model_len}")
+    """Plans steps and consumes their results; it never calls an executor. A driver runs
+    schedule() -> an executor's execute() -> apply_result(): scheduler/driver.py in one process
+    (the offline LLM, tests), scheduler/step_loop.py over gRPC."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.executor = executor
         self.kv = KVCacheManager(config)
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: deque[Request] = deque()
@@ -110,13 +102,13 @@ class Scheduler:
         return bool(self.requests)
 
     def stats(self) -> SchedulerStats:
-        pool, cache = self.kv.pool, self.kv.prefix_cache
-        queries, hits = cache.query_tokens, cache.hit_tokens
+        kv = self.kv.stats()
+        queries, hits = kv.prefix_cache_query_tokens, kv.prefix_cache_hit_tokens
         return SchedulerStats(
             num_waiting=len(self.waiting), num_running=len(self.running),
-            num_preemptions=self.num_preemptions, blocks_total=pool.num_blocks,
-            blocks_free=pool.num_free, blocks_in_use=pool.num_blocks - pool.num_free,
-            blocks_cached=len(pool.cached), prefix_cache_queries=queries,
+            num_preemptions=self.num_preemptions, blocks_total=kv.blocks_total,
+            blocks_free=kv.blocks_free, blocks_in_use=kv.blocks_total - kv.blocks_free,
+            blocks_cached=kv.blocks_cached, prefix_cache_queries=queries,
             prefix_cache_hits=hits, prefix_cache_hit_rate=hits / queries if queries else 0.0)
 
     def reset_executor_state(self) -> None:
@@ -133,18 +125,9 @@ class Scheduler:
         self.running.clear()
         self._forget.clear()
         self._in_flight = None
-        self.kv.prefix_cache.clear()
+        self.kv.clear_prefix_cache()
 
     # ---- one step --------------------------------------------------------------------------------
-
-    def step(self) -> list[RequestOutputDelta]:
-        """schedule(), executor.execute(), apply_result(); an empty plan is not sent."""
-        plan = self.schedule()
-        if plan.new_requests or plan.continuing_requests or plan.forget_request_ids:
-            result = self.executor.execute(plan)
-        else:
-            result = executor_pb2.StepResult(step_id=plan.step_id)
-        return self.apply_result(result)
 
     def schedule(self) -> executor_pb2.StepPlan:
         # The policy. There is no prefill phase or decode phase: each request holds tokens (prompt
@@ -218,20 +201,22 @@ class Scheduler:
 
     def _schedule_waiting(self, plan: executor_pb2.StepPlan, budget: int) -> None:
         """Admits waiting requests in order while budget, seats and blocks last."""
-        pending = {h for r in self.running for h in self.kv.prefix_cache.pending_hashes(r)}
+        pending = {h for r in self.running for h in self.kv.pending_hashes(r)}
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            hit = self.kv.prefix_cache.longest_prefix(req)
+            hit = self.kv.cached_prefix(req)
             if self._waits_for_shared_blocks(req, len(hit), pending):
                 deferred.append(self.waiting.popleft())
                 continue
             num_new = min(req.num_tokens - len(hit) * self.config.block_size, budget)
-            if not self.kv.admit(req, hit, num_new):
+            num_hit_tokens = self.kv.admit(req, hit, num_new)
+            if num_hit_tokens is None:
                 break
             self.waiting.popleft()
+            req.num_computed_tokens = num_hit_tokens
             self._admit(plan, req, num_new)
-            pending.update(self.kv.prefix_cache.pending_hashes(req))
+            pending.update(self.kv.pending_hashes(req))
             budget -= num_new
         self.waiting.extendleft(reversed(deferred))
 
@@ -299,7 +284,7 @@ class Scheduler:
         live = {rid: (req, samples) for rid, (req, samples) in in_flight.scheduled.items()
                 if self.requests.get(rid) is req}
         for req, _ in live.values():
-            self.kv.prefix_cache.register_computed(req)
+            self.kv.cache_computed_blocks(req)
         deltas, self._deltas = self._deltas, []
         outputs = {out.request_id: out for out in result.outputs}
         for rid, (req, samples) in live.items():

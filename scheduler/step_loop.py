@@ -22,6 +22,7 @@ import time
 from typing import Any, Protocol
 
 import structlog
+
 from pagedserve.protos import executor_pb2, scheduler_pb2
 from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.executor_client import AsyncExecutorConnection, ExecutorGone
@@ -41,19 +42,6 @@ class DeltaSink(Protocol):
 
 # The pool and model facts a scheduler was built on: a new executor must agree on them.
 _POOL_FACTS = ("block_size", "num_kv_blocks", "max_model_len")
-
-
-class _LoopDrivenExecutor:
-    """Stands in for the executor inside `Scheduler`: the step loop does the remote calls."""
-
-    def __init__(self, desc: executor_pb2.DescribeResponse) -> None:
-        self._desc = desc
-
-    def describe(self) -> executor_pb2.DescribeResponse:
-        return self._desc
-
-    def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
-        raise RuntimeError("the step loop sends plans; Scheduler.step() is not used here")
 
 
 class StepLoop:
@@ -181,7 +169,7 @@ class StepLoop:
             self.scheduler = None
         if self.scheduler is None:
             config = SchedulerConfig.from_describe(desc, **self._options)
-            self.scheduler = Scheduler(config, _LoopDrivenExecutor(desc))
+            self.scheduler = Scheduler(config)
         self.model_info = desc
         self.connected = True
         self.ready.set()

@@ -6,7 +6,13 @@ from pagedserve.kernels.reference.kv_write import write_kv
 from pagedserve.kernels.reference.norm import fused_add_rms_norm, rms_norm
 from pagedserve.kernels.reference.rotary import rotary_embedding
 
+
+def available() -> tuple[bool, str]:
+    """Plain PyTorch: runs wherever torch does."""
+    return True, ""
+
+
 __all__ = [
-    "fused_add_rms_norm", "paged_attention", "rms_norm", "rotary_embedding", "silu_and_mul",
+    "available", "fused_add_rms_norm", "paged_attention", "rms_norm", "rotary_embedding", "silu_and_mul",
     "write_kv",
 ]

@@ -6,8 +6,9 @@ from pagedserve.kernels.triton.attention import paged_attention
 from pagedserve.kernels.triton.kv_write import write_kv
 from pagedserve.kernels.triton.norm import fused_add_rms_norm, rms_norm
 from pagedserve.kernels.triton.rotary import rotary_embedding
+from pagedserve.kernels.triton.runtime import available
 
 __all__ = [
-    "fused_add_rms_norm", "paged_attention", "rms_norm", "rotary_embedding", "silu_and_mul",
+    "available", "fused_add_rms_norm", "paged_attention", "rms_norm", "rotary_embedding", "silu_and_mul",
     "write_kv",
 ]

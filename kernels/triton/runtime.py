@@ -36,3 +36,10 @@ def check_device(*tensors: torch.Tensor) -> None:
                 "kernels.triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import); "
                 f"got a tensor on {t.device}"
             )
+
+
+def available() -> tuple[bool, str]:
+    """Compiled kernels need a CUDA device; the interpreter runs them on the CPU."""
+    if INTERPRETING or torch.cuda.is_available():
+        return True, ""
+    return False, "no CUDA device, and TRITON_INTERPRET=1 was not set before import"

@@ -137,22 +137,25 @@ def prompts() -> dict[str, list[int]]:
 def reference_tokens(llama_dir: Path) -> dict[str, list[int]]:
     """Greedy tokens of `prompts()` from an in-process Executor + Scheduler, no network."""
     import torch
+
     from pagedserve.executor.config import ExecutorConfig
     from pagedserve.executor.executor import Executor
     from pagedserve.protos import executor_pb2
     from pagedserve.scheduler.config import SchedulerConfig
+    from pagedserve.scheduler.driver import StepDriver
     from pagedserve.scheduler.scheduler import Scheduler
 
     torch.set_num_threads(1)  # as the service processes run (OMP_NUM_THREADS=1)
     executor = Executor(ExecutorConfig(
         model=str(llama_dir), dtype="float32", block_size=BLOCK_SIZE,
         num_kv_blocks=NUM_KV_BLOCKS, max_model_len=MAX_MODEL_LEN))
-    sched = Scheduler(SchedulerConfig.from_describe(executor.describe()), executor)
+    sched = Scheduler(SchedulerConfig.from_describe(executor.describe()))
+    driver = StepDriver(sched, executor)
     for request_id, prompt in prompts().items():
         sched.add_request(request_id, prompt, executor_pb2.SamplingParams(),
                           max_tokens=MAX_TOKENS, ignore_eos=True)
     tokens: dict[str, list[int]] = {request_id: [] for request_id in prompts()}
     while sched.has_unfinished():
-        for delta in sched.step():
+        for delta in driver.step():
             tokens[delta.request_id] += delta.new_token_ids
     return tokens

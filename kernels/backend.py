@@ -1,0 +1,40 @@
+"""The contract every kernel backend meets: kernels.reference (the specification), kernels.cpu
+and kernels.triton each export these names with the reference's signatures, so the executor's
+layers call whichever was chosen (executor/backend.py) without knowing which."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class KernelBackend(Protocol):
+    def available(self) -> tuple[bool, str]:
+        """Whether this backend's own kernels run here, and why not (then it falls back to the
+        reference's, or cannot run at all)."""
+        ...
+
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                        block_tables: torch.Tensor, out: torch.Tensor, *, scale: float,
+                        max_seqlen_q: int, max_seqlen_k: int, sliding_window: int = 0,
+                        softcap: float = 0.0) -> torch.Tensor: ...
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def fused_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def rotary_embedding(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None: ...
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+KERNEL_NAMES = ("paged_attention", "write_kv", "rms_norm", "fused_add_rms_norm",
+                "rotary_embedding", "silu_and_mul")
