@@ -9,6 +9,7 @@ loaded and stepped on one thread whatever gRPC thread a call arrives on (see com
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -18,20 +19,20 @@ from typing import Any
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from pagedserve.executor.compute_thread import ComputeThread
-from pagedserve.protos import executor_pb2, executor_pb2_grpc
+from pagedserve.protos import executor_pb2, executor_pb2_grpc, grpc_options
+from pagedserve.protos.parse_guard import ParseGuard
 
 log = structlog.get_logger("pagedserve.executor.server")
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
-MAX_MESSAGE_BYTES = 64 << 20
-SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    ("grpc.so_reuseport", 0),
-]
+
+
+def server_options() -> list[tuple[str, int]]:
+    """grpc_options.SERVER, its ping policy window overridable from the environment (tests)."""
+    ms = int(os.environ.get(grpc_options.MIN_PING_INTERVAL_ENV, grpc_options.MIN_PING_INTERVAL_MS))
+    return list({**grpc_options.SERVER, grpc_options.MIN_PING_INTERVAL: ms}.items())
 
 
 class ExecutorService(executor_pb2_grpc.ExecutorServicer):
@@ -97,7 +98,7 @@ def build_server(service: ExecutorService, listen: str, *, reflection: bool = Fa
                  max_workers: int = 8) -> tuple[grpc.Server, health.HealthServicer]:
     """A started-later gRPC server with the executor, health and (optionally) reflection."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=SERVER_OPTIONS)
+                         options=server_options(), interceptors=[ParseGuard()])
     executor_pb2_grpc.add_ExecutorServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

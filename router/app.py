@@ -9,6 +9,7 @@ cancels the scheduler calls and so aborts the requests.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -16,8 +17,10 @@ from typing import Any, TypeVar
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from pagedserve.router.core import RouterCore, random_id
 from pagedserve.router.errors import RouterError, invalid_request
 from pagedserve.router.generation import GenerationParams
@@ -31,11 +34,11 @@ from pagedserve.router.openai_protocol import (
     ModelList,
     SamplingRequest,
     TokenizeRequest,
+    array_bounds,
+    check_body_sizes,
 )
+from pagedserve.router.openapi import describe
 from pagedserve.router.serving import ChatGeneration, CompletionGeneration, Generation, Prompt
-from pagedserve.router.tokenizer import ChatTemplateError
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = structlog.get_logger("pagedserve.router")
 T = TypeVar("T")
@@ -61,23 +64,20 @@ def create_app(core: RouterCore) -> FastAPI:
 
 
 def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema, plus the request bodies (read by hand, so FastAPI does not see them)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        defs = schema.setdefault("components", {}).setdefault("schemas", {})
-        for path, model in BODIES.items():
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            defs.update(body.pop("$defs", {}))
-            defs[model.__name__] = body
-            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
-        app.openapi_schema = schema
+    """The description (router/openapi.py), rebuilt when what it states changes: the vocabulary
+    size (the tokenizer's until the scheduler gives the model's) or the limits."""
+    key = (app.state.core.vocab_size, app.state.core.limits)
+    if app.openapi_schema is None or getattr(app.state, "openapi_key", None) != key:
+        app.openapi_schema, app.state.openapi_key = describe(app, BODIES), key
     return app.openapi_schema
 
 
 async def _body(core: RouterCore, request: Request, model: type[M]) -> M:
     limits = core.limits
-    return await read_model(request, model, limits.max_request_body_bytes, limits.max_json_depth)
+    sizes = functools.partial(check_body_sizes, limits=limits,
+                              max_model_len=core.known_max_model_len)
+    return await read_model(request, model, limits.max_request_body_bytes, limits.max_json_depth,
+                            sizes, array_bounds(limits))
 
 
 def _response_id(request: Request, prefix: str) -> str:
@@ -109,7 +109,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error_response(RouterError(str(e.detail), e.status_code, kind))
+        # e.headers carries what the status needs, such as a 405's Allow (RFC 9110)
+        return _error_response(RouterError(str(e.detail), e.status_code, kind,
+                                           headers=dict(e.headers or {})))
 
 
 # -- models, tokenizer, health, metrics -------------------------------------------------------
@@ -126,11 +128,9 @@ def _add_info_routes(app: FastAPI, core: RouterCore) -> None:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        stats = await core.stats()
-        if stats is None:
-            return JSONResponse({"status": "scheduler unreachable"}, status_code=503)
-        if not stats.executor_connected:
-            return JSONResponse({"status": "executor not connected"}, status_code=503)
+        reason = await core.readiness()  # gRPC health hears the same answer
+        if reason is not None:
+            return JSONResponse({"status": reason}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -143,11 +143,11 @@ def _add_info_routes(app: FastAPI, core: RouterCore) -> None:
         body = await _body(core, request, TokenizeRequest)
         core.check_model(body.model)
         if body.messages is not None:  # the template writes BOS itself: none added by default
-            text = _render_chat(core, [m.template_dict() for m in body.messages], body)
-            ids = core.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+            text = await _render_chat(core, [m.template_dict() for m in body.messages], body)
+            ids = await core.encode(text, bool(body.add_special_tokens), "messages", False)
         else:
             add = True if body.add_special_tokens is None else body.add_special_tokens
-            ids = core.tokenizer.encode(body.prompt or "", add_special_tokens=add)
+            ids = await core.encode(body.prompt or "", add, "prompt", False)
         return {"count": len(ids), "max_model_len": await core.max_model_len(), "tokens": ids,
                 "token_strs": None}
 
@@ -157,18 +157,19 @@ def _add_info_routes(app: FastAPI, core: RouterCore) -> None:
         core.check_model(body.model)
         await core.model_info()
         core.check_token_ids(body.tokens, "tokens")
-        return {"prompt": core.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        text = await core.off_loop(core.tokenizer.decode, body.tokens, skip_special_tokens=False)
+        return {"prompt": text}
 
 
-def _render_chat(core: RouterCore, messages: list[dict], body: Any) -> str:
-    """The prompt text of a chat (or /tokenize) body, after its template fields are checked."""
+def _template_args(core: RouterCore, body: Any) -> tuple:
+    """A chat (or /tokenize) body's template arguments, after its template fields are checked."""
     body.check_template(core.trust_request_chat_template)
-    try:
-        return core.tokenizer.render_chat(
-            messages, body.add_generation_prompt, body.continue_final_message,
-            body.chat_template, **(body.chat_template_kwargs or {}))
-    except ChatTemplateError as e:
-        raise invalid_request(str(e), "messages") from e
+    return (body.add_generation_prompt, body.continue_final_message, body.chat_template,
+            body.chat_template_kwargs)
+
+
+async def _render_chat(core: RouterCore, messages: list[dict], body: Any) -> str:
+    return await core.render_chat(messages, *_template_args(core, body))
 
 
 # -- completions and chat ---------------------------------------------------------------------
@@ -179,7 +180,7 @@ def _add_generation_routes(app: FastAPI, core: RouterCore) -> None:
         core.check_model(body.model)
         body.check(core.limits)
         await core.model_info()
-        prompts = _completion_prompts(core, body)
+        prompts = await _completion_prompts(core, body)
         internal = 0 if body.candidates > body.n and body.logprobs is None else None
         params = [await _params(core, body, p.ids, "prompt", internal) for p in prompts]
         gen = CompletionGeneration(core, body, _response_id(request, "cmpl"), prompts, params)
@@ -190,20 +191,20 @@ def _add_generation_routes(app: FastAPI, core: RouterCore) -> None:
         body = await _body(core, request, ChatCompletionRequest)
         core.check_model(body.model)
         body.check(core.limits)
-        text = _render_chat(core, body.template_messages(), body)
         await core.model_info()
-        prompt_ids = core.tokenizer.encode(text, add_special_tokens=False)
+        prompt_ids = await core.chat_prompt_ids(body.template_messages(),
+                                                *_template_args(core, body))
         params = await _params(core, body, prompt_ids, "messages")
         gen = ChatGeneration(core, body, _response_id(request, "chatcmpl"), Prompt(prompt_ids),
                              params)
         return await _respond(gen, request)
 
 
-def _completion_prompts(core: RouterCore, body: CompletionRequest) -> list[Prompt]:
+async def _completion_prompts(core: RouterCore, body: CompletionRequest) -> list[Prompt]:
     out = []
     for prompt in body.prompts:
         if isinstance(prompt, str):
-            out.append(Prompt(core.tokenizer.encode(prompt, add_special_tokens=True), prompt))
+            out.append(Prompt(await core.encode(prompt, True, "prompt"), prompt))
         else:
             core.check_token_ids(prompt, "prompt")
             out.append(Prompt(list(prompt), core.tokenizer.decode(
@@ -238,6 +239,10 @@ async def _wait_disconnect(receive: Any) -> None:
         pass
 
 
+def _count_disconnect(app: Any) -> None:
+    app.state.core.metrics.aborted.inc(reason="client_disconnect")
+
+
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await work, cancelling it (and so the scheduler calls) if the client goes away first."""
     task = asyncio.ensure_future(work)
@@ -250,6 +255,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         await asyncio.gather(task, watcher, return_exceptions=True)
     if task.cancelled():
         log.info("client disconnected; request cancelled")
+        _count_disconnect(request.app)
         raise RouterError("client disconnected", 499, "client_closed_request")
     return task.result()
 
@@ -267,6 +273,8 @@ class _SSEResponse(StreamingResponse):
                 t.cancel()
             await asyncio.gather(streamer, watcher, return_exceptions=True)
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
-        if not streamer.cancelled() and isinstance(streamer.exception(), Exception) \
-                and not isinstance(streamer.exception(), OSError):
-            raise streamer.exception()  # type: ignore[misc]
+        error = None if streamer.cancelled() else streamer.exception()
+        if streamer.cancelled() or isinstance(error, OSError):  # the client left mid-stream
+            _count_disconnect(scope["app"])
+        elif isinstance(error, Exception):
+            raise error

@@ -3,18 +3,27 @@
 The router is stateless: everything here can be rebuilt from the model directory and the
 scheduler's address. Model facts (max_model_len, EOS ids) come from the scheduler's ModelInfo,
 fetched on first need and kept once it answered.
+
+Tokenizing and chat rendering run in worker threads (`off_loop`), never on the event loop, and
+only for texts that can fit the context: one big request must not stall /health and the rest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import structlog
+
 from pagedserve.protos import executor_pb2, scheduler_pb2
 from pagedserve.router.errors import (
     RouterError,
@@ -28,9 +37,15 @@ from pagedserve.router.generation import ChoiceSpec, Delta, generate, merge
 from pagedserve.router.limits import Limits
 from pagedserve.router.metrics import Metrics
 from pagedserve.router.scheduler_client import SchedulerClient
-from pagedserve.router.tokenizer import Tokenizer
+from pagedserve.router.tokenizer import (
+    MAX_RENDER_CHARS,
+    ChatTemplateError,
+    PromptTooLong,
+    Tokenizer,
+)
 
 log = structlog.get_logger("pagedserve.router")
+T = TypeVar("T")
 
 
 def random_id() -> str:
@@ -59,6 +74,10 @@ class RouterCore:
         self.metrics = Metrics()
         self.created = int(time.time())
         self._info: executor_pb2.DescribeResponse | None = None
+        # told each readiness answer (gRPC health follows what HTTP /health says)
+        self.readiness_listeners: list[Callable[[bool], Awaitable[None]]] = []
+        self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                        thread_name_prefix="router-tokenize")
 
     # -- model facts ------------------------------------------------------------------------
     async def model_info(self) -> executor_pb2.DescribeResponse:
@@ -72,6 +91,11 @@ class RouterCore:
     async def max_model_len(self) -> int:
         return (await self.model_info()).max_model_len
 
+    @property
+    def known_max_model_len(self) -> int | None:
+        """max_model_len if the scheduler has told it already (no waiting)."""
+        return self._info.max_model_len if self._info is not None else None
+
     def check_model(self, model: str | None) -> None:
         """An empty model means the served one; any other name must match it."""
         if model and model not in (self.model_name, str(self.model_dir)):
@@ -82,6 +106,16 @@ class RouterCore:
             return await self.client.stats()
         except grpc.aio.AioRpcError:
             return None
+
+    async def readiness(self) -> str | None:
+        """None when the router can serve (its scheduler answers and has an executor), else why
+        not: the one source of HTTP /health and gRPC health, asked afresh each time."""
+        stats = await self.stats()
+        reason = ("scheduler unreachable" if stats is None
+                  else None if stats.executor_connected else "executor not connected")
+        for listener in self.readiness_listeners:
+            await listener(reason is None)
+        return reason
 
     # -- requests ---------------------------------------------------------------------------
     async def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None,
@@ -98,11 +132,88 @@ class RouterCore:
             return room if cap is None else min(room, cap)
         return max_tokens
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are below this: the model's once the scheduler said, else the tokenizer's."""
+        return (self._info.vocab_size if self._info else 0) or self.tokenizer.vocab_size
+
     def check_token_ids(self, ids: list[int], param: str) -> None:
-        vocab = self._info.vocab_size if self._info and self._info.vocab_size else None
-        vocab = vocab or self.tokenizer.vocab_size
-        if any(not 0 <= i < vocab for i in ids):
+        vocab = self.vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= vocab):  # builtins: no Python loop
             raise invalid_request(f"token ids must be in [0, {vocab})", param)
+
+    # -- tokenizing and chat templates, off the event loop ------------------------------------
+    async def off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """fn(*args, **kwargs) in the router's worker threads: tokenizing releases the GIL, and
+        a request's template renders in a worker process, so the loop serves others meanwhile."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def prompt_chars_limit(self) -> int | None:
+        """The longest text worth tokenizing: --max-prompt-chars, else the most characters that
+        max_model_len tokens can stand for (None: the tokenizer bounds nothing)."""
+        if self.limits.max_prompt_chars is not None:
+            return self.limits.max_prompt_chars
+        per_token = self.tokenizer.max_chars_per_token
+        return None if per_token is None else per_token * await self.max_model_len()
+
+    async def check_prompt_chars(self, text: str, param: str) -> None:
+        """400 naming param for a text past prompt_chars_limit, before any tokenizing."""
+        per_token = self.tokenizer.max_chars_per_token
+        if self.limits.max_prompt_chars is None and per_token and len(text) <= per_token:
+            return  # one token's worth fits any context: no need to ask the scheduler
+        limit = await self.prompt_chars_limit()
+        if limit is None or len(text) <= limit:
+            return
+        if self.limits.max_prompt_chars is not None:
+            raise invalid_request(f"{param} is {len(text)} characters long; at most {limit} are "
+                                  "accepted (--max-prompt-chars)", param)
+        raise invalid_request(
+            f"{param} is {len(text)} characters long: more than this model's maximum context "
+            f"length of {await self.max_model_len()} tokens can hold (a token stands for at "
+            f"most {per_token} characters)", param, "context_length_exceeded")
+
+    async def encode(self, text: str, add_special_tokens: bool, param: str,
+                     prompt: bool = True) -> list[int]:
+        """Token ids of text, refused (400 naming param) when it is too long to tokenize, or,
+        for a prompt, when it leaves the context no room for a token."""
+        await self.check_prompt_chars(text, param)
+        max_len = await self.max_model_len() if prompt else None
+        try:
+            return await self.off_loop(self.tokenizer.encode, text, add_special_tokens,
+                                       None if max_len is None else max_len - 1)
+        except PromptTooLong as e:
+            raise context_length_exceeded(max_len or 0, e.count, None, param) from None
+
+    async def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          continue_final_message: bool = False, template: str | None = None,
+                          template_kwargs: dict[str, Any] | None = None,
+                          param: str = "messages") -> str:
+        """The chat's prompt text; a template's refusal or failure is a 400 naming
+        chat_template when the request brought the template, else param."""
+        max_chars = await self.prompt_chars_limit() if template else None
+        try:
+            text = await self.off_loop(
+                self.tokenizer.render_chat, messages, add_generation_prompt,
+                continue_final_message, template, template_kwargs, max_chars or MAX_RENDER_CHARS)
+        except ChatTemplateError as e:
+            raise invalid_request(str(e), "chat_template" if template else param) from e
+        await self.check_prompt_chars(text, param)
+        return text
+
+    async def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                              continue_final_message: bool = False, template: str | None = None,
+                              template_kwargs: dict[str, Any] | None = None,
+                              param: str = "messages") -> list[int]:
+        """The chat's prompt token ids (the template writes its own BOS); 400 naming what the
+        client sent (chat_template or param) when the template renders no tokens."""
+        text = await self.render_chat(messages, add_generation_prompt, continue_final_message,
+                                      template, template_kwargs, param)
+        ids = await self.encode(text, False, param)
+        if not ids:
+            raise invalid_request("the chat template rendered an empty prompt",
+                                  "chat_template" if template else param)
+        return ids
 
     @property
     def waiting(self) -> int:

@@ -30,6 +30,7 @@ _GRPC_CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     413: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ALREADY_EXISTS,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -85,4 +86,7 @@ def from_grpc(e: grpc.aio.AioRpcError) -> RouterError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return RouterError(e.details() or "overloaded", 429, "rate_limit_error",
                            headers={"Retry-After": "1"})
+    if code == grpc.StatusCode.ALREADY_EXISTS:  # the client's request_id is still running
+        return RouterError(e.details() or "request_id is already running", 409,
+                           "invalid_request_error", "request_id", "request_id_in_use")
     return RouterError(f"scheduler error {code.name}: {e.details()}", 500, "internal_error")

@@ -16,14 +16,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import ValidationError
+
 from pagedserve.protos import generation_pb2, generation_pb2_grpc
+from pagedserve.protos.parse_guard import AioParseGuard
 from pagedserve.router.core import RouterCore, random_id
-from pagedserve.router.errors import RouterError, invalid_request
+from pagedserve.router.errors import RouterError, context_length_exceeded, invalid_request
 from pagedserve.router.generation import ChoiceSpec, Delta, GenerationParams
 from pagedserve.router.json_body import validation_error
-from pagedserve.router.openai_protocol import SamplingRequest
-from pagedserve.router.tokenizer import ChatTemplateError
-from pydantic import ValidationError
+from pagedserve.router.openai_protocol import SamplingRequest, check_list_sizes
 
 log = structlog.get_logger("pagedserve.router")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -41,7 +42,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         rid = request.request_id or f"gen-{random_id()}"
         structlog.contextvars.bind_contextvars(request_id=rid)
         try:
-            prompt_ids = self._prompt_ids(request)
+            prompt_ids = await self._prompt_ids(request)
             params = await self._params(request, len(prompt_ids))
             deltas = self.core.stream(rid, [ChoiceSpec(0, prompt_ids, params)], "grpc")
             async with contextlib.aclosing(deltas) as stream:
@@ -50,17 +51,34 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         yield _response(rid, d)
         except RouterError as e:
             await context.abort(e.grpc_code, e.message)
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled, or past its deadline
+            self.core.metrics.aborted.inc(reason="cancelled")
+            raise
 
-    def _prompt_ids(self, request: generation_pb2.GenerateRequest) -> list[int]:
+    def _check_sizes(self, request: generation_pb2.GenerateRequest) -> None:
+        """The request's lists against the limits, before anything is built from them."""
+        sizes = {"stop": len(request.stop), "stop_token_ids": len(request.stop_token_ids)}
+        if request.WhichOneof("input") == "chat":
+            sizes["messages"] = len(request.chat.messages)
+        check_list_sizes(sizes, self.core.limits)
+
+    async def _prompt_ids(self, request: generation_pb2.GenerateRequest) -> list[int]:
         self.core.check_model(request.model)
+        self._check_sizes(request)
         kind = request.WhichOneof("input")
-        tok = self.core.tokenizer
         if kind == "prompt":
-            return tok.encode(request.prompt, add_special_tokens=True)
-        if kind == "prompt_token_ids":
-            ids = list(request.prompt_token_ids.ids)
+            ids = await self.core.encode(request.prompt, True, "prompt")
             if not ids:
+                raise invalid_request("prompt must not be empty", "prompt")
+            return ids
+        if kind == "prompt_token_ids":
+            given = request.prompt_token_ids.ids
+            if not given:
                 raise invalid_request("prompt_token_ids must not be empty", "prompt_token_ids")
+            max_len = await self.core.max_model_len()
+            if len(given) >= max_len:  # no room for one token: refused before copying them
+                raise context_length_exceeded(max_len, len(given), None, "prompt_token_ids")
+            ids = list(given)
             self.core.check_token_ids(ids, "prompt_token_ids")
             return ids
         if kind == "chat":
@@ -69,10 +87,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             messages = [{"role": m.role, "content": m.content} for m in chat.messages]
             if not messages:
                 raise invalid_request("chat.messages must not be empty", "chat")
-            try:
-                return tok.encode_chat(messages, add)
-            except ChatTemplateError as e:
-                raise invalid_request(str(e), "chat") from e
+            return await self.core.chat_prompt_ids(messages, add, param="chat")
         raise invalid_request("give one of prompt, prompt_token_ids or chat", "input")
 
     async def _params(self, request: generation_pb2.GenerateRequest,
@@ -98,9 +113,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext) -> generation_pb2.TokenizeResponse:
         try:
             self.core.check_model(request.model)
+            ids = await self.core.encode(request.text, request.add_special_tokens, "text", False)
         except RouterError as e:
             await context.abort(e.grpc_code, e.message)
-        ids = self.core.tokenizer.encode(request.text, request.add_special_tokens)
         return generation_pb2.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request: generation_pb2.DetokenizeRequest,
@@ -110,7 +125,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             self.core.check_token_ids(list(request.token_ids), "token_ids")
         except RouterError as e:
             await context.abort(e.grpc_code, e.message)
-        text = self.core.tokenizer.decode(list(request.token_ids), request.skip_special_tokens)
+        text = await self.core.off_loop(self.core.tokenizer.decode, list(request.token_ids),
+                                        request.skip_special_tokens)
         return generation_pb2.DetokenizeResponse(text=text)
 
     async def ListModels(self, request: generation_pb2.ListModelsRequest,
@@ -139,22 +155,45 @@ def _response(request_id: str, d: Delta) -> generation_pb2.GenerateResponse:
     return out
 
 
+class _ReadinessServicer(health.aio.HealthServicer):
+    """grpc.health.v1 that asks the router's readiness afresh on each Check and Watch, as HTTP
+    /health does; the answer reaches this servicer's statuses through the reporter's listener."""
+
+    def __init__(self, core: RouterCore) -> None:
+        super().__init__()
+        self._core = core
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        await self._core.readiness()
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> None:
+        await self._core.readiness()
+        await super().Watch(request, context)
+
+
 class HealthReporter:
-    """grpc.health.v1 status of the Generation service, following the scheduler's Stats."""
+    """grpc.health.v1 status of the Generation service: the router's one readiness
+    (RouterCore.readiness, which HTTP /health answers from). Check and Watch ask it afresh;
+    watchers hear every answer, whoever asked: HTTP /health, a Check, or this reporter, which
+    asks every interval_s so that watchers hear of changes when nobody else asks."""
 
     def __init__(self, core: RouterCore, interval_s: float = 5.0) -> None:
         self.core, self.interval_s = core, interval_s
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = _ReadinessServicer(core)
+        core.readiness_listeners.append(self._set)
         self._task: asyncio.Task | None = None
 
-    async def update(self) -> bool:
-        stats = await self.core.stats()
-        ok = stats is not None and stats.executor_connected
-        status = (health_pb2.HealthCheckResponse.SERVING if ok
+    async def _set(self, ready: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if ready
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", SERVICE_NAME):
             await self.servicer.set(name, status)
-        return ok
+
+    async def update(self) -> bool:
+        return await self.core.readiness() is None
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -170,6 +209,8 @@ class HealthReporter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.servicer.enter_graceful_shutdown()
+        with contextlib.suppress(ValueError):
+            self.core.readiness_listeners.remove(self._set)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -214,6 +255,7 @@ def create_grpc_server(core: RouterCore, address: str, enable_reflection: bool =
     address ('host:port', port 0 picks one). Returns (server, bound port, health reporter);
     start both with `await server.start(); reporter.start()`."""
     interceptors = [ApiKeyInterceptor(core.api_key)] if core.api_key else []
+    interceptors.append(AioParseGuard())  # inside the key check: no key, UNAUTHENTICATED first
     server = grpc.aio.server(interceptors=interceptors)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(core), server)
     reporter = HealthReporter(core, health_interval_s)

@@ -2,7 +2,8 @@
 has a flag per field: --max-n, --max-request-body-bytes, ...).
 
 Every limit is checked before any work is queued, and a request past one gets a 400 naming the
-field (413 for the body size, 429 with Retry-After for a full queue).
+field (413 for the body size, 429 with Retry-After for a full queue). List sizes are checked
+before anything is built from a list, and prompt lengths before tokenizing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ class Limits:
     max_stop: int = _limit(16, "most stop strings")
     max_stop_length: int = _limit(256, "longest stop string, in characters")
     max_logit_bias: int = _limit(1024, "most logit_bias entries")
+    max_stop_token_ids: int = _limit(256, "most stop_token_ids")
+    max_messages: int = _limit(1024, "most chat messages in one request")
+    max_content_parts: int = _limit(256, "most content parts in one chat message")
+    max_tools: int = _limit(128, "most tools in one chat request")
+    max_prompt_chars: int | None = _limit(None, "longest prompt text (and rendered chat), in "
+                                          "characters, checked before tokenizing; none: "
+                                          "max_model_len x the tokenizer's longest token")
     max_output_tokens: int | None = _limit(None, "largest max_tokens; none: what the "
                                            "context leaves")
     max_queued_requests: int = _limit(1024, "requests admitted but without a first token yet; "

@@ -15,6 +15,7 @@ from pagedserve.protos import scheduler_pb2
 PREFIX = "pagedserve"
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+ABORT_REASONS = ("client_disconnect", "cancelled")
 
 
 def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
@@ -83,6 +84,13 @@ class Metrics:
                                 ("finish_reason",))
         self.failed = Counter("request_failure_total", "API requests that ended in an error.",
                               ("code",))
+        # Known reasons start at 0, so a rate over them exists before the first abort.
+        self.aborted = Counter("request_abort_total", "API requests abandoned by the client before "
+                               "their answer was done, by reason: client_disconnect (an HTTP "
+                               "client went away), cancelled (a gRPC call was cancelled or ran "
+                               "past its deadline).", ("reason",))
+        for reason in ABORT_REASONS:
+            self.aborted.inc(0, reason=reason)
         self.prompt_tokens = Counter("prompt_tokens_total", "Prompt tokens processed.")
         self.generation_tokens = Counter("generation_tokens_total", "Tokens generated.")
         self.ttft = Histogram("time_to_first_token_seconds", "Time to the first output token.")
@@ -92,8 +100,8 @@ class Metrics:
 
     def render(self, stats: scheduler_pb2.StatsResponse | None) -> str:
         lines: list[str] = []
-        for metric in (self.requests, self.finished, self.failed, self.prompt_tokens,
-                       self.generation_tokens, self.ttft, self.e2e):
+        for metric in (self.requests, self.finished, self.failed, self.aborted,
+                       self.prompt_tokens, self.generation_tokens, self.ttft, self.e2e):
             lines += metric.render()
         lines += _gauge("router_requests_in_flight", "Requests the router is serving.",
                         self.in_flight)

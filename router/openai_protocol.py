@@ -4,19 +4,69 @@ Types and ranges are pydantic's, in strict mode (no "5" for 5, no 1.5 for an int
 rules that span fields or depend on configured limits are `check()`, which names the field of
 each refusal. A null field means its default. Unknown fields are ignored (as OpenAI does for most);
 fields we know but cannot honour yet (suffix, tools, json response formats) are refused with 400
-rather than silently dropped.
+rather than silently dropped. The sizes of a body's lists are checked on the parsed JSON, before
+pydantic builds anything from them (`check_body_sizes`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pagedserve.router.errors import invalid_request
-from pagedserve.router.generation import GenerationParams
-from pagedserve.router.limits import INT32_MAX, INT64_MAX, INT64_MIN, Limits
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pagedserve.router.errors import context_length_exceeded, invalid_request
+from pagedserve.router.generation import GenerationParams
+from pagedserve.router.limits import INT32_MAX, INT64_MAX, INT64_MIN, Limits
+
 ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
+# The lists (and logit_bias's map) a request may carry, each with the Limits field bounding it.
+LIST_LIMITS = {"stop": "max_stop", "stop_token_ids": "max_stop_token_ids",
+               "logit_bias": "max_logit_bias", "messages": "max_messages", "tools": "max_tools"}
+
+
+def array_bounds(limits: Limits) -> dict[str, int]:
+    """The top-level arrays a JSON body may carry and their sizes, for the JSON reader to refuse
+    a longer one while it reads (router/json_body.py)."""
+    return {name: getattr(limits, attr) for name, attr in LIST_LIMITS.items()
+            if name != "logit_bias"}
+
+
+def check_list_sizes(sizes: Mapping[str, int], limits: Limits) -> None:
+    """400 naming the first list longer than its limit (sizes: field name -> length)."""
+    for name, size in sizes.items():
+        limit = getattr(limits, LIST_LIMITS[name])
+        if size > limit:
+            raise invalid_request(f"{name} may have at most {limit} entries, got {size}", name)
+
+
+def check_body_sizes(body: Any, limits: Limits, max_model_len: int | None = None) -> None:
+    """The list sizes of a parsed JSON body, before pydantic (or anything) is built from it: the
+    LIST_LIMITS lists, each message's content parts, and the prompts (token-id prompts against
+    max_model_len, when known). Types are pydantic's to check later."""
+    if not isinstance(body, dict):
+        return
+    check_list_sizes({name: len(value) for name in LIST_LIMITS
+                      if isinstance(value := body.get(name), (list, dict))}, limits)
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        parts = message.get("content") if isinstance(message, dict) else None
+        if isinstance(parts, list) and len(parts) > limits.max_content_parts:
+            raise invalid_request(f"messages[{i}].content may have at most "
+                                  f"{limits.max_content_parts} parts, got {len(parts)}",
+                                  "messages")
+    _check_prompt_sizes(body.get("prompt"), limits, max_model_len)
+
+
+def _check_prompt_sizes(prompt: Any, limits: Limits, max_model_len: int | None) -> None:
+    if not isinstance(prompt, list) or not prompt:
+        return
+    batched = isinstance(prompt[0], (str, list))
+    if batched and len(prompt) > limits.max_prompts:
+        raise invalid_request(f"at most {limits.max_prompts} prompts in one request", "prompt")
+    for ids in (prompt if batched else [prompt]) if max_model_len else ():
+        if isinstance(ids, list) and len(ids) >= max_model_len:  # no room for one token
+            raise context_length_exceeded(max_model_len, len(ids), None, "prompt")
 
 
 class _Body(BaseModel):
@@ -87,6 +137,7 @@ class SamplingRequest(_Body):
         if any(len(s) > limits.max_stop_length for s in stops):
             raise invalid_request(f"stop strings must be at most {limits.max_stop_length} "
                                   "characters", "stop")
+        check_list_sizes({"stop_token_ids": len(self.stop_token_ids or ())}, limits)
         self._check_logit_bias(limits)
 
     def _check_logit_bias(self, limits: Limits) -> None:

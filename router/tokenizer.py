@@ -2,23 +2,33 @@
 
 transformers is not used here (it imports torch); the few things it would read for us, the special
 tokens and the chat template, come straight from tokenizer_config.json and chat_template.jinja. The
-template renders in a sandboxed, immutable Jinja environment set up like transformers' own, so the
-same template gives the same text.
+template renders in a sandboxed, immutable Jinja environment set up like transformers' own
+(router/chat_template.py), so the same template gives the same text.
+
+Encoding goes through `encode_batch_fast`, which releases the GIL while it works (`encode` holds
+it) and keeps no per-token strings or offsets (freeing those, under the GIL, takes as long as
+encoding), so a thread can tokenize while the event loop serves others.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+
+from pagedserve.router.chat_template import (
+    MAX_RENDER_CHARS,
+    ChatTemplateError,
+    compile_chat_template,
+    render,
+    render_isolated,
+)
+
+__all__ = ["ChatTemplateError", "PromptTooLong", "Tokenizer", "compile_chat_template"]
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -27,8 +37,12 @@ _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _BYTE_DECODER: dict[str, int] = {}
 
 
-class ChatTemplateError(ValueError):
-    """The chat template refused the conversation (raise_exception) or failed to render."""
+class PromptTooLong(ValueError):
+    """A text has more tokens than the caller can use; count says how many."""
+
+    def __init__(self, count: int, max_tokens: int) -> None:
+        super().__init__(f"the text has {count} tokens, more than {max_tokens}")
+        self.count = count
 
 
 def _token_text(value: Any) -> str | None:
@@ -36,47 +50,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: Any = None, sort_keys: bool = False) -> str:
-    # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (used to mark assistant turns) renders its body."""
-
-    tags = {"generation"}  # noqa: RUF012 (jinja's Extension API)
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in a sandbox that cannot reach Python internals."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True,
-        extensions=[_GenerationTag, jinja2.ext.loopcontrols],
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
 
 
 def _read_chat_template(model_dir: Path, config: dict) -> str | None:
@@ -116,6 +89,53 @@ def _byte_decoder() -> dict[str, int]:
     return chars
 
 
+# How many characters a normalizer may merge into one: none of these deletes text, and the
+# composing ones (NFC, NFKC) merge at most 4 code points, Unicode's longest canonical decomposition.
+_NORMALIZER_SHRINK = {"Prepend": 1, "NFD": 1, "NFKD": 1, "Lowercase": 1, "NFC": 4, "NFKC": 4}
+_PRE_TOKENIZERS_KEEPING_TEXT = {"ByteLevel", "Metaspace", "Digits", "Punctuation",
+                                "UnicodeScripts", "Split"}
+
+
+def _shrink_factor(normalizer: dict | None) -> int | None:
+    """The most characters the normalizer turns into one; None: it may delete text."""
+    if normalizer is None:
+        return 1
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        factors = [_shrink_factor(n) for n in normalizer.get("normalizers") or ()]
+        return None if None in factors else math.prod(factors)  # type: ignore[arg-type]
+    if kind == "Replace":
+        pattern = (normalizer.get("pattern") or {}).get("String")
+        keeps = pattern is not None and len(normalizer.get("content") or "") >= len(pattern)
+        return 1 if keeps else None
+    return _NORMALIZER_SHRINK.get(kind)
+
+
+def _keeps_text(pre: dict | None) -> bool:
+    """Whether a pre-tokenizer passes every character on (Whitespace and co. drop spaces)."""
+    if pre is None:
+        return True
+    if pre.get("type") == "Sequence":
+        return all(_keeps_text(p) for p in pre.get("pretokenizers") or ())
+    return pre.get("type") in _PRE_TOKENIZERS_KEEPING_TEXT and pre.get("behavior") != "Removed"
+
+
+def max_chars_per_token(hf: HFTokenizer) -> int | None:
+    """The most characters of input one token can stand for, or None when the tokenizer gives no
+    such bound. A BPE token stands for at most its own string's characters (a byte-level
+    token's string has one character per byte), unless unknown characters are fused into one
+    token with no byte fallback; WordPiece, Unigram and WordLevel map whole words to one token."""
+    spec = json.loads(hf.to_str())
+    model = spec.get("model") or {}
+    fuses_unknown = model.get("fuse_unk") and model.get("unk_token") is not None
+    if model.get("type") != "BPE" or (fuses_unknown and not model.get("byte_fallback")):
+        return None
+    factor = _shrink_factor(spec.get("normalizer"))
+    if factor is None or not _keeps_text(spec.get("pre_tokenizer")):
+        return None
+    return factor * max(len(token) for token in hf.get_vocab(with_added_tokens=True))
+
+
 class Tokenizer:
     """Encode, decode and render chat prompts for one model directory."""
 
@@ -128,6 +148,8 @@ class Tokenizer:
         self._byte_fallback_ids: frozenset[int] | None = None
         self._byte_level: bool | None = None
         self._specials: frozenset[int] | None = None
+        # a text longer than max_model_len times this has more tokens than the context holds
+        self.max_chars_per_token = max_chars_per_token(tokenizer)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -171,8 +193,14 @@ class Tokenizer:
                 if _BYTE_TOKEN.match(t)) if uses else frozenset()
         return self._byte_fallback_ids
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True,
+               max_tokens: int | None = None) -> list[int]:
+        """Token ids of text; releases the GIL while it tokenizes. PromptTooLong when there are
+        more than max_tokens, before a list of them is built."""
+        encoding = self.hf.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0]
+        if max_tokens is not None and len(encoding) > max_tokens:
+            raise PromptTooLong(len(encoding), max_tokens)
+        return encoding.ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -206,32 +234,30 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     continue_final_message: bool = False, template: str | None = None,
-                    **kwargs: Any) -> str:
+                    template_kwargs: dict[str, Any] | None = None,
+                    max_chars: int = MAX_RENDER_CHARS) -> str:
         """The chat template's text for these messages (plain dicts with role and content).
 
         continue_final_message: end the text right after the last message's content (no end of
         turn), so the model continues it, as transformers' apply_chat_template does.
-        template: a template source to use instead of the model's (still sandboxed)."""
-        try:
-            compiled = compile_chat_template(template) if template else self._template
-        except jinja2.exceptions.TemplateError as e:
-            raise ChatTemplateError(f"chat_template does not compile: {e}") from e
-        if compiled is None:
+        template: a request's own template source, used instead of the model's; it renders in a
+        worker process, bounded in time, memory and length (max_chars characters).
+        template_kwargs: extra variables for the template (chat_template_kwargs)."""
+        if not template and self._template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        try:
-            text = compiled.render({
-                "tools": None, "documents": None, **self.special_tokens, **kwargs,
-                "messages": messages, "add_generation_prompt": add_generation_prompt,
-            })
-        except Exception as e:  # the template's own errors, and what it does with odd messages
-            raise ChatTemplateError(f"chat template: {type(e).__name__}: {e}") from e
+        context = {"tools": None, "documents": None, **self.special_tokens,
+                   **(template_kwargs or {}), "messages": messages,
+                   "add_generation_prompt": add_generation_prompt}
+        if template:
+            text = render_isolated(template, context, max_chars)
+        else:
+            text = render(self._template, context)  # type: ignore[arg-type]
         return _cut_after_final(text, messages) if continue_final_message else text
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    **kwargs: Any) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat; the template writes its own BOS, so none is added."""
-        text = self.render_chat(messages, add_generation_prompt, **kwargs)
+        text = self.render_chat(messages, add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
 
 

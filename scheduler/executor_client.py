@@ -11,24 +11,20 @@ treats every executor-side state as lost (see `Scheduler.reset_executor_state`).
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 from collections.abc import Iterator
 
 import grpc
-from pagedserve.protos import executor_pb2, executor_pb2_grpc
 
-MAX_MESSAGE_BYTES = 64 << 20
+from pagedserve.protos import executor_pb2, executor_pb2_grpc, grpc_options
 
-# Reconnect quickly when an executor comes back, and notice a dead peer on TCP within ~30 s.
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 500),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-]
+
+def channel_options() -> list[tuple[str, int]]:
+    """grpc_options.EXECUTOR_CHANNEL (quick reconnects, keepalive pings), its ping interval
+    overridable from the environment (tests)."""
+    ms = int(os.environ.get(grpc_options.KEEPALIVE_TIME_ENV, grpc_options.KEEPALIVE_TIME_MS))
+    return list({**grpc_options.EXECUTOR_CHANNEL, grpc_options.KEEPALIVE_TIME: ms}.items())
 
 
 class ExecutorGone(Exception):
@@ -46,7 +42,7 @@ class GrpcExecutorClient:
     def __init__(self, address: str, *, describe_timeout: float = 30.0) -> None:
         self.address = address
         self._describe_timeout = describe_timeout
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(address, options=channel_options())
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self._plans: queue.SimpleQueue[executor_pb2.StepPlan | None] | None = None
         self._results: Iterator[executor_pb2.StepResult] | None = None
@@ -90,7 +86,7 @@ class AsyncExecutorConnection:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options())
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self._call: grpc.aio.StreamStreamCall | None = None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,7 +21,9 @@ from typing import Any
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from pagedserve.protos import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+from pagedserve.protos import executor_pb2, grpc_options, scheduler_pb2, scheduler_pb2_grpc
+from pagedserve.protos.parse_guard import AioParseGuard
 from pagedserve.scheduler.admission import admit
 from pagedserve.scheduler.outputs import RequestOutputDelta
 from pagedserve.scheduler.session import run_session
@@ -31,14 +34,12 @@ from pagedserve.scheduler.token_output import append_delta
 log = structlog.get_logger("pagedserve.scheduler.server")
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
-MAX_MESSAGE_BYTES = 64 << 20
-SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    ("grpc.so_reuseport", 0),
-]
+
+
+def server_options() -> list[tuple[str, int]]:
+    """grpc_options.SERVER, its ping policy window overridable from the environment (tests)."""
+    ms = int(os.environ.get(grpc_options.MIN_PING_INTERVAL_ENV, grpc_options.MIN_PING_INTERVAL_MS))
+    return list({**grpc_options.SERVER, grpc_options.MIN_PING_INTERVAL: ms}.items())
 
 
 def _token_output(first: RequestOutputDelta,
@@ -123,7 +124,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
 async def _build_server(service: SchedulerService, listen: str, *,
                         reflection: bool) -> tuple[grpc.aio.Server, Any]:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=server_options(), interceptors=[AioParseGuard()])
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
