@@ -1,5 +1,7 @@
 """Plain-PyTorch kernels: the specification each Triton kernel is tested against, and the CPU path."""
 
+from __future__ import annotations
+
 from pagedserve.kernels.reference.activation import silu_and_mul
 from pagedserve.kernels.reference.attention import paged_attention
 from pagedserve.kernels.reference.kv_write import write_kv
