@@ -4,9 +4,14 @@ Decode: Llama-1B-like attention (32 query heads, 8 KV heads, head 64, bf16, 16-t
 1/32/128 and context 1k/4k/16k, as achieved GB/s (K/V read plus q and out) against this card's own
 device-to-device copy bandwidth (bytes read plus written), with and without the split-KV path.
 Prefill: causal attention over whole prompts as TFLOP/s against torch SDPA (is_causal, contiguous).
+First the start-up warm-up the executor runs (kernels.triton.warmup) compiles the attention
+variants; then every timed call is watched for compiles (triton's in-memory kernel caches on a
+GPU; under the interpreter, new launch keys: what a GPU would compile). Expect 0.
+--sweep instead times candidate tile settings per head size (bench/tile_sweep.py).
 
     python -m pagedserve.bench.kernels              # on a GPU; JSON to $OUT/bench_kernels.json or results/
     python -m pagedserve.bench.kernels --cpu-smoke  # tiny sizes through the Triton interpreter, as a check
+    python -m pagedserve.bench.kernels --sweep --sweep-budget-s 240  # JSON: bench_sweep.json
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes under TRITON_INTERPRET")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default $OUT or results/)")
+    p.add_argument("--sweep", action="store_true",
+                   help="time candidate tile settings per head size; print the best")
+    p.add_argument("--sweep-heads", default=None,
+                   help="comma-separated head sizes to sweep (default 64,128)")
+    p.add_argument("--sweep-budget-s", type=float, default=None,
+                   help="stop timing new candidates after this many seconds (partial results kept)")
     return p.parse_args(argv)
 
 
@@ -81,8 +92,38 @@ def rel_err_vs_reference(torch, args: tuple, kw: dict, max_q: int, max_k: int) -
     return err
 
 
-def bench_decode(torch, shapes: dict, device, measure, num_sms: int) -> list[dict]:
-    from pagedserve.kernels.triton.attention import _tile_config, num_kv_splits
+class CountingTimer:
+    """measure(fn), also counting the kernel variants compiled while it runs."""
+
+    def __init__(self, measure, counter) -> None:
+        self.measure, self.counter, self.compiles = measure, counter, 0
+
+    def __call__(self, fn) -> float:
+        before = self.counter.count()
+        seconds = self.measure(fn)
+        self.compiles += self.counter.count() - before
+        return seconds
+
+
+def warm_kernels(torch, shapes: dict, device, counter) -> dict:
+    """The executor's start-up warm-up, timed. On a GPU the binaries it built are checked
+    against the launch keys predicted the way the CPU tests predict them."""
+    from pagedserve.kernels.triton import warmup
+    from pagedserve.kernels.triton.variants import record_launch_keys
+
+    q_heads, kv_heads, head_dim = shapes["heads"]
+    cache = torch.zeros(4, shapes["block_size"], kv_heads, head_dim,
+                        dtype=getattr(torch, shapes["dtype"]), device=device)
+    max_seqs = max(*shapes["decode_batches"], *(b for b, _ in shapes["prefill"]))
+    before, t0 = counter.count(), time.perf_counter()
+    with record_launch_keys() as keys:
+        n = warmup(cache, cache, num_q_heads=q_heads, max_num_seqs=max_seqs)
+    return {"variants": n, "seconds": time.perf_counter() - t0,
+            "compiled": counter.count() - before, "predicted": len(keys)}
+
+
+def bench_decode(torch, shapes: dict, device, measure) -> list[dict]:
+    from pagedserve.kernels.triton.attention import launch_plan
     from pagedserve.kernels.triton.attention import paged_attention as attn
     from pagedserve.kernels.triton.attention import paged_attention_launch as launch
 
@@ -98,9 +139,7 @@ def bench_decode(torch, shapes: dict, device, measure, num_sms: int) -> list[dic
             lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
             args = (q, k_cache, v_cache, cu, lens, tables, out)
             kw = {"scale": head_dim**-0.5}
-            cfg = _tile_config(head_dim, q_heads // kv_heads, 1, dtype)
-            splits = num_kv_splits(batch, kv_heads, 1, ctx, cfg["BLOCK_M"] // (q_heads // kv_heads),
-                                   num_sms)
+            cfg, splits = launch_plan(batch, q_heads, kv_heads, head_dim, dtype, 1, device)
             t = measure(partial(attn, *args, max_seqlen_q=1, max_seqlen_k=ctx, **kw))
             t1 = measure(partial(launch, *args, sliding_window=0, softcap=0.0, num_splits=1,
                                  **cfg, **kw))
@@ -150,6 +189,10 @@ def bench_prefill(torch, shapes: dict, device, measure) -> list[dict]:
 def print_tables(result: dict) -> None:
     copy = result["copy_GBps"]
     print(f"device: {result['device']}   copy bandwidth (read+write): {copy:.0f} GB/s")
+    w = result["warmup"]
+    print(f"kernel variants: warm-up built {w['compiled']} (launch keys predicted "
+          f"{w['predicted']}) in {w['seconds']:.1f} s; compiled during timed runs: "
+          f"{result['compiles_timed']} (decode {result['compiles_decode']})")
     print(f"error vs reference, smallest shapes: decode {result['decode'][0]['rel_err']:.1e}, "
           f"prefill {result['prefill'][0]['rel_err']:.1e}")
     print("decode attention (K/V + q/out bytes)")
@@ -167,6 +210,22 @@ def print_tables(result: dict) -> None:
               f"{r['sdpa_us']:>9.1f} {r['sdpa_TFLOPs']:>8.1f} {r['TFLOPs'] / r['sdpa_TFLOPs']:>6.2f}")
 
 
+def run_benchmarks(torch, cuda: bool, device, measure) -> dict:
+    from pagedserve.kernels.triton.variants import VariantCounter
+
+    shapes = GPU_SHAPES if cuda else CPU_SHAPES
+    result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu (interpreter)",
+              "shapes": shapes, "copy_GBps": copy_bandwidth(torch, device, cuda, measure) / 1e9}
+    with VariantCounter() as counter:
+        result["warmup"] = warm_kernels(torch, shapes, device, counter)
+        timed = CountingTimer(measure, counter)
+        result["decode"] = bench_decode(torch, shapes, device, timed)
+        result["compiles_decode"] = timed.compiles
+        result["prefill"] = bench_prefill(torch, shapes, device, timed)
+        result["compiles_timed"] = timed.compiles
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke:
@@ -174,22 +233,23 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
+    from pagedserve.bench.results import write_results
+
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
         print("no CUDA device: run with --cpu-smoke for the interpreter check", file=sys.stderr)
         return 2
-    shapes = GPU_SHAPES if cuda else CPU_SHAPES
     device = torch.device("cuda" if cuda else "cpu")
-    measure = timer(cuda)
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
-    result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu (interpreter)",
-              "shapes": shapes, "copy_GBps": copy_bandwidth(torch, device, cuda, measure) / 1e9,
-              "decode": bench_decode(torch, shapes, device, measure, num_sms),
-              "prefill": bench_prefill(torch, shapes, device, measure)}
-    print_tables(result)
-    out = args.out or Path(os.environ.get("OUT") or ROOT / "results") / "bench_kernels.json"
-    from pagedserve.bench.results import write_results
+    name = "bench_sweep.json" if args.sweep else "bench_kernels.json"
+    out = args.out or Path(os.environ.get("OUT") or ROOT / "results") / name
+    if args.sweep:
+        from pagedserve.bench.tile_sweep import run_sweep
 
+        heads = [int(h) for h in args.sweep_heads.split(",")] if args.sweep_heads else None
+        run_sweep(torch, cuda, device, timer(cuda), heads, args.sweep_budget_s, out)
+        return 0
+    result = run_benchmarks(torch, cuda, device, timer(cuda))
+    print_tables(result)
     write_results(out, result)
     return 0
 

@@ -10,10 +10,13 @@ feeds all of them (GQA; MQA is GROUP = num_q_heads):
 The program walks its sequence's keys in tiles of BLOCK_N positions; position k lives at page
 block_tables[seq, k // block_size], row k % block_size, so a key tile may span several pages or
 part of one. Softmax is online, in fp32 and in the log2 domain (exp2). Cache offsets are int64.
+Only the key tiles that straddle the causal diagonal, the context's end or the window's edge are
+masked; the tiles every row of the query tile sees whole (most of a long context) run unmasked.
 
 Flash-decoding: with NUM_SPLITS > 1 the key tiles of each (query tile, KV head) are divided among
-NUM_SPLITS programs, which write unnormalised partial outputs with their running max and sum;
-a second kernel (attention_reduce.py) merges them. `num_kv_splits` decides when that pays.
+NUM_SPLITS programs, which write unnormalised partial outputs with their running max and sum into
+reused workspaces; a second kernel (attention_reduce.py) merges them. attention_tiles.py picks
+the tiling and the split count (a function of the batch-size bucket only).
 """
 
 from __future__ import annotations
@@ -21,14 +24,12 @@ from __future__ import annotations
 import functools
 
 import torch
-from pagedserve.kernels.triton.attention_reduce import reduce_splits
-from pagedserve.kernels.triton.runtime import INTERPRETING, check_device, dot_in_fp32, next_pow2
 
 import triton
 import triton.language as tl
-
-MIN_KEYS_PER_SPLIT = 256  # a split reads at least this many keys, so its partials stay cheap
-MAX_SPLITS = 64
+from pagedserve.kernels.triton.attention_reduce import reduce_splits
+from pagedserve.kernels.triton.attention_tiles import is_decode, num_kv_splits, tile_config
+from pagedserve.kernels.triton.runtime import check_device, dot_in_fp32, next_pow2
 
 
 @triton.jit
@@ -62,17 +63,20 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, k_pos, q_pos, seq_len, scale, softcap, sliding_window,
+def _scores(q, k, k_pos, q_pos, seq_len, scale, softcap, sliding_window, MASKED: tl.constexpr,
             USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Masked logits of one tile in the log2 domain: [BLOCK_M, BLOCK_N] fp32."""
+    """Logits of one tile in the log2 domain, [BLOCK_M, BLOCK_N] fp32; -inf where a row may not
+    see a key, when the tile is MASKED (a tile every row sees whole skips the compare)."""
     s = _dot(q, k, DOT_FP32) * scale
     if USE_SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
     s = s * 1.4426950408889634  # log2(e)
-    allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
-    if USE_WINDOW:
-        allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-    return tl.where(allowed, s, float("-inf"))
+    if MASKED:
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
+        if USE_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -96,6 +100,72 @@ def _key_tiles(ctx_len, q_tile_start, q_len, sliding_window, split, BLOCK_Q: tl.
 
 
 @triton.jit
+def _whole_tiles(q_first, q_last, tile_lo, tile_hi, sliding_window, BLOCK_N: tl.constexpr,
+                 USE_WINDOW: tl.constexpr):
+    """[a, b) inside [tile_lo, tile_hi): the key tiles every query row of the tile sees whole,
+    which need no mask. Rows sit at positions q_first..q_last.
+
+        key tiles:  | window edge, masked | whole, unmasked | diagonal, masked |
+                    tile_lo               a                 b                  tile_hi
+
+    Tile t is whole when its last key (t + 1) * BLOCK_N - 1 <= q_first (causal for every row,
+    and inside the context, which ends past q_last) and, with a window, its first key
+    t * BLOCK_N > q_last - sliding_window. Without a window a = tile_lo.
+    """
+    a = tile_lo
+    if USE_WINDOW:
+        edge = tl.cdiv(tl.maximum(q_last - sliding_window + 1, 0), BLOCK_N)
+        a = tl.minimum(tl.maximum(edge, tile_lo), tile_hi)
+    b = tl.minimum(tl.maximum((q_first + 1) // BLOCK_N, a), tile_hi)
+    return a, b
+
+
+@triton.jit
+def _tile_runs(ctx_len, q_tile_start, q_len, sliding_window, split, BLOCK_Q: tl.constexpr,
+               BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """This program's key tiles as three runs: [lo, a) masked, [a, b) whole, [b, hi) masked."""
+    lo, hi = _key_tiles(ctx_len, q_tile_start, q_len, sliding_window, split, BLOCK_Q, BLOCK_N,
+                        NUM_SPLITS, USE_WINDOW)
+    q_last = ctx_len + tl.minimum(q_tile_start + BLOCK_Q, q_len) - 1
+    a, b = _whole_tiles(ctx_len + q_tile_start, q_last, lo, hi, sliding_window, BLOCK_N,
+                        USE_WINDOW)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, t, table, seq_len, q_pos, dims, dim_ok, k_head, v_head,
+                 scale, softcap, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Key tile t into the online softmax; -> (acc, m_i, l_i). k_head / v_head: the caches
+    offset to this KV head. Unless MASKED, every key of the tile is inside the context and
+    visible to every row: loads and logits go unmasked."""
+    k_pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    if MASKED:
+        k_ok = k_pos < seq_len
+        page = tl.load(table + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        k_mask = k_ok[None, :] & dim_ok[:, None]
+        v_mask = k_ok[:, None] & dim_ok[None, :]
+    else:
+        page = tl.load(table + k_pos // BLOCK_SIZE).to(tl.int64)
+        k_mask = dim_ok[:, None]
+        v_mask = dim_ok[None, :]
+    k_off = page * stride_kb + (k_pos % BLOCK_SIZE) * stride_kt
+    v_off = page * stride_vb + (k_pos % BLOCK_SIZE) * stride_vt
+    k = tl.load(k_head + k_off[None, :] + dims[:, None], mask=k_mask, other=0.0)
+    s = _scores(q, k, k_pos, q_pos, seq_len, scale, softcap, sliding_window, MASKED,
+                USE_SOFTCAP, USE_WINDOW, DOT_FP32)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+    p = tl.exp2(s - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_head + v_off[:, None] + dims[None, :], mask=v_mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _store_partials(part_acc_ptr, part_ml_ptr, acc, m_i, l_i, tok, head, row_ok, split,
                     GROUP: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SPLITS: tl.constexpr):
     """One split's unnormalised output, running max and sum, for attention_reduce.py."""
@@ -108,6 +178,24 @@ def _store_partials(part_acc_ptr, part_ml_ptr, acc, m_i, l_i, tok, head, row_ok,
 
 
 @triton.jit
+def _store_out(out_ptr, acc, l_i, tok, head, row_ok, dims, dim_ok, stride_ot, stride_oh):
+    o_ptr = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only: every real row sees a key
+    tl.store(o_ptr, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+# Triton compiles a variant per value class of each int argument (== 1, divisible by 16, other)
+# and per 16-byte alignment of each pointer. num_seqs and the block-table stride (its width
+# follows the longest context) change every step, and the step's metadata may be slices of one
+# packed buffer at offsets that change too: none of them may pick a variant. The sliding window
+# is a per-layer constant, but only USE_WINDOW matters to the code. Strides of q/out and of the
+# caches stay specialised: they are fixed per model and their divisibility vectorises loads.
+STEP_INTS = ["num_seqs", "stride_bt", "sliding_window"]
+STEP_POINTERS = ["cu_seqlens_q_ptr", "seq_lens_ptr", "block_tables_ptr"]
+
+
+@triton.jit(do_not_specialize=STEP_INTS, do_not_specialize_on_alignment=STEP_POINTERS)
 def _paged_attention_kernel(
     q_ptr,  # [num_tokens, num_q_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -149,87 +237,38 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
-    tile_lo, tile_hi = _key_tiles(ctx_len, q_tile_start, q_len, sliding_window, split,
-                                  BLOCK_Q, BLOCK_N, NUM_SPLITS, USE_WINDOW)
-
+    lo, a, b, hi = _tile_runs(ctx_len, q_tile_start, q_len, sliding_window, split, BLOCK_Q,
+                              BLOCK_N, NUM_SPLITS, USE_WINDOW)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for t in range(tile_lo, tile_hi):
-        k_pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < seq_len
-        page = tl.load(table + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        k_off = page * stride_kb + (k_pos % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
-        v_off = page * stride_vb + (k_pos % BLOCK_SIZE) * stride_vt + kv_head * stride_vh
-        k = tl.load(k_cache_ptr + k_off[None, :] + dims[:, None],
-                    mask=k_ok[None, :] & dim_ok[:, None], other=0.0)  # [HEAD_DIM_P, BLOCK_N]
-        s = _scores(q, k, k_pos, q_pos, seq_len, scale, softcap, sliding_window,
-                    USE_SOFTCAP, USE_WINDOW, DOT_FP32)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
-        p = tl.exp2(s - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :],
-                    mask=k_ok[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_DIM_P]
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
-        m_i = m_new
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+    # The runs in key order (so the sums are those of one masked pass): the window's edge, the
+    # tiles every row sees whole, then the diagonal and the context's end.
+    if USE_WINDOW:
+        for t in range(lo, a):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, t, table, seq_len, q_pos, dims, dim_ok, k_head, v_head, scale,
+                softcap, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE,
+                BLOCK_N, True, USE_SOFTCAP, USE_WINDOW, DOT_FP32)
+    for t in range(a, b):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, t, table, seq_len, q_pos, dims, dim_ok, k_head, v_head, scale,
+            softcap, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE,
+            BLOCK_N, False, USE_SOFTCAP, USE_WINDOW, DOT_FP32)
+    for t in range(b, hi):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, t, table, seq_len, q_pos, dims, dim_ok, k_head, v_head, scale,
+            softcap, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE,
+            BLOCK_N, True, USE_SOFTCAP, USE_WINDOW, DOT_FP32)
 
     if NUM_SPLITS == 1:
-        o_ptr = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
-        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only: every real row sees a key
-        tl.store(o_ptr, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & dim_ok[None, :])
+        _store_out(out_ptr, acc, l_i, tok, head, row_ok, dims, dim_ok, stride_ot, stride_oh)
     else:
         _store_partials(part_acc_ptr, part_ml_ptr, acc, m_i, l_i, tok, head, row_ok, split,
                         GROUP, HEAD_DIM_P, NUM_SPLITS)
-
-
-def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seqlen_q: int, max_seqlen_k: int,
-                  block_q: int, num_sms: int) -> int:
-    """How many programs share one (query tile, KV head)'s keys: the flash-decoding heuristic.
-
-    Splitting pays only when the plain grid cannot fill the GPU and each sequence has many keys:
-    a decode-like step (every sequence's queries fit one query tile, max_seqlen_q <= BLOCK_Q)
-    with num_seqs * num_kv_heads programs short of ~4 per multiprocessor. Each split keeps at
-    least MIN_KEYS_PER_SPLIT keys. Powers of two only, so few variants compile.
-    """
-    if max_seqlen_q > block_q:
-        return 1
-    programs = max(num_seqs * num_kv_heads, 1)
-    wanted = triton.cdiv(4 * num_sms, programs)
-    splits = min(wanted, max_seqlen_k // MIN_KEYS_PER_SPLIT, MAX_SPLITS)
-    return 1 if splits < 2 else 1 << (splits.bit_length() - 1)
-
-
-def _tile_config(head_dim_p: int, group: int, max_seqlen_q: int,
-                 dtype: torch.dtype = torch.float16) -> dict:
-    """BLOCK_M / BLOCK_N / warps / stages for a step. Decode-like steps get the smallest M tile
-    (16 rows, or the group if larger); prefill gets large M tiles for tensor-core work. fp32
-    caches (IEEE dots) get half-size tiles: full-size ones spill registers on sm_90."""
-    group_p = next_pow2(group)
-    decode = max_seqlen_q * group <= max(16, group_p)
-    if INTERPRETING:  # small tiles keep interpreted tests quick and still cross tile boundaries
-        return {"BLOCK_M": max(16 if decode else 32, group_p), "BLOCK_N": 16,
-                "num_warps": 4, "num_stages": 1}
-    fp32 = dtype == torch.float32
-    if decode:
-        block_n = 64 // (2 if head_dim_p > 128 else 1) // (2 if fp32 else 1)
-        return {"BLOCK_M": max(16, group_p), "BLOCK_N": block_n,
-                "num_warps": 8 if fp32 and head_dim_p >= 64 else 4, "num_stages": 2}
-    if fp32:
-        tile = 32 if head_dim_p <= 64 else 16
-        cfg = {"BLOCK_M": tile, "BLOCK_N": tile, "num_warps": 8 if head_dim_p >= 64 else 4,
-               "num_stages": 2}
-    elif head_dim_p <= 64:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    elif head_dim_p <= 128:
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    else:
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
-    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], group_p)
-    return cfg
 
 
 @functools.cache
@@ -237,6 +276,44 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: a nominal small GPU, so the split path gets exercised
+
+
+def launch_plan(num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                dtype: torch.dtype, max_seqlen_q: int, device: torch.device) -> tuple[dict, int]:
+    """(tile config, number of KV splits) for a step; precompile.warmup enumerates the same."""
+    group = num_q_heads // num_kv_heads
+    cfg = tile_config(next_pow2(max(head_dim, 16)), group, max_seqlen_q, dtype)
+    if not is_decode(group, max_seqlen_q):
+        return cfg, 1
+    return cfg, num_kv_splits(num_seqs, num_kv_heads, _num_sms(device))
+
+
+# Split partials live in grow-only fp32 workspaces, one pair per device, reused by every layer
+# and step: a CUDA graph captured over a decode step keeps pointing at valid memory. Launches on
+# one device run in stream order (the executor steps on one stream), so reuse never races.
+# Replaced workspaces stay referenced, as a graph may hold them; sizes grow by powers of two.
+_WORKSPACES: dict[tuple[torch.device, str], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def _workspace(device: torch.device, name: str, numel: int) -> torch.Tensor:
+    buf = _WORKSPACES.get((device, name))
+    if buf is None or buf.numel() < numel:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = torch.empty(next_pow2(numel), dtype=torch.float32, device=device)
+        _WORKSPACES[(device, name)] = buf
+    return buf[:numel]
+
+
+def split_partials(device: torch.device, num_tokens: int, num_q_heads: int, num_splits: int,
+                   head_dim_p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the workspaces: partial outputs [T, H, S, Dp] and (max, sum) pairs [T, H, S, 2]."""
+    rows = num_tokens * num_q_heads * num_splits
+    acc = _workspace(device, "acc", rows * head_dim_p)
+    ml = _workspace(device, "ml", rows * 2)
+    return (acc.view(num_tokens, num_q_heads, num_splits, head_dim_p),
+            ml.view(num_tokens, num_q_heads, num_splits, 2))
 
 
 def paged_attention(
@@ -254,12 +331,10 @@ def paged_attention(
     sliding_window: int = 0,
     softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Same contract as kernels.reference.paged_attention; launches without a device sync."""
-    cfg = _tile_config(next_pow2(max(q.shape[2], 16)), q.shape[1] // k_cache.shape[2],
-                       max_seqlen_q, q.dtype)
-    keys = min(max_seqlen_k, sliding_window + max_seqlen_q) if sliding_window > 0 else max_seqlen_k
-    splits = num_kv_splits(cu_seqlens_q.shape[0] - 1, k_cache.shape[2], max_seqlen_q, keys,
-                           cfg["BLOCK_M"] // (q.shape[1] // k_cache.shape[2]), _num_sms(q.device))
+    """Same contract as kernels.reference.paged_attention; launches without a device sync.
+    max_seqlen_k is not needed: split counts follow the batch-size bucket alone."""
+    cfg, splits = launch_plan(cu_seqlens_q.shape[0] - 1, q.shape[1], k_cache.shape[2], q.shape[2],
+                              q.dtype, max_seqlen_q, q.device)
     return paged_attention_launch(
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, scale=scale,
         sliding_window=sliding_window, softcap=softcap, num_splits=splits, **cfg,
@@ -288,13 +363,10 @@ def paged_attention_launch(
         return out
     head_dim_p = next_pow2(max(head_dim, 16))
     block_q = BLOCK_M // group
+    part_acc = part_ml = out  # unused with one split
     if num_splits > 1:
-        part_acc = torch.empty(num_tokens, num_q_heads, num_splits, head_dim_p,
-                               dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(num_tokens, num_q_heads, num_splits, 2, dtype=torch.float32,
-                              device=q.device)
-    else:
-        part_acc = part_ml = out  # unused
+        part_acc, part_ml = split_partials(q.device, num_tokens, num_q_heads, num_splits,
+                                           head_dim_p)
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, part_acc, part_ml,

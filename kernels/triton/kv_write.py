@@ -23,7 +23,8 @@ def _copy_token(src_ptr, dst_ptr, t, block, row, stride_t, stride_h, stride_cb, 
     tl.store(dst, x.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# The slot mapping may be a slice of a packed per-step buffer: its alignment must not pick a variant.
+@triton.jit(do_not_specialize_on_alignment=["slot_mapping_ptr"])
 def _write_kv_kernel(
     key_ptr, value_ptr,  # [num_tokens, num_kv_heads, head_dim]
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]

@@ -36,7 +36,8 @@ def _rotate_heads(x_ptr, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HEADS_P: t
     tl.store(p2, (x2f * cos + x1f * sin).to(x2.dtype), mask=mask)
 
 
-@triton.jit
+# The positions may be a slice of a packed per-step buffer: its alignment must not pick a variant.
+@triton.jit(do_not_specialize_on_alignment=["positions_ptr"])
 def _rotary_kernel(
     positions_ptr,  # [num_tokens] int64
     q_ptr,  # [num_tokens, num_q_heads, head_dim]

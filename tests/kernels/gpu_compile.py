@@ -32,16 +32,18 @@ def _signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, 
 
 def _attrs(kernel, signature: dict[str, str]) -> dict:
     """What a real launch specialises on: pointers and strides divisible by 16 (elements or
-    bytes, as the caches and activations are), which enables vectorised and pipelined loads."""
+    bytes, as the caches and activations are), which enables vectorised and pipelined loads,
+    except the arguments the kernel marks do_not_specialize(_on_alignment)."""
     aligned = [["tt.divisibility", 16]]
-    return {(i,): aligned for i, name in enumerate(kernel.arg_names)
-            if signature[name].startswith("*") or name.startswith("stride_")}
+    return {(i,): aligned for i, (name, p) in enumerate(zip(kernel.arg_names, kernel.params))
+            if (signature[name].startswith("*") or name.startswith("stride_"))
+            and not p.do_not_specialize and not p.do_not_specialize_on_alignment}
 
 
 def _attention_variants() -> list[tuple]:
     import torch
 
-    from pagedserve.kernels.triton import attention, attention_reduce
+    from pagedserve.kernels.triton import attention, attention_reduce, attention_tiles
 
     ints = {"cu_seqlens_q_ptr": "i32", "seq_lens_ptr": "i32", "block_tables_ptr": "i32",
             "part_acc_ptr": "fp32", "part_ml_ptr": "fp32"}
@@ -50,7 +52,7 @@ def _attention_variants() -> list[tuple]:
                                                   (64, 4096, 1, False, False),
                                                   (128, 4096, 1, True, False),
                                                   (256, 1, 1, False, False)]:
-        cfg = attention._tile_config(head_dim, 4, max_q, torch.bfloat16)
+        cfg = attention_tiles.tile_config(head_dim, 4, max_q, torch.bfloat16)
         const = {"HEAD_DIM": head_dim, "HEAD_DIM_P": head_dim, "BLOCK_SIZE": 16, "GROUP": 4,
                  "BLOCK_M": cfg["BLOCK_M"], "BLOCK_Q": cfg["BLOCK_M"] // 4,
                  "BLOCK_N": cfg["BLOCK_N"], "NUM_SPLITS": splits, "USE_SOFTCAP": cap,

@@ -109,22 +109,80 @@ def test_split_kv_path(tk, num_splits, window, softcap) -> None:
 
 
 def test_heuristic_splits_long_decode(tk) -> None:
-    from pagedserve.kernels.triton.attention import _num_sms, num_kv_splits
+    from pagedserve.kernels.triton.attention import launch_plan
 
     batch = make_batch([1, 1], _scaled([600, 300]), num_q_heads=4, num_kv_heads=1,
                        head_dim=32, block_size=16, dtype=torch.float32)
-    assert num_kv_splits(2, 1, 1, batch.max_seqlen_k, 16, _num_sms(batch.q.device)) > 1
+    assert launch_plan(2, 4, 1, 32, torch.float32, 1, batch.q.device)[1] > 1
     _check(tk, batch, torch.float32)
 
 
-def test_num_kv_splits_heuristic() -> None:
-    from pagedserve.kernels.triton.attention import num_kv_splits
+def test_split_counts_follow_the_batch_bucket_only() -> None:
+    """One split count per batch-size bucket, whatever the contexts: a graph captured for a
+    bucket sees one grid. Prefill-like steps never split."""
+    from pagedserve.kernels.triton.attention import launch_plan
+    from pagedserve.kernels.triton.attention_tiles import batch_bucket, num_kv_splits
 
-    assert num_kv_splits(1, 8, 1, 16384, 4, num_sms=132) == 64  # batch 1, long context
-    assert num_kv_splits(1, 8, 1, 300, 4, num_sms=132) == 1  # short context: not worth it
-    assert num_kv_splits(128, 8, 1, 16384, 4, num_sms=132) == 1  # grid already full
-    assert num_kv_splits(1, 8, 512, 16384, 4, num_sms=132) == 1  # prefill
-    assert num_kv_splits(32, 8, 1, 4096, 4, num_sms=132) == 2
+    assert num_kv_splits(1, 8, num_sms=132) == 64  # batch 1: fill the GPU along the keys
+    assert num_kv_splits(3, 8, num_sms=132) == 16  # bucket 4
+    assert num_kv_splits(32, 8, num_sms=132) == 2
+    assert num_kv_splits(128, 8, num_sms=132) == 1  # grid already full
+    for n in range(1, 300):
+        assert num_kv_splits(n, 8, 132) == num_kv_splits(batch_bucket(n), 8, 132)
+    cpu = torch.device("cpu")
+    assert launch_plan(1, 32, 8, 64, torch.float16, 512, cpu)[1] == 1  # prefill
+    assert launch_plan(1, 32, 8, 64, torch.float16, 1, cpu)[1] == num_kv_splits(1, 8, 4)
+
+
+def test_split_workspaces_are_reused_across_steps(tk) -> None:
+    """Split partials go to persistent workspaces (no allocation per call, fixed addresses for
+    graph capture): two decode steps of different batch size, same buffers, right answers."""
+    from pagedserve.kernels.triton import attention
+
+    dtype = torch.float16
+    ptrs = []
+    for seq_lens in ([90, 200], [150]):  # buckets 2 and 1: splits x sequences is the same
+        batch = make_batch([1] * len(seq_lens), _scaled(seq_lens), num_q_heads=4,
+                           num_kv_heads=1, head_dim=32, block_size=16, dtype=dtype)
+        _, splits = attention.launch_plan(len(seq_lens), 4, 1, 32, dtype, 1, batch.q.device)
+        assert splits > 1
+        _check(tk, batch, dtype)
+        ptrs.append({key: buf.data_ptr() for key, buf in attention._WORKSPACES.items()})
+    assert ptrs[0] == ptrs[1] and len(ptrs[0]) == 2
+
+
+# Whole prompts whose lengths are and are not multiples of the key tile, and chunks over a cached
+# prefix ending on and off tile boundaries, so query tiles meet the diagonal at every offset.
+PREFILL = {
+    "tile_multiples": ([16, 32, 48], [16, 32, 48]),
+    "off_tile": ([17, 31, 33], [17, 31, 33]),
+    "chunked": ([16, 20, 7, 1], [32, 37, 64, 50]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", sorted(PREFILL))
+@pytest.mark.parametrize(("heads", "block_m", "block_n"), [((8, 2), 32, 16), ((8, 2), 16, 32),
+                                                             ((4, 2), 64, 16)])
+def test_prefill_whole_tiles_unmasked_diagonal_masked(tk, dtype, name, heads, block_m,
+                                                      block_n) -> None:
+    """Prefill walks the key tiles every query row sees whole without a mask, then the diagonal
+    ones with it: the same answer as the reference for every tile-to-diagonal offset, GQA."""
+    q_lens, seq_lens = PREFILL[name]
+    batch = make_batch(q_lens, seq_lens, num_q_heads=heads[0], num_kv_heads=heads[1],
+                       head_dim=32, block_size=16, dtype=dtype)
+    launch = {"num_splits": 1, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    _check(tk, batch, dtype, launch=launch)
+
+
+@pytest.mark.parametrize("window", [24, 40])
+def test_window_edge_whole_and_diagonal_tiles(tk, window) -> None:
+    """A window shorter than the context: masked tiles at its edge, whole tiles, the diagonal."""
+    batch = make_batch([1, 30, 1, 5], [100, 100, 57, 70], num_q_heads=4, num_kv_heads=2,
+                       head_dim=32, block_size=16, dtype=torch.float32)
+    for splits in (1, 2):
+        launch = {"num_splits": splits, "BLOCK_M": 16, "BLOCK_N": 16}
+        _check(tk, batch, torch.float32, window=window, launch=launch)
 
 
 def test_cache_offsets_beyond_int32(tk) -> None:
