@@ -4,7 +4,7 @@
 # A step gets at most what is left of $BUDGET seconds (counted from $START); with DRY=1 it is only
 # printed. A step that fails or times out (rc 124) sets STATUS=1; the script goes on.
 
-: "${OUT:?OUT must be set}" "${BUDGET:=480}" "${START:=$SECONDS}" "${DRY:=0}" "${STATUS:=0}"
+: "${OUT:?OUT must be set}" "${BUDGET:=540}" "${START:=$SECONDS}" "${DRY:=0}" "${STATUS:=0}"
 
 step() {
   local name=$1 limit=$2

@@ -19,13 +19,13 @@ def _run(args: list[str], out: Path, **env: str) -> subprocess.CompletedProcess:
 def test_dry_run_lists_every_step_with_its_timeout_and_log(tmp_path: Path) -> None:
     proc = _run(["--dry-run"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for name in ("env", "model", "kernels", "kbench", "throughput"):
+    for name in ("env", "model", "kernels", "kbench", "throughput", "sweep"):
         assert f"== {name} " in proc.stdout and f"{tmp_path}/{name}.log" in proc.stdout
     assert '-m triton or cuda' in proc.stdout and "--skip-roofline" in proc.stdout
     assert "--hf-batch-sizes 64 " in proc.stdout  # transformers at one batch size
     timeouts = [int(line.split("timeout ")[1].split("s)")[0]) for line in proc.stdout.splitlines()
                 if line.startswith("== ") and "timeout" in line]
-    assert all(t <= 480 for t in timeouts), timeouts
+    assert all(t <= 540 for t in timeouts), timeouts
     assert not list(tmp_path.glob("*.log")), "a dry run runs nothing"
 
 
