@@ -181,9 +181,10 @@ def _apply_delta(completion: CompletionOutput, delta) -> None:
     completion.token_ids.extend(delta.new_token_ids)
     if completion.logprobs is not None and delta.new_logprobs is not None:
         completion.cumulative_logprob += sum(delta.new_logprobs)
-        tops = delta.new_top_logprobs or [{} for _ in delta.new_token_ids]
+        tops = delta.new_top_logprobs or [None] * len(delta.new_token_ids)
         for tok, lp, top in zip(delta.new_token_ids, delta.new_logprobs, tops):
-            completion.logprobs.append({**top, tok: lp})
+            ranked = dict(zip(top.token_ids, top.logprobs)) if top is not None else {}
+            completion.logprobs.append({**ranked, tok: lp})
     if delta.finished:
         completion.finish_reason = delta.finish_reason
 

@@ -77,17 +77,16 @@ class SamplingParams:
         _check(self.repetition_penalty > 0, "repetition_penalty",
                f"must be > 0, got {self.repetition_penalty}")
 
-    def to_proto(self, sample_index: int = 0) -> executor_pb2.SamplingParams:
-        """The executor's view; sample i of n draws from seed + i so siblings differ."""
+    def to_proto(self) -> executor_pb2.SamplingParams:
+        """The sampling half of the request; the stop rules go to the scheduler as its own
+        arguments, which also moves each of n children's seed (scheduler/scheduler.py)."""
         proto = executor_pb2.SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
             min_p=self.min_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos,
         )
         if self.seed is not None:
-            proto.seed = (self.seed + sample_index) % 2**64
+            proto.seed = self.seed % 2**64
         if self.logprobs is not None:
             proto.logprobs = self.logprobs
         for tok, bias in (self.logit_bias or {}).items():

@@ -55,9 +55,7 @@ class GenerationParams:
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias),
-            min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos,
-        )
+        )  # the stop rules travel once, in ScheduleRequest's own fields
         if self.seed is not None:
             sampling.seed = self.seed % (1 << 64)  # negative seeds are as good as any
         if self.logprobs is not None:

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pagedserve.protos import executor_pb2
+
 
 @dataclass(frozen=True)
 class RequestOutputDelta:
     """What one request gained in one step.
 
     Tokens include a stopping EOS or stop token id. logprobs are per new token, when asked for;
-    top logprobs map token id to logprob, one dict per new token.
+    top logprobs are the executor's own messages, one per new token, passed on as they came (the
+    user-facing form is made once, at the edge: the router's JSON, the offline LLM's dicts).
     """
 
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[float] | None
-    new_top_logprobs: list[dict[int, float]] | None
+    new_top_logprobs: list[executor_pb2.TopLogprobs] | None
     finished: bool
     finish_reason: str | None  # 'stop', 'length' or 'abort' once finished
     num_prompt_tokens: int

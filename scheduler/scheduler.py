@@ -18,8 +18,8 @@ from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.kv_cache_manager import KVCacheManager
 from pagedserve.scheduler.outputs import RequestOutputDelta, SchedulerStats
 from pagedserve.scheduler.request import Request, RequestStatus, StopParams
+from pagedserve.scheduler.request_spec import RequestSpec
 from pagedserve.scheduler.stop import check_stop
-from pagedserve.scheduler.validation import validate_request
 
 
 @dataclass
@@ -51,30 +51,32 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int],
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
                     sampling: executor_pb2.SamplingParams, *, max_tokens: int,
                     min_tokens: int = 0, stop_token_ids: Sequence[int] = (),
                     ignore_eos: bool = False, cache_salt: str = "", n: int = 1) -> list[str]:
-        """Queues a request; returns the ids it was queued under.
+        """Checks and queues a request (see RequestSpec); returns the ids it was queued under."""
+        return self.add(RequestSpec.create(
+            self.config, request_id, prompt_token_ids, sampling, max_tokens=max_tokens,
+            min_tokens=min_tokens, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+            cache_salt=cache_salt, n=n))
 
-        n == 1 queues it as request_id. n > 1 queues n children f"{request_id}-{i}", each with its
-        own outputs (a seeded child i draws with seed + i, so siblings differ yet stay
+    def add(self, spec: RequestSpec) -> list[str]:
+        """Queues a checked request; returns the ids it was queued under.
+
+        n == 1 queues it as its request_id. n > 1 queues n children f"{request_id}-{i}", each with
+        its own outputs (a seeded child i draws with seed + i, so siblings differ yet stay
         reproducible); they share the prompt's full blocks through the prefix cache.
-        min_tokens, stop_token_ids and ignore_eos are the stop rules; they are also written into
-        the sampling params the executor gets (its sampler masks stop tokens under min_tokens), and
-        sampling may leave those fields unset or agree with them.
         """
-        validate_request(self.config, request_id, prompt_token_ids, max_tokens=max_tokens,
-                         min_tokens=min_tokens, stop_token_ids=stop_token_ids, n=n,
-                         sampling=sampling, ignore_eos=ignore_eos)
-        ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+        n, rid0 = spec.n, spec.request_id
+        ids = [rid0] if n == 1 else [f"{rid0}-{i}" for i in range(n)]
         for rid in ids:
             if rid in self.requests:
                 raise ValueError(f"request_id {rid!r} is already in use")
-        stop = StopParams(max_tokens, min_tokens, frozenset(stop_token_ids), ignore_eos)
         for i, rid in enumerate(ids):
-            req = Request(rid, list(prompt_token_ids), _executor_sampling(sampling, stop, i, n),
-                          stop, self._num_arrivals, cache_salt)
+            req = Request(rid, list(spec.prompt_token_ids),
+                          _executor_sampling(spec.sampling, spec.stop, i, n), spec.stop,
+                          self._num_arrivals, spec.cache_salt)
             self._num_arrivals += 1
             self.requests[rid] = req
             self.waiting.append(req)
@@ -314,14 +316,14 @@ class Scheduler:
         if status is not None:
             self._retire(req, status)
         logprobs = list(out.logprobs[:taken]) if out.logprobs else None
-        top = ([dict(zip(t.token_ids, t.logprobs)) for t in out.top_logprobs[:taken]]
-               if out.top_logprobs else None)
+        top = list(out.top_logprobs[:taken]) if out.top_logprobs else None
         return _delta(req, list(out.token_ids[:taken]), logprobs, top)
 
 
 def _executor_sampling(sampling: executor_pb2.SamplingParams, stop: StopParams, child: int,
                        n: int) -> executor_pb2.SamplingParams:
-    """A copy of the sampling params carrying the stop rules, with child i's seed moved by i."""
+    """The executor's sampling params: a copy of the caller's with the stop rules written in
+    (the sampler masks stop tokens under min_tokens), and child i's seed moved by i."""
     out = executor_pb2.SamplingParams()
     out.CopyFrom(sampling)
     out.min_tokens = stop.min_tokens
@@ -333,7 +335,7 @@ def _executor_sampling(sampling: executor_pb2.SamplingParams, stop: StopParams, 
 
 
 def _delta(req: Request, token_ids: list[int], logprobs: list[float] | None,
-           top: list[dict[int, float]] | None) -> RequestOutputDelta:
+           top: list[executor_pb2.TopLogprobs] | None) -> RequestOutputDelta:
     return RequestOutputDelta(
         request_id=req.request_id, new_token_ids=token_ids, new_logprobs=logprobs,
         new_top_logprobs=top, finished=req.status.is_finished,

@@ -27,9 +27,9 @@ from pagedserve.protos import executor_pb2, scheduler_pb2
 from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.executor_client import AsyncExecutorConnection, ExecutorGone
 from pagedserve.scheduler.outputs import RequestOutputDelta
+from pagedserve.scheduler.request_spec import RequestSpec
 from pagedserve.scheduler.scheduler import Scheduler
 from pagedserve.scheduler.step_timing import StepTimings
-from pagedserve.scheduler.validation import validate_request
 
 log = structlog.get_logger("pagedserve.scheduler.step_loop")
 
@@ -58,7 +58,7 @@ class StepLoop:
         self.ready = asyncio.Event()  # set once the first executor described itself
         self._wake = asyncio.Event()
         self._streams: dict[str, DeltaSink] = {}
-        self._pending_adds: list[scheduler_pb2.ScheduleRequest] = []
+        self._pending_adds: list[RequestSpec] = []
         self._pending_aborts: list[str] = []
         self._in_step = False
         self._flush_forgets = False
@@ -199,31 +199,22 @@ class StepLoop:
         assert self.scheduler is not None, "submit before the executor was described"
         if req.request_id in self._streams:
             raise KeyError(req.request_id)
-        if not req.max_tokens:  # 0: as many as fit in max_model_len
-            req.max_tokens = max(1, self.scheduler.config.max_model_len - len(
-                req.prompt_token_ids))
-        validate_request(self.scheduler.config, req.request_id, req.prompt_token_ids,
-                         max_tokens=req.max_tokens, min_tokens=req.min_tokens,
-                         stop_token_ids=req.stop_token_ids, n=1)
+        spec = RequestSpec.from_proto(self.scheduler.config, req)  # checked once, here
         sink = asyncio.Queue() if sink is None else sink
         self._streams[req.request_id] = sink
-        self._pending_adds.append(req)
+        self._pending_adds.append(spec)
         if not self._in_step:
             self._apply_pending()
         self._wake.set()
         return sink
 
-    def _add(self, req: scheduler_pb2.ScheduleRequest) -> None:
+    def _add(self, spec: RequestSpec) -> None:
         assert self.scheduler is not None
         try:
-            self.scheduler.add_request(
-                req.request_id, list(req.prompt_token_ids), req.sampling,
-                max_tokens=req.max_tokens, min_tokens=req.min_tokens,
-                stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
-                cache_salt=req.cache_salt)
-        except ValueError as e:
-            log.warning("request rejected", request_id=req.request_id, error=str(e))
-            self._close_stream(req.request_id, notify=True)
+            self.scheduler.add(spec)
+        except ValueError as e:  # an id in use: the checks themselves ran in submit()
+            log.warning("request rejected", request_id=spec.request_id, error=str(e))
+            self._close_stream(spec.request_id, notify=True)
 
     def abort(self, request_id: str, *, notify: bool = True) -> bool:
         """Aborts a request (now, or after the step in flight); its stream gets a final 'abort'."""

@@ -12,8 +12,7 @@ def append_delta(out: scheduler_pb2.TokenOutput, delta: RequestOutputDelta) -> N
     """Adds one step's delta to `out` (several deltas of one request can share a message)."""
     out.token_ids.extend(delta.new_token_ids)
     out.logprobs.extend(delta.new_logprobs or ())
-    for top in delta.new_top_logprobs or ():
-        out.top_logprobs.add(token_ids=list(top), logprobs=list(top.values()))
+    out.top_logprobs.extend(delta.new_top_logprobs or ())
     out.num_prompt_tokens = max(out.num_prompt_tokens, delta.num_prompt_tokens)
     out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
     if delta.finished:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pagedserve.protos import executor_pb2
 from pagedserve.scheduler.config import SchedulerConfig
 
 
@@ -18,23 +17,9 @@ def _check_token_ids(name: str, token_ids: Sequence[int]) -> None:
             raise ValueError(f"{name} must hold non-negative int32 token ids, got {t!r}")
 
 
-def _check_sampling_agrees(sampling: executor_pb2.SamplingParams, min_tokens: int,
-                           stop_token_ids: Sequence[int], ignore_eos: bool) -> None:
-    """The stop rules travel in sampling too; values set there must not contradict them."""
-    if sampling.min_tokens not in (0, min_tokens):
-        raise ValueError(f"sampling.min_tokens={sampling.min_tokens} but min_tokens={min_tokens}")
-    if sampling.stop_token_ids and set(sampling.stop_token_ids) != set(stop_token_ids):
-        raise ValueError(f"sampling.stop_token_ids={list(sampling.stop_token_ids)} but "
-                         f"stop_token_ids={list(stop_token_ids)}")
-    if sampling.ignore_eos and not ignore_eos:
-        raise ValueError("sampling.ignore_eos is set but ignore_eos is False")
-
-
 def validate_request(config: SchedulerConfig, request_id: str, prompt_token_ids: Sequence[int], *,
-                     max_tokens: int, min_tokens: int, stop_token_ids: Sequence[int], n: int,
-                     sampling: executor_pb2.SamplingParams | None = None,
-                     ignore_eos: bool = False) -> None:
-    """Raises ValueError naming the first bad field; sampling, when given, must agree."""
+                     max_tokens: int, min_tokens: int, stop_token_ids: Sequence[int], n: int) -> None:
+    """Raises ValueError naming the first bad field (RequestSpec.create is the one caller)."""
     if not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
     if len(prompt_token_ids) == 0:
@@ -50,5 +35,3 @@ def validate_request(config: SchedulerConfig, request_id: str, prompt_token_ids:
         raise ValueError(f"min_tokens must be an int in [0, max_tokens], got {min_tokens!r}")
     if not _is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if sampling is not None:
-        _check_sampling_agrees(sampling, min_tokens, stop_token_ids, ignore_eos)

@@ -107,7 +107,7 @@ def test_logprobs_reach_the_delta() -> None:
     out = run(sched)
     a = [d for d in out.deltas if d.request_id == "a"]
     assert all(d.new_logprobs is not None and len(d.new_logprobs) == 1 for d in a)
-    assert all(d.new_top_logprobs is not None and len(d.new_top_logprobs[0]) == 2 for d in a)
+    assert all(d.new_top_logprobs is not None and len(d.new_top_logprobs[0].token_ids) == 2 for d in a)
     b = [d for d in out.deltas if d.request_id == "b"]
     assert all(d.new_logprobs is None and d.new_top_logprobs is None for d in b)
     assert all(d.num_prompt_tokens == 3 for d in out.deltas)
@@ -117,7 +117,7 @@ def test_logprobs_reach_the_delta() -> None:
     ({"prompt_token_ids": []}, "prompt_token_ids"),
     ({"prompt_token_ids": [1] * 129}, "max_model_len"),
     ({"prompt_token_ids": [-1]}, "prompt_token_ids"),
-    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -1}, "max_tokens"),  # 0 means what the context leaves
     ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
     ({"stop_token_ids": [-3]}, "stop_token_ids"),
     ({"n": 0}, "n"),

@@ -1,6 +1,5 @@
 """Stop rules: EOS, stop token ids, min_tokens, ignore_eos, max_tokens, max_model_len."""
 
-import pytest
 from sched_fakes import GREEDY, DrivenScheduler, FakeExecutor, run
 
 from pagedserve.protos import executor_pb2
@@ -69,16 +68,24 @@ def test_the_executor_gets_the_stop_rules_in_sampling() -> None:
     assert GREEDY.min_tokens == 0 and not GREEDY.stop_token_ids  # the caller's copy is untouched
 
 
-@pytest.mark.parametrize("sampling,field", [
-    (executor_pb2.SamplingParams(min_tokens=3), "min_tokens"),
-    (executor_pb2.SamplingParams(stop_token_ids=[5]), "stop_token_ids"),
-    (executor_pb2.SamplingParams(ignore_eos=True), "ignore_eos"),
-])
-def test_sampling_must_agree_with_the_stop_rules(sampling: object, field: str) -> None:
+def test_the_stop_rules_have_one_owner_and_sampling_copies_are_not_read() -> None:
+    """ScheduleRequest's own fields own the stop rules; whatever the caller's SamplingParams says
+    of them is overwritten in the executor's copy, and the caller's message is not edited."""
     fake = FakeExecutor(block_size=4, num_blocks=32, max_model_len=64)
     sched = DrivenScheduler(SchedulerConfig(block_size=4, num_kv_blocks=32, max_model_len=64), fake)
-    with pytest.raises(ValueError, match=field):
-        sched.add_request("r", [7], sampling, max_tokens=5)  # type: ignore[arg-type]
-    agreeing = executor_pb2.SamplingParams(min_tokens=3, stop_token_ids=[5], ignore_eos=True)
-    sched.add_request("ok", [7], agreeing, max_tokens=5, min_tokens=3, stop_token_ids=[5],
-                      ignore_eos=True)
+    contrary = executor_pb2.SamplingParams(min_tokens=4, stop_token_ids=[8], ignore_eos=True)
+    sched.add_request("r", [7], contrary, max_tokens=5, min_tokens=1, stop_token_ids=[5])
+    sched.step()
+    sent = fake.state["r"].sampling
+    assert (sent.min_tokens, list(sent.stop_token_ids), sent.ignore_eos) == (1, [5], False)
+    assert (contrary.min_tokens, list(contrary.stop_token_ids)) == (4, [8])
+
+
+def test_max_tokens_zero_is_what_the_context_leaves() -> None:
+    from pagedserve.protos import scheduler_pb2
+    from pagedserve.scheduler.request_spec import RequestSpec
+
+    cfg = SchedulerConfig(block_size=4, num_kv_blocks=32, max_model_len=64)
+    req = scheduler_pb2.ScheduleRequest(request_id="r", prompt_token_ids=[7] * 10, max_tokens=0)
+    assert RequestSpec.from_proto(cfg, req).stop.max_tokens == 54
+    assert req.max_tokens == 0  # the caller's message is not edited
