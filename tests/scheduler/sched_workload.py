@@ -9,7 +9,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from sched_fakes import (
+from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.scheduler import Scheduler
+from tests.scheduler.sched_fakes import (
     GREEDY,
     DrivenScheduler,
     FakeExecutor,
@@ -18,9 +20,6 @@ from sched_fakes import (
     check_invariants,
     collect,
 )
-
-from pagedserve.scheduler.config import SchedulerConfig
-from pagedserve.scheduler.scheduler import Scheduler
 
 EOS = 0
 STOP_ID = 1

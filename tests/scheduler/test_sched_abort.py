@@ -1,6 +1,14 @@
 """Aborts at any time free every block and tell the executor to forget only what it knows."""
 
-from sched_fakes import GREEDY, Outcome, assert_all_free, check_invariants, collect, make, run
+from tests.scheduler.sched_fakes import (
+    GREEDY,
+    Outcome,
+    assert_all_free,
+    check_invariants,
+    collect,
+    make,
+    run,
+)
 
 
 def test_abort_waiting_request_never_reaches_the_executor() -> None:

@@ -1,9 +1,9 @@
 """Continuous batching: budgets, chunked prompts, and the shape of plans."""
 
 import pytest
-from sched_fakes import GREEDY, assert_all_free, make, run
 
 from pagedserve.protos import executor_pb2
+from tests.scheduler.sched_fakes import GREEDY, assert_all_free, make, run
 
 
 def test_a_request_runs_to_max_tokens() -> None:

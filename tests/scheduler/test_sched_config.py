@@ -1,12 +1,12 @@
 """SchedulerConfig validation and the scheduler's agreement check with the executor."""
 
 import pytest
-from sched_fakes import FakeExecutor
 
 from pagedserve.protos import executor_pb2
 from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.driver import StepDriver
 from pagedserve.scheduler.scheduler import Scheduler
+from tests.scheduler.sched_fakes import FakeExecutor
 
 
 def test_defaults() -> None:

@@ -7,7 +7,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 st = pytest.importorskip("hypothesis.strategies")
 
-from sched_workload import check_workload, random_workload  # noqa: E402
+from tests.scheduler.sched_workload import check_workload, random_workload  # noqa: E402
 
 
 @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)

@@ -1,9 +1,17 @@
 """Preemption by recompute under a tiny block pool."""
 
 import pytest
-from sched_fakes import GREEDY, FakeExecutor, Outcome, assert_all_free, collect, make, run
 
 from pagedserve.scheduler.scheduler import Scheduler
+from tests.scheduler.sched_fakes import (
+    GREEDY,
+    FakeExecutor,
+    Outcome,
+    assert_all_free,
+    collect,
+    make,
+    run,
+)
 
 
 def workload(sched: Scheduler) -> None:

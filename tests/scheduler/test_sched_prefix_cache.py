@@ -1,12 +1,11 @@
 """Chained block hashes, longest-prefix lookup, and sharing of prompt blocks between requests."""
 
-from sched_fakes import GREEDY, assert_all_free, make, run
-
 from pagedserve.protos import executor_pb2
 from pagedserve.scheduler.block_hash import extend_block_hashes, hash_block
 from pagedserve.scheduler.block_pool import BlockPool
 from pagedserve.scheduler.prefix_cache import PrefixCache
 from pagedserve.scheduler.request import Request, StopParams
+from tests.scheduler.sched_fakes import GREEDY, assert_all_free, make, run
 
 
 def request(tokens: list[int], salt: str = "") -> Request:

@@ -3,7 +3,8 @@
 import random
 
 import pytest
-from sched_workload import check_workload, random_workload
+
+from tests.scheduler.sched_workload import check_workload, random_workload
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -1,6 +1,6 @@
 """reset_executor_state(): a restarted executor is refilled by recompute, losing no request."""
 
-from sched_fakes import GREEDY, Outcome, assert_all_free, collect, make, run
+from tests.scheduler.sched_fakes import GREEDY, Outcome, assert_all_free, collect, make, run
 
 
 def workload(sched: object) -> None:

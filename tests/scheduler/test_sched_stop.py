@@ -1,9 +1,8 @@
 """Stop rules: EOS, stop token ids, min_tokens, ignore_eos, max_tokens, max_model_len."""
 
-from sched_fakes import GREEDY, DrivenScheduler, FakeExecutor, run
-
 from pagedserve.protos import executor_pb2
 from pagedserve.scheduler.config import SchedulerConfig
+from tests.scheduler.sched_fakes import GREEDY, DrivenScheduler, FakeExecutor, run
 
 EOS = 2
 
