@@ -239,20 +239,27 @@ async def _wait_disconnect(receive: Any) -> None:
         pass
 
 
-def _count_disconnect(app: Any) -> None:
-    app.state.core.metrics.aborted.inc(reason="client_disconnect")
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await work, cancelling it (and so the scheduler calls) if the client goes away first."""
+async def _until_disconnect(work: Awaitable[T], receive: Any) -> asyncio.Future[T]:
+    """Runs work until it ends or the client goes away, whichever is first; returns work's task,
+    cancelled in the second case (which cancels its scheduler calls too)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for t in (task, watcher):
             t.cancel()
         await asyncio.gather(task, watcher, return_exceptions=True)
+    return task
+
+
+def _count_disconnect(app: Any) -> None:
+    app.state.core.metrics.aborted.inc(reason="client_disconnect")
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await work, cancelling it if the client goes away first."""
+    task = await _until_disconnect(work, request.receive)
     if task.cancelled():
         log.info("client disconnected; request cancelled")
         _count_disconnect(request.app)
@@ -264,14 +271,9 @@ class _SSEResponse(StreamingResponse):
     """Server-sent events that stop the generation as soon as the client goes away."""
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        streamer = asyncio.ensure_future(self.stream_response(send))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
         try:
-            await asyncio.wait({streamer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            streamer = await _until_disconnect(self.stream_response(send), receive)
         finally:
-            for t in (streamer, watcher):
-                t.cancel()
-            await asyncio.gather(streamer, watcher, return_exceptions=True)
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
         error = None if streamer.cancelled() else streamer.exception()
         if streamer.cancelled() or isinstance(error, OSError):  # the client left mid-stream
