@@ -5,9 +5,8 @@ that opens parallel regions. gRPC runs handlers on pool threads, so a model load
 thread and stepped on a handler thread gives the process two teams; libgomp then counts more
 threads than CPUs and stops its workers spinning between regions. They sleep at every barrier,
 about a hundred times per decode step, and on a machine shared with the router, the scheduler and
-clients each wake-up waits for a CPU (measured on a 2-core Zen 3: the worker thread ran 73% of
-the step time against 100% in the offline LLM, where the caller's thread does both). Running
-everything on this thread keeps one team, as offline.
+clients each wake-up waits for a CPU (docs/benchmarks.md, "CPU GEMM paths", has the figure).
+Running everything on this thread keeps one team, as offline.
 """
 
 from __future__ import annotations

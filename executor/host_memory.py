@@ -46,7 +46,7 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     """A zeroed CPU tensor whose memory the kernel is asked to back with 2 MiB pages.
 
     Paged attention reads K/V pages scattered over the whole cache; with 4 KiB pages nearly every
-    page it touches is a TLB miss (measured: decode attention 10-25% faster on 2 MiB pages). Where
+    page it touches is a TLB miss (docs/benchmarks.md, "CPU GEMM paths", has the gain). Where
     transparent huge pages are off or madvise fails this is plain memory, same results.
     """
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()

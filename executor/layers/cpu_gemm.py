@@ -1,19 +1,18 @@
 """Weights pre-packed for the CPU's GEMMs: oneDNN's blocked layout, or panel_gemm's panels.
 
 F.linear on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call; at
-the few dozen rows of a decode step that reorder is a large share of the multiply. Packing once at
-load makes decode-sized GEMMs 1.2-1.9x faster on a Zen 4 (M = 7..100; the same at M >= 256) with
-bit-identical results. float32 F.linear goes through another GEMM library; oneDNN with packed
-weights is 1.2-3.5x faster than it on a Zen 3 (AVX2) at M >= 8, summing in another order. A probe
-checks each weight before its packed form is used: bf16 must match F.linear bit for bit (a
-rounding flip there is a whole bf16 ulp), float32 within what reordering the same sums can change.
+the few dozen rows of a decode step that reorder is a large share of the multiply, so weights are
+packed once at load (bit-identical results). float32 F.linear goes through another GEMM library,
+slower than oneDNN with packed weights at all but the smallest row counts. A probe checks each
+weight before its packed form is used: bf16 must match F.linear bit for bit (a rounding flip there
+is a whole bf16 ulp), float32 within what reordering the same sums can change.
 
 On CPUs with AVX2 but no AVX-512 a float32 weight takes kernels/cpu/panel_gemm's panels instead,
-at every row count: oneDNN streams a decode step's weights at a third to a half of memory speed
-there, and at prompt sizes, where both are bound by the FMA units, the panels' 6 x 16 tile ran
-15-20% faster (185-190 GFLOP/s against 150-165 on a Zen 3, the model's shapes, 64-8192 rows,
-interleaved best-of-5 rounds). The panels also share work out dynamically, so a thread the OS
-preempts does not hold its partner at the end. A weight in panels keeps no oneDNN copy.
+at every row count: oneDNN streams a decode step's weights well below memory speed there, and at
+prompt sizes, where both are bound by the FMA units, the panels' 6 x 16 tile is faster too. The
+panels share work out dynamically, so a thread the OS preempts does not hold its partner at the
+end. A weight in panels keeps no oneDNN copy. The figures, with machines and dates:
+docs/benchmarks.md, "CPU GEMM paths".
 """
 
 from __future__ import annotations

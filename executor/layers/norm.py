@@ -1,4 +1,4 @@
-"""RMSNorm as a module; the arithmetic is the backend's (Triton on CUDA, reference on the CPU)."""
+"""RMSNorm as a module; the arithmetic is the kernel backend's (executor/backend.py picks it)."""
 
 from __future__ import annotations
 

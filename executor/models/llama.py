@@ -146,7 +146,7 @@ class LlamaFamilyForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, backend: ModuleType):
         super().__init__()
         self.config = config
-        self.backend = backend  # the kernels every layer calls (kernels.reference or .triton)
+        self.backend = backend  # the kernels every layer calls (a KernelBackend)
         self.model = LlamaModel(config, backend)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
