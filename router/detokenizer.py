@@ -21,7 +21,7 @@ U+FFFD included, so the concatenated deltas equal decode(all tokens).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from pagedserve.router.tokenizer import Tokenizer
 
@@ -58,9 +58,6 @@ class IncrementalDetokenizer:
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         return full_text[len(prefix_text):]
-
-    def push_many(self, token_ids: Iterable[int]) -> str:
-        return "".join(self.push(t) for t in token_ids)
 
     def flush(self) -> str:
         """The text still held back (an incomplete character decodes as U+FFFD); call once, last."""
