@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedserve.kernels import cpu, reference
+from pagedserve.kernels import cpu
 from pagedserve.kernels.cpu import attention as cpu_attention
 from pagedserve.kernels.cpu import build
 from tests.kernels.common import dense_attention, make_batch, poisoned, rel_err, require_cpu_kernel
@@ -113,13 +113,13 @@ def test_strided_queries_like_a_fused_qkv_split() -> None:
     assert rel_err(out, dense_attention(batch, 0.2, 0, 0.0)) < TOL[torch.float32]
 
 
-def test_unsupported_dtype_falls_back_to_the_reference() -> None:
+def test_an_unsupported_dtype_is_still_right() -> None:
+    """float16 has no C path: the fallback's answer is checked against dense attention."""
     batch = _on_cpu(make_batch([1, 3], [20, 9], num_q_heads=4, num_kv_heads=2, head_dim=32,
                                block_size=8, dtype=torch.float16))
-    out, ref = (poisoned(batch.q.shape, torch.float16, CPU) for _ in range(2))
+    out = poisoned(batch.q.shape, torch.float16, CPU)
     cpu.paged_attention(*batch.args(), out, scale=0.2, **batch.bounds())
-    reference.paged_attention(*batch.args(), ref, scale=0.2, **batch.bounds())
-    assert torch.equal(out, ref)
+    assert rel_err(out, dense_attention(batch, 0.2, 0, 0.0)) < 2e-3  # float16 output rounding
 
 
 def test_one_openmp_runtime_in_the_process() -> None:

@@ -40,10 +40,21 @@ def test_bit_identical_to_reference(dtype, heads, kv_heads, head_dim, rotary_dim
     assert not torch.equal(q, _qk(37, heads, kv_heads, head_dim, dtype)[1])
 
 
-def test_gptj_pairing_goes_to_the_reference() -> None:
+def _interleaved_rotation(x: torch.Tensor, cache: torch.Tensor,
+                          positions: torch.Tensor) -> torch.Tensor:
+    """gpt-j pairing written independently: element pairs (2i, 2i+1) are complex numbers turned
+    by angle i of the position (the cache holds cos for each i, then sin)."""
+    half = cache.shape[1] // 2
+    cos, sin = cache[positions, :half], cache[positions, half:]
+    turn = torch.complex(cos, sin).to(torch.complex128)[:, None, :]
+    pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(pairs * turn).flatten(-2)
+
+
+def test_gptj_pairing_turns_interleaved_pairs() -> None:
     _, q, k = _qk(5, 4, 2, 32, torch.float32)
-    q2, k2 = q.clone(), k.clone()
-    cache, positions = torch.randn(50, 32), torch.arange(5)
+    angles = torch.rand(50, 16) * 6.28
+    cache, positions = torch.cat([angles.cos(), angles.sin()], dim=1), torch.arange(5) * 7
+    want_q, want_k = (_interleaved_rotation(t, cache, positions) for t in (q, k))
     rotary_embedding(positions, q, k, cache, is_neox=False)
-    reference.rotary_embedding(positions, q2, k2, cache, is_neox=False)
-    assert torch.equal(q, q2) and torch.equal(k, k2)
+    assert torch.allclose(q.double(), want_q, atol=1e-5) and torch.allclose(k.double(), want_k, atol=1e-5)
