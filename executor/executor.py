@@ -11,20 +11,23 @@ A request whose scheduled tokens stop short of the end (a prompt chunk) produces
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
+
 from pagedserve.executor.config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
 from pagedserve.executor.host_memory import keep_freed_memory
-from pagedserve.executor.input_batch import InputBatch
+from pagedserve.executor.input_batch import InputBatch, StepInputs
 from pagedserve.executor.kv_cache import KVCache
+from pagedserve.executor.layers.attention import PagedAttention
 from pagedserve.executor.loader import load_model
 from pagedserve.executor.request_state import RequestState
 from pagedserve.executor.sampler import (
+    HostSamplerOutput,
     Sampler,
-    SamplerOutput,
-    build_sampling_metadata,
     check_sampling_params,
+    upload,
 )
 from pagedserve.protos import executor_pb2
 
@@ -57,6 +60,18 @@ class Executor:
                                 device=self.device)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, RequestState] = {}
+        self._compile_attention_kernels()
+
+    def _compile_attention_kernels(self) -> None:
+        """On CUDA, every Triton attention variant the steps can launch compiles now, not in a
+        step (kernels/triton/precompile.py); the elementwise kernels compile at the first step."""
+        warmup = getattr(getattr(self.model, "backend", None), "warmup", None)
+        layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        if self.device.type != "cuda" or warmup is None or not layers:
+            return
+        warmup(self.kv_cache.k[0], self.kv_cache.v[0], num_q_heads=layers[0].num_heads,
+               max_num_seqs=self.config.max_num_seqs, softcap=layers[0].softcap,
+               sliding_windows={layer.sliding_window for layer in layers})
 
     def _num_kv_blocks(self) -> int:
         mc, config = self.model_config, self.config
@@ -122,17 +137,28 @@ class Executor:
         if not rows:
             return []
         samplers = [states[i] for i in rows]
-        logits = self.model.compute_logits(hidden[inputs.last_token_indices[rows]])
-        md = build_sampling_metadata(
+        logits = self.model.compute_logits(hidden[self._sampled_rows(inputs, scheduled, rows)])
+        md = self.sampler.metadata(
             samplers, vocab_size=self.model_config.vocab_size,
             eos_token_ids=self.model_config.eos_token_ids,
             token_ids=lambda: self.batch.token_table(samplers), device=logits.device,
         )
-        out = self.sampler(logits, md)
+        out = self.sampler(logits, md).to_host()  # the step's one read of the device
         outputs = _request_outputs(samplers, out, md.num_logprobs)
-        for state, token in zip(samplers, out.token_ids.tolist()):
+        for state, token in zip(samplers, out.token_ids):
             self.batch.append_token(state, token)
         return outputs
+
+    def _sampled_rows(self, inputs: StepInputs, scheduled: list[tuple[RequestState, int]],
+                      rows: list[int]) -> torch.Tensor:
+        """The flat-batch rows (last tokens) of the requests that sample. When some requests do
+        not (a prompt chunk), the rows are worked out on the host, where the scheduled counts are,
+        and sent with a non-blocking copy: indexing a device tensor with a Python list would
+        copy the list with a blocking one."""
+        if len(rows) == len(scheduled):
+            return inputs.last_token_indices
+        ends = list(itertools.accumulate(n for _, n in scheduled))
+        return upload([ends[i] - 1 for i in rows], torch.int64, self.device)
 
     # ---- plan validation ----------------------------------------------------------------------
 
@@ -208,19 +234,15 @@ class Executor:
                              f"max_model_len needs ({self.batch.max_blocks_per_seq})")
 
 
-def _request_outputs(states: list[RequestState], out: SamplerOutput,
+def _request_outputs(states: list[RequestState], out: HostSamplerOutput,
                      num_logprobs: list[int]) -> list[executor_pb2.RequestOutput]:
-    tokens = out.token_ids.tolist()
-    sampled_lp = out.logprobs.tolist() if out.logprobs is not None else None
-    top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
-    top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
     outputs = []
     for i, state in enumerate(states):
-        o = executor_pb2.RequestOutput(request_id=state.request_id, token_ids=[tokens[i]])
+        o = executor_pb2.RequestOutput(request_id=state.request_id, token_ids=[out.token_ids[i]])
         k = num_logprobs[i]
         if k >= 0:
-            o.logprobs.append(sampled_lp[i])
+            o.logprobs.append(out.logprobs[i])
         if k > 0:
-            o.top_logprobs.add(token_ids=top_ids[i][:k], logprobs=top_lp[i][:k])
+            o.top_logprobs.add(token_ids=out.top_token_ids[i][:k], logprobs=out.top_logprobs[i][:k])
         outputs.append(o)
     return outputs

@@ -21,6 +21,12 @@ model on the CPU.
 
 Why EOS is masked under min_tokens only when not ignore_eos: with ignore_eos the scheduler does not
 stop on EOS, so EOS is an ordinary token there and min_tokens need not keep it out.
+
+On CUDA every read of a device value by the host (item, tolist, nonzero, bool() of a tensor) and
+every blocking copy to the device waits for all queued work. So a step makes exactly one: which rows
+are greedy, and which of the others apply top-k / top-p / min-p / penalties, is decided on the host
+from the parameters; the step's parameters travel in one buffer per dtype (pinned, one non-blocking
+copy each); the results come back in one read (SamplerOutput.to_host).
 """
 
 from __future__ import annotations
@@ -29,39 +35,75 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
 from pagedserve.executor.request_state import RequestState
 from pagedserve.protos import executor_pb2
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy
+# The same bound in float32, where the parameters live (proto floats): the host compares as the
+# device would.
+_GREEDY_EPS32 = float(np.float32(GREEDY_EPS))
 _MASK32 = 0xFFFFFFFF
 
 
 @dataclass
-class SamplingMetadata:
-    """Per-row sampling parameters as tensors; row i is the i-th request that samples this step."""
+class RowSet:
+    """Some of a batch's rows, chosen on the host from the parameters (no device read chooses them)."""
 
-    temperature: torch.Tensor  # [S] float32; < GREEDY_EPS means greedy
-    top_k: torch.Tensor  # [S] int64; vocab_size when disabled
-    top_p: torch.Tensor  # [S] float32; 1 when disabled
-    min_p: torch.Tensor  # [S] float32; 0 when disabled
-    presence_penalty: torch.Tensor  # [S] float32
-    frequency_penalty: torch.Tensor  # [S] float32
-    repetition_penalty: torch.Tensor  # [S] float32; 1 when disabled
-    seeds: torch.Tensor  # [S, 2] int64: low and high 32 bits of the seed
-    seeded: torch.Tensor  # [S] bool; unseeded rows get seeds from the sampler's generator
-    output_positions: torch.Tensor  # [S] int64: outputs so far = index of the token sampled now
+    rows: list[int]
+    index: torch.Tensor | None  # the rows on the device, for gathers; None when they are every row
+
+    @classmethod
+    def of(cls, rows: list[int], num_rows: int, device: torch.device) -> RowSet:
+        """With its own index (a blocking copy on CUDA; the sampler's come inside its one upload)."""
+        every = len(rows) == num_rows
+        return cls(rows, None if every else torch.tensor(rows, dtype=torch.int64, device=device))
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.index is None else t[self.index]
+
+    def put(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """x with these rows replaced by values (written into x unless they are every row)."""
+        if self.index is None:
+            return values
+        x[self.index] = values
+        return x
+
+
+@dataclass
+class SamplingMetadata:
+    """One step's sampling parameters on the device, and the choices the host made from them.
+
+    Row i of the batch is the i-th request that samples this step (S rows). Rows drawn at random
+    are `random` (R of them); the others take the argmax and need no parameters. The [R] fields
+    hold the random rows' values in that order; tensors are None where nothing reads them.
+    """
+
+    random: RowSet  # rows with temperature >= GREEDY_EPS
+    temperature: torch.Tensor | None  # [R] float32
+    top_k: torch.Tensor | None  # [R] int64; vocab_size when disabled
+    top_p: torch.Tensor | None  # [R] float32; 1 when disabled
+    min_p: torch.Tensor | None  # [R] float32; 0 when disabled
+    seeds: torch.Tensor | None  # [R, 2] int64: low and high 32 bits of the seed
+    output_positions: torch.Tensor | None  # [R] int64: outputs so far = index of the token sampled now
+    top_k_rows: RowSet  # positions among the random rows whose top_k < vocab_size
+    max_top_k: int  # the largest top_k among them
+    top_p_rows: RowSet  # positions among the random rows whose top_p < 1
+    use_min_p: bool  # some random row has min_p > 0
+    unseeded: list[int]  # positions among the random rows whose seed the sampler still draws
     num_logprobs: list[int]  # per row: -1 none, else the number of top logprobs wanted
-    # Penalties read the tokens: row i holds prompt then output, valid up to num_tokens[i].
-    token_ids: torch.Tensor | None  # [S, L] int64, or None when no row has a penalty
+    # Penalties read the tokens: row i holds prompt then output, valid up to num_tokens[i]. All
+    # five are None when no row has a penalty.
+    presence_penalty: torch.Tensor | None  # [S] float32
+    frequency_penalty: torch.Tensor | None  # [S] float32
+    repetition_penalty: torch.Tensor | None  # [S] float32; 1 when disabled
+    token_ids: torch.Tensor | None  # [S, L] int64
     prompt_lens: torch.Tensor | None  # [S] int64
     num_tokens: torch.Tensor | None  # [S] int64
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values)
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) set to -inf
-
-    @property
-    def greedy(self) -> torch.Tensor:
-        return self.temperature < GREEDY_EPS
 
 
 @dataclass
@@ -70,6 +112,32 @@ class SamplerOutput:
     logprobs: torch.Tensor | None  # [S] float32: raw logprob of each sampled token
     top_token_ids: torch.Tensor | None  # [S, K] int64, K = the largest num_logprobs of the step
     top_logprobs: torch.Tensor | None  # [S, K] float32
+
+    def to_host(self) -> HostSamplerOutput:
+        """The same as Python lists, read back in one transfer (the step's one sync on CUDA)."""
+        if self.logprobs is None:
+            return HostSamplerOutput(self.token_ids.tolist(), None, None, None)
+        # float64 holds every token id (< 2**53) and float32 logprob exactly: one tensor, one read.
+        cols = [self.token_ids[:, None], self.logprobs[:, None]]
+        if self.top_token_ids is not None:
+            cols += [self.top_token_ids, self.top_logprobs]
+        rows = torch.cat([c.double() for c in cols], dim=1).tolist()
+        out = HostSamplerOutput([int(r[0]) for r in rows], [r[1] for r in rows], None, None)
+        if self.top_token_ids is not None:
+            k = self.top_token_ids.shape[1]
+            out.top_token_ids = [[int(t) for t in r[2 : 2 + k]] for r in rows]
+            out.top_logprobs = [r[2 + k :] for r in rows]
+        return out
+
+
+@dataclass
+class HostSamplerOutput:
+    """SamplerOutput read back: per row, its token, and the logprobs when some row asked."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_token_ids: list[list[int]] | None  # K per row
+    top_logprobs: list[list[float]] | None
 
 
 def check_sampling_params(request_id: str, p: executor_pb2.SamplingParams, vocab_size: int) -> None:
@@ -100,6 +168,58 @@ def check_sampling_params(request_id: str, p: executor_pb2.SamplingParams, vocab
             raise bad(field, why)
 
 
+def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device with no blocking copy: from pinned memory, non-blocking, on CUDA."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+class _HostPack:
+    """Host values of one dtype laid end to end and sent to the device in one non-blocking copy
+    (from pinned memory on CUDA), instead of one blocking copy per parameter. The caching host
+    allocator keeps a pinned buffer from reuse until the copy that reads it has run."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.values: list = []
+        self.slots: list[tuple[str, tuple[int, ...], int | torch.Tensor]] = []  # name, shape, source
+
+    def add(self, name: str, values: list, shape: tuple[int, ...] | None = None) -> None:
+        self.slots.append((name, shape or (len(values),), len(self.values)))
+        self.values += values
+
+    def add_rows(self, name: str, rows: list[int], num_rows: int) -> None:
+        """A RowSet's index, needed only when the rows are some but not all."""
+        if 0 < len(rows) < num_rows:
+            self.add(name, rows)
+
+    def add_table(self, name: str, table: torch.Tensor) -> None:
+        self.slots.append((name, tuple(table.shape), table))
+
+    def upload(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every slot by name, as a view of the one device copy (on the CPU: the host tensors)."""
+        tables = [src for _, _, src in self.slots if isinstance(src, torch.Tensor)]
+        if not self.values and not tables:
+            return {}
+        on_host, pin = device.type == "cpu", device.type == "cuda"
+        host = torch.tensor(self.values, dtype=self.dtype, pin_memory=pin and not tables)
+        if tables and not on_host:
+            parts = [host, *(t.reshape(-1).to(self.dtype) for t in tables)]
+            total = sum(t.numel() for t in parts)
+            host = torch.cat(parts, out=torch.empty(total, dtype=self.dtype, pin_memory=pin))
+        dev = host.to(device, non_blocking=True)
+        out, offset = {}, len(self.values)
+        for name, shape, src in self.slots:
+            if isinstance(src, int):
+                out[name] = dev[src : src + math.prod(shape)].view(shape)
+            elif on_host:
+                out[name] = src.to(self.dtype)
+            else:
+                out[name] = dev[offset : offset + src.numel()].view(shape)
+                offset += src.numel()
+        return out
+
+
 def build_sampling_metadata(
     requests: Sequence[RequestState],
     *,
@@ -107,72 +227,119 @@ def build_sampling_metadata(
     eos_token_ids: Sequence[int],
     token_ids: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
 ) -> SamplingMetadata:
-    """Gather the requests' parameters into tensors (one list per parameter, one op each later).
+    """The requests' parameters on the device (one buffer per dtype, one non-blocking copy each)
+    and the choices the host makes from them: which rows are greedy, which apply top-k / top-p /
+    min-p, whether any has a penalty.
 
     token_ids, when given, is a [S, >= max num_tokens] table whose row i holds request i's prompt
     then output, or a function returning it (the executor passes one that slices its persistent
     table); without it the table is built from the requests' lists. Either way it is only read
-    when some row has a penalty.
+    when some row has a penalty. With a generator (the sampler's: Sampler.metadata) unseeded rows
+    get their seeds here, on the host, so they travel with the rest; without one the sampler
+    draws them when it runs, from the same generator in the same order.
     """
+    device = torch.device(device)
     ps = [r.sampling for r in requests]
+    ints, floats = _HostPack(torch.int64), _HostPack(torch.float32)
+    random = [i for i, p in enumerate(ps) if p.temperature >= _GREEDY_EPS32]
+    ints.add_rows("random", random, len(ps))
+    choices = _add_random_rows(ints, floats, [requests[i] for i in random], vocab_size, generator)
+    _add_penalties(ints, floats, requests, token_ids)
+    _add_bias(ints, floats, ps)
+    _add_min_tokens_ban(ints, requests, eos_token_ids)
+    t = {**ints.upload(device), **floats.upload(device)}
+    k_rows, p_rows, max_top_k, unseeded = choices
+    return SamplingMetadata(
+        random=RowSet(random, t.get("random")),
+        temperature=t.get("temperature"), top_k=t.get("top_k"), top_p=t.get("top_p"),
+        min_p=t.get("min_p"), seeds=t.get("seeds"), output_positions=t.get("output_positions"),
+        top_k_rows=RowSet(k_rows, t.get("top_k_rows")), max_top_k=max_top_k,
+        top_p_rows=RowSet(p_rows, t.get("top_p_rows")),
+        use_min_p=any(ps[i].min_p > 0 for i in random), unseeded=unseeded,
+        num_logprobs=[p.logprobs if p.HasField("logprobs") else -1 for p in ps],
+        presence_penalty=t.get("presence_penalty"), frequency_penalty=t.get("frequency_penalty"),
+        repetition_penalty=t.get("repetition_penalty"),
+        token_ids=t.get("token_ids"),
+        prompt_lens=t.get("prompt_lens"), num_tokens=t.get("num_tokens"),
+        bias=(t["bias_rows"], t["bias_ids"], t["bias_values"]) if "bias_rows" in t else None,
+        banned=(t["ban_rows"], t["ban_ids"]) if "ban_rows" in t else None,
+    )
 
-    def col(values, dtype=torch.float32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
 
+def _add_random_rows(ints: _HostPack, floats: _HostPack, requests: list[RequestState],
+                     vocab_size: int, generator: torch.Generator | None):
+    """Pack the random rows' parameters; returns the host's choices: the rows (positions among
+    the random ones) that apply top-k and top-p, the largest top_k, the rows still unseeded."""
+    if not requests:
+        return [], [], 0, []
+    ps = [r.sampling for r in requests]
+    top_k = [p.top_k if p.top_k > 0 else vocab_size for p in ps]
+    top_p = [p.top_p if 0 < p.top_p < 1 else 1.0 for p in ps]
+    k_rows = [j for j, k in enumerate(top_k) if k < vocab_size]
+    p_rows = [j for j, q in enumerate(top_p) if q < 1]
+    ints.add_rows("top_k_rows", k_rows, len(ps))
+    ints.add_rows("top_p_rows", p_rows, len(ps))
+    floats.add("temperature", [p.temperature for p in ps])
+    floats.add("top_p", top_p)
+    floats.add("min_p", [p.min_p for p in ps])
+    ints.add("top_k", top_k)
+    ints.add("output_positions", [r.num_output_tokens for r in requests])
+    seeds = [[p.seed & _MASK32, p.seed >> 32] for p in ps]
+    unseeded = [j for j, p in enumerate(ps) if not p.HasField("seed")]
+    if unseeded and generator is not None:
+        # The same draw the sampler would make: one (n, 2) randint, rows in batch order.
+        drawn = torch.randint(0, 1 << 32, (len(unseeded), 2), generator=generator, dtype=torch.int64)
+        for j, pair in zip(unseeded, drawn.numpy().tolist()):  # a host tensor: no device read
+            seeds[j] = pair
+        unseeded = []
+    ints.add("seeds", [x for pair in seeds for x in pair], (len(ps), 2))
+    return k_rows, p_rows, max((top_k[j] for j in k_rows), default=0), unseeded
+
+
+def _add_penalties(ints: _HostPack, floats: _HostPack, requests: Sequence[RequestState],
+                   token_ids: torch.Tensor | Callable[[], torch.Tensor] | None) -> None:
+    """Pack the penalties and the token table, when some row has a penalty."""
+    ps = [r.sampling for r in requests]
     rep = [p.repetition_penalty or 1.0 for p in ps]
     pres = [p.presence_penalty for p in ps]
     freq = [p.frequency_penalty for p in ps]
-    any_penalty = any(x != 1.0 for x in rep) or any(pres) or any(freq)
-    md = SamplingMetadata(
-        temperature=col([p.temperature for p in ps]),
-        top_k=col([p.top_k if p.top_k > 0 else vocab_size for p in ps], torch.int64),
-        top_p=col([p.top_p if 0 < p.top_p < 1 else 1.0 for p in ps]),
-        min_p=col([p.min_p for p in ps]),
-        presence_penalty=col(pres),
-        frequency_penalty=col(freq),
-        repetition_penalty=col(rep),
-        seeds=col([[p.seed & _MASK32, p.seed >> 32] for p in ps], torch.int64).reshape(-1, 2),
-        seeded=col([p.HasField("seed") for p in ps], torch.bool),
-        output_positions=col([r.num_output_tokens for r in requests], torch.int64),
-        num_logprobs=[p.logprobs if p.HasField("logprobs") else -1 for p in ps],
-        token_ids=None, prompt_lens=None, num_tokens=None,
-        bias=_sparse_bias(ps, device),
-        banned=_min_tokens_ban(requests, eos_token_ids, device),
-    )
-    if any_penalty:
-        md.prompt_lens = col([r.num_prompt_tokens for r in requests], torch.int64)
-        md.num_tokens = col([r.num_tokens for r in requests], torch.int64)
-        if token_ids is None:
-            token_ids = _pad_tokens(requests)
-        elif callable(token_ids):
-            token_ids = token_ids()
-        md.token_ids = token_ids.to(device=device, dtype=torch.int64)
-    return md
+    if not (any(x != 1.0 for x in rep) or any(pres) or any(freq)):
+        return
+    floats.add("presence_penalty", pres)
+    floats.add("frequency_penalty", freq)
+    floats.add("repetition_penalty", rep)
+    ints.add("prompt_lens", [r.num_prompt_tokens for r in requests])
+    ints.add("num_tokens", [r.num_tokens for r in requests])
+    if token_ids is None:
+        token_ids = _pad_tokens(requests)
+    elif callable(token_ids):
+        token_ids = token_ids()
+    ints.add_table("token_ids", token_ids)
 
 
 def _pad_tokens(requests: Sequence[RequestState]) -> torch.Tensor:
     width = max(r.num_tokens for r in requests)
-    table = torch.zeros(len(requests), width, dtype=torch.int64)
-    for i, r in enumerate(requests):
-        table[i, : r.num_tokens] = torch.tensor(r.prompt_token_ids + r.output_token_ids)
-    return table
+    return torch.tensor([r.prompt_token_ids + r.output_token_ids + [0] * (width - r.num_tokens)
+                         for r in requests], dtype=torch.int64)
 
 
-def _sparse_bias(ps: Sequence[executor_pb2.SamplingParams], device):
-    rows, ids, vals = [], [], []
+def _add_bias(ints: _HostPack, floats: _HostPack, ps: Sequence[executor_pb2.SamplingParams]) -> None:
+    rows, ids, values = [], [], []
     for i, p in enumerate(ps):
         for tok, val in p.logit_bias.items():
             rows.append(i)
             ids.append(tok)
-            vals.append(val)
-    if not rows:
-        return None
-    return (torch.tensor(rows, device=device), torch.tensor(ids, device=device),
-            torch.tensor(vals, dtype=torch.float32, device=device))
+            values.append(val)
+    if rows:
+        ints.add("bias_rows", rows)
+        ints.add("bias_ids", ids)
+        floats.add("bias_values", values)
 
 
-def _min_tokens_ban(requests: Sequence[RequestState], eos_token_ids: Sequence[int], device):
+def _add_min_tokens_ban(ints: _HostPack, requests: Sequence[RequestState],
+                        eos_token_ids: Sequence[int]) -> None:
     rows, ids = [], []
     for i, r in enumerate(requests):
         p = r.sampling
@@ -181,9 +348,9 @@ def _min_tokens_ban(requests: Sequence[RequestState], eos_token_ids: Sequence[in
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
         rows += [i] * len(stops)
         ids += sorted(stops)
-    if not rows:
-        return None
-    return torch.tensor(rows, device=device), torch.tensor(ids, device=device)
+    if rows:
+        ints.add("ban_rows", rows)
+        ints.add("ban_ids", ids)
 
 
 # ---- counter-based randomness -----------------------------------------------------------------
@@ -235,36 +402,58 @@ class Sampler:
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
 
+    def metadata(self, requests: Sequence[RequestState], **kwargs) -> SamplingMetadata:
+        """build_sampling_metadata with this sampler's generator: unseeded rows get their seeds on
+        the host, inside the one upload, rather than in a copy of their own when sampling."""
+        return build_sampling_metadata(requests, generator=self.generator, **kwargs)
+
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """logits [S, V] (raw model output) -> the sampled token of each row and its logprobs."""
         logits = logits.float()
-        x = apply_penalties_and_bias(logits.clone(), md)
-        token_ids = x.argmax(dim=-1)
-        random_rows = (~md.greedy).nonzero().flatten()
-        if random_rows.numel():
-            token_ids[random_rows] = self._sample(x[random_rows], md, random_rows)
+        # Only the ban and the bias write in place; the penalties make a new tensor.
+        in_place = md.banned is not None or md.bias is not None
+        x = apply_penalties_and_bias(logits.clone() if in_place else logits, md)
+        random = md.random
+        if not random.rows:
+            token_ids = x.argmax(dim=-1)
+        elif random.index is None:  # every row draws: no argmax, no gather
+            token_ids = self._sample(x, md)
+        else:
+            token_ids = x.argmax(dim=-1)
+            token_ids[random.index] = self._sample(x[random.index], md)
         return _with_logprobs(logits, token_ids, md.num_logprobs)
 
-    def _sample(self, x: torch.Tensor, md: SamplingMetadata, rows: torch.Tensor) -> torch.Tensor:
-        x = x / md.temperature[rows, None]
-        x = apply_min_p(x, md.min_p[rows])
-        x = apply_top_k_top_p(x, md.top_k[rows], md.top_p[rows])
-        seeds = md.seeds[rows].clone()
-        unseeded = ~md.seeded[rows]
-        n = int(unseeded.sum())
-        if n:
-            drawn = torch.randint(0, 1 << 32, (n, 2), generator=self.generator, dtype=torch.int64)
-            seeds[unseeded] = drawn.to(seeds.device)
-        return inverse_cdf(x, counter_uniform(seeds, md.output_positions[rows]))
+    def _sample(self, x: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """x [R, V]: the random rows' processed logits -> one drawn token per row."""
+        x = x / md.temperature[:, None]
+        if md.use_min_p:
+            x = apply_min_p(x, md.min_p)
+        x = _top_k_top_p(x, md.top_k, md.top_p, md.top_k_rows, md.top_p_rows, md.max_top_k)
+        return inverse_cdf(x, counter_uniform(self._seeds(md), md.output_positions))
+
+    def _seeds(self, md: SamplingMetadata) -> torch.Tensor:
+        if not md.unseeded:
+            return md.seeds
+        # Metadata built without this generator (build_sampling_metadata called directly): the
+        # same draw Sampler.metadata makes, here (on CUDA a copy of its own; the executor's
+        # metadata comes with the seeds already drawn).
+        n = len(md.unseeded)
+        drawn = torch.randint(0, 1 << 32, (n, 2), generator=self.generator, dtype=torch.int64)
+        seeds = md.seeds.clone()
+        seeds[torch.tensor(md.unseeded, device=seeds.device)] = drawn.to(seeds.device)
+        return seeds
 
 
 def apply_penalties_and_bias(x: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """min_tokens ban, logit bias, then repetition / frequency / presence penalties, in place."""
+    """min_tokens ban, logit bias (both in place), then repetition / frequency / presence
+    penalties (into a new tensor, returned)."""
     if md.banned is not None:
         x[md.banned] = float("-inf")
     if md.bias is not None:
+        # Each (row, id) pair is there once, so a plain add suffices; index_put_ with
+        # accumulate=True range-checks its indices with a read back on CUDA.
         rows, ids, vals = md.bias
-        x.index_put_((rows, ids), vals, accumulate=True)
+        x[rows, ids] = x[rows, ids] + vals
     if md.token_ids is None:
         return x
     num_rows, vocab = x.shape
@@ -286,44 +475,62 @@ def apply_penalties_and_bias(x: torch.Tensor, md: SamplingMetadata) -> torch.Ten
 
 
 def apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the top one's (in the logit domain)."""
-    if not bool((min_p > 0).any()):
-        return x
+    """Drop tokens whose probability is below min_p times the top one's (in the logit domain).
+    A row with min_p 0 keeps everything (its floor is -inf); the sampler skips the call when no
+    row has min_p, which it knows on the host."""
     floor = x.max(dim=-1, keepdim=True).values + torch.log(min_p)[:, None]
     return x.masked_fill(x < floor, float("-inf"))
 
 
 def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep each row's top_k highest logits (ties with the k-th kept), then the smallest prefix,
-    by probability, whose mass reaches top_p. Only the rows that ask are touched, in place."""
-    vocab = x.shape[-1]
-    k_rows = (top_k < vocab).nonzero().flatten()
-    if k_rows.numel():
-        xk, k = x[k_rows], top_k[k_rows]
-        kth = xk.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
-        x[k_rows] = xk.masked_fill_(xk < kth, float("-inf"))
-    p_rows = (top_p < 1).nonzero().flatten()
-    if p_rows.numel():
-        x[p_rows] = _top_p(x[p_rows], top_p[p_rows])
+    by probability, whose mass reaches top_p. Only the rows that ask are touched.
+
+    This entry point reads top_k and top_p back to find those rows (a sync on CUDA); the sampler
+    passes the rows it chose on the host from the parameters.
+    """
+    vocab, num_rows = x.shape[-1], x.shape[0]
+    ks, ps = top_k.tolist(), top_p.tolist()
+    k_rows = [i for i, k in enumerate(ks) if k < vocab]
+    p_rows = [i for i, p in enumerate(ps) if p < 1]
+    return _top_k_top_p(x, top_k, top_p, RowSet.of(k_rows, num_rows, x.device),
+                        RowSet.of(p_rows, num_rows, x.device), max((ks[i] for i in k_rows), default=0))
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, k_rows: RowSet,
+                 p_rows: RowSet, max_top_k: int) -> torch.Tensor:
+    """apply_top_k_top_p with its rows and the largest top_k of k_rows given by the host."""
+    if k_rows.rows:
+        xk, k = k_rows.take(x), k_rows.take(top_k)
+        kth = xk.topk(max_top_k, dim=-1).values.gather(1, (k - 1)[:, None])
+        x = k_rows.put(x, xk.masked_fill_(xk < kth, float("-inf")))
+    if p_rows.rows:
+        x = p_rows.put(x, _top_p(p_rows.take(x), p_rows.take(top_p)))
     return x
 
 
-TOP_P_CANDIDATES = 1024  # top-p first looks among this many best tokens; sorts the row if short
+TOP_P_CANDIDATES = 1024  # top-p first looks among this many best tokens on the CPU
 
 
 def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """x [R, V] logits -> a copy with everything past each row's top-p prefix set to -inf.
 
-    The prefix is looked for among each row's TOP_P_CANDIDATES best tokens (a partial sort, much
-    cheaper than sorting 100k-token rows); rows whose candidates hold less than top_p of the mass
-    are sorted whole.
+    On the CPU the prefix is looked for among each row's TOP_P_CANDIDATES best tokens (a partial
+    sort, much cheaper there than sorting 100k-token rows); rows whose candidates hold less than
+    top_p of the mass are sorted whole. Finding those rows is a read of the device, so on a GPU,
+    where a full sort is cheap next to a sync, every row is sorted whole.
     """
-    num_cand = min(x.shape[-1], TOP_P_CANDIDATES)
-    vals, idx = x.topk(num_cand, dim=-1)
+    vocab = x.shape[-1]
     lse = x.logsumexp(dim=-1, keepdim=True)
+    if x.device.type != "cpu" and vocab > TOP_P_CANDIDATES:
+        vals, idx = x.sort(dim=-1, descending=True)
+        return _keep_mass(x, vals, idx, lse, top_p)
+    vals, idx = x.topk(min(vocab, TOP_P_CANDIDATES), dim=-1)
     out = _keep_mass(x, vals, idx, lse, top_p)
+    if vocab <= TOP_P_CANDIDATES:
+        return out
     short = torch.exp(vals - lse).sum(dim=-1) < top_p
-    if num_cand < x.shape[-1] and bool(short.any()):
+    if bool(short.any()):  # a host read: the CPU's own memory, no sync
         xs = x[short]
         vals_s, idx_s = xs.sort(dim=-1, descending=True)
         out[short] = _keep_mass(xs, vals_s, idx_s, lse[short], top_p[short])
