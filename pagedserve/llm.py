@@ -52,8 +52,6 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, kv_cache_memory_bytes: int | None = None,
                  num_kv_blocks: int | None = None, seed: int = 0, device: str = "cpu") -> None:
-        from transformers import AutoTokenizer
-
         from pagedserve.executor.config import ExecutorConfig
         from pagedserve.executor.executor import Executor
         from pagedserve.scheduler.config import SchedulerConfig
@@ -77,7 +75,7 @@ class LLM:
             max_num_batched_tokens=batched, enable_prefix_caching=enable_prefix_caching,
         ))
         self.driver = StepDriver(self.scheduler, self.executor)
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer = load_tokenizer(model)
         self.max_model_len = max_model_len
         self.kv_usage = KVUsage(block_size=desc.block_size)
         self._ids = itertools.count()
@@ -220,7 +218,25 @@ def _progress_bar(total: int, use_tqdm: bool | None):
 
 
 def demo_model_dir() -> Path:
-    """The tiny demo model, built on first use in the cache directory."""
-    from pagedserve.demo import ensure_demo_model
+    """The default model: SmolLM2-135M-Instruct, fetched once into the cache directory."""
+    from pagedserve.real_model import real_model_path
 
-    return ensure_demo_model()
+    return real_model_path()
+
+
+def load_tokenizer(model: str):
+    """transformers' tokenizer for an HF-format directory. For a GGUF file, the router's tokenizer
+    built from its metadata, wrapped for transformers: the same one the server uses (transformers'
+    own GGUF tokenizer splits numbers unlike llama.cpp for some files, see router/gguf_tokenizer.py)."""
+    from pagedserve.router.gguf_tokenizer import find_gguf_file, load_gguf_tokenizer
+
+    gguf_file = find_gguf_file(model)
+    if gguf_file is None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model)
+    from transformers import PreTrainedTokenizerFast
+
+    tok, special, template = load_gguf_tokenizer(gguf_file)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template,
+                                   model_max_length=1 << 30, **special)

@@ -32,6 +32,7 @@ from pagedserve.health import probe
 from pagedserve.lifeline import PARENT_PID_ENV
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"  # the router's key travels in its environment, not its argv
+MODEL_ERROR_EXIT = 2  # a child's status for "cannot load the model" (pagedserve/cli.py)
 
 log = structlog.get_logger("pagedserve.serve")
 
@@ -156,6 +157,9 @@ class Supervisor:
             print(self.ready_message, flush=True)
 
     def _restart(self, child: Child, rc: int) -> bool:
+        if rc == MODEL_ERROR_EXIT:  # it printed why (a bad model path or file); a retry won't help
+            log.error("child cannot start; not restarting", child=child.name, returncode=rc)
+            return False
         now = time.monotonic()
         recent = [t for t in child.starts if now - t < RESTART_WINDOW_S]
         if len(recent) >= MAX_RESTARTS_IN_WINDOW:
@@ -247,10 +251,10 @@ def run_serve(args: object) -> int:
     if a["model"]:
         model = str(Path(a["model"]).expanduser())
     else:
-        from pagedserve.demo import ensure_demo_model
+        from pagedserve.real_model import real_model_path
 
-        log.info("using the demo model (built on first use)")
-        model = str(ensure_demo_model())
+        log.info("using the default model, SmolLM2-135M-Instruct (fetched on first use)")
+        model = str(real_model_path())
     with tempfile.TemporaryDirectory(prefix="pagedserve-") as sock_dir:
         os.chmod(sock_dir, 0o700)
         specs = build_specs(args, model, sock_dir)

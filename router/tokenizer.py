@@ -27,6 +27,7 @@ from pagedserve.router.chat_template import (
     render,
     render_isolated,
 )
+from pagedserve.router.gguf_tokenizer import find_gguf_file, load_gguf_tokenizer
 
 __all__ = ["ChatTemplateError", "PromptTooLong", "Tokenizer", "compile_chat_template"]
 
@@ -154,6 +155,8 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
         model_dir = Path(model_dir)
+        if (gguf_file := find_gguf_file(model_dir)) is not None:  # llama.cpp's one-file format
+            return cls(*load_gguf_tokenizer(gguf_file))
         hf = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
         config_path = model_dir / "tokenizer_config.json"
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}

@@ -14,7 +14,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 
 
 def _llama3_scale(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -43,6 +43,8 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> torch.
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":
         return _llama3_scale(inv_freq, scaling)
+    if rope_type == "freq_factors":  # a GGUF's rope_freqs tensor: llama.cpp divides by each
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     raise ValueError(
         f"rope_scaling: unsupported rope_type {rope_type!r} in {scaling}; "
         f"supported: {SUPPORTED_ROPE_TYPES}"
