@@ -46,7 +46,8 @@ def run_pagedserve(model_dir: str, requests: list[BenchRequest], args) -> dict:
 
     llm = LLM(model_dir, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory_bytes=args.kv_cache_memory_bytes, device=args.device)
+              kv_cache_memory_bytes=args.kv_cache_memory_bytes, device=args.device,
+              model_impl=getattr(args, "model_impl", "auto"))  # bench.serve's args lack it
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
               for r in requests]
@@ -83,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model-impl", default="auto", choices=("auto", "native", "transformers"),
+                   help="pagedserve's model code, or transformers' on its attention")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)

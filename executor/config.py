@@ -8,6 +8,7 @@ from pathlib import Path
 
 DTYPE_NAMES = ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+MODEL_IMPLS = ("auto", "native", "transformers")  # executor/models/impl.py says what each means
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -25,6 +26,10 @@ class ExecutorConfig:
     max_num_seqs: int = 256  # requests held at once (and so scheduled in one step), at most
     max_model_len: int | None = None  # prompt + output, at most; None: max_position_embeddings
     seed: int = 0  # for unseeded requests' randomness
+    # auto: the native class when the architecture has one, else transformers' modeling code on
+    # pagedserve's attention; native or transformers force one (executor/models/impl.py).
+    model_impl: str = "auto"
+    trust_remote_code: bool = False  # run modeling code shipped with the checkpoint (auto_map)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Path):
@@ -44,6 +49,10 @@ class ExecutorConfig:
         for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl: must be one of {MODEL_IMPLS}, got {self.model_impl!r}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code: must be a bool, got {self.trust_remote_code!r}")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
 

@@ -29,6 +29,7 @@ from pagedserve.executor.sampler import (
     check_sampling_params,
     upload,
 )
+from pagedserve.executor.structured import StructuredOutputs, check_structured
 from pagedserve.protos import executor_pb2
 
 CUDA_KV_CACHE_FRACTION = 0.9  # of the memory free after loading weights, when no budget is given
@@ -40,7 +41,9 @@ class Executor:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=self.device)
+        self.model, self.model_config = load_model(
+            config.model, dtype=config.dtype, device=self.device, model_impl=config.model_impl,
+            trust_remote_code=config.trust_remote_code)
         mc = self.model_config
         self.dtype = next(self.model.parameters()).dtype
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
@@ -60,6 +63,9 @@ class Executor:
                                 device=self.device)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, RequestState] = {}
+        # grammar matchers of the constrained requests (executor/structured.py)
+        self.structured = StructuredOutputs(config.model, mc.vocab_size, mc.eos_token_ids,
+                                            self.device)
         self._compile_attention_kernels()
 
     def _compile_attention_kernels(self) -> None:
@@ -111,11 +117,13 @@ class Executor:
             state = self.requests.pop(request_id, None)
             if state is not None:
                 self.batch.remove(state)
+                self.structured.forget(request_id)
         scheduled: list[tuple[RequestState, int]] = []
         for new in plan.new_requests:
             state = RequestState.from_proto(new)
             self.batch.add(state)
             self.requests[state.request_id] = state
+            self.structured.add(state.request_id, state.sampling, state.output_token_ids)
             scheduled.append((state, new.num_scheduled_tokens))
         for cont in plan.continuing_requests:
             state = self.requests[cont.request_id]
@@ -130,14 +138,17 @@ class Executor:
     def _run(self, scheduled: list[tuple[RequestState, int]]) -> list[executor_pb2.RequestOutput]:
         states = [s for s, _ in scheduled]
         inputs = self.batch.prepare(states, [n for _, n in scheduled])
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_cache)
         rows = [i for i, (s, n) in enumerate(scheduled) if s.num_computed_tokens + n == s.num_tokens]
+        # constrained rows' token masks, computed on a thread while the forward pass runs
+        masks = self.structured.start([states[i].request_id for i in rows])
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_cache)
         for state, n in scheduled:
             state.num_computed_tokens += n
         if not rows:
             return []
         samplers = [states[i] for i in rows]
         logits = self.model.compute_logits(hidden[self._sampled_rows(inputs, scheduled, rows)])
+        self.structured.apply(logits, masks)  # before every sampling rule and penalty
         md = self.sampler.metadata(
             samplers, vocab_size=self.model_config.vocab_size,
             eos_token_ids=self.model_config.eos_token_ids,
@@ -147,6 +158,7 @@ class Executor:
         outputs = _request_outputs(samplers, out, md.num_logprobs)
         for state, token in zip(samplers, out.token_ids):
             self.batch.append_token(state, token)
+            self.structured.advance(state.request_id, token)
         return outputs
 
     def _sampled_rows(self, inputs: StepInputs, scheduled: list[tuple[RequestState, int]],
@@ -205,6 +217,7 @@ class Executor:
             if any(not 0 <= t < vocab for t in getattr(new, field)):
                 raise ValueError(f"request {rid!r}: {field} holds an id outside [0, {vocab})")
         check_sampling_params(rid, new.sampling, vocab)
+        check_structured(rid, new.sampling, self.config.model)
         self._check_blocks(rid, "block_ids", new.block_ids)
         if new.num_computed_tokens < 0:
             raise ValueError(f"request {rid!r}: num_computed_tokens must be >= 0")

@@ -24,6 +24,9 @@ from pagedserve.executor.gguf_loader import GGUFCheckpoint, find_gguf
 from pagedserve.executor.layers.cpu_gemm import pack_for_cpu
 from pagedserve.executor.model_config import ModelConfig
 from pagedserve.executor.models import get_model_class
+from pagedserve.executor.models.impl import choose_model_impl, config_dtype, read_config
+from pagedserve.executor.models.transformers_loader import load_transformers_model
+from pagedserve.executor.models.transformers_probe import UnsupportedModel
 
 DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -145,11 +148,24 @@ def load_model(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    model_impl: str = "auto",
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model a directory (or a GGUF file) describes and fill its weights: (model in
-    eval mode, config)."""
+    eval mode, config). model_impl: auto, native or transformers (executor/models/impl.py)."""
     model_dir, device = Path(model_dir), torch.device(device)
     gguf_file = find_gguf(model_dir)
+    if gguf_file is None:  # native or transformers' code: executor/models/impl.py
+        raw = read_config(model_dir)
+        try:
+            if choose_model_impl(raw, model_impl, trust_remote_code) == "transformers":
+                return load_transformers_model(
+                    model_dir, resolve_dtype(config_dtype(raw), dtype, device), device,
+                    select_backend(device), trust_remote_code=trust_remote_code)
+        except UnsupportedModel as e:
+            raise UnsupportedModel(f"{model_dir / 'config.json'}: {e}") from None
+    elif model_impl == "transformers":
+        raise ValueError(f"{gguf_file}: a GGUF file runs on the native implementation only")
     if gguf_file is not None:  # llama.cpp's format: config and weights from one file
         reader = GGUFCheckpoint(gguf_file)
         config, config_file, files = reader.config, gguf_file, [gguf_file]

@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 
+from pagedserve.executor.config import MODEL_IMPLS
 from pagedserve.lifeline import die_with_supervisor
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
@@ -66,6 +67,12 @@ def _add_executor_options(p: argparse.ArgumentParser, *, defaults: bool) -> None
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output (default: the model's context length)")
     p.add_argument("--seed", type=int, default=d(0))
+    p.add_argument("--model-impl", choices=MODEL_IMPLS, default=d("auto"),
+                   help="auto: pagedserve's own model class when the architecture has one, else "
+                        "transformers' modeling code on pagedserve's paged attention (the log "
+                        "says which); native or transformers force one")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code that ships with the checkpoint (config.json auto_map)")
 
 
 def _add_batching_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -91,7 +98,8 @@ def _run_executor(args: argparse.Namespace) -> int:
         model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, seed=args.seed)
+        max_model_len=args.max_model_len, seed=args.seed, model_impl=args.model_impl,
+        trust_remote_code=args.trust_remote_code)
     return run_executor(config, args.listen, reflection=args.reflection)
 
 
@@ -119,14 +127,21 @@ def _run_scheduler(args: argparse.Namespace) -> int:
 
 
 def _add_api_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
-    """The router's API options: auth, trust, and one flag per request limit."""
+    """The router's API options: auth, trust, output parsers, one flag per request limit."""
     from pagedserve.router.limits import LIMIT_FIELDS
+    from pagedserve.router.reasoning import PARSERS as REASONING_PARSERS
+    from pagedserve.router.tool_parsers import PARSERS as TOOL_PARSERS
 
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (and "
                         f"on the public gRPC API); default: ${API_KEY_ENV}, else no auth")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests bring their own chat_template / chat_template_kwargs")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="how chat output's tool calls are read (tool_choice auto needs one)")
+    p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                   help="split <think>...</think> into reasoning_content; constraints apply "
+                        "after it")
     for name, default, help in LIMIT_FIELDS:
         shown = "none" if default is None else default
         p.add_argument(f"--{name.replace('_', '-')}", type=int,
@@ -138,7 +153,9 @@ def _router_core_options(args: argparse.Namespace) -> dict:
 
     limits = {name: getattr(args, name) for name, _, _ in LIMIT_FIELDS}
     return {"limits": Limits(**limits), "api_key": args.api_key or os.environ.get(API_KEY_ENV),
-            "trust_request_chat_template": args.trust_request_chat_template}
+            "trust_request_chat_template": args.trust_request_chat_template,
+            "tool_call_parser": args.tool_call_parser,
+            "reasoning_parser": args.reasoning_parser}
 
 
 def _add_router(sub: argparse._SubParsersAction) -> None:

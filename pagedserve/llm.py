@@ -51,7 +51,11 @@ class LLM:
                  max_model_len: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, kv_cache_memory_bytes: int | None = None,
-                 num_kv_blocks: int | None = None, seed: int = 0, device: str = "cpu") -> None:
+                 num_kv_blocks: int | None = None, seed: int = 0, device: str = "cpu",
+                 model_impl: str = "auto", trust_remote_code: bool = False) -> None:
+        """model_impl: auto (native class when there is one, else transformers' code on
+        pagedserve's attention), native or transformers; trust_remote_code: run modeling code
+        that ships with the checkpoint."""
         from pagedserve.executor.config import ExecutorConfig
         from pagedserve.executor.executor import Executor
         from pagedserve.scheduler.config import SchedulerConfig
@@ -64,7 +68,8 @@ class LLM:
             model=model, dtype=dtype, device=device, block_size=block_size,
             num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_num_batched_tokens=batched, max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len, seed=seed,
+            max_model_len=max_model_len, seed=seed, model_impl=model_impl,
+            trust_remote_code=trust_remote_code,
         ))
         desc = self.executor.describe()
         capacity = desc.num_kv_blocks * desc.block_size
@@ -79,6 +84,7 @@ class LLM:
         self.max_model_len = max_model_len
         self.kv_usage = KVUsage(block_size=desc.block_size)
         self._ids = itertools.count()
+        self._grammars = None  # router/grammar_check.py's checker, at the first constraint
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -129,6 +135,8 @@ class LLM:
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens is longer than max_model_len "
                              f"({self.max_model_len})")
+        if params.constraint is not None:
+            self._check_constraint(params)
         request_id = str(next(self._ids))
         room = max(1, self.max_model_len - len(ids))  # max_model_len also stops it (scheduler)
         max_tokens = min(params.max_tokens or room, room)
@@ -145,6 +153,23 @@ class LLM:
                 logprobs=None if params.logprobs is None else [],
             )
         return pending
+
+    def _check_constraint(self, params: SamplingParams) -> None:
+        """ValueError naming the field when the constraint does not compile for this model."""
+        from pagedserve.router.errors import RouterError
+        from pagedserve.router.grammar_check import GrammarChecker, make_tokenizer
+
+        if not (Path(self.executor.config.model) / "tokenizer.json").is_file():
+            raise ValueError("structured_outputs: constraints need the model's tokenizer.json "
+                             "(not yet available for GGUF files)")
+        if self._grammars is None:
+            desc = self.executor.describe()
+            self._grammars = GrammarChecker(make_tokenizer(
+                self.tokenizer.backend_tokenizer.to_str(), desc.vocab_size, desc.eos_token_ids))
+        try:
+            self._grammars.check(params.constraint)
+        except RouterError as e:
+            raise ValueError(e.message) from None
 
     def _run(self, pending: list[_Pending], use_tqdm: bool | None) -> None:
         by_child = {cid: c for p in pending for cid, c in p.completions.items()}

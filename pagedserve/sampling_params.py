@@ -4,8 +4,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.protos import executor_pb2
+from pagedserve.router.errors import RouterError
+from pagedserve.router.structured_outputs import Constraint, from_structured_outputs
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """One output constraint (vLLM's names): a JSON schema (dict or JSON text), any JSON
+    object, a regex the whole output matches, one string of a list, or a grammar (Lark, or GBNF
+    with ::= rules). Set exactly one."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def constraint(self) -> Constraint:
+        """The canonical constraint; ValueError naming the field when it is malformed."""
+        try:
+            c = from_structured_outputs(
+                {k: getattr(self, k) for k in ("json", "regex", "choice", "grammar",
+                                               "json_object")})
+        except RouterError as e:
+            raise ValueError(f"{e.param}: {e.message}") from None
+        assert c is not None
+        return c
 
 
 def _check(cond: bool, name: str, message: str) -> None:
@@ -34,6 +61,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None  # top logprobs per generated token (0: only the sampled one)
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output
 
     def __post_init__(self) -> None:
         self._validate_counts()
@@ -44,6 +72,22 @@ class SamplingParams:
         for tok, bias in (self.logit_bias or {}).items():
             _check(int(tok) >= 0, "logit_bias", f"token ids must be >= 0, got {tok}")
             _finite("logit_bias", bias)
+        self._validate_structured()
+
+    def _validate_structured(self) -> None:
+        so = self.structured_outputs
+        if so is None:
+            return
+        _check(isinstance(so, StructuredOutputsParams), "structured_outputs",
+               "must be a StructuredOutputsParams")
+        self._constraint = so.constraint()
+        # EOS must stay allowed wherever the grammar ends; these would take it away.
+        _check(self.min_tokens == 0, "min_tokens", "cannot be combined with structured_outputs")
+        _check(not self.ignore_eos, "ignore_eos", "cannot be combined with structured_outputs")
+
+    @property
+    def constraint(self) -> Constraint | None:
+        return getattr(self, "_constraint", None)
 
     def _validate_counts(self) -> None:
         _check(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
@@ -91,4 +135,6 @@ class SamplingParams:
             proto.logprobs = self.logprobs
         for tok, bias in (self.logit_bias or {}).items():
             proto.logit_bias[int(tok)] = float(bias)
+        if self.constraint is not None:
+            proto.structured.grammar = self.constraint.grammar
         return proto

@@ -32,11 +32,11 @@ from pagedserve.health import probe
 from pagedserve.lifeline import PARENT_PID_ENV
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"  # the router's key travels in its environment, not its argv
-MODEL_ERROR_EXIT = 2  # a child's status for "cannot load the model" (pagedserve/cli.py)
 
 log = structlog.get_logger("pagedserve.serve")
 
 RESTART_WINDOW_S = 60.0
+MODEL_ERROR_EXIT = 2  # a child's status for "cannot load the model" (pagedserve/cli.py)
 MAX_RESTARTS_IN_WINDOW = 5
 
 
@@ -213,7 +213,8 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
         "--num-kv-blocks": a["num_kv_blocks"],
         "--kv-cache-memory-bytes": a["kv_cache_memory_bytes"],
         "--max-model-len": a["max_model_len"], "--max-num-seqs": a["max_num_seqs"],
-        "--max-num-batched-tokens": a["max_num_batched_tokens"], "--seed": a["seed"]}))
+        "--max-num-batched-tokens": a["max_num_batched_tokens"], "--seed": a["seed"],
+        "--model-impl": a["model_impl"], "--trust-remote-code": a["trust_remote_code"]}))
     scheduler = _child("scheduler", "--executor", executor_addr, "--listen", scheduler_addr,
                        *log_level, *_flags({
                            "--max-num-seqs": a["max_num_seqs"],
@@ -226,6 +227,8 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
                     *_flags({"--served-model-name": a["served_model_name"],
                              "--drain-timeout": a["drain_timeout"],
                              "--trust-request-chat-template": a["trust_request_chat_template"],
+                             "--tool-call-parser": a.get("tool_call_parser"),
+                             "--reasoning-parser": a.get("reasoning_parser"),
                              **_limit_flags(a)}))
     drain, nice = float(a["drain_timeout"]) + 5.0, int(a.get("frontend_nice") or 0)
     return [

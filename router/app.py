@@ -38,7 +38,11 @@ from pagedserve.router.openai_protocol import (
     check_body_sizes,
 )
 from pagedserve.router.openapi import describe
+from pagedserve.router.reasoning import answer_constraint
+from pagedserve.router.responses import ResponsesGeneration
+from pagedserve.router.responses_protocol import ResponsesRequest, renamed
 from pagedserve.router.serving import ChatGeneration, CompletionGeneration, Generation, Prompt
+from pagedserve.router.structured_outputs import Constraint
 
 log = structlog.get_logger("pagedserve.router")
 T = TypeVar("T")
@@ -191,13 +195,36 @@ def _add_generation_routes(app: FastAPI, core: RouterCore) -> None:
         body = await _body(core, request, ChatCompletionRequest)
         core.check_model(body.model)
         body.check(core.limits)
-        await core.model_info()
-        prompt_ids = await core.chat_prompt_ids(body.template_messages(),
-                                                *_template_args(core, body))
-        params = await _params(core, body, prompt_ids, "messages")
-        gen = ChatGeneration(core, body, _response_id(request, "chatcmpl"), Prompt(prompt_ids),
-                             params)
-        return await _respond(gen, request)
+        return await _respond(await _chat(core, body, _response_id(request, "chatcmpl")),
+                              request)
+
+    # Not in /openapi.json yet: its answers have no schema in router/openapi_schemas.py.
+    @app.post("/v1/responses", include_in_schema=False)
+    async def responses(request: Request) -> Response:
+        body = await _body(core, request, ResponsesRequest)
+        try:
+            chat = body.to_chat()
+            core.check_model(chat.model)
+            chat.check(core.limits)
+            gen = await _chat(core, chat, _response_id(request, "resp"))
+        except RouterError as e:
+            raise renamed(e) from None
+        return await _respond(ResponsesGeneration(gen, body), request)
+
+
+async def _chat(core: RouterCore, body: ChatCompletionRequest, response_id: str
+                ) -> ChatGeneration:
+    """A checked chat request's generation: tools planned, prompt rendered, params built."""
+    await core.model_info()
+    tools = body.tool_plan(core.tool_call_parser)
+    prompt_ids = await core.chat_prompt_ids(body.template_messages(), *_template_args(core, body),
+                                            tools=tools.template_tools)
+    # a constraint holds for the answer, after any thinking (router/reasoning.py)
+    constraint = answer_constraint(core.reasoning_parser, tools.constraint or body.constraint())
+    params = await _params(core, body, prompt_ids, "messages", constraint=constraint)
+    if tools.keep_special_tokens:  # the parser reads markers that are special tokens
+        params = replace(params, skip_special_tokens=False)
+    return ChatGeneration(core, body, response_id, Prompt(prompt_ids), params, tools)
 
 
 async def _completion_prompts(core: RouterCore, body: CompletionRequest) -> list[Prompt]:
@@ -213,20 +240,28 @@ async def _completion_prompts(core: RouterCore, body: CompletionRequest) -> list
 
 
 async def _params(core: RouterCore, body: SamplingRequest, prompt_ids: list[int], param: str,
-                  internal_logprobs: int | None = None) -> GenerationParams:
+                  internal_logprobs: int | None = None,
+                  constraint: Constraint | None = None) -> GenerationParams:
     """The generation params of one prompt; internal_logprobs: logprobs the router needs for
-    itself (best_of ranking) when the client asked for none."""
+    itself (best_of ranking) when the client asked for none; constraint: one the router adds
+    (tool_choice required or named), else the body's own."""
     max_tokens = await core.resolve_max_tokens(len(prompt_ids), body.requested_max_tokens(),
                                                param)
     params = body.params(max_tokens)
     core.check_token_ids(list(params.logit_bias), "logit_bias")
     core.check_token_ids(list(params.stop_token_ids), "stop_token_ids")
+    constraint = constraint or body.constraint()
+    for field in ("min_tokens", "ignore_eos"):  # EOS must stay allowed where the grammar ends
+        if constraint is not None and getattr(body, field):
+            raise invalid_request(f"{field} cannot be combined with a constraint on the output "
+                                  f"({constraint.param})", field)
+    params = replace(params, structured=await core.check_constraint(constraint))
     if params.logprobs is None and internal_logprobs is not None:
         params = replace(params, logprobs=internal_logprobs)
     return params
 
 
-async def _respond(gen: Generation, request: Request) -> Response:
+async def _respond(gen: Generation | ResponsesGeneration, request: Request) -> Response:
     if gen.body.stream:
         await _unless_disconnected(request, gen.open())
         return _SSEResponse(gen.events(), media_type="text/event-stream")

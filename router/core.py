@@ -34,9 +34,11 @@ from pagedserve.router.errors import (
     too_many_requests,
 )
 from pagedserve.router.generation import ChoiceSpec, Delta, generate, merge
+from pagedserve.router.grammar_check import GrammarChecker, make_tokenizer
 from pagedserve.router.limits import Limits
 from pagedserve.router.metrics import Metrics
 from pagedserve.router.scheduler_client import SchedulerClient
+from pagedserve.router.structured_outputs import Constraint
 from pagedserve.router.tokenizer import (
     MAX_RENDER_CHARS,
     ChatTemplateError,
@@ -63,8 +65,14 @@ class RouterCore:
     def __init__(self, model_dir: str | Path, scheduler_addr: str,
                  served_model_name: str | None = None, tokenizer: Tokenizer | None = None,
                  client: SchedulerClient | None = None, *, limits: Limits | None = None,
-                 api_key: str | None = None, trust_request_chat_template: bool = False) -> None:
+                 api_key: str | None = None, trust_request_chat_template: bool = False,
+                 tool_call_parser: str | None = None,
+                 reasoning_parser: str | None = None) -> None:
         self.limits = limits or Limits()
+        # how chat output is split into reasoning, content and tool calls (router/tool_parsers.py,
+        # router/reasoning.py); None: no parsing
+        self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser
         self.api_key = api_key or None
         self.trust_request_chat_template = trust_request_chat_template
         self.model_dir = Path(model_dir)
@@ -78,6 +86,7 @@ class RouterCore:
         self.readiness_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
                                         thread_name_prefix="router-tokenize")
+        self._grammars: GrammarChecker | None = None  # built at the first constrained request
 
     # -- model facts ------------------------------------------------------------------------
     async def model_info(self) -> executor_pb2.DescribeResponse:
@@ -142,6 +151,23 @@ class RouterCore:
         if ids and (min(ids) < 0 or max(ids) >= vocab):  # builtins: no Python loop
             raise invalid_request(f"token ids must be in [0, {vocab})", param)
 
+    async def check_constraint(self, constraint: Constraint | None) -> str | None:
+        """The constraint's grammar once it compiled for this model (400 naming its field when
+        it does not, in time); None for no constraint."""
+        if constraint is None:
+            return None
+        if not (self.model_dir / "tokenizer.json").is_file():  # the executor's engine reads it
+            raise invalid_request(f"{constraint.param}: constraints need the model's "
+                                  "tokenizer.json (not yet available for GGUF files)",
+                                  constraint.param)
+        if self._grammars is None:
+            info = await self.model_info()
+            tokenizer = await self.off_loop(make_tokenizer, self.tokenizer.hf.to_str(),
+                                            self.vocab_size, list(info.eos_token_ids))
+            self._grammars = GrammarChecker(tokenizer)
+        await self.off_loop(self._grammars.check, constraint)
+        return constraint.grammar
+
     # -- tokenizing and chat templates, off the event loop ------------------------------------
     async def off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """fn(*args, **kwargs) in the router's worker threads: tokenizing releases the GIL, and
@@ -188,9 +214,12 @@ class RouterCore:
     async def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                           continue_final_message: bool = False, template: str | None = None,
                           template_kwargs: dict[str, Any] | None = None,
-                          param: str = "messages") -> str:
+                          param: str = "messages", tools: list[dict] | None = None) -> str:
         """The chat's prompt text; a template's refusal or failure is a 400 naming
-        chat_template when the request brought the template, else param."""
+        chat_template when the request brought the template, else param. tools: the
+        template's `tools` variable (Hugging Face's convention)."""
+        if tools:
+            template_kwargs = {**(template_kwargs or {}), "tools": tools}
         max_chars = await self.prompt_chars_limit() if template else None
         try:
             text = await self.off_loop(
@@ -204,11 +233,12 @@ class RouterCore:
     async def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
                               continue_final_message: bool = False, template: str | None = None,
                               template_kwargs: dict[str, Any] | None = None,
-                              param: str = "messages") -> list[int]:
+                              param: str = "messages",
+                              tools: list[dict] | None = None) -> list[int]:
         """The chat's prompt token ids (the template writes its own BOS); 400 naming what the
         client sent (chat_template or param) when the template renders no tokens."""
         text = await self.render_chat(messages, add_generation_prompt, continue_final_message,
-                                      template, template_kwargs, param)
+                                      template, template_kwargs, param, tools)
         ids = await self.encode(text, False, param)
         if not ids:
             raise invalid_request("the chat template rendered an empty prompt",

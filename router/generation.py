@@ -44,6 +44,7 @@ class GenerationParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # when set: the sampled token's logprob and this many top ones
+    structured: str | None = None  # a checked constraint's grammar (router/structured_outputs.py)
 
     def for_choice(self, index: int) -> GenerationParams:
         """Choice `index` of n: a seeded request gets seed + index, so choices differ."""
@@ -60,6 +61,8 @@ class GenerationParams:
             sampling.seed = self.seed % (1 << 64)  # negative seeds are as good as any
         if self.logprobs is not None:
             sampling.logprobs = self.logprobs
+        if self.structured is not None:
+            sampling.structured.grammar = self.structured
         return scheduler_pb2.ScheduleRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
             max_tokens=self.max_tokens, min_tokens=self.min_tokens,

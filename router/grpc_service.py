@@ -25,6 +25,7 @@ from pagedserve.router.errors import RouterError, context_length_exceeded, inval
 from pagedserve.router.generation import ChoiceSpec, Delta, GenerationParams
 from pagedserve.router.json_body import validation_error
 from pagedserve.router.openai_protocol import SamplingRequest, check_list_sizes
+from pagedserve.router.structured_outputs import Constraint, from_structured_outputs
 
 log = structlog.get_logger("pagedserve.router")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -107,7 +108,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         max_tokens = await self.core.resolve_max_tokens(prompt_len, body.max_tokens)
         params = body.params(max_tokens)
         self.core.check_token_ids(list(params.stop_token_ids), "stop_token_ids")
-        return GenerationParams(**{**vars(params), "logprobs": logprobs})
+        structured = await self.core.check_constraint(_constraint(request))
+        return GenerationParams(**{**vars(params), "logprobs": logprobs,
+                                   "structured": structured})
 
     async def Tokenize(self, request: generation_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> generation_pb2.TokenizeResponse:
@@ -138,6 +141,23 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         card = generation_pb2.ModelCard(id=self.core.model_name, max_model_len=max_len,
                                         owned_by="pagedserve")
         return generation_pb2.ListModelsResponse(models=[card])
+
+
+def _constraint(request: generation_pb2.GenerateRequest) -> Constraint | None:
+    """The request's StructuredOutputs as a constraint (the same as HTTP's structured_outputs),
+    refused with min_tokens or ignore_eos as there."""
+    if not request.HasField("structured_outputs"):
+        return None
+    so = request.structured_outputs
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise invalid_request("structured_outputs sets no constraint", "structured_outputs")
+    value = list(so.choice.choices) if kind == "choice" else getattr(so, kind)
+    c = from_structured_outputs({kind: value})
+    for field in ("min_tokens", "ignore_eos"):
+        if c is not None and getattr(request, field):
+            raise invalid_request(f"{field} cannot be combined with structured_outputs", field)
+    return c
 
 
 def _response(request_id: str, d: Delta) -> generation_pb2.GenerateResponse:

@@ -3,8 +3,7 @@
 Types and ranges are pydantic's, in strict mode (no "5" for 5, no 1.5 for an int, no NaN); the
 rules that span fields or depend on configured limits are `check()`, which names the field of
 each refusal. A null field means its default. Unknown fields are ignored (as OpenAI does for most);
-fields we know but cannot honour yet (suffix, tools, json response formats) are refused with 400
-rather than silently dropped. The sizes of a body's lists are checked on the parsed JSON, before
+fields we know but cannot honour yet (suffix) are refused with 400 rather than silently dropped. The sizes of a body's lists are checked on the parsed JSON, before
 pydantic builds anything from them (`check_body_sizes`).
 """
 
@@ -18,11 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pagedserve.router.errors import context_length_exceeded, invalid_request
 from pagedserve.router.generation import GenerationParams
 from pagedserve.router.limits import INT32_MAX, INT64_MAX, INT64_MIN, Limits
+from pagedserve.router.structured_outputs import GUIDED_FIELDS, Constraint, from_request
+from pagedserve.router.tools import ToolPlan, plan_tools, template_message
 
 ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
 # The lists (and logit_bias's map) a request may carry, each with the Limits field bounding it.
 LIST_LIMITS = {"stop": "max_stop", "stop_token_ids": "max_stop_token_ids",
-               "logit_bias": "max_logit_bias", "messages": "max_messages", "tools": "max_tools"}
+               "logit_bias": "max_logit_bias", "messages": "max_messages", "tools": "max_tools",
+               "input": "max_messages"}  # /v1/responses' input items become messages
 
 
 def array_bounds(limits: Limits) -> dict[str, int]:
@@ -110,6 +112,13 @@ class SamplingRequest(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs (router/structured_outputs.py): OpenAI's, vLLM's, vLLM's older ones.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def stop_list(self) -> tuple[str, ...]:
@@ -139,6 +148,24 @@ class SamplingRequest(_Body):
                                   "characters", "stop")
         check_list_sizes({"stop_token_ids": len(self.stop_token_ids or ())}, limits)
         self._check_logit_bias(limits)
+        self._check_constraint()
+
+    def constraint(self) -> Constraint | None:
+        """The output constraint the request's fields ask for (400 when malformed)."""
+        return from_request({f: getattr(self, f) for f in (
+            "response_format", "structured_outputs", *GUIDED_FIELDS)})
+
+    def _check_constraint(self) -> None:
+        c = self.constraint()
+        if c is None:
+            return
+        # EOS must stay allowed wherever the grammar ends; both of these would take it away.
+        if self.min_tokens:
+            raise invalid_request("min_tokens cannot be combined with a structured output "
+                                  f"constraint ({c.param})", "min_tokens")
+        if self.ignore_eos:
+            raise invalid_request("ignore_eos cannot be combined with a structured output "
+                                  f"constraint ({c.param})", "ignore_eos")
 
     def _check_logit_bias(self, limits: Limits) -> None:
         bias = self.logit_bias or {}
@@ -286,7 +313,7 @@ class ChatCompletionRequest(SamplingRequest, _ChatTemplateFields):
     top_logprobs: int | None = Field(None, ge=0, le=INT32_MAX)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     echo: bool = False
 
     def requested_max_tokens(self) -> int | None:
@@ -305,26 +332,14 @@ class ChatCompletionRequest(SamplingRequest, _ChatTemplateFields):
             if self.top_logprobs > limits.max_logprobs:
                 raise invalid_request(f"top_logprobs must be at most {limits.max_logprobs}",
                                       "top_logprobs")
-        if self.tools:
-            raise invalid_request("tools are not supported yet (no structured output)", "tools")
-        if self.tool_choice is not None and self.tool_choice != "none":
-            raise invalid_request("tool_choice is not supported yet (only 'none')", "tool_choice")
-        self._check_response_format()
 
-    def _check_response_format(self) -> None:
-        fmt = self.response_format
-        if fmt is None:
-            return
-        kind = fmt.get("type")
-        if kind in ("json_object", "json_schema"):
-            raise invalid_request(f"response_format {kind} is not supported yet (no structured "
-                                  "output); only 'text'", "response_format")
-        if kind != "text":
-            raise invalid_request("response_format.type must be 'text', 'json_object' or "
-                                  "'json_schema'", "response_format")
+    def tool_plan(self, parser: str | None) -> ToolPlan:
+        """How tools shape this request (router/tools.py); 400 naming the field at fault."""
+        return plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls, parser,
+                          self.constraint())
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [m.template_dict() for m in self.messages]
+        return [template_message(m.template_dict()) for m in self.messages]
 
 
 class TokenizeRequest(_ChatTemplateFields):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from pagedserve.router.chat_output import ChatOutput
 from pagedserve.router.core import RouterCore, collect
 from pagedserve.router.errors import RouterError, internal_error
 from pagedserve.router.generation import ChoiceSpec, Delta, GenerationParams
@@ -25,6 +26,7 @@ from pagedserve.router.openai_protocol import (
     CompletionRequest,
     SamplingRequest,
 )
+from pagedserve.router.tools import NO_TOOLS, ToolPlan
 
 log = structlog.get_logger("pagedserve.router")
 
@@ -198,11 +200,19 @@ class ChatGeneration(Generation):
     object_whole, object_chunk = "chat.completion", "chat.completion.chunk"
 
     def __init__(self, core: RouterCore, body: ChatCompletionRequest, response_id: str,
-                 prompt: Prompt, params: GenerationParams) -> None:
+                 prompt: Prompt, params: GenerationParams, tools: ToolPlan = NO_TOOLS) -> None:
         super().__init__(core, body, response_id, [prompt], [params], body.n)
         last = body.messages[-1]
         self.prefix = (last.template_dict().get("content") or ""
                        if body.echo and last.role == "assistant" else "")
+        self.tools = tools
+        self._split = tools.parse is not None or core.reasoning_parser is not None
+        self._outputs: dict[int, ChatOutput] = {}  # per choice, when the text is split
+
+    def _output(self, index: int) -> ChatOutput:
+        if index not in self._outputs:
+            self._outputs[index] = ChatOutput.for_request(self.tools, self.core.reasoning_parser)
+        return self._outputs[index]
 
     def _logprobs(self, d: Delta) -> dict | None:
         if self.num_top is None:
@@ -210,15 +220,31 @@ class ChatGeneration(Generation):
         return chat_logprobs(self.core.tokenizer, d.token_ids, d.logprobs or [],
                              d.top_logprobs or [], self.num_top)
 
+    @staticmethod
+    def _finish(reason: str | None, output: ChatOutput | None) -> str | None:
+        return "tool_calls" if reason == "stop" and output and output.has_calls else reason
+
     def first_choices(self) -> Iterable[dict]:
         return [{"index": j, "delta": {"role": "assistant", "content": self.prefix},
                  "logprobs": None, "finish_reason": None} for j in range(self.per_prompt)]
 
     def chunk_choice(self, d: Delta) -> dict:
-        return {"index": d.index, "delta": {"content": d.text} if d.text else {},
-                "logprobs": self._logprobs(d), "finish_reason": d.finish_reason}
+        output = self._output(d.index) if self._split else None
+        if output is None:
+            delta = {"content": d.text} if d.text else {}
+        else:
+            delta = output.feed(d.text, final=d.finish_reason is not None)
+        return {"index": d.index, "delta": delta, "logprobs": self._logprobs(d),
+                "finish_reason": self._finish(d.finish_reason, output)}
 
     def whole_choice(self, index: int, d: Delta) -> dict:
-        return {"index": index,
-                "message": {"role": "assistant", "content": self.prefix + d.text},
-                "logprobs": self._logprobs(d), "finish_reason": d.finish_reason}
+        message: dict = {"role": "assistant", "content": self.prefix + d.text}
+        output = None
+        if self._split:
+            output = self._output(index)
+            output.feed(d.text, final=True)
+            message = output.message()
+            if self.prefix:
+                message["content"] = self.prefix + (message["content"] or "")
+        return {"index": index, "message": message, "logprobs": self._logprobs(d),
+                "finish_reason": self._finish(d.finish_reason, output)}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pagedserve.make_model import ARCHITECTURES
 from tests.conftest import ARCHS, model_dir
 
 
@@ -55,8 +56,21 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path: Path) -> None:
 
 def test_cli_rejects_unknown_arch(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pagedserve.cli", "make-model", "--arch", "gpt2", str(tmp_path)],
+        [sys.executable, "-m", "pagedserve.cli", "make-model", "--arch", "bloom", str(tmp_path)],
         capture_output=True, text=True,
     )
     assert proc.returncode != 0
     assert "--arch" in proc.stderr
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_micro_models_are_transformers_own_classes(arch: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = json.loads((model_dir(arch, "micro") / "config.json").read_text())
+    assert config["model_type"] == arch
+    assert config["architectures"] == [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[arch]]
+    assert config.get("num_hidden_layers", config.get("n_layer")) == 2
+    if arch in ("gemma2", "gemma3_text", "cohere2", "exaone4", "olmo3"):  # alternating windows
+        assert config["sliding_window"] == 16
+        assert config["layer_types"] == ["sliding_attention", "full_attention"]

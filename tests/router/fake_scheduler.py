@@ -41,6 +41,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.executor_connected = True
         self.refuse: grpc.StatusCode | None = None  # abort every Generate with this status
         self.fail_after: int | None = None  # abort with INTERNAL after this many messages
+        self.script: list[int] | None = None  # emit exactly these tokens, then EOS
 
     @staticmethod
     def tokens_for(prompt_ids: list[int], seed: int | None, count: int,
@@ -70,6 +71,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         seed = req.sampling.seed if req.sampling.HasField("seed") else None
         budget = min(req.max_tokens, self.max_model_len - len(req.prompt_token_ids))
         tokens = self.tokens_for(list(req.prompt_token_ids), seed, budget, self.vocab_size)
+        if self.script is not None:
+            tokens = [*self.script, self.eos_ids[0]][:budget]
         if self.eos_at is not None and self.eos_at <= budget:
             tokens[self.eos_at - 1] = self.eos_ids[0]
         stops = set(req.stop_token_ids) | (set() if req.ignore_eos else set(self.eos_ids))

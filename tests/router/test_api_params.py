@@ -273,10 +273,11 @@ def test_trusted_chat_template(llama_dir, scheduler_thread) -> None:
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "integr"}}}}, "response_format.json_schema.schema"),
+    # tools default to tool_choice auto, which needs --tool-call-parser
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
 ])
