@@ -237,7 +237,8 @@ def _run_healthcheck(args: argparse.Namespace) -> int:
 
 
 BENCHES = {"throughput": "pagedserve.bench.throughput", "serve": "pagedserve.bench.serve", "roofline": "pagedserve.bench.roofline",
-           "step-overhead": "pagedserve.bench.step_overhead", "targets": "pagedserve.bench.targets"}
+           "step-overhead": "pagedserve.bench.step_overhead", "targets": "pagedserve.bench.targets",
+           "llamacpp": "pagedserve.bench.llamacpp"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
