@@ -32,9 +32,16 @@ class HFResult:
 
 
 def load_hf_model(model_dir: str, dtype: str, device: str = "cpu"):
+    """transformers' model of an HF directory, or of a GGUF file (its own GGUF loader: needs the
+    gguf and accelerate packages, dequantizes like pagedserve's)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    from pagedserve.executor.gguf_loader import find_gguf
+
+    gguf_file = find_gguf(model_dir)
+    where, extra = (model_dir, {}) if gguf_file is None else (
+        str(gguf_file.parent), {"gguf_file": gguf_file.name})
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **extra)
     return model.to(device).eval()
 
 

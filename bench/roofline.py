@@ -159,6 +159,12 @@ def print_table(result: dict) -> None:
 
 
 def model_config(model_dir: str) -> dict:
+    """The model's config.json as a dict; for a GGUF file, what its metadata amounts to."""
+    from pagedserve.executor.gguf_loader import GGUFCheckpoint, find_gguf
+
+    gguf_file = find_gguf(model_dir)
+    if gguf_file is not None:
+        return GGUFCheckpoint(gguf_file).hf_config()
     return json.loads((Path(model_dir) / "config.json").read_text())
 
 

@@ -13,7 +13,6 @@ ceiling.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -148,7 +147,7 @@ def print_table(results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_dir = args.model or str(default_model(args.preset))
-    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    vocab = model_config(model_dir)["vocab_size"]
     requests = sharegpt_like(args.num_requests, vocab, seed=args.seed)
     results = {
         "model": model_dir, "num_requests": len(requests), "machine": machine_description(),

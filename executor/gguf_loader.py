@@ -131,13 +131,13 @@ class GGUFCheckpoint:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"{self.path}: unsupported architecture {self.arch!r}; "
                              f"supported: {sorted(ARCHITECTURES)}")
-        raw = self._hf_config()
+        raw = self.hf_config()
         try:
             return ModelConfig.from_dict(raw)
         except ValueError as e:
             raise ValueError(f"{self.path}: {e}") from None
 
-    def _hf_config(self) -> dict[str, Any]:
+    def hf_config(self) -> dict[str, Any]:
         """The metadata as the config.json of the same model would say it."""
         heads = _uniform(self._arch_field("attention.head_count"), "attention.head_count", self)
         kv_heads = _uniform(self._arch_field("attention.head_count_kv", heads),
