@@ -384,12 +384,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pagedserve.bench.roofline import machine_description
+    from pagedserve.bench.roofline import machine_description, model_config
     from pagedserve.bench.throughput import default_model
 
     args = parse_args(argv)
     model_dir = args.model or str(default_model(args.preset))
-    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    vocab = model_config(model_dir)["vocab_size"]  # an HF directory or a GGUF file
     requests = sharegpt_like(args.num_requests, vocab, seed=args.seed)
     rounds = []
     for r in range(args.rounds if args.compare_offline else 1):

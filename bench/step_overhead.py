@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import re
 import time
@@ -219,12 +218,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pagedserve.bench.roofline import machine_description
+    from pagedserve.bench.roofline import machine_description, model_config
     from pagedserve.bench.throughput import default_model
 
     args = parse_args(argv)
     model_dir = args.model or str(default_model(args.preset))
-    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    vocab = model_config(model_dir)["vocab_size"]  # an HF directory or a GGUF file
     low, high = (int(x) for x in args.prompt_len.split(","))
     prompts = make_prompts(args.num_running, vocab, low, high, args.seed)
     model = args.served_model_name or model_dir
