@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from pagedserve.bench.serve import (
     prompt_variant,
     run_event_loop,
     run_rate,
+    stop_server,
     wait_healthy,
 )
 from pagedserve.bench.workload import BenchRequest, sharegpt_like
@@ -128,13 +128,7 @@ def launched_llama_server(argv: list[str], timeout: float):
                 raise
             yield base_url
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_server(proc, timeout=30)
 
 
 # ---- one engine, one round ----------------------------------------------------------------------

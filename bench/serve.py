@@ -224,13 +224,18 @@ def launched_server(model_dir: str, args: argparse.Namespace):
         wait_healthy(base_url, proc, args.startup_timeout)
         yield base_url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_server(proc, timeout=60)
+
+
+def stop_server(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM (a clean drain), then SIGKILL to its whole session when it outlives timeout."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
