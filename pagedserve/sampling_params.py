@@ -123,14 +123,14 @@ class SamplingParams:
 
     def to_proto(self) -> executor_pb2.SamplingParams:
         """The sampling half of the request; the stop rules go to the scheduler as its own
-        arguments, which also moves each of n children's seed (scheduler/scheduler.py)."""
+        arguments, which also give each of n children its seed (protos/choice_seed.py)."""
         proto = executor_pb2.SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
             min_p=self.min_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
         )
         if self.seed is not None:
-            proto.seed = self.seed % 2**64
+            proto.seed = self.seed  # checked in [0, 2**63): a uint64 as it is
         if self.logprobs is not None:
             proto.logprobs = self.logprobs
         for tok, bias in (self.logit_bias or {}).items():

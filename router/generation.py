@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from pagedserve.protos import executor_pb2, scheduler_pb2
+from pagedserve.protos.choice_seed import choice_seed
 from pagedserve.router.detokenizer import IncrementalDetokenizer
 from pagedserve.router.errors import RouterError, from_grpc
 from pagedserve.router.scheduler_client import SchedulerClient
@@ -47,8 +48,8 @@ class GenerationParams:
     structured: str | None = None  # a checked constraint's grammar (router/structured_outputs.py)
 
     def for_choice(self, index: int) -> GenerationParams:
-        """Choice `index` of n: a seeded request gets seed + index, so choices differ."""
-        return self if self.seed is None else replace(self, seed=self.seed + index)
+        """Choice `index` of n: its seed as protos/choice_seed.py says, so choices differ."""
+        return self if self.seed is None else replace(self, seed=choice_seed(self.seed, index))
 
     def schedule_request(self, request_id: str, prompt_ids: list[int]
                          ) -> scheduler_pb2.ScheduleRequest:
@@ -58,7 +59,7 @@ class GenerationParams:
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias),
         )  # the stop rules travel once, in ScheduleRequest's own fields
         if self.seed is not None:
-            sampling.seed = self.seed % (1 << 64)  # negative seeds are as good as any
+            sampling.seed = choice_seed(self.seed, 0)  # negative seeds are as good as any
         if self.logprobs is not None:
             sampling.logprobs = self.logprobs
         if self.structured is not None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pagedserve.protos import executor_pb2
+from pagedserve.protos.choice_seed import choice_seed
 from pagedserve.scheduler.block_pool import BlockHash
 from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.kv_cache_manager import KVCacheManager
@@ -323,14 +324,14 @@ class Scheduler:
 def _executor_sampling(sampling: executor_pb2.SamplingParams, stop: StopParams, child: int,
                        n: int) -> executor_pb2.SamplingParams:
     """The executor's sampling params: a copy of the caller's with the stop rules written in
-    (the sampler masks stop tokens under min_tokens), and child i's seed moved by i."""
+    (the sampler masks stop tokens under min_tokens), and child i's seed (protos/choice_seed.py)."""
     out = executor_pb2.SamplingParams()
     out.CopyFrom(sampling)
     out.min_tokens = stop.min_tokens
     out.stop_token_ids[:] = sorted(stop.stop_token_ids)
     out.ignore_eos = stop.ignore_eos
     if n > 1 and sampling.HasField("seed"):
-        out.seed = (sampling.seed + child) % 2**64
+        out.seed = choice_seed(sampling.seed, child)
     return out
 
 

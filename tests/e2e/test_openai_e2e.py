@@ -144,6 +144,22 @@ def test_n2_chat_sampled(client: openai.OpenAI, hf: HF) -> None:
     check_usage(usage, prompt_len, 16)
 
 
+def test_seeded_choices_equal_offline_children(client: openai.OpenAI, llama_dir) -> None:
+    """A served request's choices and the offline LLM's n children take their seeds from one rule
+    (protos/choice_seed.py): the same seeded request gives the same texts on both paths, and the
+    two choices differ from each other."""
+    from pagedserve import LLM, SamplingParams
+
+    args = {"temperature": 1.0, "seed": 11, "max_tokens": 10}
+    served = client.completions.create(model="", prompt=PROMPTS[2], n=2,
+                                       extra_body={"ignore_eos": True}, **args)
+    llm = LLM(llama_dir, dtype="float32", num_kv_blocks=64)
+    (offline,) = llm.generate([PROMPTS[2]], SamplingParams(n=2, ignore_eos=True, **args))
+    texts = [c.text for c in sorted(served.choices, key=lambda c: c.index)]
+    assert texts == [c.text for c in offline.outputs]
+    assert texts[0] != texts[1]
+
+
 # --- stop strings ---------------------------------------------------------------------------------
 
 
