@@ -6,17 +6,19 @@ One step:
   3. one forward over every scheduled token, flat (prompt chunks and decode tokens together);
   4. the requests whose computed tokens reach the end of their held tokens sample one token, which
      the executor appends to its own copy of the output (it is computed at the request's next step).
-A request whose scheduled tokens stop short of the end (a prompt chunk) produces no output.
+A request whose scheduled tokens stop short of the end (a prompt chunk) produces no output. One
+scheduled with speculative drafts after its held tokens samples a token at each of them and keeps
+the drafts its samples confirm, then one token more (executor/draft_rows.py).
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import torch
 
 from pagedserve.executor.config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
+from pagedserve.executor.draft_rows import SampleRows, num_accepted, sample_rows
 from pagedserve.executor.host_memory import keep_freed_memory
 from pagedserve.executor.input_batch import InputBatch, StepInputs
 from pagedserve.executor.kv_cache import KVCache
@@ -119,6 +121,7 @@ class Executor:
                 self.batch.remove(state)
                 self.structured.forget(request_id)
         scheduled: list[tuple[RequestState, int]] = []
+        drafts: dict[str, list[int]] = {}
         for new in plan.new_requests:
             state = RequestState.from_proto(new)
             self.batch.add(state)
@@ -128,49 +131,67 @@ class Executor:
         for cont in plan.continuing_requests:
             state = self.requests[cont.request_id]
             self.batch.append_blocks(state, cont.new_block_ids)
+            if cont.draft_token_ids:
+                drafts[cont.request_id] = list(cont.draft_token_ids)
+                self.batch.write_drafts(state, cont.draft_token_ids)
             scheduled.append((state, cont.num_scheduled_tokens))
         result = executor_pb2.StepResult(step_id=plan.step_id)
         if scheduled:
-            result.outputs.extend(self._run(scheduled))
+            result.outputs.extend(self._run(scheduled, drafts))
         result.execute_seconds = time.perf_counter() - start
         return result
 
-    def _run(self, scheduled: list[tuple[RequestState, int]]) -> list[executor_pb2.RequestOutput]:
+    def _run(self, scheduled: list[tuple[RequestState, int]],
+             drafts: dict[str, list[int]]) -> list[executor_pb2.RequestOutput]:
         states = [s for s, _ in scheduled]
         inputs = self.batch.prepare(states, [n for _, n in scheduled])
-        rows = [i for i, (s, n) in enumerate(scheduled) if s.num_computed_tokens + n == s.num_tokens]
+        rows = sample_rows(scheduled, [
+            i for i, (s, n) in enumerate(scheduled)
+            if s.num_computed_tokens + n == s.num_tokens + len(drafts.get(s.request_id, ()))
+        ], drafts)
         # constrained rows' token masks, computed on a thread while the forward pass runs
-        masks = self.structured.start([states[i].request_id for i in rows])
+        masks = self.structured.start(rows.request_ids)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_cache)
         for state, n in scheduled:
             state.num_computed_tokens += n
-        if not rows:
+        if not rows.states:
             return []
-        samplers = [states[i] for i in rows]
         logits = self.model.compute_logits(hidden[self._sampled_rows(inputs, scheduled, rows)])
         self.structured.apply(logits, masks)  # before every sampling rule and penalty
+        views = rows.views
         md = self.sampler.metadata(
-            samplers, vocab_size=self.model_config.vocab_size,
+            views, vocab_size=self.model_config.vocab_size,
             eos_token_ids=self.model_config.eos_token_ids,
-            token_ids=lambda: self.batch.token_table(samplers), device=logits.device,
+            token_ids=lambda: self.batch.token_table(views), device=logits.device,
         )
         out = self.sampler(logits, md).to_host()  # the step's one read of the device
-        outputs = _request_outputs(samplers, out, md.num_logprobs)
-        for state, token in zip(samplers, out.token_ids):
-            self.batch.append_token(state, token)
-            self.structured.advance(state.request_id, token)
+        return self._take_tokens(rows, out, md.num_logprobs)
+
+    def _take_tokens(self, rows: SampleRows, out: HostSamplerOutput,
+                     num_logprobs: list[int]) -> list[executor_pb2.RequestOutput]:
+        """Each sampling request's output: its row's token, or its accepted drafts and one more
+        (the KV of the rejected ones is left in slots that the next tokens overwrite)."""
+        outputs, row = [], 0
+        for state, ds in zip(rows.states, rows.drafts):
+            kept = num_accepted(ds, out.token_ids[row : row + len(ds)]) + 1
+            state.num_computed_tokens -= len(ds) + 1 - kept
+            outputs.append(_request_output(state.request_id, out, range(row, row + kept),
+                                           num_logprobs[row]))
+            for token in out.token_ids[row : row + kept]:
+                self.batch.append_token(state, token)
+                self.structured.advance(state.request_id, token)
+            row += len(ds) + 1
         return outputs
 
     def _sampled_rows(self, inputs: StepInputs, scheduled: list[tuple[RequestState, int]],
-                      rows: list[int]) -> torch.Tensor:
-        """The flat-batch rows (last tokens) of the requests that sample. When some requests do
-        not (a prompt chunk), the rows are worked out on the host, where the scheduled counts are,
-        and sent with a non-blocking copy: indexing a device tensor with a Python list would
-        copy the list with a blocking one."""
-        if len(rows) == len(scheduled):
+                      rows: SampleRows) -> torch.Tensor:
+        """The flat-batch rows of the sampling rows. When every request samples one token, they
+        are the last tokens; otherwise (a prompt chunk, drafts) they are worked out on the host,
+        where the scheduled counts are, and sent with a non-blocking copy: indexing a device
+        tensor with a Python list would copy the list with a blocking one."""
+        if len(rows.views) == len(scheduled):
             return inputs.last_token_indices
-        ends = list(itertools.accumulate(n for _, n in scheduled))
-        return upload([ends[i] - 1 for i in rows], torch.int64, self.device)
+        return upload(rows.flat_rows, torch.int64, self.device)
 
     # ---- plan validation ----------------------------------------------------------------------
 
@@ -196,8 +217,11 @@ class Executor:
             seen.add(rid)
             state = self.requests[rid]
             self._check_blocks(rid, "new_block_ids", cont.new_block_ids)
-            self._check_span(rid, state.num_tokens, state.num_computed_tokens,
-                             cont.num_scheduled_tokens, len(state.block_ids) + len(cont.new_block_ids))
+            if cont.draft_token_ids:
+                self._check_drafts(state, cont)
+            self._check_span(rid, state.num_tokens + len(cont.draft_token_ids),
+                             state.num_computed_tokens, cont.num_scheduled_tokens,
+                             len(state.block_ids) + len(cont.new_block_ids))
             total += cont.num_scheduled_tokens
         if total > self.config.max_num_batched_tokens:
             raise ValueError(f"plan {plan.step_id}: num_scheduled_tokens total {total} exceeds "
@@ -224,6 +248,21 @@ class Executor:
         held = len(new.prompt_token_ids) + len(new.output_token_ids)
         self._check_span(rid, held, new.num_computed_tokens, new.num_scheduled_tokens, len(new.block_ids))
 
+    def _check_drafts(self, state: RequestState, cont: executor_pb2.ContinuingRequest) -> None:
+        """Drafts follow the held tokens, all computed this step, in the vocabulary, within
+        max_model_len, and never for a constrained request (its grammar would need them)."""
+        rid, drafts, vocab = state.request_id, cont.draft_token_ids, self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in drafts):
+            raise ValueError(f"request {rid!r}: draft_token_ids holds an id outside [0, {vocab})")
+        if state.num_computed_tokens + cont.num_scheduled_tokens != state.num_tokens + len(drafts):
+            raise ValueError(f"request {rid!r}: num_scheduled_tokens {cont.num_scheduled_tokens} "
+                             f"must reach exactly past its {len(drafts)} draft_token_ids")
+        if state.num_tokens + len(drafts) > self.max_model_len:
+            raise ValueError(f"request {rid!r}: draft_token_ids reach past max_model_len "
+                             f"{self.max_model_len}")
+        if state.sampling.structured.grammar:
+            raise ValueError(f"request {rid!r}: draft_token_ids for a constrained request")
+
     def _check_blocks(self, rid: str, field: str, block_ids) -> None:
         if any(not 0 <= b < self.num_kv_blocks for b in block_ids):
             raise ValueError(f"request {rid!r}: {field} holds a block id outside [0, {self.num_kv_blocks})")
@@ -247,15 +286,14 @@ class Executor:
                              f"max_model_len needs ({self.batch.max_blocks_per_seq})")
 
 
-def _request_outputs(states: list[RequestState], out: HostSamplerOutput,
-                     num_logprobs: list[int]) -> list[executor_pb2.RequestOutput]:
-    outputs = []
-    for i, state in enumerate(states):
-        o = executor_pb2.RequestOutput(request_id=state.request_id, token_ids=[out.token_ids[i]])
-        k = num_logprobs[i]
+def _request_output(request_id: str, out: HostSamplerOutput, rows: range,
+                    k: int) -> executor_pb2.RequestOutput:
+    """One request's tokens from these sampler rows, with logprobs when asked (k >= 0)."""
+    o = executor_pb2.RequestOutput(request_id=request_id,
+                                   token_ids=[out.token_ids[i] for i in rows])
+    for i in rows:
         if k >= 0:
             o.logprobs.append(out.logprobs[i])
         if k > 0:
             o.top_logprobs.add(token_ids=out.top_token_ids[i][:k], logprobs=out.top_logprobs[i][:k])
-        outputs.append(o)
-    return outputs
+    return o

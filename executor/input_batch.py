@@ -105,6 +105,12 @@ class InputBatch:
             self.token_ids[state.row, state.num_tokens] = token_id
         state.output_token_ids.append(token_id)
 
+    def write_drafts(self, state: RequestState, draft_token_ids: Sequence[int]) -> None:
+        """Speculative drafts after the held tokens, where the step's inputs are gathered from;
+        not outputs (the tokens verification keeps are appended and overwrite them)."""
+        start = state.num_tokens
+        self.token_ids[state.row, start : start + len(draft_token_ids)] = draft_token_ids
+
     def token_table(self, states: Sequence[RequestState]) -> torch.Tensor:
         """[S, longest] int64: the requests' prompt + output ids (what penalties read)."""
         width = max(s.num_tokens for s in states)

@@ -110,10 +110,27 @@ def _add_scheduler(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", default=DEFAULT_SCHEDULER_ADDR, help="host:port or unix:///path")
     _add_batching_options(p, defaults=True)
     p.add_argument("--no-prefix-caching", action="store_true")
+    _add_speculative_option(p)
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to let open requests finish on shutdown")
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
     _add_common(p)
+
+
+def _add_speculative_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative-config", type=_speculative_config, default=None,
+                   help='speculative decoding, as JSON: {"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, '
+                        '"prompt_lookup_max": 4, "disable_by_batch_size": null}')
+
+
+def _speculative_config(text: str):
+    from pagedserve.scheduler.speculative_config import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _run_scheduler(args: argparse.Namespace) -> int:
@@ -121,7 +138,8 @@ def _run_scheduler(args: argparse.Namespace) -> int:
 
     options = {"max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens,
-               "enable_prefix_caching": not args.no_prefix_caching}
+               "enable_prefix_caching": not args.no_prefix_caching,
+               "speculative": args.speculative_config}
     return run_scheduler(args.executor, args.listen, scheduler_options=options,
                          reflection=args.reflection, drain_timeout=args.drain_timeout)
 
@@ -197,6 +215,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     _add_executor_options(p, defaults=False)
     _add_batching_options(p, defaults=False)
     p.add_argument("--no-prefix-caching", action="store_true")
+    _add_speculative_option(p)
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to let open requests finish on shutdown")
     p.add_argument("--frontend-nice", type=_non_negative_int, default=10,
@@ -238,7 +257,7 @@ def _run_healthcheck(args: argparse.Namespace) -> int:
 
 BENCHES = {"throughput": "pagedserve.bench.throughput", "serve": "pagedserve.bench.serve", "roofline": "pagedserve.bench.roofline",
            "step-overhead": "pagedserve.bench.step_overhead", "targets": "pagedserve.bench.targets",
-           "llamacpp": "pagedserve.bench.llamacpp"}
+           "llamacpp": "pagedserve.bench.llamacpp", "speculative": "pagedserve.bench.speculative"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

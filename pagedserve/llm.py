@@ -52,16 +52,21 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, kv_cache_memory_bytes: int | None = None,
                  num_kv_blocks: int | None = None, seed: int = 0, device: str = "cpu",
-                 model_impl: str = "auto", trust_remote_code: bool = False) -> None:
+                 model_impl: str = "auto", trust_remote_code: bool = False,
+                 speculative_config: str | dict | None = None) -> None:
         """model_impl: auto (native class when there is one, else transformers' code on
         pagedserve's attention), native or transformers; trust_remote_code: run modeling code
-        that ships with the checkpoint."""
+        that ships with the checkpoint; speculative_config: speculative decoding, as vLLM spells
+        it (scheduler/speculative_config.py), e.g. {"method": "ngram",
+        "num_speculative_tokens": 4}."""
         from pagedserve.executor.config import ExecutorConfig
         from pagedserve.executor.executor import Executor
         from pagedserve.scheduler.config import SchedulerConfig
         from pagedserve.scheduler.driver import StepDriver
         from pagedserve.scheduler.scheduler import Scheduler
+        from pagedserve.scheduler.speculative_config import SpeculativeConfig
 
+        speculative = SpeculativeConfig.parse(speculative_config)  # checked before loading
         model = str(model) if model is not None else str(demo_model_dir())
         batched = max_num_batched_tokens or 2048
         self.executor = Executor(ExecutorConfig(
@@ -78,6 +83,7 @@ class LLM:
         self.scheduler = Scheduler(SchedulerConfig.from_describe(
             desc, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=batched, enable_prefix_caching=enable_prefix_caching,
+            speculative=speculative,
         ))
         self.driver = StepDriver(self.scheduler, self.executor)
         self.tokenizer = load_tokenizer(model)

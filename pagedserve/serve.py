@@ -193,6 +193,11 @@ def _flags(pairs: dict[str, object]) -> list[str]:
     return argv
 
 
+def _spec_json(config: object) -> str | None:
+    """The scheduler child's --speculative-config value (serve parsed and checked it)."""
+    return None if config is None else config.to_json()  # type: ignore[attr-defined]
+
+
 def _probe_host(host: str) -> str:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return f"[{host}]" if ":" in host else host
@@ -220,6 +225,7 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
                            "--max-num-seqs": a["max_num_seqs"],
                            "--max-num-batched-tokens": a["max_num_batched_tokens"],
                            "--no-prefix-caching": a["no_prefix_caching"],
+                           "--speculative-config": _spec_json(a.get("speculative_config")),
                            "--drain-timeout": a["drain_timeout"]}))
     router = _child("router", "--scheduler", scheduler_addr, "--model", model,
                     "--host", a["host"], "--port", str(a["port"]),

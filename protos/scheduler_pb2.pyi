@@ -82,7 +82,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_preemptions", "blocks_total", "blocks_free", "blocks_used", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate", "executor_connected", "steps", "step_schedule_seconds", "step_rpc_seconds", "step_execute_seconds", "step_apply_seconds", "step_running_requests_sum")
+    __slots__ = ("num_waiting", "num_running", "num_preemptions", "blocks_total", "blocks_free", "blocks_used", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate", "executor_connected", "steps", "step_schedule_seconds", "step_rpc_seconds", "step_execute_seconds", "step_apply_seconds", "step_running_requests_sum", "spec_draft_tokens", "spec_accepted_tokens", "spec_verifications")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,9 @@ class StatsResponse(_message.Message):
     STEP_EXECUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STEP_APPLY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STEP_RUNNING_REQUESTS_SUM_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_VERIFICATIONS_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     num_preemptions: int
@@ -115,7 +118,10 @@ class StatsResponse(_message.Message):
     step_execute_seconds: float
     step_apply_seconds: float
     step_running_requests_sum: int
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., executor_connected: _Optional[bool] = ..., steps: _Optional[int] = ..., step_schedule_seconds: _Optional[float] = ..., step_rpc_seconds: _Optional[float] = ..., step_execute_seconds: _Optional[float] = ..., step_apply_seconds: _Optional[float] = ..., step_running_requests_sum: _Optional[int] = ...) -> None: ...
+    spec_draft_tokens: int
+    spec_accepted_tokens: int
+    spec_verifications: int
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., executor_connected: _Optional[bool] = ..., steps: _Optional[int] = ..., step_schedule_seconds: _Optional[float] = ..., step_rpc_seconds: _Optional[float] = ..., step_execute_seconds: _Optional[float] = ..., step_apply_seconds: _Optional[float] = ..., step_running_requests_sum: _Optional[int] = ..., spec_draft_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ..., spec_verifications: _Optional[int] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()

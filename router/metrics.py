@@ -131,6 +131,12 @@ def _scheduler_gauges(s: scheduler_pb2.StatsResponse) -> list[str]:
         *_gauge("executor_connected", "1 when the scheduler has an executor.",
                 s.executor_connected),
         *_gauge("scheduler_steps_total", "Scheduler steps so far.", s.steps, "counter"),
+        *_gauge("spec_decode_num_draft_tokens_total", "Speculative tokens proposed.",
+                s.spec_draft_tokens, "counter"),
+        *_gauge("spec_decode_num_accepted_tokens_total", "Speculative tokens accepted.",
+                s.spec_accepted_tokens, "counter"),
+        *_gauge("spec_decode_num_drafts_total", "Proposals verified (one per request per step).",
+                s.spec_verifications, "counter"),
         *_step_counters(s),
     ]
 

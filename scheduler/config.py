@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.protos import executor_pb2
+from pagedserve.scheduler.speculative_config import SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     eos_token_ids: tuple[int, ...] = ()
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_model_len", "max_num_seqs",

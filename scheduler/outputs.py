@@ -38,3 +38,6 @@ class SchedulerStats:
     prefix_cache_queries: int  # tokens looked up at admission
     prefix_cache_hits: int  # of those, tokens found
     prefix_cache_hit_rate: float
+    spec_draft_tokens: int = 0  # speculative decoding: proposed,
+    spec_accepted_tokens: int = 0  # accepted,
+    spec_verifications: int = 0  # and proposals checked

@@ -58,6 +58,9 @@ class Request:
     num_blocks_offered_to_cache: int = 0
     # Prefix-cache hit in tokens at first admission (usage: cached prompt tokens); -1 before that.
     num_cached_tokens: int = -1
+    # Speculative decoding (written by scheduler/speculation.py): drafts proposed and accepted.
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
     all_token_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ from pagedserve.scheduler.kv_cache_manager import KVCacheManager
 from pagedserve.scheduler.outputs import RequestOutputDelta, SchedulerStats
 from pagedserve.scheduler.request import Request, RequestStatus, StopParams
 from pagedserve.scheduler.request_spec import RequestSpec
+from pagedserve.scheduler.speculation import SpecCounters, Speculator
 from pagedserve.scheduler.stop import check_stop
 
 
@@ -28,8 +29,9 @@ class _InFlight:
     """The plan handed out by schedule() and not yet answered by apply_result()."""
 
     step_id: int
-    # request id -> (request, whether this step computes its last held token, so it samples)
-    scheduled: dict[str, tuple[Request, bool]] = field(default_factory=dict)
+    # request id -> (request, whether this step computes its last held token, so it samples,
+    # the drafts it verifies: scheduler/speculation.py)
+    scheduled: dict[str, tuple[Request, bool, list[int]]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -49,6 +51,9 @@ class Scheduler:
         self._next_step_id = 0
         self._num_arrivals = 0
         self.num_preemptions = 0
+        spec = config.speculative
+        self.speculator = (Speculator(spec, config.block_size, config.max_model_len)
+                           if spec is not None else None)
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -107,12 +112,15 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         kv = self.kv.stats()
         queries, hits = kv.prefix_cache_query_tokens, kv.prefix_cache_hit_tokens
+        spec = self.speculator.counters if self.speculator is not None else SpecCounters()
         return SchedulerStats(
             num_waiting=len(self.waiting), num_running=len(self.running),
             num_preemptions=self.num_preemptions, blocks_total=kv.blocks_total,
             blocks_free=kv.blocks_free, blocks_in_use=kv.blocks_total - kv.blocks_free,
             blocks_cached=kv.blocks_cached, prefix_cache_queries=queries,
-            prefix_cache_hits=hits, prefix_cache_hit_rate=hits / queries if queries else 0.0)
+            prefix_cache_hits=hits, prefix_cache_hit_rate=hits / queries if queries else 0.0,
+            spec_draft_tokens=spec.draft_tokens, spec_accepted_tokens=spec.accepted_tokens,
+            spec_verifications=spec.verifications)
 
     def reset_executor_state(self) -> None:
         """After an executor restart: requeue every running request for recompute, lose none.
@@ -171,14 +179,24 @@ class Scheduler:
                 if victim is req:
                     return budget
                 num_new = self._num_new_tokens(req, budget)
-            self.kv.grow(req, num_new)
+            drafts = self._drafts(req, num_new, budget, i)
+            self.kv.grow(req, num_new + len(drafts))
             plan.continuing_requests.add(request_id=req.request_id,
                                          new_block_ids=self.kv.take_new_block_ids(req),
-                                         num_scheduled_tokens=num_new)
-            self._mark_scheduled(req, num_new)
-            budget -= num_new
+                                         num_scheduled_tokens=num_new + len(drafts),
+                                         draft_token_ids=drafts)
+            self._mark_scheduled(req, num_new, drafts)
+            budget -= num_new + len(drafts)
             i += 1
         return budget
+
+    def _drafts(self, req: Request, num_new: int, budget: int, index: int) -> list[int]:
+        """The proposal for running request `index` (none without speculation); it may use free
+        blocks beyond one each for the running requests after it."""
+        if self.speculator is None:
+            return []
+        spare = self.kv.num_free_blocks - (len(self.running) - index - 1)
+        return self.speculator.drafts(req, num_new, budget, spare, len(self.running))
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:
         """How many tokens a running request computes this step: 0 means it needs a free block.
@@ -249,13 +267,15 @@ class Scheduler:
                               num_scheduled_tokens=num_new)
         self._mark_scheduled(req, num_new)
 
-    def _mark_scheduled(self, req: Request, num_new: int) -> None:
+    def _mark_scheduled(self, req: Request, num_new: int, drafts: list[int] | None = None) -> None:
+        """Counts num_new held tokens computed; drafts count once accepted (apply_result)."""
         assert self._in_flight is not None and num_new > 0
         req.num_computed_tokens += num_new
         assert req.num_computed_tokens <= min(req.num_tokens, self.config.max_model_len)
-        assert len(req.block_ids) * self.config.block_size >= req.num_computed_tokens
+        assert len(req.block_ids) * self.config.block_size \
+            >= req.num_computed_tokens + len(drafts or ())
         samples = req.num_computed_tokens == req.num_tokens
-        self._in_flight.scheduled[req.request_id] = (req, samples)
+        self._in_flight.scheduled[req.request_id] = (req, samples, drafts or [])
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -284,28 +304,35 @@ class Scheduler:
         if result.step_id != in_flight.step_id:
             raise RuntimeError(f"result for step {result.step_id}, expected {in_flight.step_id}")
         self._in_flight = None
-        live = {rid: (req, samples) for rid, (req, samples) in in_flight.scheduled.items()
-                if self.requests.get(rid) is req}
-        for req, _ in live.values():
+        live = {rid: entry for rid, entry in in_flight.scheduled.items()
+                if self.requests.get(rid) is entry[0]}
+        for req, _, _ in live.values():
             self.kv.cache_computed_blocks(req)
         deltas, self._deltas = self._deltas, []
         outputs = {out.request_id: out for out in result.outputs}
-        for rid, (req, samples) in live.items():
+        for rid, (req, samples, drafts) in live.items():
             out = outputs.pop(rid, None)
             if samples != (out is not None):
                 raise RuntimeError(f"executor {'omitted' if samples else 'sent'} a token for "
                                    f"{rid!r} in step {result.step_id}")
             if out is not None:
-                deltas.append(self._apply_output(req, out))
+                deltas.append(self._apply_output(req, out, drafts))
         unknown = [rid for rid in outputs if rid not in in_flight.scheduled]
         if unknown:
             raise RuntimeError(f"executor sent tokens for unscheduled requests {unknown}")
         return deltas
 
-    def _apply_output(self, req: Request, out: executor_pb2.RequestOutput) -> RequestOutputDelta:
-        """Appends one request's tokens up to the first that stops it."""
+    def _apply_output(self, req: Request, out: executor_pb2.RequestOutput,
+                      drafts: list[int]) -> RequestOutputDelta:
+        """Appends one request's tokens up to the first that stops it; accepted drafts (all the
+        tokens but the last) were computed this step."""
         if not out.token_ids:
             raise RuntimeError(f"executor sent no token ids for {req.request_id!r}")
+        if len(out.token_ids) > 1 or drafts:
+            if self.speculator is None:
+                raise RuntimeError(f"executor sent {len(out.token_ids)} tokens for "
+                                   f"{req.request_id!r}, which had no drafts")
+            req.num_computed_tokens += self.speculator.accepted(req, drafts, list(out.token_ids))
         status = None
         taken = 0
         for token_id in out.token_ids:

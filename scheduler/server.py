@@ -113,6 +113,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         resp.prefix_cache_queries, resp.prefix_cache_hits = (s.prefix_cache_queries,
                                                               s.prefix_cache_hits)
         resp.prefix_cache_hit_rate = s.prefix_cache_hit_rate
+        resp.spec_draft_tokens, resp.spec_accepted_tokens = (s.spec_draft_tokens,
+                                                             s.spec_accepted_tokens)
+        resp.spec_verifications = s.spec_verifications
         return resp
 
     async def ModelInfo(self, request: scheduler_pb2.ModelInfoRequest,
