@@ -5,6 +5,11 @@ A decode row reads its whole context for three multiply-adds per element, so it 
 the reference gathers each context into a copy and runs torch's fused attention on queries of a
 few rows, where that kernel's fixed costs dominate. The C kernel reads K and V once from the pages.
 Prompt chunks have many query rows per key and stay with the reference (matrix multiplies).
+
+A sequence with a few query rows (speculative decoding's verification: the last token and its
+drafts) is a few decode rows: row j of n, in a context of L tokens, is a decode row whose context
+is its first L - (n - 1 - j) tokens (causality), over the same pages. Those go to C row by row, not
+through the reference's per-sequence span, whose fixed costs per layer would multiply by the batch.
 """
 
 from __future__ import annotations
@@ -36,23 +41,40 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-_last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+SHORT_QUERY_ROWS = 8  # sequences with at most this many query rows attend in C, row by row
+
+DecodeRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_last: tuple[tuple[torch.Tensor, ...], DecodeRows] | None = None
 
 
-def _decode_seqs(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-    """The one-query sequences as an int32 tensor, longest context first (the C side hands them
-    out in this order, so the short ones fill in at the end), made once per step: every layer of
-    a step passes equal tensors (compared by content)."""
+def _decode_rows(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                 block_tables: torch.Tensor) -> DecodeRows:
+    """What the C kernel runs: (order, q_rows, seq_lens, block_tables), one entry per decode row,
+    order longest context first (the C side hands rows out in it, so short ones fill in at the
+    end). With one-query sequences only, the step's own tensors; with short multi-query ones,
+    each of their rows as a decode row of its own. Made once per step: every layer of a step
+    passes equal tensors (compared by content)."""
     global _last
-    if (_last is not None and _last[0].shape == cu_seqlens_q.shape
-            and _last[1].shape == seq_lens.shape and torch.equal(_last[0], cu_seqlens_q)
-            and torch.equal(_last[1], seq_lens)):
-        return _last[2]
+    inputs = (cu_seqlens_q, seq_lens, block_tables)
+    if _last is not None and all(a.shape == b.shape and torch.equal(a, b)
+                                 for a, b in zip(_last[0], inputs)):
+        return _last[1]
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    seqs = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1]
-    seqs.sort(key=lambda i: -lens[i])
-    _last = (cu_seqlens_q.clone(), seq_lens.clone(), torch.tensor(seqs, dtype=torch.int32))
-    return _last[2]
+    spans = [(i, cu[i + 1] - cu[i]) for i in range(len(lens))
+             if 1 <= cu[i + 1] - cu[i] <= SHORT_QUERY_ROWS]
+    if all(n == 1 for _, n in spans):
+        rows = (cu_seqlens_q, seq_lens, block_tables)
+        order = sorted((i for i, _ in spans), key=lambda i: -lens[i])
+    else:  # one entry per row: its q row, its causal context, its sequence's pages
+        seq_of = [i for i, n in spans for _ in range(n)]
+        ctx = [lens[i] - (n - 1 - j) for i, n in spans for j in range(n)]
+        q_rows = [cu[i] + j for i, n in spans for j in range(n)]
+        rows = (torch.tensor(q_rows, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32),
+                block_tables[torch.tensor(seq_of, dtype=torch.int64)].contiguous())
+        order = sorted(range(len(ctx)), key=lambda r: -ctx[r])
+    result = (torch.tensor(order, dtype=torch.int32), *rows)
+    _last = (tuple(t.clone() for t in inputs), result)
+    return result
 
 
 def _supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -69,13 +91,13 @@ def _run_decode(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, 
                 sliding_window, softcap) -> None:
     lib, _ = load("paged_decode")
     fn = getattr(lib, _FUNCTIONS[q.dtype])
-    seqs = _decode_seqs(cu_seqlens_q, seq_lens)
+    seqs, q_rows, lens, tables = _decode_rows(cu_seqlens_q, seq_lens, block_tables)
     if not len(seqs):
         return
     shape = _DecodeShape(q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], q.stride(0),
-                         out.stride(0), block_tables.stride(0), scale, softcap, sliding_window)
+                         out.stride(0), tables.stride(0), scale, softcap, sliding_window)
     ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (q, k_cache, v_cache, out, seqs,
-                                                    cu_seqlens_q, seq_lens, block_tables)]
+                                                    q_rows, lens, tables)]
     if fn(*ptrs, len(seqs), min(omp_threads(), len(seqs)), ctypes.byref(shape)):
         raise MemoryError("paged_decode: could not allocate its scratch buffer")
 
@@ -101,7 +123,8 @@ def paged_attention(
     in_c = load("paged_decode")[0] is not None and _supported(q, k_cache, v_cache, out, *index)
     if in_c and max_seqlen_q > 1:
         attend_spans(q, k_cache, v_cache, *index, out, scale=scale,
-                     sliding_window=sliding_window, softcap=softcap, decode=False)
+                     sliding_window=sliding_window, softcap=softcap,
+                     skip_query_rows=SHORT_QUERY_ROWS)
     elif not in_c:
         attend_spans(q, k_cache, v_cache, *index, out, scale=scale,
                      sliding_window=sliding_window, softcap=softcap)

@@ -77,11 +77,15 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch
     if softcap <= 0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
-    group = q.shape[1] // k.shape[1]
-    k, v = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
-    scores = torch.matmul(q.float(), k.transpose(2, 3)) * scale
-    scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~allowed, float("-inf"))
-    return torch.matmul(torch.softmax(scores, -1), v)
+    # The query heads of one KV head are its rows (no repeated K/V); in place after the matmul.
+    b, hq, rows, d = q.shape
+    hkv = k.shape[1]
+    qf = q.float().reshape(b, hkv, hq // hkv * rows, d)
+    scores = torch.matmul(qf, k.float().transpose(2, 3)).mul_(scale).div_(softcap)
+    scores = scores.tanh_().mul_(softcap).view(b, hkv, hq // hkv, rows, -1)
+    scores.masked_fill_(~allowed[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, -1).view(b, hkv, hq // hkv * rows, -1)
+    return torch.matmul(probs, v.float()).view(b, hq, rows, d)
 
 
 @dataclass(frozen=True)
@@ -131,15 +135,15 @@ def _decode_groups(seqs: list[int], lens: list[int], max_tokens: int) -> list[li
 
 
 def _plan(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-          block_size: int, group_tokens: int) -> list[_Span]:
+          block_size: int, group_tokens: int, min_prompt_rows: int = 1) -> list[_Span]:
     """The spans of one batch: decode groups (none when group_tokens is 0), then each sequence
-    with several queries."""
+    with more than min_prompt_rows queries."""
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
     decode = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1 and group_tokens > 0]
     spans = [_decode_span([cu[i] for i in group], group, seq_lens, block_tables, block_size)
              for group in _decode_groups(decode, lens, group_tokens)]
     spans += [_prompt_span(cu[i], cu[i + 1], lens[i], block_tables[i], block_size)
-              for i in range(len(lens)) if cu[i + 1] - cu[i] > 1]
+              for i in range(len(lens)) if cu[i + 1] - cu[i] > min_prompt_rows]
     return spans
 
 
@@ -147,16 +151,17 @@ _last_plan: tuple[tuple, tuple[torch.Tensor, ...], list[_Span]] | None = None
 
 
 def _step_plan(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-               block_size: int, group_tokens: int) -> list[_Span]:
+               block_size: int, group_tokens: int, min_prompt_rows: int = 1) -> list[_Span]:
     """_plan, reused while the batch is unchanged (every layer of one step): the inputs are
     compared by content with a copy taken when the plan was made."""
     global _last_plan
-    key, inputs = (block_size, group_tokens), (cu_seqlens_q, seq_lens, block_tables)
+    key = (block_size, group_tokens, min_prompt_rows)
+    inputs = (cu_seqlens_q, seq_lens, block_tables)
     if _last_plan is not None and _last_plan[0] == key and all(
             a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
             and torch.equal(a, b) for a, b in zip(_last_plan[1], inputs)):
         return _last_plan[2]
-    spans = _plan(*inputs, block_size, group_tokens)
+    spans = _plan(*inputs, block_size, group_tokens, min_prompt_rows)
     _last_plan = (key, tuple(t.clone() for t in inputs), spans)
     return spans
 
@@ -182,12 +187,13 @@ def _attend_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def attend_spans(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                  out: torch.Tensor, *, scale: float, sliding_window: int, softcap: float,
-                 decode: bool = True) -> None:
-    """paged_attention's work; decode=False leaves the rows of one-query sequences to the caller
-    (the CPU backend attends those in C)."""
+                 skip_query_rows: int = 0) -> None:
+    """paged_attention's work; sequences with at most skip_query_rows query rows are left to the
+    caller (the CPU backend attends those in C)."""
     token_bytes = k_cache.shape[2] * k_cache.shape[3] * _compute_dtype(k_cache.dtype).itemsize
-    group_tokens = max(1, DECODE_GROUP_BYTES // token_bytes) if decode else 0
-    spans = _step_plan(cu_seqlens_q, seq_lens, block_tables, k_cache.shape[1], group_tokens)
+    group_tokens = 0 if skip_query_rows else max(1, DECODE_GROUP_BYTES // token_bytes)
+    spans = _step_plan(cu_seqlens_q, seq_lens, block_tables, k_cache.shape[1], group_tokens,
+                       max(skip_query_rows, 1))
     for span in spans:
         out[span.rows] = _attend_span(q[span.rows], k_cache, v_cache, span, scale,
                                       sliding_window, softcap).to(out.dtype)

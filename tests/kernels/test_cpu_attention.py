@@ -79,6 +79,27 @@ def test_sliding_window_and_softcap(dtype, window, softcap) -> None:
     _check([1, 1, 4, 1, 1], [40, 33, 20, 5, 90], dtype=dtype, window=window, softcap=softcap)
 
 
+@pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (6, 0.0), (0, 30.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_multi_query_rows_attend_causally_in_c(dtype, window, softcap) -> None:
+    """Speculative verification's spans (2 to SHORT_QUERY_ROWS query rows) beside decode rows and
+    a longer chunk (9 rows: the reference's), each row in its own causal context."""
+    assert cpu_attention.SHORT_QUERY_ROWS == 8
+    _check([2, 1, 5, 8, 9, 1, 3], [40, 33, 20, 64, 30, 5, 3], dtype=dtype, window=window,
+           softcap=softcap)
+
+
+def test_short_multi_query_rows_reach_the_c_kernel(monkeypatch) -> None:
+    """They are C's, not the reference's: with the reference's prompt path broken they still
+    come out right, and a 9-row chunk does not."""
+    from pagedserve.kernels.reference import attention as ref
+
+    monkeypatch.setattr(ref, "_prompt_span", lambda *a, **k: 1 / 0)
+    _check([2, 1, 4, 8], [40, 33, 20, 64], dtype=torch.float32)
+    with pytest.raises(ZeroDivisionError):
+        _check([9, 1], [40, 33], dtype=torch.float32)
+
+
 def test_large_scores_stay_finite() -> None:
     """Scores in the hundreds: the softmax must subtract the maximum before exponentiating (else
     exp overflows to inf and the output is NaN). float32 scores near 1000 carry rounding errors
