@@ -77,3 +77,24 @@ def test_proposals_stay_within_every_limit(max_tokens, max_model_len, budget, bl
     drafts = speculator.drafts(req, 1, budget, spare, num_running=1)
     assert drafts == [7] * want
     assert asked == ([want] if want else [])  # the proposer is asked for no more
+
+
+def test_a_request_whose_drafts_keep_failing_is_proposed_to_rarely() -> None:
+    from pagedserve.scheduler.speculation import POOR_EVERY, POOR_MIN_DRAFTS, Speculator
+
+    speculator = Speculator(SpeculativeConfig(num_speculative_tokens=4), 16, 1000,
+                            propose=lambda tokens, cfg, k: [7] * k)
+    req = _request(list(range(14)), [1, 2, 3], 1000, 40)
+    proposed = []
+    for step in range(60):
+        drafts = speculator.drafts(req, 1, 100, 0, num_running=1)
+        proposed.append(bool(drafts))
+        out = [8]  # the executor rejects the first draft every time
+        speculator.accepted(req, drafts, out)
+        req.append_output(8)
+        req.num_computed_tokens = req.num_tokens - 1
+    first_rare = POOR_MIN_DRAFTS // 4
+    assert all(proposed[:first_rare])
+    later = proposed[first_rare:]
+    assert 0 < sum(later) <= len(later) // POOR_EVERY + 1
+    assert speculator.counters.accepted_tokens == 0
