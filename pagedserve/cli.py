@@ -178,7 +178,12 @@ def _router_core_options(args: argparse.Namespace) -> dict:
 
 def _add_router(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("router", help="serve the OpenAI HTTP API and the public gRPC API")
-    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER_ADDR, help="the scheduler's address")
+    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER_ADDR,
+                   help="the scheduler's address, or several comma-separated: data-parallel "
+                        "replicas, each request sent to one by prefix affinity within a load "
+                        "bound (router/replicas.py)")
+    p.add_argument("--replica-policy", default="prefix", choices=("prefix", "round_robin"),
+                   help="how requests are spread over several schedulers")
     p.add_argument("--model", required=True,
                    help="model directory or .gguf file (tokenizer, chat template)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use")
@@ -199,7 +204,8 @@ def _run_router(args: argparse.Namespace) -> int:
                grpc_port=None if args.grpc_port < 0 else args.grpc_port,
                served_model_name=args.served_model_name, enable_reflection=args.reflection,
                log_level=args.log_level, drain_timeout=args.drain_timeout,
-               core_options=_router_core_options(args))
+               core_options={**_router_core_options(args),
+                             "replica_policy": args.replica_policy})
     return 0
 
 

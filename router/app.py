@@ -139,7 +139,7 @@ def _add_info_routes(app: FastAPI, core: RouterCore) -> None:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        text = core.metrics.render(await core.stats())
+        text = core.metrics.render(await core.stats(), core.replica_metric_lines())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/tokenize")

@@ -37,6 +37,7 @@ from pagedserve.router.generation import ChoiceSpec, Delta, generate, merge
 from pagedserve.router.grammar_check import GrammarChecker, make_tokenizer
 from pagedserve.router.limits import Limits
 from pagedserve.router.metrics import Metrics
+from pagedserve.router.replicas import SchedulerReplicas, connect
 from pagedserve.router.scheduler_client import SchedulerClient
 from pagedserve.router.structured_outputs import Constraint
 from pagedserve.router.tokenizer import (
@@ -67,7 +68,7 @@ class RouterCore:
                  client: SchedulerClient | None = None, *, limits: Limits | None = None,
                  api_key: str | None = None, trust_request_chat_template: bool = False,
                  tool_call_parser: str | None = None,
-                 reasoning_parser: str | None = None) -> None:
+                 reasoning_parser: str | None = None, replica_policy: str = "prefix") -> None:
         self.limits = limits or Limits()
         # how chat output is split into reasoning, content and tool calls (router/tool_parsers.py,
         # router/reasoning.py); None: no parsing
@@ -78,7 +79,8 @@ class RouterCore:
         self.model_dir = Path(model_dir)
         self.model_name = served_model_name or str(model_dir)
         self.tokenizer = tokenizer or Tokenizer.from_dir(self.model_dir)
-        self.client = client or SchedulerClient(scheduler_addr)
+        # one scheduler, or several replicas chosen per request (router/replicas.py)
+        self.client = client or connect(scheduler_addr, replica_policy)
         self.metrics = Metrics()
         self.created = int(time.time())
         self._info: executor_pb2.DescribeResponse | None = None
@@ -109,6 +111,9 @@ class RouterCore:
         """An empty model means the served one; any other name must match it."""
         if model and model not in (self.model_name, str(self.model_dir)):
             raise model_not_found(model)
+
+    def replica_metric_lines(self) -> list[str]:
+        return self.client.metric_lines() if isinstance(self.client, SchedulerReplicas) else []
 
     async def stats(self) -> scheduler_pb2.StatsResponse | None:
         try:

@@ -75,6 +75,19 @@ def _gauge(name: str, help: str, value: float, kind: str = "gauge") -> list[str]
     return [f"# HELP {full} {help}", f"# TYPE {full} {kind}", f"{full} {_num(value)}"]
 
 
+def labelled(name: str, help: str, values: dict[str, float] | float,
+             label: str = "replica") -> list[str]:
+    """A gauge (a counter when the name ends in _total), one sample per label value."""
+    full = f"{PREFIX}_{name}"
+    kind = "counter" if name.endswith("_total") else "gauge"
+    lines = [f"# HELP {full} {help}", f"# TYPE {full} {kind}"]
+    samples = values.items() if isinstance(values, dict) else [(None, values)]
+    for key, value in samples:
+        lines.append(f"{full}{_labels((label,), (key,)) if key is not None else ''} "
+                     f"{_num(value)}")
+    return lines
+
+
 class Metrics:
     """The router's metrics; one instance per router process."""
 
@@ -98,8 +111,10 @@ class Metrics:
         self.in_flight = 0
         self.waiting = 0  # admitted, no first token yet (the router's queue limit counts these)
 
-    def render(self, stats: scheduler_pb2.StatsResponse | None) -> str:
-        lines: list[str] = []
+    def render(self, stats: scheduler_pb2.StatsResponse | None,
+               extra: Sequence[str] = ()) -> str:
+        """extra: lines of other sources (the scheduler replicas', router/replicas.py)."""
+        lines: list[str] = list(extra)
         for metric in (self.requests, self.finished, self.failed, self.aborted,
                        self.prompt_tokens, self.generation_tokens, self.ttft, self.e2e):
             lines += metric.render()

@@ -86,7 +86,7 @@ def test_a_request_whose_drafts_keep_failing_is_proposed_to_rarely() -> None:
                             propose=lambda tokens, cfg, k: [7] * k)
     req = _request(list(range(14)), [1, 2, 3], 1000, 40)
     proposed = []
-    for step in range(60):
+    for _ in range(60):
         drafts = speculator.drafts(req, 1, 100, 0, num_running=1)
         proposed.append(bool(drafts))
         out = [8]  # the executor rejects the first draft every time
