@@ -21,7 +21,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pagedserve.executor.compute_thread import ComputeThread
-from pagedserve.protos import executor_pb2, executor_pb2_grpc, grpc_options
+from pagedserve.protos import executor_pb2, executor_pb2_grpc, grpc_options, tls
 from pagedserve.protos.parse_guard import ParseGuard
 
 log = structlog.get_logger("pagedserve.executor.server")
@@ -109,7 +109,7 @@ def build_server(service: ExecutorService, listen: str, *, reflection: bool = Fa
 
         names = (SERVICE_NAME, health.SERVICE_NAME, grpc_reflection.SERVICE_NAME)
         grpc_reflection.enable_server_reflection(names, server)
-    if server.add_insecure_port(listen) == 0:
+    if tls.add_port(server, listen) == 0:
         raise OSError(f"listen: cannot bind {listen}")
     return server, health_servicer
 

@@ -52,6 +52,12 @@ def _run_make_model(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p.add_argument("--tls-cert", default=None,
+                   help="PEM certificate: gRPC servers (and the router's HTTP) speak TLS only")
+    p.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
+    p.add_argument("--tls-ca", default=None,
+                   help="PEM CA: servers demand client certificates it signed (mutual TLS on "
+                        "the internal hops), clients check servers against it")
 
 
 def _add_executor_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -153,6 +159,8 @@ def _add_api_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (and "
                         f"on the public gRPC API); default: ${API_KEY_ENV}, else no auth")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="with --api-key, /metrics still needs no key (a scraper's)")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests bring their own chat_template / chat_template_kwargs")
     p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
@@ -173,7 +181,8 @@ def _router_core_options(args: argparse.Namespace) -> dict:
     return {"limits": Limits(**limits), "api_key": args.api_key or os.environ.get(API_KEY_ENV),
             "trust_request_chat_template": args.trust_request_chat_template,
             "tool_call_parser": args.tool_call_parser,
-            "reasoning_parser": args.reasoning_parser}
+            "reasoning_parser": args.reasoning_parser,
+            "metrics_public": args.metrics_public}
 
 
 def _add_router(sub: argparse._SubParsersAction) -> None:
@@ -298,7 +307,15 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     die_with_supervisor()  # a no-op unless `pagedserve serve` started this process
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if any(getattr(args, f"tls_{k}", None) for k in ("cert", "key", "ca")):
+        from pagedserve.protos import tls
+
+        try:  # for this process and every child it starts
+            tls.set_env(args.tls_cert, args.tls_key, args.tls_ca)
+        except ValueError as e:
+            parser.error(str(e))
     if getattr(args, "log_level", None):
         from pagedserve.logs import configure_logging
 

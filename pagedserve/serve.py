@@ -198,6 +198,14 @@ def _spec_json(config: object) -> str | None:
     return None if config is None else config.to_json()  # type: ignore[attr-defined]
 
 
+def _scheme() -> str:
+    """The router's HTTP scheme: HTTPS when serve has a certificate (its children inherit the
+    TLS settings with its environment: protos/tls.py)."""
+    from pagedserve.protos import tls
+
+    return "https" if os.environ.get(tls.CERT_ENV) else "http"
+
+
 def _probe_host(host: str) -> str:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return f"[{host}]" if ":" in host else host
@@ -233,6 +241,7 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
                     *_flags({"--served-model-name": a["served_model_name"],
                              "--drain-timeout": a["drain_timeout"],
                              "--trust-request-chat-template": a["trust_request_chat_template"],
+                             "--metrics-public": a.get("metrics_public"),
                              "--tool-call-parser": a.get("tool_call_parser"),
                              "--reasoning-parser": a.get("reasoning_parser"),
                              **_limit_flags(a)}))
@@ -241,7 +250,7 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
         ServiceSpec("executor", executor, executor_addr, "pagedserve.v1.Executor"),
         ServiceSpec("scheduler", scheduler, scheduler_addr, "pagedserve.v1.Scheduler",
                     stop_timeout=drain, nice=nice),
-        ServiceSpec("router", router, f"http://{_probe_host(a['host'])}:{a['port']}/health",
+        ServiceSpec("router", router, f"{_scheme()}://{_probe_host(a['host'])}:{a['port']}/health",
                     stop_timeout=drain, nice=nice,
                     env={API_KEY_ENV: a["api_key"]} if a.get("api_key") else None),
     ]

@@ -58,7 +58,8 @@ def create_app(core: RouterCore) -> FastAPI:
     app = FastAPI(title="pagedserve router", docs_url=None, redoc_url=None)
     app.state.core = core
     if core.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=core.api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=core.api_key,
+                           metrics_public=core.metrics_public)
     app.add_middleware(RequestIdMiddleware)
     _add_error_handlers(app)
     _add_info_routes(app, core)

@@ -68,13 +68,15 @@ class RouterCore:
                  client: SchedulerClient | None = None, *, limits: Limits | None = None,
                  api_key: str | None = None, trust_request_chat_template: bool = False,
                  tool_call_parser: str | None = None,
-                 reasoning_parser: str | None = None, replica_policy: str = "prefix") -> None:
+                 reasoning_parser: str | None = None, replica_policy: str = "prefix",
+                 metrics_public: bool = False) -> None:
         self.limits = limits or Limits()
         # how chat output is split into reasoning, content and tool calls (router/tool_parsers.py,
         # router/reasoning.py); None: no parsing
         self.tool_call_parser = tool_call_parser
         self.reasoning_parser = reasoning_parser
         self.api_key = api_key or None
+        self.metrics_public = metrics_public  # /metrics without the API key
         self.trust_request_chat_template = trust_request_chat_template
         self.model_dir = Path(model_dir)
         self.model_name = served_model_name or str(model_dir)

@@ -18,7 +18,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
-from pagedserve.protos import generation_pb2, generation_pb2_grpc
+from pagedserve.protos import generation_pb2, generation_pb2_grpc, tls
 from pagedserve.protos.parse_guard import AioParseGuard
 from pagedserve.router.core import RouterCore, random_id
 from pagedserve.router.errors import RouterError, context_length_exceeded, invalid_request
@@ -285,5 +285,5 @@ def create_grpc_server(core: RouterCore, address: str, enable_reflection: bool =
 
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = tls.add_port(server, address, client_auth=False)  # the public API: any client
     return server, port, reporter

@@ -74,12 +74,14 @@ class RequestIdMiddleware:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: Any, api_key: str) -> None:
+    def __init__(self, app: Any, api_key: str, metrics_public: bool = False) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        # --metrics-public: a Prometheus scraper without the key may read /metrics
+        self.open_paths = OPEN_PATHS | {"/metrics"} if metrics_public else OPEN_PATHS
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path") not in OPEN_PATHS:
+        if scope["type"] == "http" and scope.get("path") not in self.open_paths:
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 return await send_error(send, unauthorized())

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from pagedserve.protos import executor_pb2, grpc_options, scheduler_pb2, scheduler_pb2_grpc
+from pagedserve.protos import executor_pb2, grpc_options, scheduler_pb2, scheduler_pb2_grpc, tls
 from pagedserve.router.scheduler_session import SchedulerSession
 
 
@@ -29,8 +29,8 @@ class SchedulerClient:
     def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
         loop = asyncio.get_running_loop()
         if self._stub is None or self._loop is not loop:
-            self._channel = grpc.aio.insecure_channel(
-                self.address, options=list(grpc_options.SCHEDULER_CHANNEL.items()))
+            self._channel = tls.aio_channel(self.address,
+                                            list(grpc_options.SCHEDULER_CHANNEL.items()))
             self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
             self._loop = loop
             self._session = None

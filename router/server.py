@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import threading
@@ -24,11 +25,19 @@ import grpc
 import structlog
 import uvicorn
 
+from pagedserve.protos import tls
 from pagedserve.router.app import create_app
 from pagedserve.router.core import RouterCore
 from pagedserve.router.grpc_service import HealthReporter, create_grpc_server
 
 log = structlog.get_logger("pagedserve.router")
+
+
+def _https() -> dict[str, str]:
+    """uvicorn's TLS settings: HTTPS with the process's certificate (protos/tls.py), if any."""
+    if not os.environ.get(tls.CERT_ENV):
+        return {}
+    return {"ssl_certfile": os.environ[tls.CERT_ENV], "ssl_keyfile": os.environ[tls.KEY_ENV]}
 
 
 class _UvicornServer(uvicorn.Server):
@@ -62,7 +71,7 @@ class RouterServer:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(create_app(self.core), log_level=self.log_level, lifespan="off",
                                 ws="none", access_log=self.log_level == "debug", log_config=None,
-                                timeout_graceful_shutdown=self.drain_timeout)
+                                timeout_graceful_shutdown=self.drain_timeout, **_https())
         self._http = _UvicornServer(config)
         self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
         while not self._http.started:

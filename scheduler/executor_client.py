@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from pagedserve.protos import executor_pb2, executor_pb2_grpc, grpc_options
+from pagedserve.protos import executor_pb2, executor_pb2_grpc, grpc_options, tls
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -42,7 +42,7 @@ class GrpcExecutorClient:
     def __init__(self, address: str, *, describe_timeout: float = 30.0) -> None:
         self.address = address
         self._describe_timeout = describe_timeout
-        self._channel = grpc.insecure_channel(address, options=channel_options())
+        self._channel = tls.channel(address, channel_options())
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self._plans: queue.SimpleQueue[executor_pb2.StepPlan | None] | None = None
         self._results: Iterator[executor_pb2.StepResult] | None = None
@@ -86,7 +86,7 @@ class AsyncExecutorConnection:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self._channel = tls.aio_channel(address, channel_options())
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self._call: grpc.aio.StreamStreamCall | None = None
 

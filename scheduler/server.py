@@ -22,7 +22,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pagedserve.protos import executor_pb2, grpc_options, scheduler_pb2, scheduler_pb2_grpc
+from pagedserve.protos import executor_pb2, grpc_options, scheduler_pb2, scheduler_pb2_grpc, tls
 from pagedserve.protos.parse_guard import AioParseGuard
 from pagedserve.scheduler.admission import admit
 from pagedserve.scheduler.outputs import RequestOutputDelta
@@ -138,7 +138,7 @@ async def _build_server(service: SchedulerService, listen: str, *,
 
         names = (SERVICE_NAME, health.SERVICE_NAME, grpc_reflection.SERVICE_NAME)
         grpc_reflection.enable_server_reflection(names, server)
-    if server.add_insecure_port(listen) == 0:
+    if tls.add_port(server, listen) == 0:
         raise OSError(f"listen: cannot bind {listen}")
     return server, health_servicer
 
