@@ -34,9 +34,13 @@ MIN_PING_INTERVAL_MS = 5_000
 # a misconfigured client shows up (rather than 0, which would allow any rate and hide it).
 MAX_PING_STRIKES = 2
 
+MAX_RECEIVE = "grpc.max_receive_message_length"
+# The name a TLS client expects in the server's certificate, when the address does not say it.
+SSL_TARGET_NAME_OVERRIDE = "grpc.ssl_target_name_override"
+
 MESSAGE_SIZE: Mapping[str, int] = {
     "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
-    "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+    MAX_RECEIVE: MAX_MESSAGE_BYTES,
 }
 
 # The internal servers (scheduler, executor).
@@ -46,6 +50,17 @@ SERVER: Mapping[str, int] = {
     MIN_PING_INTERVAL: MIN_PING_INTERVAL_MS,
     "grpc.http2.max_ping_strikes": MAX_PING_STRIKES,
     "grpc.so_reuseport": 0,  # a second server on a taken port fails to bind instead of sharing it
+}
+
+# The router's public gRPC server: any client. A request is bounded as the HTTP API bounds its
+# body (4 MiB, --max-request-body-bytes' default), and one connection may hold PUBLIC_MAX_STREAMS
+# calls at once (more wait for a free one, as HTTP/2 says), so one client cannot pin the router.
+PUBLIC_MAX_REQUEST_BYTES = 4 << 20
+PUBLIC_MAX_STREAMS = 128
+PUBLIC_SERVER: Mapping[str, int] = {
+    **SERVER,
+    MAX_RECEIVE: PUBLIC_MAX_REQUEST_BYTES,
+    "grpc.max_concurrent_streams": PUBLIC_MAX_STREAMS,
 }
 
 # The scheduler's channel to its executor.

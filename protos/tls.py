@@ -19,6 +19,8 @@ from pathlib import Path
 
 import grpc
 
+from pagedserve.protos import grpc_options
+
 CERT_ENV, KEY_ENV, CA_ENV = "PAGEDSERVE_TLS_CERT", "PAGEDSERVE_TLS_KEY", "PAGEDSERVE_TLS_CA"
 SERVER_NAME_ENV = "PAGEDSERVE_TLS_SERVER_NAME"
 
@@ -74,7 +76,7 @@ def _secure(tls: TLSConfig, address: str,
                                          certificate_chain=tls.cert)
     name = tls.server_name or ("localhost" if address.startswith("unix:") else None)
     if name:
-        options = [*options, ("grpc.ssl_target_name_override", name)]
+        options = [*options, (grpc_options.SSL_TARGET_NAME_OVERRIDE, name)]
     return creds, options
 
 

@@ -18,7 +18,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
-from pagedserve.protos import generation_pb2, generation_pb2_grpc, tls
+from pagedserve.protos import generation_pb2, generation_pb2_grpc, grpc_options, tls
 from pagedserve.protos.parse_guard import AioParseGuard
 from pagedserve.router.core import RouterCore, random_id
 from pagedserve.router.errors import RouterError, context_length_exceeded, invalid_request
@@ -276,7 +276,8 @@ def create_grpc_server(core: RouterCore, address: str, enable_reflection: bool =
     start both with `await server.start(); reporter.start()`."""
     interceptors = [ApiKeyInterceptor(core.api_key)] if core.api_key else []
     interceptors.append(AioParseGuard())  # inside the key check: no key, UNAUTHENTICATED first
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=list(grpc_options.PUBLIC_SERVER.items()))
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(core), server)
     reporter = HealthReporter(core, health_interval_s)
     health_pb2_grpc.add_HealthServicer_to_server(reporter.servicer, server)
