@@ -281,12 +281,14 @@ class RouterCore:
             m.requests.inc(endpoint=endpoint)
             m.prompt_tokens.inc(sum(len(s.prompt_ids) for s in specs))
             m.in_flight += 1
+            timing = _TokenTiming(m, len(specs))
             try:
                 async with contextlib.aclosing(merge(streams)) as deltas:
                     async for delta in deltas:
                         if waiting:
                             m.waiting, waiting = m.waiting - 1, False
                             m.ttft.observe(time.monotonic() - start)
+                        timing.saw(delta)
                         generated += len(delta.token_ids)
                         m.generation_tokens.inc(len(delta.token_ids))
                         if delta.finish_reason is not None:
@@ -304,6 +306,28 @@ class RouterCore:
         finally:
             if waiting:
                 m.waiting -= 1
+
+
+class _TokenTiming:
+    """Each sequence's inter-token gaps and, once it finishes, its time per output token."""
+
+    def __init__(self, metrics: Metrics, num_sequences: int) -> None:
+        self.metrics = metrics
+        self.first: list[float | None] = [None] * num_sequences
+        self.last: list[float] = [0.0] * num_sequences
+        self.count = [0] * num_sequences
+
+    def saw(self, delta: Delta) -> None:
+        now, i, k = time.monotonic(), delta.index, len(delta.token_ids)
+        if k and self.first[i] is None:
+            self.first[i] = now
+        elif k:
+            self.metrics.itl.observe((now - self.last[i]) / k, k)
+        if k:
+            self.last[i], self.count[i] = now, self.count[i] + k
+        first = self.first[i]
+        if delta.finish_reason is not None and first is not None and self.count[i] > 1:
+            self.metrics.tpot.observe((self.last[i] - first) / (self.count[i] - 1))
 
 
 async def collect(deltas: AsyncIterator[Delta], n: int) -> list[Delta]:

@@ -55,9 +55,9 @@ class Histogram:
         self.counts = [0] * (len(self.buckets) + 1)  # the last is +Inf
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
+    def observe(self, value: float, times: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += times
+        self.sum += value * times
 
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
@@ -108,6 +108,11 @@ class Metrics:
         self.generation_tokens = Counter("generation_tokens_total", "Tokens generated.")
         self.ttft = Histogram("time_to_first_token_seconds", "Time to the first output token.")
         self.e2e = Histogram("e2e_request_latency_seconds", "Time from request to last token.")
+        self.tpot = Histogram("time_per_output_token_seconds",
+                              "Per sequence: (last token - first token) / (output tokens - 1).")
+        self.itl = Histogram("inter_token_latency_seconds",
+                             "Between a sequence's successive output tokens (a message carrying "
+                             "k tokens counts its gap k times, as gap / k).")
         self.in_flight = 0
         self.waiting = 0  # admitted, no first token yet (the router's queue limit counts these)
 
@@ -116,7 +121,8 @@ class Metrics:
         """extra: lines of other sources (the scheduler replicas', router/replicas.py)."""
         lines: list[str] = list(extra)
         for metric in (self.requests, self.finished, self.failed, self.aborted,
-                       self.prompt_tokens, self.generation_tokens, self.ttft, self.e2e):
+                       self.prompt_tokens, self.generation_tokens, self.ttft, self.e2e,
+                       self.tpot, self.itl):
             lines += metric.render()
         lines += _gauge("router_requests_in_flight", "Requests the router is serving.",
                         self.in_flight)
