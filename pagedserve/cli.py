@@ -159,6 +159,9 @@ def _add_api_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (and "
                         f"on the public gRPC API); default: ${API_KEY_ENV}, else no auth")
+    p.add_argument("--scheduler-resume-timeout", type=float, default=30.0 if defaults else None,
+                   help="seconds an open request waits for a restarted scheduler, then goes on "
+                        "where it stopped (0: fail it at once)")
     p.add_argument("--metrics-public", action="store_true",
                    help="with --api-key, /metrics still needs no key (a scraper's)")
     p.add_argument("--trust-request-chat-template", action="store_true",
@@ -182,7 +185,8 @@ def _router_core_options(args: argparse.Namespace) -> dict:
             "trust_request_chat_template": args.trust_request_chat_template,
             "tool_call_parser": args.tool_call_parser,
             "reasoning_parser": args.reasoning_parser,
-            "metrics_public": args.metrics_public}
+            "metrics_public": args.metrics_public,
+            "scheduler_resume_timeout_s": args.scheduler_resume_timeout}
 
 
 def _add_router(sub: argparse._SubParsersAction) -> None:

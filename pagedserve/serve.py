@@ -242,6 +242,7 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
                              "--drain-timeout": a["drain_timeout"],
                              "--trust-request-chat-template": a["trust_request_chat_template"],
                              "--metrics-public": a.get("metrics_public"),
+                             "--scheduler-resume-timeout": a.get("scheduler_resume_timeout"),
                              "--tool-call-parser": a.get("tool_call_parser"),
                              "--reasoning-parser": a.get("reasoning_parser"),
                              **_limit_flags(a)}))

@@ -48,6 +48,7 @@ from pagedserve.router.tokenizer import (
 )
 
 log = structlog.get_logger("pagedserve.router")
+DEFAULT_RESUME_TIMEOUT_S = 30.0
 T = TypeVar("T")
 
 
@@ -69,7 +70,8 @@ class RouterCore:
                  api_key: str | None = None, trust_request_chat_template: bool = False,
                  tool_call_parser: str | None = None,
                  reasoning_parser: str | None = None, replica_policy: str = "prefix",
-                 metrics_public: bool = False) -> None:
+                 metrics_public: bool = False,
+                 scheduler_resume_timeout_s: float = DEFAULT_RESUME_TIMEOUT_S) -> None:
         self.limits = limits or Limits()
         # how chat output is split into reasoning, content and tool calls (router/tool_parsers.py,
         # router/reasoning.py); None: no parsing
@@ -77,6 +79,8 @@ class RouterCore:
         self.reasoning_parser = reasoning_parser
         self.api_key = api_key or None
         self.metrics_public = metrics_public  # /metrics without the API key
+        # how long a request waits for its scheduler to come back (router/resume.py); 0: not
+        self.scheduler_resume_timeout_s = scheduler_resume_timeout_s
         self.trust_request_chat_template = trust_request_chat_template
         self.model_dir = Path(model_dir)
         self.model_name = served_model_name or str(model_dir)
@@ -277,7 +281,9 @@ class RouterCore:
             ids = [request_id] if len(specs) == 1 else [f"{request_id}-{k}"
                                                         for k in range(len(specs))]
             streams = [generate(self.client, self.tokenizer, rid, s.prompt_ids, s.params,
-                                eos_ids, index=s.index) for rid, s in zip(ids, specs)]
+                                eos_ids, index=s.index,
+                                resume_timeout_s=self.scheduler_resume_timeout_s)
+                       for rid, s in zip(ids, specs)]
             m.requests.inc(endpoint=endpoint)
             m.prompt_tokens.inc(sum(len(s.prompt_ids) for s in specs))
             m.in_flight += 1

@@ -19,6 +19,7 @@ from pagedserve.protos import executor_pb2, scheduler_pb2
 from pagedserve.protos.choice_seed import choice_seed
 from pagedserve.router.detokenizer import IncrementalDetokenizer
 from pagedserve.router.errors import RouterError, from_grpc
+from pagedserve.router.resume import resumable_outputs
 from pagedserve.router.scheduler_client import SchedulerClient
 from pagedserve.router.stop_strings import StopStringMatcher
 from pagedserve.router.tokenizer import Tokenizer
@@ -133,10 +134,12 @@ class _Choice:
 
 async def generate(client: SchedulerClient, tokenizer: Tokenizer, request_id: str,
                    prompt_ids: list[int], params: GenerationParams, eos_ids: Collection[int],
-                   index: int = 0) -> AsyncIterator[Delta]:
-    """Deltas of one choice; the last has finish_reason. Closing early aborts the request."""
+                   index: int = 0, resume_timeout_s: float = 0.0) -> AsyncIterator[Delta]:
+    """Deltas of one choice; the last has finish_reason. Closing early aborts the request. With
+    resume_timeout_s > 0 it survives a scheduler restart (router/resume.py)."""
     choice = _Choice(tokenizer, prompt_ids, params, eos_ids)
-    stream = client.generate(params.schedule_request(request_id, prompt_ids))
+    stream = resumable_outputs(client, params.schedule_request(request_id, prompt_ids),
+                               resume_timeout_s)
     n_out = 0
     try:
         async for out in stream:

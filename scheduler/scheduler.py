@@ -82,7 +82,8 @@ class Scheduler:
         for i, rid in enumerate(ids):
             req = Request(rid, list(spec.prompt_token_ids),
                           _executor_sampling(spec.sampling, spec.stop, i, n), spec.stop,
-                          self._num_arrivals, spec.cache_salt)
+                          self._num_arrivals, spec.cache_salt,
+                          output_token_ids=list(spec.output_token_ids))
             self._num_arrivals += 1
             self.requests[rid] = req
             self.waiting.append(req)

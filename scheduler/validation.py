@@ -18,7 +18,8 @@ def _check_token_ids(name: str, token_ids: Sequence[int]) -> None:
 
 
 def validate_request(config: SchedulerConfig, request_id: str, prompt_token_ids: Sequence[int], *,
-                     max_tokens: int, min_tokens: int, stop_token_ids: Sequence[int], n: int) -> None:
+                     max_tokens: int, min_tokens: int, stop_token_ids: Sequence[int], n: int,
+                     output_token_ids: Sequence[int] = ()) -> None:
     """Raises ValueError naming the first bad field (RequestSpec.create is the one caller)."""
     if not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -35,3 +36,20 @@ def validate_request(config: SchedulerConfig, request_id: str, prompt_token_ids:
         raise ValueError(f"min_tokens must be an int in [0, max_tokens], got {min_tokens!r}")
     if not _is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
+    _check_resumed(config, prompt_token_ids, output_token_ids, max_tokens, n)
+
+
+def _check_resumed(config: SchedulerConfig, prompt_token_ids: Sequence[int],
+                   output_token_ids: Sequence[int], max_tokens: int, n: int) -> None:
+    """A resumed request must have something left to generate, alone."""
+    if not output_token_ids:
+        return
+    _check_token_ids("output_token_ids", output_token_ids)
+    if len(output_token_ids) >= max_tokens:
+        raise ValueError(f"output_token_ids holds {len(output_token_ids)} tokens: max_tokens "
+                         f"{max_tokens} leaves none to generate")
+    if len(prompt_token_ids) + len(output_token_ids) >= config.max_model_len:
+        raise ValueError("output_token_ids: prompt and outputs leave no room in max_model_len="
+                         f"{config.max_model_len}")
+    if n != 1:
+        raise ValueError("output_token_ids: a resumed request must have n = 1")

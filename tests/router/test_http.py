@@ -313,7 +313,8 @@ def test_without_scheduler(llama_dir, tmp_path) -> None:
 
 def test_a_restarted_scheduler_is_reached_again(llama_dir, tmp_path) -> None:
     """The router's requests share one Session stream: when the scheduler goes away the requests
-    on it fail (none hangs), and the next request opens a stream to the new scheduler."""
+    on it fail (none hangs) when resuming is off (tests/services/test_scheduler_restart.py has
+    it on), and the next request opens a stream to the new scheduler."""
     from pagedserve.router.server import RouterThread
     from tests.router.fake_scheduler import FakeSchedulerThread
 
@@ -321,7 +322,8 @@ def test_a_restarted_scheduler_is_reached_again(llama_dir, tmp_path) -> None:
     first = FakeSchedulerThread(address).start()
     first.servicer.token_delay_s = 0.05
     body = {"model": str(llama_dir), "prompt": "x", "max_tokens": 200, "stream": True}
-    with RouterThread(llama_dir, address) as r, httpx.Client(timeout=30) as http:
+    with RouterThread(llama_dir, address, core_options={"scheduler_resume_timeout_s": 0}) as r, \
+            httpx.Client(timeout=30) as http:
         with http.stream("POST", r.base_url + "/v1/completions", json=body) as resp:
             lines = resp.iter_lines()
             assert resp.status_code == 200 and next(lines).startswith("data: {")
