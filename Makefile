@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PIP) --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: install serve test lint protos lock
+.PHONY: install serve test lint protos lock mutation
 install: $(STAMP)
 
 serve: $(STAMP)
@@ -32,3 +32,12 @@ protos: $(STAMP)
 
 lock:
 	PY=$(PY) bash scripts/lock.sh
+
+# Mutation testing of the sampler with mutmut 3 (scripts/mutation.sh says why it runs in a staging
+# copy), bounded by MUTATION_LIMIT seconds; not part of CI's default run. Scores: docs/testing.md.
+# MUTANTS='glob ...' narrows it to some functions, e.g. MUTANTS='*x_apply_min_p__mutmut_*'.
+MUTATION_LIMIT ?= 300
+mutation: $(STAMP)
+	$(BIN)/python -c "import mutmut" 2>/dev/null || $(PIP) --no-build-isolation -e '.[dev,mutation]'
+	bash scripts/mutation.sh executor/sampler.py $(MUTATION_LIMIT) \
+		tests/executor/test_sampler.py tests/executor/test_sampling_rules.py

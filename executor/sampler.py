@@ -410,26 +410,18 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """logits [S, V] (raw model output) -> the sampled token of each row and its logprobs."""
         logits = logits.float()
-        # Only the ban and the bias write in place; the penalties make a new tensor.
-        in_place = md.banned is not None or md.bias is not None
-        x = apply_penalties_and_bias(logits.clone() if in_place else logits, md)
+        x, warped = sampling_logits(logits, md)
         random = md.random
-        if not random.rows:
+        if warped is None:
             token_ids = x.argmax(dim=-1)
-        elif random.index is None:  # every row draws: no argmax, no gather
-            token_ids = self._sample(x, md)
         else:
-            token_ids = x.argmax(dim=-1)
-            token_ids[random.index] = self._sample(x[random.index], md)
+            drawn = inverse_cdf(warped, counter_uniform(self._seeds(md), md.output_positions))
+            if random.index is None:  # every row draws: no argmax, no scatter
+                token_ids = drawn
+            else:
+                token_ids = x.argmax(dim=-1)
+                token_ids[random.index] = drawn
         return _with_logprobs(logits, token_ids, md.num_logprobs)
-
-    def _sample(self, x: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """x [R, V]: the random rows' processed logits -> one drawn token per row."""
-        x = x / md.temperature[:, None]
-        if md.use_min_p:
-            x = apply_min_p(x, md.min_p)
-        x = _top_k_top_p(x, md.top_k, md.top_p, md.top_k_rows, md.top_p_rows, md.max_top_k)
-        return inverse_cdf(x, counter_uniform(self._seeds(md), md.output_positions))
 
     def _seeds(self, md: SamplingMetadata) -> torch.Tensor:
         if not md.unseeded:
@@ -442,6 +434,32 @@ class Sampler:
         seeds = md.seeds.clone()
         seeds[torch.tensor(md.unseeded, device=seeds.device)] = drawn.to(seeds.device)
         return seeds
+
+
+def sampling_logits(logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [S, V] float32 -> (processed [S, V], warped [R, V] or None when no row draws).
+
+    The sampler's whole path from logits to what it draws from, written once: Sampler.__call__
+    takes greedy rows' argmax of `processed` (after the min_tokens ban, logit bias and
+    penalties) and draws the random rows from softmax(`warped`) (their processed logits divided
+    by temperature, -inf outside min-p, top-k and top-p). Pure, so tests can hold the kept set
+    and probabilities against an independent reference (tests/executor/test_sampling_rules.py).
+    """
+    # Only the ban and the bias write in place; the penalties make a new tensor.
+    in_place = md.banned is not None or md.bias is not None
+    x = apply_penalties_and_bias(logits.clone() if in_place else logits, md)
+    if not md.random.rows:
+        return x, None
+    return x, warp_logits(md.random.take(x), md)
+
+
+def warp_logits(x: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """x [R, V]: the random rows' processed logits -> / temperature -> min-p -> top-k -> top-p
+    (vLLM V1's order; min-p reads the probabilities after temperature)."""
+    x = x / md.temperature[:, None]
+    if md.use_min_p:
+        x = apply_min_p(x, md.min_p)
+    return _top_k_top_p(x, md.top_k, md.top_p, md.top_k_rows, md.top_p_rows, md.max_top_k)
 
 
 def apply_penalties_and_bias(x: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -10,7 +10,7 @@ rm -rf .venv
 # torch is pinned in the Makefile, not in the lock: its CPU build (2.13.0+cpu) lies on local disk,
 # and a machine without it takes the registry's 2.13.0.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q --no-build-isolation -e '.[dev]'
+.venv/bin/python -m pip install -q --no-build-isolation -e '.[dev,mutation]'
 {
   echo "# The tested set of every dependency: \`make\` installs with \`pip install -c requirements.lock\`."
   echo "# Refreshed by \`make lock\` (scripts/lock.sh), which runs the suite on it. torch is pinned in the Makefile."

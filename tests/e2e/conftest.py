@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, model_dir
+from tests.waiting import router_ports
 
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -31,6 +32,10 @@ MAX_MODEL_LEN = 2048
 
 
 def free_port() -> int:
+    """A port free a moment ago. Only for `serve`'s HTTP port: its supervisor probes the router's
+    /health at the port given on the command line, so port 0 cannot work there without the
+    router reporting its bound port back to the supervisor. Everything that can bind port 0
+    does (serve's gRPC port, a standalone router: tests/waiting.py)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -124,19 +129,22 @@ def llama_dir() -> Path:
 
 @pytest.fixture(scope="package")
 def serve(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    port, grpc_port = free_port(), free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     argv = [sys.executable, "-m", "pagedserve.cli", "serve", str(llama_dir), "--port", str(port),
-            "--grpc-port", str(grpc_port), "--dtype", "float32",
+            "--grpc-port", "0", "--dtype", "float32",
             "--num-kv-blocks", str(NUM_KV_BLOCKS), "--max-model-len", str(MAX_MODEL_LEN),
             "--drain-timeout", "5"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    server = Serve(proc, log_path, llama_dir, port, grpc_port)
+    server = Serve(proc, log_path, llama_dir, port, 0)
     try:
         _wait_ready(server)
+        # The router child logs the gRPC port it bound (port 0) into serve's log.
+        http_port, server.grpc_port = router_ports(proc, log_path)
+        assert http_port == port
         children = children_of(proc.pid)
         assert sorted(re.search(r"pagedserve\.cli (\w+)", c)[1] for c in children.values()) \
             == ["executor", "router", "scheduler"], children

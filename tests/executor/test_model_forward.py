@@ -198,7 +198,15 @@ def test_bfloat16_load_is_as_accurate_as_transformers_bf16() -> None:
     ours = run_step(model, pages, [(0, prompt, 0)])
     ours_err, hf_err = (ours - exact).abs().mean(), (hf_bf16 - exact).abs().mean()
     assert ours_err < 1.25 * hf_err + 0.02, (ours_err, hf_err)
-    assert (ours.argmax(-1) == hf_bf16.argmax(-1)).float().mean() > 0.85
+    # Argmax agreement is capped by bf16 itself: transformers' bf16 agrees with float32 at only
+    # 83-99% of positions on these models. Measured over the four tiny architectures and three
+    # prompts each (2026-12): ours vs transformers' bf16 91-98% (93% here), and ours vs float32
+    # at most 4 points below transformers' bf16 vs float32. Hence 90%, and 5 points.
+    def agree(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+    assert agree(ours, hf_bf16) >= 0.90, agree(ours, hf_bf16)
+    assert agree(ours, exact) >= agree(hf_bf16, exact) - 0.05, (agree(ours, exact), agree(hf_bf16, exact))
 
 
 @pytest.mark.parametrize(

@@ -283,3 +283,75 @@ def test_bad_sampling_params_name_request_and_field(field, value):
     p = executor_pb2.SamplingParams(**{field: value})
     with pytest.raises(ValueError, match=rf"'req-7'.*sampling\.{field}"):
         check_sampling_params("req-7", p, V)
+
+
+# ---- found by mutation testing (make mutation; docs/testing.md) -----------------------------------
+
+
+def lowbias32(x: int) -> int:
+    """Wellons' lowbias32 on a Python int: the published algorithm, step by step."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_the_32_bit_hash_is_lowbias32():
+    """The int64-tensor arithmetic against Python's exact integers."""
+    from pagedserve.executor.sampler import _mix32, _mul32
+
+    g = torch.Generator().manual_seed(8)
+    xs = torch.cat([torch.randint(0, 1 << 32, (2000,), generator=g, dtype=torch.int64),
+                    torch.tensor([0, 1, 0xFFFF, 0x10000, 0xFFFFFFFF])])
+    for c in (0x7FEB352D, 0x846CA68B, 0xFFFFFFFF, 3):
+        assert _mul32(xs, c).tolist() == [(x * c) & 0xFFFFFFFF for x in xs.tolist()]
+    assert _mix32(xs).tolist() == [lowbias32(x) for x in xs.tolist()]
+
+
+def test_counter_uniform_is_pinned():
+    """A seeded request must draw the same tokens after an upgrade or restart of the executor,
+    so the uniform stream is part of the contract: these values must never change."""
+    seeds = torch.tensor([[0, 0], [5, 0], [5, 1], [0xFFFFFFFF, 0x7FFFFFFF]])
+    u = counter_uniform(seeds, torch.tensor([0, 1, 7, 123456]))
+    assert (u * (1 << 23) - 0.5).tolist() == [1063709.0, 2221141.0, 8105272.0, 6667180.0]
+
+
+def test_the_seed_high_bits_count():
+    logits = torch.zeros(1, 1000)
+    draws = {sample(logits, [req(temperature=1.0, seed=5 + (h << 32))]).token_ids.item()
+             for h in range(8)}
+    assert len(draws) >= 6
+
+
+def test_unseeded_seeds_drawn_on_the_host_or_in_the_sampler_agree():
+    """Sampler.metadata draws the unseeded rows' seeds while building the metadata; metadata built
+    without the generator leaves the draw to the sampler: the same draw, so the same tokens."""
+    logits = torch.zeros(32, 1000)
+    reqs = [req(temperature=1.0, seed=3) if i % 4 == 0 else req(temperature=1.0) for i in range(32)]
+    on_host = Sampler(7)
+    md = on_host.metadata(reqs, vocab_size=1000, eos_token_ids=EOS)
+    assert not md.unseeded
+    tokens = on_host(logits, md).token_ids
+    assert tokens.tolist() == sample(logits, reqs, seed=7).token_ids.tolist()
+    assert tokens.tolist() != sample(logits, reqs, seed=8).token_ids.tolist()
+
+
+def test_top_k_one_at_a_high_temperature_is_the_argmax():
+    logits = random_logits(4, seed=12)
+    tokens = seeded_draws(logits[0:1], 200, top_k=1, temperature=5.0)
+    assert support(tokens) == {logits[0].argmax().item()}
+
+
+def test_logprobs_zero_returns_the_sampled_logprob_only():
+    logits = random_logits(2)
+    out = sample(logits, [req(logprobs=0), req(logprobs=0, temperature=1.0, seed=4)])
+    raw = torch.log_softmax(logits, dim=-1)
+    assert torch.equal(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
+    assert out.top_token_ids is None and out.top_logprobs is None
+
+
+def test_an_all_greedy_batch_takes_each_rows_argmax():
+    logits = random_logits(5, seed=13)
+    out = sample(logits, [req(), req(logprobs=2), req(), req(repetition_penalty=1.0), req()])
+    assert out.token_ids.tolist() == logits.argmax(dim=-1).tolist()

@@ -15,6 +15,7 @@ from pagedserve.protos import generation_pb2 as pb
 from pagedserve.protos import generation_pb2_grpc
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
+from tests.waiting import wait_until
 
 _SAMPLE = re.compile(r'pagedserve_(request_abort|request_failure)_total\{\w+="(\w+)"\} (\S+)')
 BODY = {"model": SERVED, "prompt": "def fibonacci(n):", "max_tokens": 200}
@@ -32,10 +33,8 @@ def aborted(router, reason: str) -> float:
 
 def wait_for_one_more(router, before: dict, reason: str) -> None:
     """The abort is counted once the router notices it, a moment after the client left."""
-    deadline = time.monotonic() + 15
-    while aborted(router, reason) < before.get(("request_abort", reason), 0.0) + 1:
-        assert time.monotonic() < deadline, f"no {reason} abort counted"
-        time.sleep(0.02)
+    wait_until(lambda: aborted(router, reason) >= before.get(("request_abort", reason), 0.0) + 1,
+               15, f"a {reason} abort counted")
     after = counters(router)
     changed = {k for k in set(before) | set(after) if before.get(k, 0.0) != after.get(k, 0.0)}
     assert changed == {("request_abort", reason)}, (before, after)  # once, and no failure

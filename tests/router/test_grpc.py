@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,6 +12,7 @@ from pagedserve.protos import generation_pb2_grpc
 from pagedserve.router.tokenizer import Tokenizer
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +72,7 @@ def test_cancel_aborts(stub, fake: FakeScheduler) -> None:
     call = stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=200))
     next(call)
     call.cancel()
-    deadline = time.monotonic() + 15
-    while not (fake.cancelled and not fake.live):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: fake.cancelled and not fake.live, 15, "the cancel reaching the scheduler")
 
 
 def test_tokenize_detokenize_models(stub, tokenizer: Tokenizer, fake: FakeScheduler) -> None:
@@ -97,14 +93,9 @@ def test_health_follows_scheduler(channel, fake: FakeScheduler) -> None:
 
     serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
                             health_pb2.HealthCheckResponse.NOT_SERVING)
-    deadline = time.monotonic() + 5
-    while status() != serving:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: status() == serving, 5, "SERVING")
     fake.executor_connected = False
-    while status() != not_serving:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: status() == not_serving, 5, "NOT_SERVING once the executor is gone")
 
 
 def test_reflection_lists_services(channel) -> None:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 
 import grpc
@@ -24,6 +23,7 @@ from pagedserve.router.server import RouterThread
 from tests.conftest import ROOT
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
+from tests.waiting import router_ports, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 KEY = "s3cret-key"
@@ -98,10 +98,7 @@ def test_queue_limit_answers_429(router: RouterThread, fake: FakeScheduler) -> N
             timeout=20).status_code)) for _ in range(2)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 5
-        while core.waiting < 2:
-            assert time.monotonic() < deadline, "the two requests never waited"
-            time.sleep(0.005)
+        wait_until(lambda: core.waiting >= 2, 5, "the two requests waiting")
         r = httpx.post(router.base_url + "/v1/completions", json=BODY, timeout=20)
         assert error_of(r, 429)["type"] == "rate_limit_error"
         assert r.headers["retry-after"] == "1"
@@ -166,27 +163,19 @@ def test_internal_fault_mid_stream(router: RouterThread, fake: FakeScheduler, mo
 # -- `pagedserve router` as a process ----------------------------------------------------------
 def test_router_process_logs_request_ids_and_exits_0_on_sigterm(
         llama_dir, scheduler_thread, tmp_path) -> None:
-    from tests.e2e.conftest import free_port
-
-    port = free_port()
     log_path = tmp_path / "router.log"
     argv = [sys.executable, "-m", "pagedserve.cli", "router", "--model", str(llama_dir),
-            "--scheduler", scheduler_thread.address, "--port", str(port), "--grpc-port", "-1",
+            "--scheduler", scheduler_thread.address, "--port", "0", "--grpc-port", "-1",
             "--served-model-name", SERVED]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
+        port, grpc_port = router_ports(proc, log_path, timeout=30)
+        assert grpc_port is None
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
+        wait_until(lambda: httpx.get(url + "/health", timeout=1).status_code == 200, 30,
+                   "the router's /health", proc=proc, log=log_path.read_text)
         r = httpx.post(url + "/v1/completions", json=BODY, headers={"X-Request-Id": "trace-77"})
         assert r.status_code == 200 and r.headers["x-request-id"] == "trace-77"
         proc.send_signal(signal.SIGTERM)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import openai
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from pagedserve.router.tokenizer import Tokenizer
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
+from tests.waiting import wait_until
 
 PROMPT = "def fibonacci(n):"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
@@ -18,13 +17,6 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 def expected_text(tokenizer: Tokenizer, prompt_ids: list[int], seed: int, count: int) -> str:
     return tokenizer.decode(FakeScheduler.tokens_for(prompt_ids, seed, count))
-
-
-def wait_until(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 # -- completions -------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ from pagedserve.router.limits import Limits
 from pagedserve.router.server import RouterThread
 from pagedserve.router.tokenizer import Tokenizer
 from tests.conftest import ROOT
-from tests.e2e.conftest import free_port
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler, FakeSchedulerThread
+from tests.waiting import router_ports, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -65,23 +65,18 @@ class RouterProcess:
 
 def _start_router(llama_dir: Path, scheduler: str, log_path: Path, *flags: str
                   ) -> RouterProcess:
-    port, grpc_port = free_port(), free_port()
+    """A router on ports it binds itself (port 0), read back from its "router serving" line:
+    hence log level info, the level of that line."""
     argv = [sys.executable, "-m", "pagedserve.cli", "router", "--model", str(llama_dir),
-            "--scheduler", scheduler, "--port", str(port), "--grpc-port", str(grpc_port),
-            "--served-model-name", SERVED, "--log-level", "warning", *flags]
+            "--scheduler", scheduler, "--port", "0", "--grpc-port", "0",
+            "--served-model-name", SERVED, "--log-level", "info", *flags]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+    port, grpc_port = router_ports(proc, log_path)
     router = RouterProcess(proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(router.url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.1)
+    wait_until(lambda: httpx.get(router.url + "/health", timeout=1).status_code == 200, 60,
+               "the router's /health", proc=proc, log=log_path.read_text)
     assert router.post("/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
     return router
 

@@ -17,10 +17,12 @@ from tests.services.conftest import (
     executor_argv,
     prompts,
 )
+from tests.waiting import wait_until_async
 
 
 async def _generate_through_a_crash(address: str, crash, restart) -> tuple[dict, dict, list]:
-    """Streams every prompt; once each has tokens, `crash()`; after 0.5 s, `restart()`."""
+    """Streams every prompt; once each has tokens, `crash()`; once the scheduler reports the
+    executor gone, `restart()`."""
     tokens: dict[str, list[int]] = {rid: [] for rid in prompts()}
     reasons: dict[str, str] = {}
     seen_disconnected = []
@@ -41,9 +43,13 @@ async def _generate_through_a_crash(address: str, crash, restart) -> tuple[dict,
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 30)
         crash()
         at_crash = {rid: len(t) for rid, t in tokens.items()}
-        await asyncio.sleep(0.5)
-        stats = await stub.Stats(scheduler_pb2.StatsRequest(), timeout=5)
-        seen_disconnected.append(not stats.executor_connected)
+
+        async def disconnected() -> bool:
+            stats = await stub.Stats(scheduler_pb2.StatsRequest(), timeout=5)
+            return not stats.executor_connected
+
+        # The scheduler must notice the crash (and say so in Stats) before the restart.
+        seen_disconnected.append(await wait_until_async(disconnected, 10, "Stats showing the crash"))
         await asyncio.to_thread(restart)
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
     return tokens, reasons, [at_crash, seen_disconnected]

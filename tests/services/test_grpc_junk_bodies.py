@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,15 +28,10 @@ from pagedserve.protos import (
     scheduler_pb2_grpc,
 )
 from tests.services.conftest import Service, executor_and_scheduler
+from tests.waiting import router_ports
 
 BODIES_PER_SERVER = 200
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def junk_bodies(method: MethodDescriptor, count: int, rng: random.Random) -> list[bytes]:
@@ -95,11 +89,12 @@ def send_junk(address: str, services: list, log_path: Path) -> None:
 def served(llama_dir: Path, sock_dir: Path) -> Iterator[dict]:
     """executor, scheduler and router processes: name -> (address, Service)."""
     with executor_and_scheduler(llama_dir, sock_dir) as (executor, scheduler):
-        port = free_port()
+        # Ports the router binds itself (0) and logs: a port picked here could be taken first.
         router = Service("router", ["router", "--model", str(llama_dir), "--scheduler",
-                                    f"unix://{sock_dir}/scheduler.sock", "--port",
-                                    str(free_port()), "--grpc-port", str(port)], sock_dir)
+                                    f"unix://{sock_dir}/scheduler.sock", "--port", "0",
+                                    "--grpc-port", "0"], sock_dir)
         try:
+            _, port = router_ports(router.proc, router.log_path)
             router.wait_serving(f"127.0.0.1:{port}")
             yield {"executor": (f"unix://{sock_dir}/executor.sock", executor),
                    "scheduler": (f"unix://{sock_dir}/scheduler.sock", scheduler),

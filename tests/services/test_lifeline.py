@@ -7,20 +7,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # The supervisor: starts a child through serve.Child, prints its pid, then waits to be killed.
+# The child creates the file named by argv[1] once die_with_supervisor() has run.
 SUPERVISOR = """
 import sys, time
 from pagedserve.serve import Child, ServiceSpec
-child_code = "from pagedserve.lifeline import die_with_supervisor; die_with_supervisor(); " \\
-             "import time; time.sleep(120)"
-child = Child(ServiceSpec("probe", [sys.executable, "-c", child_code], "unused"))
+child_code = "import sys, time; from pagedserve.lifeline import die_with_supervisor; " \\
+             "die_with_supervisor(); open(sys.argv[1], 'w').close(); time.sleep(120)"
+child = Child(ServiceSpec("probe", [sys.executable, "-c", child_code, sys.argv[1]], "unused"))
 child.start()
 print("child", child.proc.pid, flush=True)
 time.sleep(120)
@@ -36,19 +38,17 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_child_dies_with_its_supervisor() -> None:
-    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR], cwd=ROOT,
+def test_a_child_dies_with_its_supervisor(tmp_path: Path) -> None:
+    armed = tmp_path / "armed"
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(armed)], cwd=ROOT,
                                   stdout=subprocess.PIPE, text=True)
     child = next(int(line.split()[1]) for line in supervisor.stdout if line.startswith("child "))
     try:
-        time.sleep(1.0)  # the child is past its die_with_supervisor()
+        wait_until(armed.exists, 30, "the child past its die_with_supervisor()", proc=supervisor)
         assert _alive(child)
         supervisor.kill()
         supervisor.wait()
-        deadline = time.monotonic() + 10
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(child), "the child outlived its supervisor"
+        wait_until(lambda: not _alive(child), 10, "the child dying with its supervisor")
     finally:
         supervisor.kill()
         if _alive(child):

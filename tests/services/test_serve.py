@@ -75,10 +75,10 @@ def http_json(url: str, body: dict | None = None) -> tuple[int, dict]:
 
 
 def test_serve_restarts_a_dead_executor_and_exits_cleanly(llama_dir: Path, tmp_path: Path) -> None:
-    port, grpc_port = free_port(), free_port()
+    port = free_port()  # serve's supervisor probes this port: it cannot be 0 (e2e/conftest.py)
     log = tmp_path / "serve.log"
     argv = [sys.executable, "-m", "pagedserve.cli", "serve", str(llama_dir), "--port", str(port),
-            "--grpc-port", str(grpc_port), "--num-kv-blocks", str(NUM_KV_BLOCKS),
+            "--grpc-port", "0", "--num-kv-blocks", str(NUM_KV_BLOCKS),
             "--max-model-len", str(MAX_MODEL_LEN), "--drain-timeout", "5"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with open(log, "wb") as out:
