@@ -1,15 +1,19 @@
 """Structured outputs on the offline engine: what constraints cost a batch, and compile times.
 
     python -m pagedserve.bench.structured [--model DIR] [--requests 64] [--max-tokens 64]
+                                          [--rounds 5]
 
 Three runs of the same number of concurrent requests (seeded sampling, temperature 1), every one
 running to max_tokens: all unconstrained (ignore_eos), all constrained by a JSON schema (an array
 of at least max_tokens items of one of the suite's schemas, bench/structured_schemas.py, so none
-can end early), and half and half. The
-figures are output tokens per second of the whole run, and for the mixed run also the
-unconstrained half's tokens per second per request against the all-unconstrained run's. Compile
-times are the executor's (a grammar to a matcher ready for its first mask) for every schema of
-the suite, cold, then again (a repeated schema must compile nothing).
+can end early), and half and half; `--rounds` times in turn, the figures being medians over the
+rounds (a shared machine's noise hits the three alike). The figures are output tokens per second
+of the whole run, the constrained run's share of the unconstrained one, and for the mixed run
+the unconstrained half's tokens per second per request against the all-unconstrained run's; for
+the constrained runs, where a step's extra time goes (masks filled on their thread, the wait for
+them plus applying them, advancing the matchers). Compile times are the executor's (a grammar to
+a matcher ready for its first mask) for every schema of the suite, cold, then again (a repeated
+schema must compile nothing).
 """
 
 from __future__ import annotations
@@ -57,21 +61,41 @@ def _compile_times(model_dir: Path, vocab_size: int, eos: list[int]) -> dict:
             "compile_ms_max": 1e3 * times[-1], "recompiles_on_repeat": cache.compiles - before}
 
 
-def main() -> None:
-    from pagedserve import LLM, SamplingParams
+class _MaskTimer:
+    """Where a constrained step's extra time goes, by wrapping the executor's StructuredOutputs
+    (this process only): masks computed on their thread, the forward's wait for them, applying
+    them to the logits, advancing the matchers."""
+
+    def __init__(self, structured) -> None:
+        self.seconds = {"fill": 0.0, "wait_and_apply": 0.0, "advance": 0.0}
+        self.steps = 0
+        for name, key in (("_fill", "fill"), ("apply", "wait_and_apply"),
+                          ("advance", "advance")):
+            setattr(structured, name, self._timed(getattr(structured, name), key))
+
+    def _timed(self, fn, key: str):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+                self.steps += key == "fill"
+        return run
+
+    def per_step_ms(self) -> dict:
+        steps = max(self.steps, 1)
+        out = {f"{k}_ms_per_step": 1e3 * v / steps for k, v in self.seconds.items()}
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+        self.steps = 0
+        return out
+
+
+def _workloads(n: int, m: int) -> dict:
+    from pagedserve import SamplingParams
     from pagedserve.bench.structured_schemas import schemas
-    from pagedserve.bench.throughput import default_model
     from pagedserve.sampling_params import StructuredOutputsParams
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--dtype", default="auto")
-    args = ap.parse_args()
-    model = args.model or default_model("small")
-    n, m = args.requests, args.max_tokens
-    llm = LLM(model, dtype=args.dtype, max_num_seqs=max(n, 8))
     suite = schemas()
 
     def free(i: int) -> SamplingParams:
@@ -87,21 +111,110 @@ def main() -> None:
         so = StructuredOutputsParams(json=schema)
         return SamplingParams(temperature=1.0, seed=i, max_tokens=m, structured_outputs=so)
 
-    _run(llm, [free(i) for i in range(4)] + [constrained(i) for i in range(4)])  # warm-up
-    results = {}
-    for name, params in [("unconstrained", [free(i) for i in range(n)]),
-                         ("constrained", [constrained(i) for i in range(n)]),
-                         ("mixed", [free(i) if i % 2 else constrained(i) for i in range(n)])]:
+    return {"unconstrained": [free(i) for i in range(n)],
+            "constrained": [constrained(i) for i in range(n)],
+            "mixed": [free(i) if i % 2 else constrained(i) for i in range(n)]}
+
+
+def _round(llm, workloads: dict, timer: _MaskTimer) -> dict:
+    """One run of each workload, in turn (so a noisy neighbour hits all three alike)."""
+    out = {}
+    for name, params in workloads.items():
+        timer.per_step_ms()  # reset
         tokens, seconds, counts = _run(llm, params)
-        results[name] = {"output_tokens": tokens, "seconds": seconds,
-                         "tokens_per_s": tokens / seconds}
-        if name == "mixed":
-            results[name]["unconstrained_tokens_per_s_per_request"] = \
+        row = {"tokens_per_s": tokens / seconds, "seconds": seconds}
+        if name == "mixed":  # the unconstrained half, per request
+            row["unconstrained_tokens_per_s_per_request"] = \
                 sum(counts[1::2]) / len(counts[1::2]) / seconds
-    results["unconstrained"]["tokens_per_s_per_request"] = \
-        results["unconstrained"]["tokens_per_s"] / n
+        if name == "unconstrained":
+            row["tokens_per_s_per_request"] = tokens / seconds / len(params)
+        if name != "unconstrained":
+            row.update(timer.per_step_ms())
+        out[name] = row
+    out["constrained_share"] = out["constrained"]["tokens_per_s"] / \
+        out["unconstrained"]["tokens_per_s"]
+    out["mixed_unconstrained_share"] = out["mixed"]["unconstrained_tokens_per_s_per_request"] / \
+        out["unconstrained"]["tokens_per_s_per_request"]
+    return out
+
+
+def _mask_cpu_ms(llm, params: list, steps: int = 32) -> dict:
+    """CPU time per step (process time, so a busy machine's other work does not count) of the
+    constrained requests' mask work alone, outside the engine: masks filled (as the executor's
+    thread does), applied to a logits batch, matchers advanced by a random allowed token. torch
+    runs on one thread here: idle OpenMP workers spinning would count as process time."""
+    import numpy as np
+    import torch
+
+    structured = llm.executor.structured
+    matchers = [structured.cache.matcher(p.constraint.grammar) for p in params]
+    rng = np.random.default_rng(0)
+    logits = torch.zeros(len(matchers), structured.vocab_size)
+    spent = {"fill": 0.0, "apply": 0.0, "advance": 0.0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in range(-4, steps):  # 4 uncounted steps: the team's last spins end
+            _mask_step(structured, matchers, logits, rng, spent if step >= 0 else {})
+    finally:
+        torch.set_num_threads(threads)
+    return {f"{k}_cpu_ms_per_step": 1e3 * v / steps for k, v in spent.items()}
+
+
+def _mask_step(structured, matchers: list, logits, rng, spent: dict) -> None:
+    import numpy as np
+
+    from pagedserve.executor.structured import MaskJob
+
+    vocab = logits.shape[1]
+    start = time.process_time()
+    bitmask = structured._fill([(m, i) for i, m in enumerate(matchers)], len(matchers))
+    lap = {"fill": time.process_time() - start}
+    job = MaskJob(list(range(len(matchers))), structured._pool.submit(lambda: bitmask))
+    job.future.result()
+    start = time.process_time()
+    structured.apply(logits, job)
+    lap["apply"] = time.process_time() - start
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    picks = [int(rng.choice(np.flatnonzero(row))) for row in bits]
+    start = time.process_time()
+    for matcher, token in zip(matchers, picks):
+        matcher.consume_token(token)
+    lap["advance"] = time.process_time() - start
+    for key, seconds in lap.items():
+        if key in spent:
+            spent[key] += seconds
+
+
+def main() -> None:
+    from pagedserve import LLM
+    from pagedserve.bench.throughput import default_model
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds of the three runs in turn; the figures are their medians")
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args()
+    model = args.model or default_model("small")
+    n, m = args.requests, args.max_tokens
+    llm = LLM(model, dtype=args.dtype, max_num_seqs=max(n, 8))
+    timer = _MaskTimer(llm.executor.structured)
+    warm = _workloads(4, m)
+    _run(llm, warm["unconstrained"] + warm["constrained"])  # warm-up
+    rounds = [_round(llm, _workloads(n, m), timer) for _ in range(args.rounds)]
+    medians = {key: statistics.median(r[key] for r in rounds)
+               for key in ("constrained_share", "mixed_unconstrained_share")}
+    for name in ("unconstrained", "constrained", "mixed"):
+        medians[name] = {k: statistics.median(r[name][k] for r in rounds)
+                         for k in rounds[0][name]}
     desc = llm.executor.describe()
-    results["compile"] = _compile_times(Path(model), desc.vocab_size, list(desc.eos_token_ids))
+    results = {"median": medians, "rounds": rounds,
+               "mask_work_alone": _mask_cpu_ms(llm, _workloads(n, m)["constrained"]),
+               "compile": _compile_times(Path(model), desc.vocab_size,
+                                         list(desc.eos_token_ids))}
     print(json.dumps(results, indent=2))
 
 

@@ -23,18 +23,21 @@ gets EOS only, so the request ends instead of drawing from an empty distribution
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
 import torch
 
+from pagedserve.executor.gguf_loader import find_gguf, open_gguf
 from pagedserve.executor.sampler import upload
 from pagedserve.protos import executor_pb2
 
@@ -79,15 +82,109 @@ def unpack_forbidden(words: torch.Tensor, width: int) -> torch.Tensor:
     return ((words[:, :, None] >> bits) & 1).view(words.shape[0], -1)[:, :width] == 0
 
 
+# -- the vocabulary the masks are over ------------------------------------------------------------
+# A GGUF file has no tokenizer.json: llama.cpp keeps the vocabulary as metadata. The router builds
+# a whole `tokenizers` tokenizer from it (router/gguf_tokenizer.py), which the import rules keep
+# from the executor; a mask needs less: each token's bytes, which tokens are special, and a
+# tokenizer for the text a grammar forces (llguidance tokenizes it to keep forced text in one
+# tokenization). Here the bytes come from the vocabulary as llama.cpp spells it, and forced text
+# is tokenized by llguidance's greedy longest match over those bytes. Outputs match the grammar
+# either way (the mask is over bytes); against the router's exact BPE, 8 of 837 masks along
+# random walks through 60 schemas on SmolLM2 differed, each allowing another tokenization of
+# the same forced text.
+_CONTROL, _UNKNOWN, _BYTE = 3, 2, 6  # llama.cpp's token types (1 normal, 4 user-defined)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, backwards: the byte each printable stand-in is written for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    extra = iter(range(256, 512))
+    return {(chr(b) if b in printable else chr(next(extra))): b for b in range(256)}
+
+
+def _token_bytes(token: str, kind: int, byte_level: bool, decoder: dict[str, int]) -> bytes:
+    """A token's bytes as llguidance wants them: special ones as 0xFF + their name."""
+    alphabet = set(token) <= decoder.keys()
+    if kind == _UNKNOWN or (kind == _CONTROL and (alphabet or not byte_level)):
+        return b"\xff" + token.encode()  # a control token spelled off the alphabet is text
+    if byte_level:  # "Ġthe"; a token written in plain text (an added one) is its own bytes
+        return bytes(decoder[c] for c in token) if alphabet else token.encode()
+    if kind == _BYTE and token.startswith("<0x") and token.endswith(">"):
+        return bytes([int(token[3:-1], 16)])  # SentencePiece's byte fallback, "<0x0A>"
+    return token.replace("\u2581", " ").encode()  # SentencePiece writes a space as U+2581
+
+
+class _GGUFVocabulary:
+    """The duck type llguidance.TokenizerWrapper reads: token bytes, EOS/BOS, special ids, and
+    a tokenize call (llguidance's greedy one, once the tokenizer exists)."""
+
+    def __init__(self, path: Path) -> None:
+        reader = open_gguf(path)
+
+        def get(key: str, default: Any = None) -> Any:
+            field = reader.get_field(key)
+            return default if field is None else field.contents()
+
+        kind = get("tokenizer.ggml.model")
+        if kind not in ("gpt2", "llama"):
+            raise ValueError(f"{path}: structured outputs support the 'gpt2' and 'llama' "
+                             f"vocabularies, not tokenizer.ggml.model {kind!r}")
+        names = list(get("tokenizer.ggml.tokens"))
+        kinds = list(get("tokenizer.ggml.token_type", [1] * len(names)))
+        decoder = _byte_decoder()
+        self.tokens = [_token_bytes(t, k, kind == "gpt2", decoder) for t, k in zip(names, kinds)]
+        self.special_token_ids = [i for i, b in enumerate(self.tokens) if b[:1] == b"\xff"]
+        self.eos_token_id = get("tokenizer.ggml.eos_token_id")
+        self.bos_token_id = get("tokenizer.ggml.bos_token_id")
+        self.greedy: Any = None
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        if self.greedy is None:  # llguidance's probe while the tokenizer is being built
+            return []
+        return self.greedy(text.decode("utf-8") if isinstance(text, bytes) else text)
+
+
+def gguf_tokenizer(path: str | Path, vocab_size: int,
+                   eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:
+    """llguidance's tokenizer for a GGUF file's vocabulary, masks vocab_size wide."""
+    vocabulary = _GGUFVocabulary(Path(path))
+    tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocabulary),
+                                       n_vocab=vocab_size, eos_token=list(eos_token_ids))
+    vocabulary.greedy = tokenizer.greedy_tokenize  # the same trie, so no second build
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def _vocabulary_file(model: str) -> tuple[str, Path] | None:
+    """('json', tokenizer.json) or ('gguf', the file) for a model path; None: neither."""
+    if (Path(model) / "tokenizer.json").is_file():
+        return "json", Path(model) / "tokenizer.json"
+    gguf_file = find_gguf(model)
+    return ("gguf", gguf_file) if gguf_file is not None else None
+
+
+def load_tokenizer(model: str | Path, vocab_size: int,
+                   eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:
+    """llguidance's tokenizer for a model: its tokenizer.json, or its GGUF file's vocabulary."""
+    found = _vocabulary_file(str(model))
+    if found is None:
+        raise ValueError(f"structured outputs need {model}'s tokenizer.json or GGUF file")
+    kind, path = found
+    if kind == "gguf":
+        return gguf_tokenizer(path, vocab_size, eos_token_ids)
+    return llguidance.LLTokenizer(path.read_text(encoding="utf-8"), n_vocab=vocab_size,
+                                  eos_token=list(eos_token_ids))
+
+
 def check_structured(request_id: str, p: executor_pb2.SamplingParams,
                      model_dir: str | Path | None = None) -> None:
     """ValueError for a constrained request the executor cannot constrain, or that the sampler
     could leave with no token to draw."""
     if not p.HasField("structured"):
         return
-    if model_dir is not None and not (Path(model_dir) / "tokenizer.json").is_file():
+    if model_dir is not None and _vocabulary_file(str(model_dir)) is None:
         raise ValueError(f"request {request_id!r}: sampling.structured needs the model's "
-                         "tokenizer.json")
+                         "tokenizer.json or GGUF file")
     if not p.structured.grammar:
         raise ValueError(f"request {request_id!r}: sampling.structured.grammar is empty")
     for field in ("min_tokens", "ignore_eos"):  # each takes away the EOS the grammar needs
@@ -113,12 +210,7 @@ class StructuredOutputs:
     @property
     def cache(self) -> GrammarCache:
         if self._cache is None:
-            path = self.model_dir / "tokenizer.json"
-            if not path.exists():
-                raise ValueError(f"structured outputs need {path} (the grammar engine reads it)")
-            tokenizer = llguidance.LLTokenizer(path.read_text(encoding="utf-8"),
-                                               n_vocab=self.vocab_size,
-                                               eos_token=self.eos_token_ids)
+            tokenizer = load_tokenizer(self.model_dir, self.vocab_size, self.eos_token_ids)
             self._cache = GrammarCache(tokenizer)
         return self._cache
 

@@ -35,6 +35,11 @@ class KernelBackend(Protocol):
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def fused_experts(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor: ...
+
 
 KERNEL_NAMES = ("paged_attention", "write_kv", "rms_norm", "fused_add_rms_norm",
-                "rotary_embedding", "silu_and_mul")
+                "rotary_embedding", "silu_and_mul", "gelu_tanh_and_mul", "fused_experts")

@@ -11,10 +11,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.router.tools import ToolPlan
 
 PromptType = str | dict[str, Any]
 
@@ -109,18 +112,55 @@ class LLM:
     def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool | None = None, add_generation_prompt: bool = True,
-             chat_template: str | None = None) -> list[RequestOutput]:
-        """One conversation (a list of messages) or several, through the model's chat template."""
+             chat_template: str | None = None, tools: list[dict[str, Any]] | None = None,
+             tool_choice: str | dict[str, Any] | None = None, parallel_tool_calls: bool = True,
+             tool_call_parser: str | None = None) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several, through the model's chat template.
+
+        tools (OpenAI function tools) are given to the template. tool_choice 'required' or a
+        named function constrains the output by the grammar the server builds
+        (router/tools.py), so the calls always parse and validate; 'auto' needs a
+        tool_call_parser (the server's --tool-call-parser names). Where calls are read, each
+        CompletionOutput has content and tool_calls. Tools with neither tool_choice nor a
+        parser reach the template only, and the text comes back as written (as in vLLM)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conv in conversations:
-            text = self.tokenizer.apply_chat_template(
-                list(conv), tokenize=False, add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template,
-            )
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids
-            prompts.append({"prompt": text, "prompt_token_ids": ids})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        params = _params_per_prompt(sampling_params, len(conversations))
+        plans = [_tool_plan(tools, tool_choice, parallel_tool_calls, tool_call_parser, p)
+                 for p in params]
+        prompts = [self._chat_prompt(conv, plan.template_tools, add_generation_prompt,
+                                     chat_template) for conv, plan in zip(conversations, plans)]
+        params = [p if plan.constraint is None else p.constrained_by(plan.constraint)
+                  for p, plan in zip(params, plans)]
+        outputs = self.generate(prompts, params, use_tqdm)
+        for out, plan in zip(outputs, plans):
+            if plan.parse is not None:
+                self._read_tool_calls(out, plan)
+        return outputs
+
+    def _chat_prompt(self, conversation: Sequence[dict], tools: list[dict] | None,
+                     add_generation_prompt: bool, chat_template: str | None) -> dict[str, Any]:
+        from pagedserve.router.tools import template_message
+
+        text = self.tokenizer.apply_chat_template(
+            [template_message(dict(m)) for m in conversation], tools=tools, tokenize=False,
+            add_generation_prompt=add_generation_prompt, chat_template=chat_template)
+        return {"prompt": text,
+                "prompt_token_ids": self.tokenizer(text, add_special_tokens=False).input_ids}
+
+    def _read_tool_calls(self, output: RequestOutput, plan: ToolPlan) -> None:
+        """Each completion's text read by the plan's parser, as the server reads a chat's."""
+        from pagedserve.router.chat_output import ChatOutput
+
+        eos = set(self.executor.describe().eos_token_ids)
+        for c in output.outputs:
+            text = c.text
+            if plan.keep_special_tokens:  # the parser's markers are special tokens
+                ids = c.token_ids[:-1] if c.token_ids and c.token_ids[-1] in eos else c.token_ids
+                text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            chat = ChatOutput.for_request(plan, None)
+            chat.feed(text, final=True)
+            message = chat.message()
+            c.content, c.tool_calls = message["content"], message.get("tool_calls", [])
 
     def _tokens_of(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -165,10 +205,7 @@ class LLM:
         from pagedserve.router.errors import RouterError
         from pagedserve.router.grammar_check import GrammarChecker, make_tokenizer
 
-        if not (Path(self.executor.config.model) / "tokenizer.json").is_file():
-            raise ValueError("structured_outputs: constraints need the model's tokenizer.json "
-                             "(not yet available for GGUF files)")
-        if self._grammars is None:
+        if self._grammars is None:  # a GGUF file's tokenizer is router/gguf_tokenizer.py's
             desc = self.executor.describe()
             self._grammars = GrammarChecker(make_tokenizer(
                 self.tokenizer.backend_tokenizer.to_str(), desc.vocab_size, desc.eos_token_ids))
@@ -224,6 +261,25 @@ def _finish(pending: _Pending, tokenizer) -> RequestOutput:
         c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
     return RequestOutput(pending.request_id, pending.prompt, pending.prompt_token_ids, outputs,
                          finished=True)
+
+
+def _tool_plan(tools: Any, tool_choice: Any, parallel_tool_calls: bool, parser: str | None,
+               params: SamplingParams) -> ToolPlan:
+    """router/tools.py's plan for these tool fields (one implementation for the server and
+    LLM); ValueError naming the field at fault."""
+    from pagedserve.router.errors import RouterError
+    from pagedserve.router.tool_parsers import PARSERS
+    from pagedserve.router.tools import plan_tools, template_only
+
+    if parser is not None and parser not in PARSERS:
+        raise ValueError(f"tool_call_parser: must be one of {', '.join(sorted(PARSERS))}, got "
+                         f"{parser!r}")
+    try:
+        if tools is not None and tool_choice is None and parser is None:
+            return template_only(tools)
+        return plan_tools(tools, tool_choice, parallel_tool_calls, parser, params.constraint)
+    except RouterError as e:
+        raise ValueError(f"{e.param}: {e.message}") from None
 
 
 def _params_per_prompt(params, count: int) -> list[SamplingParams]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pagedserve.protos import executor_pb2
@@ -88,6 +88,17 @@ class SamplingParams:
     @property
     def constraint(self) -> Constraint | None:
         return getattr(self, "_constraint", None)
+
+    def constrained_by(self, constraint: Constraint) -> SamplingParams:
+        """A copy whose output follows constraint (LLM.chat's tool grammar), checked as a
+        structured_outputs one would be."""
+        _check(self.constraint is None, "structured_outputs",
+               f"cannot be combined with {constraint.param} (both constrain the output)")
+        _check(self.min_tokens == 0, "min_tokens", f"cannot be combined with {constraint.param}")
+        _check(not self.ignore_eos, "ignore_eos", f"cannot be combined with {constraint.param}")
+        out = replace(self)
+        out._constraint = constraint
+        return out
 
     def _validate_counts(self) -> None:
         _check(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")

@@ -50,6 +50,7 @@ M = TypeVar("M", bound=BaseModel)
 BODIES: dict[str, type[BaseModel]] = {
     "/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
     "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+    "/v1/responses": ResponsesRequest,
 }
 
 
@@ -199,8 +200,7 @@ def _add_generation_routes(app: FastAPI, core: RouterCore) -> None:
         return await _respond(await _chat(core, body, _response_id(request, "chatcmpl")),
                               request)
 
-    # Not in /openapi.json yet: its answers have no schema in router/openapi_schemas.py.
-    @app.post("/v1/responses", include_in_schema=False)
+    @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
         body = await _body(core, request, ResponsesRequest)
         try:

@@ -167,11 +167,8 @@ class RouterCore:
         it does not, in time); None for no constraint."""
         if constraint is None:
             return None
-        if not (self.model_dir / "tokenizer.json").is_file():  # the executor's engine reads it
-            raise invalid_request(f"{constraint.param}: constraints need the model's "
-                                  "tokenizer.json (not yet available for GGUF files)",
-                                  constraint.param)
-        if self._grammars is None:
+        if self._grammars is None:  # tokenizer.json's text; for a GGUF file the tokenizer
+            # router/gguf_tokenizer.py built from its metadata (the executor reads its vocabulary)
             info = await self.model_info()
             tokenizer = await self.off_loop(make_tokenizer, self.tokenizer.hf.to_str(),
                                             self.vocab_size, list(info.eos_token_ids))

@@ -5,8 +5,9 @@ so this adds: each request body's schema with the running server's limits (route
 and token ids below the vocabulary size) as maximum / maxItems / maxLength / maxProperties; every
 status each operation can answer, with OpenAI's error schema and the X-Request-Id and
 Retry-After headers; the event stream that stream=true answers; /metrics' text format; and, with
-an API key, the bearer scheme and its 401. tests/router/test_openapi.py holds the server to it
-with Schemathesis.
+an API key, the bearer scheme and its 401. /v1/responses streams named events (OpenAI's Responses
+API: `event:` lines, no [DONE]) described in router/responses_schemas.py. tests/router/test_openapi.py
+holds the server to it with Schemathesis.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pydantic.json_schema import models_json_schema
 from pagedserve.router.core import RouterCore
 from pagedserve.router.limits import INT32_MAX, Limits
 from pagedserve.router.openapi_schemas import MODELS
+from pagedserve.router.responses_schemas import EVENT_NAMES
+from pagedserve.router.responses_schemas import MODELS as RESPONSES_MODELS
 
 JSON, SSE, PROMETHEUS = "application/json", "text/event-stream", "text/plain; version=0.0.4"
 REF = "#/components/schemas/{model}"
@@ -37,6 +40,7 @@ class Operation:
     ok: str  # the schema of a 200's JSON body
     errors: tuple[int, ...]  # the other statuses it can answer (401 comes with an API key)
     chunk: str | None = None  # with stream=true: the schema of each event's JSON
+    named: bool = False  # events have `event:` names and no closing [DONE] (Responses API)
 
 
 _GENERATION = (400, 404, 413, 429, 500, 502, 503)
@@ -44,6 +48,8 @@ OPERATIONS = {
     ("/v1/completions", "post"): Operation("CompletionResponse", _GENERATION, "CompletionChunk"),
     ("/v1/chat/completions", "post"): Operation("ChatCompletionResponse", _GENERATION,
                                                 "ChatCompletionChunk"),
+    ("/v1/responses", "post"): Operation("ResponseObject", _GENERATION, "ResponseStreamEvent",
+                                         named=True),
     ("/tokenize", "post"): Operation("TokenizeResponse", (400, 404, 413, 500, 503)),
     ("/detokenize", "post"): Operation("DetokenizeResponse", (400, 404, 413, 500, 503)),
     ("/v1/models", "get"): Operation("ModelList", (500,)),
@@ -59,7 +65,8 @@ def describe(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> dict:
     core = app.state.core
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                          description=_limits_text(core.limits))
-    models = [(m, "validation") for m in bodies.values()] + [(m, "serialization") for m in MODELS]
+    models = [(m, "validation") for m in bodies.values()] + \
+        [(m, "serialization") for m in (*MODELS, *RESPONSES_MODELS)]
     _, defs = models_json_schema(models, ref_template=REF)
     schema.setdefault("components", {})["schemas"] = defs.get("$defs", {})
     for path, model in bodies.items():
@@ -72,7 +79,7 @@ def describe(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> dict:
         entry = schema["paths"][path][method]
         entry["responses"] = _responses(op, core.limits, secured)
         if op.chunk:
-            entry["description"] = STREAM_TEXT
+            entry["description"] = RESPONSES_STREAM_TEXT if op.named else STREAM_TEXT
         if secured:
             entry["security"] = [{BEARER: []}]
     if core.api_key:
@@ -96,6 +103,15 @@ STREAM_TEXT = (
     "With `stream: true` the answer is `text/event-stream`: one `data: {chunk}` event per piece "
     "of output, then `data: [DONE]`. An error before the first event is an HTTP status as "
     "without streaming; one after it is a `data: {error}` event, then `data: [DONE]`.")
+RESPONSES_STREAM_TEXT = (
+    "OpenAI's Responses API over a chat turn (nothing is stored: `store: true` and "
+    "`previous_response_id` are refused). With `stream: true` the answer is "
+    "`text/event-stream`: `event: TYPE` and `data: {event}` per event, numbered by "
+    "`sequence_number`: response.created, response.in_progress, then per output item "
+    "output_item.added, its deltas, their .done events and output_item.done, and last "
+    "response.completed (response.incomplete when cut by max_output_tokens). An error before the "
+    "first event is an HTTP status as without streaming; one after it is an `error` event, "
+    "which ends the stream.")
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -134,7 +150,7 @@ def _responses(op: Operation, limits: Limits, secured: bool) -> dict:
     else:  # /metrics: Prometheus' text exposition format
         ok = {PROMETHEUS: {"schema": {"type": "string"}}}
     if op.chunk:
-        ok[SSE] = {"schema": _event(op.chunk)}
+        ok[SSE] = {"schema": _named_event(op.chunk) if op.named else _event(op.chunk)}
     out = {"200": _response("OK" + (" (a stream with stream=true)" if op.chunk else ""), ok)}
     for status in sorted((*op.errors, *((401,) if secured else ()))):
         if op.ok == "HealthStatus" and status == 503:  # /health says why, in its own shape
@@ -156,13 +172,20 @@ def _event(chunk: str) -> dict:
     return {"type": "object", "properties": {"data": data}, "required": ["data"]}
 
 
+def _named_event(payload: str) -> dict:
+    """One named server-sent event: its type on the `event:` line, its JSON as data."""
+    data = {"type": "string", "contentMediaType": JSON, "contentSchema": ref(payload)}
+    return {"type": "object", "properties": {"event": {"enum": list(EVENT_NAMES)}, "data": data},
+            "required": ["event", "data"]}
+
+
 # -- request bodies -----------------------------------------------------------------------------
 def exact_requests(defs: dict, core: RouterCore) -> None:
     """What this server refuses whatever the limits, where pydantic's types allow more: another
     model's name, a request's own chat template (unless trusted), content parts but text."""
     names = sorted({core.model_name, str(core.model_dir), ""})  # "": the served one
     for body in ("CompletionRequest", "ChatCompletionRequest", "TokenizeRequest",
-                 "DetokenizeRequest"):
+                 "DetokenizeRequest", "ResponsesRequest"):
         defs[body]["properties"]["model"] = {
             "anyOf": [{"enum": names}, {"type": "null"}], "default": None,
             "description": "The served model; left out, null or empty: the same."}
@@ -175,6 +198,55 @@ def exact_requests(defs: dict, core: RouterCore) -> None:
     part = defs["ContentPart"]
     part["properties"].update(type={"const": "text", "type": "string"}, text={"type": "string"})
     part["required"] = ["type", "text"]
+    defs["ResponsesRequest"]["properties"].update(_responses_fields(core.limits))
+
+
+_STRING = {"type": "string"}
+
+
+def _object(required: list[str], **properties: Any) -> dict:
+    return {"type": "object", "properties": properties, "required": required}
+
+
+def _responses_fields(limits: Limits) -> dict[str, dict]:
+    """The Responses request's items, tools and formats, which its model takes as any objects
+    (router/responses_protocol.py reads them by hand and refuses other kinds, naming the field)."""
+    chars = {"type": "string", "maxLength": getattr(limits, "max_prompt_chars", None)}
+    chars = {k: v for k, v in chars.items() if v is not None}
+    part = _object(["type", "text"], type={"enum": ["input_text", "output_text"]}, text=chars)
+    item = {"anyOf": [
+        _object(["role", "content"], type={"const": "message"},
+                role={"enum": ["system", "developer", "user", "assistant"]},
+                content={"anyOf": [chars, {"type": "array", "items": part}]}),
+        _object(["type", "call_id", "name", "arguments"], type={"const": "function_call"},
+                call_id=_STRING, name=_STRING, arguments=_STRING),
+        _object(["type", "call_id", "output"], type={"const": "function_call_output"},
+                call_id=_STRING, output=_STRING)]}
+    items = {"type": "array", "items": item, "minItems": 1}
+    if getattr(limits, "max_messages", None) is not None:
+        items["maxItems"] = limits.max_messages
+    tool = _object(["type", "name"], type={"const": "function"},
+                   name={"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,64}$"},
+                   description=_STRING, parameters={"type": "object"},
+                   strict={"type": ["boolean", "null"]})
+    tools = {"type": "array", "items": tool}
+    if getattr(limits, "max_tools", None) is not None:
+        tools["maxItems"] = limits.max_tools
+    named = _object(["type", "name"], type={"const": "function"}, name=_STRING)
+    formats = [_object(["type"], type={"const": "text"}),
+               _object(["type"], type={"const": "json_object"}),
+               _object(["type", "schema"], type={"const": "json_schema"}, name=_STRING,
+                       schema={"type": "object"}, description=_STRING,
+                       strict={"type": ["boolean", "null"]})]
+    return {
+        "input": {"anyOf": [chars, items],
+                  "description": "A user message, or a list of messages and function-call items."},
+        "tools": {"anyOf": [tools, {"type": "null"}], "default": None},
+        "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]}, named,
+                                  {"type": "null"}], "default": None},
+        "text": {"anyOf": [_object([], format={"anyOf": formats}), {"type": "null"}],
+                 "default": None},
+    }
 
 
 Bound = tuple[str, str, str, dict[str, Any]]  # (schema, property, branch kind, keywords)
@@ -215,7 +287,8 @@ def _sampling_bounds(limits: Limits, token: dict) -> list[Bound]:
             ("ChatCompletionRequest", "max_completion_tokens", "integer",
              {"maximum": max_tokens}),
             ("ChatCompletionRequest", "top_logprobs", "integer",
-             {"maximum": limits.max_logprobs})]
+             {"maximum": limits.max_logprobs}),
+            ("ResponsesRequest", "max_output_tokens", "integer", {"maximum": max_tokens})]
 
 
 def _prompt_bounds(limits: Limits, token: dict) -> list[Bound]:

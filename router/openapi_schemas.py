@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FinishReason = Literal["stop", "length", "abort"]
+ChatFinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class _Out(BaseModel):
@@ -91,16 +92,32 @@ class ChatLogprobs(_Out):
     content: list[TokenLogprob]
 
 
+class FunctionCall(_Out):
+    name: str
+    arguments: str = Field(description="JSON text")
+
+
+class ToolCall(_Out):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(_Out):
+    """tool_calls with tools (then content may be null); reasoning_content with a server's
+    --reasoning-parser."""
+
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default=None, min_length=1)
+    reasoning_content: str | None = None
 
 
 class ChatChoice(_Out):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletionResponse(_Out):
@@ -112,18 +129,35 @@ class ChatCompletionResponse(_Out):
     usage: Usage
 
 
+class FunctionCallDelta(_Out):
+    name: str = ""
+    arguments: str = Field(description="the next piece of the JSON text")
+
+
+class ToolCallDelta(_Out):
+    """A call's first delta has its id, type and name (arguments empty); later ones the next
+    piece of its arguments."""
+
+    index: int
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCallDelta
+
+
 class ChatDelta(_Out):
-    """The first chunk of each choice has the role; later ones the new text, if any."""
+    """The first chunk of each choice has the role; later ones what grew, if anything."""
 
     role: Literal["assistant"] = "assistant"
     content: str = ""
+    reasoning_content: str = ""
+    tool_calls: list[ToolCallDelta] = Field(default=None, min_length=1)
 
 
 class ChatChunkChoice(_Out):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletionChunk(_Out):

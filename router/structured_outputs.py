@@ -46,8 +46,16 @@ def _compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def json_schema(schema: Any, param: str) -> Constraint:
-    """A JSON schema (a dict, or its JSON text). Property order is kept: it is output order."""
+def json_schema(schema: Any, param: str, strict: bool = True) -> Constraint:
+    """A JSON schema (a dict, or its JSON text). Property order is kept: it is output order.
+
+    strict=False (OpenAI's `strict: false`): the schema is a guide. It still constrains the
+    output wherever the engine can enforce it, as vLLM does whatever `strict` says (its tool
+    calling docs: the field is ignored), but a keyword or format llguidance cannot enforce is
+    skipped (its `lenient` option) instead of refusing the request; a schema nothing satisfies
+    is still a 400. strict=True, and `strict` left out: every keyword is enforced, and one that
+    cannot be is a 400 naming the field, since dropping a rule the client relies on unasked
+    would be worse than saying so."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -58,6 +66,8 @@ def json_schema(schema: Any, param: str) -> Constraint:
     if not isinstance(schema, dict):
         raise invalid_request(f"{param} must be a JSON schema object", param)
     options = {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}
+    if not strict:
+        options["lenient"] = True
     return Constraint("start: %json " + _compact({**schema, "x-guidance": options}), param)
 
 
@@ -146,7 +156,16 @@ def from_response_format(fmt: Mapping[str, Any] | None) -> Constraint | None:
                               "response_format.json_schema.name")
     if "schema" not in spec:  # OpenAI allows it; then any JSON object
         return json_object("response_format.json_schema")
-    return json_schema(spec["schema"], "response_format.json_schema.schema")
+    strict = strict_flag(spec.get("strict"), "response_format.json_schema.strict")
+    return json_schema(spec["schema"], "response_format.json_schema.schema", strict)
+
+
+def strict_flag(value: Any, param: str) -> bool:
+    """OpenAI's `strict` (response_format.json_schema, a function tool): left out or null means
+    true here (see json_schema)."""
+    if value is not None and not isinstance(value, bool):
+        raise invalid_request(f"{param} must be true or false", param)
+    return value is not False
 
 
 def from_structured_outputs(spec: Any, param: str = "structured_outputs") -> Constraint | None:

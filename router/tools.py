@@ -10,6 +10,12 @@ turned into a plan: what the chat template gets, what constrains the output, wha
 
 required and a named function therefore always give calls whose arguments parse and validate,
 whatever the model; auto depends on the model writing its own format.
+
+A function's `strict` (router/structured_outputs.json_schema): left out or true, every keyword of
+its parameters is enforced (one the engine cannot enforce is a 400 naming tools); false, such a
+keyword is skipped and the rest still enforced. Under auto nothing constrains the calls, so
+`strict` changes nothing there (as in vLLM, whose docs say it ignores the field); a client that
+needs valid arguments asks for required or a named function.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.router.errors import invalid_request
-from pagedserve.router.structured_outputs import Constraint, json_schema
+from pagedserve.router.structured_outputs import Constraint, json_schema, strict_flag
 from pagedserve.router.tool_parsers import (
     KEEPS_SPECIAL_TOKENS,
     PARSERS,
@@ -70,6 +76,7 @@ def _check_tools(tools: Any) -> dict[str, dict[str, Any]]:
                                   "tools")
         if not isinstance(fn.get("description", ""), str):
             raise invalid_request(f"{where}.function.description must be a string", "tools")
+        strict_flag(fn.get("strict"), "tools")
         functions[name] = fn
     return functions
 
@@ -127,10 +134,23 @@ def plan_tools(tools: Any, tool_choice: Any, parallel_tool_calls: bool,
         return ToolPlan(template_tools, None, PARSERS[parser], max_calls,
                         parser in KEEPS_SPECIAL_TOKENS)
     if choice == "required":
-        constraint = json_schema(_required_schema(functions, parallel_tool_calls), "tools")
+        # one grammar for all the tools, so one strictness: lenient only when no tool is strict
+        strict = any(strict_flag(fn.get("strict"), "tools") for fn in functions.values())
+        constraint = json_schema(_required_schema(functions, parallel_tool_calls), "tools",
+                                 strict)
         return ToolPlan(template_tools, constraint, required_calls, max_calls, False)
-    params = functions[choice].get("parameters", ANY_OBJECT)
-    return ToolPlan(template_tools, json_schema(params, "tools"), named_call(choice), 1, False)
+    fn = functions[choice]
+    constraint = json_schema(fn.get("parameters", ANY_OBJECT), "tools",
+                             strict_flag(fn.get("strict"), "tools"))
+    return ToolPlan(template_tools, constraint, named_call(choice), 1, False)
+
+
+def template_only(tools: Any) -> ToolPlan:
+    """The tools checked and given to the chat template, the output neither constrained nor
+    parsed (the offline LLM.chat with tools but no tool_choice or parser, as vLLM's)."""
+    functions = _check_tools(tools)
+    return ToolPlan([{"type": "function", "function": fn} for fn in functions.values()],
+                    None, None, None, False)
 
 
 def template_message(message: dict[str, Any]) -> dict[str, Any]:

@@ -16,4 +16,5 @@ def test_page_lists_native_and_fallback_architectures() -> None:
 
     text = supported_models.render()
     assert all(f"| `{name}` |" in text for name in MODEL_REGISTRY)
-    assert len(FALLBACK_RECIPES) >= 30 and "| `Gemma2ForCausalLM` | `gemma2` |  | yes |" in text
+    assert len(FALLBACK_RECIPES) >= 30 and "| `GemmaForCausalLM` | `gemma` |  | yes |" in text
+    assert "| `Gemma2ForCausalLM` | `gemma2` | `Gemma2ForCausalLM` | yes |" in text

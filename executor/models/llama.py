@@ -12,7 +12,7 @@ each residual add is fused into the RMSNorm that follows it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 
 import torch
@@ -95,15 +95,24 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
 
 
+# Builds one layer's MLP: (config, layer index, backend) -> module of [T, hidden] -> [T, hidden].
+MLPFactory = Callable[[ModelConfig, int, ModuleType], nn.Module]
+
+
+def dense_mlp(config: ModelConfig, layer: int, backend: ModuleType) -> nn.Module:
+    return LlamaMLP(config, backend)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, layer: int, rotary: RotaryEmbedding, backend: ModuleType
+        self, config: ModelConfig, layer: int, rotary: RotaryEmbedding, backend: ModuleType,
+        make_mlp: MLPFactory = dense_mlp,
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.self_attn = LlamaAttention(config, layer, rotary, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.mlp = LlamaMLP(config, backend)
+        self.mlp = make_mlp(config, layer, backend)
 
     def forward(
         self,
@@ -125,7 +134,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, backend: ModuleType):
+    def __init__(self, config: ModelConfig, backend: ModuleType, make_mlp: MLPFactory = dense_mlp):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # One cos/sin table shared by every layer.
@@ -137,17 +146,20 @@ class LlamaModel(nn.Module):
             backend,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary, backend) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, rotary, backend, make_mlp)
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
 
 class LlamaFamilyForCausalLM(nn.Module):
+    make_mlp: MLPFactory = staticmethod(dense_mlp)  # a subclass's hook: models/moe.py
+
     def __init__(self, config: ModelConfig, backend: ModuleType):
         super().__init__()
         self.config = config
         self.backend = backend  # the kernels every layer calls (a KernelBackend)
-        self.model = LlamaModel(config, backend)
+        self.model = LlamaModel(config, backend, self.make_mlp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -188,7 +200,7 @@ class LlamaFamilyForCausalLM(nn.Module):
                 name == "lm_head.weight" and self.config.tie_word_embeddings
             ):
                 continue  # derived from the config, or the same tensor as the embedding
-            param_name, shard_id = _param_name(name)
+            param_name, shard_id = self.param_name(name)
             param = params.get(param_name)
             if param is None:
                 raise ValueError(
@@ -200,7 +212,7 @@ class LlamaFamilyForCausalLM(nn.Module):
                 raise ValueError(f"tensor {name!r}: {e}") from None
             loaded.add((param_name, shard_id))
         missing = [
-            _checkpoint_name(n, s)
+            self.checkpoint_name(n, s)
             for n, p in params.items()
             for s in p.shard_ids
             if (n, s) not in loaded
@@ -208,6 +220,14 @@ class LlamaFamilyForCausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:6]) + (", ..." if len(missing) > 6 else "")
             raise ValueError(f"missing weights ({len(missing)}): {shown}")
+
+    def param_name(self, checkpoint_name: str) -> tuple[str, object]:
+        """(our parameter's name, shard id) for a checkpoint tensor's name."""
+        return _param_name(checkpoint_name)
+
+    def checkpoint_name(self, param_name: str, shard_id: object) -> str:
+        """param_name's inverse, to name a missing tensor as the checkpoint would."""
+        return _checkpoint_name(param_name, shard_id)
 
 
 def _param_name(checkpoint_name: str) -> tuple[str, object]:

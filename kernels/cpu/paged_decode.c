@@ -85,12 +85,28 @@ DEFINE_DECODE_ONE(decode_one_bf16, uint16_t, load_bf16, store_bf16)
  * head group) keep their queries and outputs in registers while that KV head's keys and values
  * stream past; head_dim / 16 (NV) and the group size (GC) are constants of each instance. */
 
+/* sc[t] = cap * tanh(sc[t] / cap), 16 at a time: tanh(|y|) = (1 - e) / (1 + e), e = exp(-2|y|)
+ * (never overflows), with y's sign put back. A scalar tanhf per score tripled decode attention. */
+static void softcap_row(float *sc, int w, float softcap) {
+    const __m512 cap = _mm512_set1_ps(softcap), one = _mm512_set1_ps(1.0f);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    int t = 0;
+    for (; t + 16 <= w; t += 16) {
+        const __m512 y = _mm512_div_ps(_mm512_loadu_ps(sc + t), cap);
+        const __m512 e = vexp_nonpositive(_mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(-2.0f)));
+        const __m512 th = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+        const __m512i signed_th = _mm512_or_si512(_mm512_castps_si512(th),
+                                                  _mm512_and_si512(_mm512_castps_si512(y), sign));
+        _mm512_storeu_ps(sc + t, _mm512_mul_ps(cap, _mm512_castsi512_ps(signed_th)));
+    }
+    for (; t < w; t++) sc[t] = softcap * tanhf(sc[t] / softcap);
+}
+
 /* Each of gc rows of w scores becomes its softmax, in place. */
 static void softmax_rows(float *scores, int gc, int w, float softcap) {
     for (int g = 0; g < gc; g++) {
         float *sc = scores + (int64_t)g * w, m = -INFINITY;
-        if (softcap > 0.0f)
-            for (int t = 0; t < w; t++) sc[t] = softcap * tanhf(sc[t] / softcap);
+        if (softcap > 0.0f) softcap_row(sc, w, softcap);
         for (int t = 0; t < w; t++) m = sc[t] > m ? sc[t] : m;
         __m512 vm = _mm512_set1_ps(m), vsum = _mm512_setzero_ps();
         for (int t = 0; t < w; t += 16) {
@@ -323,11 +339,25 @@ typedef uint16_t bf16;
 DEFINE_AVX2_CHUNKS(f32, v8load_f32)
 DEFINE_AVX2_CHUNKS(bf16, v8load_bf16)
 
+/* sc[t] = cap * tanh(sc[t] / cap), 8 at a time (as the AVX-512 path's softcap_row). */
+static void softcap_row(float *sc, int w, float softcap) {
+    const __m256 cap = _mm256_set1_ps(softcap), one = _mm256_set1_ps(1.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int t = 0;
+    for (; t + 8 <= w; t += 8) {
+        const __m256 y = _mm256_div_ps(_mm256_loadu_ps(sc + t), cap);
+        const __m256 e = v8exp_nonpositive(_mm256_mul_ps(_mm256_andnot_ps(sign, y),
+                                                         _mm256_set1_ps(-2.0f)));
+        const __m256 th = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+        _mm256_storeu_ps(sc + t, _mm256_mul_ps(cap, _mm256_or_ps(th, _mm256_and_ps(y, sign))));
+    }
+    for (; t < w; t++) sc[t] = softcap * tanhf(sc[t] / softcap);
+}
+
 static void softmax_rows(float *scores, int rows, int w, float softcap) {
     for (int g = 0; g < rows; g++) {
         float *sc = scores + (int64_t)g * w, m = -INFINITY, sum = 0.0f;
-        if (softcap > 0.0f)
-            for (int t = 0; t < w; t++) sc[t] = softcap * tanhf(sc[t] / softcap);
+        if (softcap > 0.0f) softcap_row(sc, w, softcap);
         for (int t = 0; t < w; t++) m = sc[t] > m ? sc[t] : m;
         const __m256 vm = _mm256_set1_ps(m);
         __m256 vsum = _mm256_setzero_ps();

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pagedserve.kernels.reference.activation import silu_and_mul
+from pagedserve.kernels.reference.activation import gelu_tanh_and_mul, silu_and_mul
 from pagedserve.kernels.reference.attention import paged_attention
 from pagedserve.kernels.reference.kv_write import write_kv
+from pagedserve.kernels.reference.moe import fused_experts
 from pagedserve.kernels.reference.norm import fused_add_rms_norm, rms_norm
 from pagedserve.kernels.reference.rotary import rotary_embedding
 
@@ -15,6 +16,7 @@ def available() -> tuple[bool, str]:
 
 
 __all__ = [
-    "available", "fused_add_rms_norm", "paged_attention", "rms_norm", "rotary_embedding", "silu_and_mul",
+    "available", "fused_add_rms_norm", "fused_experts", "gelu_tanh_and_mul",
+    "paged_attention", "rms_norm", "rotary_embedding", "silu_and_mul",
     "write_kv",
 ]

@@ -27,7 +27,7 @@ try:
 except ImportError:  # triton before 3.3 specialised in Python
     native_specialize_impl = None
 
-MODULES = ("activation", "attention", "attention_reduce", "kv_write", "norm", "rotary")
+MODULES = ("activation", "attention", "attention_reduce", "kv_write", "moe", "norm", "rotary")
 
 
 def all_kernels() -> list:

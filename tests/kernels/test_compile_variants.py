@@ -26,7 +26,7 @@ def test_per_step_ints_are_not_specialised(tk) -> None:
     from pagedserve.kernels.triton.variants import all_kernels, constexpr_args, jit_option
 
     kernels = all_kernels()
-    assert len(kernels) == 7, [k.fn.__name__ for k in kernels]
+    assert len(kernels) == 10, [k.fn.__name__ for k in kernels]
     missing = []
     for kernel in kernels:
         no_value = jit_option(kernel, "do_not_specialize")

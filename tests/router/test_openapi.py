@@ -43,7 +43,7 @@ EXAMPLES = 25  # drawn requests per operation, the same ones every run (derandom
 USER = [{"role": "user", "content": "Hi!"}]
 OPERATIONS = [("/detokenize", "post"), ("/health", "get"), ("/metrics", "get"),
               ("/tokenize", "post"), ("/v1/chat/completions", "post"), ("/v1/completions", "post"),
-              ("/v1/models", "get")]
+              ("/v1/models", "get"), ("/v1/responses", "post")]
 
 
 # -- outside the described operations -------------------------------------------------------------
@@ -79,10 +79,13 @@ def test_drawn_requests_are_answered_as_described(api: OpenApiSchema, fake: Fake
               suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy())
     def run(case: schemathesis.Case) -> None:
-        case.call_and_validate(checks=CHECKS, session=session)
+        statuses.add(case.call_and_validate(checks=CHECKS, session=session).status_code)
 
+    statuses: set[int] = set()
     with requests.Session() as session:
         run()
+    if path == "/v1/responses":  # the drawn bodies reach generations, not only refusals
+        assert 200 in statuses, statuses
 
 
 # -- hand-picked requests: every kind of answer ------------------------------------------------
@@ -118,6 +121,12 @@ ANSWERS = [  # (path, body, status)
     ("/v1/completions", {"model": "another", "prompt": "Hi"}, 404),
     ("/tokenize", {"model": "another", "prompt": "Hi"}, 404),
     ("/v1/completions", {"prompt": "x" * (4 << 20)}, 413),
+    ("/v1/responses", {"model": SERVED, "input": "Hi", "max_output_tokens": 4}, 200),
+    ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_text",
+                                                                "text": "Hi"}]}],
+                       "instructions": "Be brief.", "max_output_tokens": 4, "stream": True}, 200),
+    ("/v1/responses", {"input": "Hi", "store": True}, 400),
+    ("/v1/responses", {"model": "another", "input": "Hi"}, 404),
 ]
 
 
@@ -130,7 +139,10 @@ def test_answers_are_as_described(api: OpenApiSchema, fake: FakeScheduler, path:
     assert r.status_code == status, r.text[:300]
     if body.get("stream"):
         assert r.headers["content-type"][0].startswith("text/event-stream")
-        assert r.text.endswith("data: [DONE]\n\n")
+        if path == "/v1/responses":  # no [DONE]: the last event says the response is done
+            assert r.text.rstrip().rpartition("\n\n")[2].startswith("event: response.")
+        else:
+            assert r.text.endswith("data: [DONE]\n\n")
 
 
 def test_info_routes_are_as_described(api: OpenApiSchema, fake: FakeScheduler) -> None:
@@ -145,6 +157,52 @@ def test_error_mid_stream_is_an_event_as_described(api: OpenApiSchema,
     fake.fail_after = 2
     r = call(api, "/v1/chat/completions", {"messages": USER, "max_tokens": 9, "stream": True})
     assert '"error"' in r.text and r.text.endswith("data: [DONE]\n\n")
+
+
+@pytest.fixture
+def thinking_tools(router):
+    """A server with the hermes tool-call parser and qwen3's reasoning parser."""
+    saved = router.core.tool_call_parser, router.core.reasoning_parser
+    router.core.tool_call_parser, router.core.reasoning_parser = "hermes", "qwen3"
+    yield router.core
+    router.core.tool_call_parser, router.core.reasoning_parser = saved
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_response_item_is_as_described(api: OpenApiSchema, fake: FakeScheduler, tokenizer,
+                                             thinking_tools, stream: bool) -> None:
+    """Reasoning, message and function-call items, whole and as streaming events."""
+    fake.tokens_per_message = 100
+    fake.script = tokenizer.encode('<think>Hmm.</think>Let me check.<tool_call>{"name": "f", '
+                                   '"arguments": {"x": 1}}</tool_call>', add_special_tokens=False)
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    r = call(api, "/v1/responses", {"input": "x", "tools": [tool], "max_output_tokens": 200,
+                                    "stream": stream})
+    assert r.status_code == 200
+    kinds = ['"type": "reasoning"', '"type": "message"', '"type": "function_call"']
+    assert all(k in r.text for k in kinds) if stream else \
+        [i["type"] for i in r.json()["output"]] == ["reasoning", "message", "function_call"]
+
+
+def test_responses_chat_tool_calls_are_as_described(api: OpenApiSchema, fake: FakeScheduler,
+                                                    tokenizer, thinking_tools) -> None:
+    """The chat message and deltas with reasoning_content and tool_calls, too (the output in
+    one message, so the stream is short enough for Schemathesis to read whole)."""
+    fake.tokens_per_message = 100
+    fake.script = tokenizer.encode('<think>Hmm.</think><tool_call>{"name": "f", "arguments": '
+                                   '{}}</tool_call>', add_special_tokens=False)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for stream in (False, True):
+        r = call(api, "/v1/chat/completions", {"messages": USER, "tools": [tool],
+                                               "max_tokens": 200, "stream": stream})
+        assert r.status_code == 200 and "tool_calls" in r.text and "reasoning_content" in r.text
+
+
+def test_error_mid_response_stream_is_an_event_as_described(api: OpenApiSchema,
+                                                            fake: FakeScheduler) -> None:
+    fake.fail_after = 2
+    r = call(api, "/v1/responses", {"input": "Hi", "max_output_tokens": 9, "stream": True})
+    assert "event: error" in r.text
 
 
 def test_full_queue_is_a_429_as_described(api: OpenApiSchema, router,

@@ -131,3 +131,40 @@ def test_compile_deadline_is_a_400(router, fake) -> None:
         checker.timeout_s = before
     assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex", r.text
     assert "did not compile within" in r.json()["error"]["message"]
+
+
+# -- strict: false ----------------------------------------------------------------------------
+# `if`/`then` and an unknown format: valid JSON schema that llguidance cannot enforce
+GUIDE = {"type": "object", "properties": {"a": {"type": "integer"},
+                                          "when": {"type": "string", "format": "moon-date"}},
+         "required": ["a"], "if": {"required": ["when"]}, "then": {"required": ["a"]}}
+
+
+def _format(strict) -> dict:
+    spec = {"name": "s", "schema": GUIDE} | ({} if strict == "omitted" else {"strict": strict})
+    return {"type": "json_schema", "json_schema": spec}
+
+
+@pytest.mark.parametrize("strict", [True, "omitted", None])
+def test_strict_or_omitted_refuses_what_cannot_be_enforced(router, fake, strict) -> None:
+    r = httpx.post(router.base_url + H, json=chat(response_format=_format(strict)), timeout=20)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "response_format.json_schema.schema", error
+    assert "if" in error["message"] or "moon-date" in error["message"], error
+
+
+def test_strict_false_enforces_the_rest_and_skips_the_unenforceable(router, fake) -> None:
+    grammar = _sent_grammar(router, fake, H, chat(response_format=_format(False)))
+    assert grammar == so.json_schema(GUIDE, "x", strict=False).grammar
+    assert '"lenient":true' in grammar and '"required":["a"]' in grammar
+    plain = so.json_schema(SCHEMA, "x", strict=False).grammar  # an enforceable schema too
+    assert _sent_grammar(router, fake, H, chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA,
+                                               "strict": False}})) == plain
+
+
+def test_strict_must_be_a_boolean(router, fake) -> None:
+    r = httpx.post(router.base_url + H, json=chat(response_format=_format("yes")), timeout=20)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "response_format.json_schema.strict"

@@ -140,6 +140,39 @@ BAD = [
 ]
 
 
+def _tool(name: str, strict) -> dict:
+    """A tool whose parameters hold a keyword llguidance cannot enforce (dependentRequired)."""
+    params = {"type": "object", "properties": {"city": {"type": "string"}},
+              "required": ["city"], "dependentRequired": {"city": ["country"]}}
+    fn = {"name": name, "parameters": params} | ({} if strict is None else {"strict": strict})
+    return {"type": "function", "function": fn}
+
+
+BAD += [
+    ("strict tool with an unenforceable keyword", {"tools": [_tool("f", True)],
+                                                   "tool_choice": "required"}, "tools"),
+    ("strict left out, named", {"tools": [_tool("f", None)], "tool_choice": {
+        "type": "function", "function": {"name": "f"}}}, "tools"),
+    ("one strict tool among lenient ones", {"tools": [_tool("f", False), _tool("g", None)],
+                                            "tool_choice": "required"}, "tools"),
+    ("strict not a boolean", {"tools": [_tool("f", "no")], "tool_choice": "auto"}, "tools"),
+]
+
+
+def test_strict_false_tools_are_enforced_leniently(router, fake, parsers, tokenizer) -> None:
+    """strict false: the unenforceable keyword is skipped, the rest of the schema still holds
+    (the grammar sent is the lenient one); under auto nothing is constrained either way."""
+    parsers.tool_call_parser = "hermes"
+    named = {"type": "function", "function": {"name": "f"}}
+    for choice in ("required", named):
+        r = _post(router, tools=[_tool("f", False), _tool("g", False)], tool_choice=choice)
+        assert r.status_code == 200, r.text
+        grammar = fake.requests[-1].sampling.structured.grammar
+        assert '"lenient":true' in grammar and '"required":["city"]' in grammar
+    r = _post(router, tools=[_tool("f", True)], tool_choice="auto")
+    assert r.status_code == 200 and not fake.requests[-1].sampling.HasField("structured")
+
+
 @pytest.mark.parametrize("body,param", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_tool_fields(router, fake, parsers, body: dict, param: str) -> None:
     parsers.tool_call_parser = "hermes"
