@@ -117,10 +117,17 @@ def _add_scheduler(sub: argparse._SubParsersAction) -> None:
     _add_batching_options(p, defaults=True)
     p.add_argument("--no-prefix-caching", action="store_true")
     _add_speculative_option(p)
+    _add_step_timeout(p)
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to let open requests finish on shutdown")
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
     _add_common(p)
+
+
+def _add_step_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--step-timeout", type=float, default=120.0,
+                   help="seconds a step may take before the executor counts as hung and is "
+                        "treated like a dead one (its requests recomputed); 0: no deadline")
 
 
 def _add_speculative_option(p: argparse.ArgumentParser) -> None:
@@ -147,7 +154,8 @@ def _run_scheduler(args: argparse.Namespace) -> int:
                "enable_prefix_caching": not args.no_prefix_caching,
                "speculative": args.speculative_config}
     return run_scheduler(args.executor, args.listen, scheduler_options=options,
-                         reflection=args.reflection, drain_timeout=args.drain_timeout)
+                         reflection=args.reflection, drain_timeout=args.drain_timeout,
+                         step_timeout=args.step_timeout)
 
 
 def _add_api_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -235,6 +243,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     _add_batching_options(p, defaults=False)
     p.add_argument("--no-prefix-caching", action="store_true")
     _add_speculative_option(p)
+    _add_step_timeout(p)
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to let open requests finish on shutdown")
     p.add_argument("--frontend-nice", type=_non_negative_int, default=10,

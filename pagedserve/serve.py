@@ -234,6 +234,7 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
                            "--max-num-batched-tokens": a["max_num_batched_tokens"],
                            "--no-prefix-caching": a["no_prefix_caching"],
                            "--speculative-config": _spec_json(a.get("speculative_config")),
+                           "--step-timeout": a.get("step_timeout"),
                            "--drain-timeout": a["drain_timeout"]}))
     router = _child("router", "--scheduler", scheduler_addr, "--model", model,
                     "--host", a["host"], "--port", str(a["port"]),

@@ -27,7 +27,7 @@ from pagedserve.protos.parse_guard import AioParseGuard
 from pagedserve.scheduler.admission import admit
 from pagedserve.scheduler.outputs import RequestOutputDelta
 from pagedserve.scheduler.session import run_session
-from pagedserve.scheduler.step_loop import StepLoop
+from pagedserve.scheduler.step_loop import DEFAULT_STEP_TIMEOUT_S, StepLoop
 from pagedserve.scheduler.step_timing import StepTimings
 from pagedserve.scheduler.token_output import append_delta
 
@@ -152,9 +152,10 @@ async def _serving_when_ready(loop: StepLoop, health_servicer: Any) -> None:
 
 async def serve(executor_address: str, listen: str, *,
                 scheduler_options: dict[str, Any] | None = None, reflection: bool = False,
-                drain_timeout: float = 30.0, stop: asyncio.Event | None = None) -> int:
+                drain_timeout: float = 30.0, stop: asyncio.Event | None = None,
+                step_timeout: float = DEFAULT_STEP_TIMEOUT_S) -> int:
     """Runs the scheduler server until `stop` is set (default: on SIGTERM or SIGINT)."""
-    loop = StepLoop(executor_address, scheduler_options)
+    loop = StepLoop(executor_address, scheduler_options, step_timeout=step_timeout)
     service = SchedulerService(loop)
     server, health_servicer = await _build_server(service, listen, reflection=reflection)
     await server.start()

@@ -40,16 +40,21 @@ class DeltaSink(Protocol):
     def put_nowait(self, delta: RequestOutputDelta) -> None: ...
 
 
+DEFAULT_STEP_TIMEOUT_S = 120.0
 # The pool and model facts a scheduler was built on: a new executor must agree on them.
 _POOL_FACTS = ("block_size", "num_kv_blocks", "max_model_len")
 
 
 class StepLoop:
     def __init__(self, executor_address: str, scheduler_options: dict[str, Any] | None = None,
-                 *, describe_timeout: float = 5.0) -> None:
+                 *, describe_timeout: float = 5.0,
+                 step_timeout: float = DEFAULT_STEP_TIMEOUT_S) -> None:
         self.executor_address = executor_address
         self._options = dict(scheduler_options or {})
         self._describe_timeout = describe_timeout
+        # a step with no result by then: the executor is hung (stopped, deadlocked), and is
+        # treated as lost (its requests recomputed on the next one); 0: no deadline
+        self._step_timeout = step_timeout
         self._conn = AsyncExecutorConnection(executor_address)
         self.scheduler: Scheduler | None = None
         self.model_info: executor_pb2.DescribeResponse | None = None
@@ -110,9 +115,12 @@ class StepLoop:
         """The plan's result, or None when the executor went away (then handled here)."""
         self._in_step = True
         try:
-            return await self._conn.execute(plan)
+            return await asyncio.wait_for(self._conn.execute(plan), self._step_timeout or None)
         except ExecutorGone as e:
             self._lost_executor(str(e))
+            return None
+        except asyncio.TimeoutError:
+            self._lost_executor(f"no result within the step timeout ({self._step_timeout} s)")
             return None
         finally:
             self._in_step = False
