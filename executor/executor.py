@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+import structlog
 import torch
 
 from pagedserve.executor.config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
@@ -34,6 +35,7 @@ from pagedserve.executor.sampler import (
 from pagedserve.executor.structured import StructuredOutputs, check_structured
 from pagedserve.protos import executor_pb2
 
+log = structlog.get_logger("pagedserve.executor")
 CUDA_KV_CACHE_FRACTION = 0.9  # of the memory free after loading weights, when no budget is given
 
 
@@ -57,6 +59,7 @@ class Executor:
         # reference attention upcasts each small decode group to float32 while it is in cache).
         self.kv_dtype = self.dtype
         self.num_kv_blocks = self._num_kv_blocks()
+        self.max_model_len = self._fit_max_model_len()
         self.kv_cache = KVCache(mc.num_layers, self.num_kv_blocks, config.block_size, mc.num_kv_heads,
                                 mc.head_dim, self.kv_dtype, self.device)
         self.batch = InputBatch(max_num_seqs=config.max_num_seqs,
@@ -80,6 +83,22 @@ class Executor:
         warmup(self.kv_cache.k[0], self.kv_cache.v[0], num_q_heads=layers[0].num_heads,
                max_num_seqs=self.config.max_num_seqs, softcap=layers[0].softcap,
                sliding_windows={layer.sliding_window for layer in layers})
+
+    def _fit_max_model_len(self) -> int:
+        """One request of max_model_len tokens must fit the pool alone (the scheduler refuses
+        less, every time it starts): a max_model_len left to the model's default is cut to the
+        pool; one given explicitly that does not fit is an error naming both."""
+        capacity = self.num_kv_blocks * self.config.block_size
+        if self.max_model_len <= capacity:
+            return self.max_model_len
+        if self.config.max_model_len is not None:
+            raise ValueError(
+                f"max_model_len: {self.max_model_len} tokens do not fit the KV cache "
+                f"({self.num_kv_blocks} blocks of {self.config.block_size} = {capacity} tokens); "
+                "give more num_kv_blocks / kv_cache_memory_bytes or a smaller max_model_len")
+        log.info("max_model_len cut to what the KV cache holds", max_model_len=capacity,
+                 model_max=self.max_model_len)
+        return capacity
 
     def _num_kv_blocks(self) -> int:
         mc, config = self.model_config, self.config
