@@ -75,3 +75,14 @@ def pytest_runtest_call(item: pytest.Item):
     if ties is not None:
         ties.check()
     return result
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file (fetched once, pagedserve/real_model.py), or a skip."""
+    from pagedserve.real_model import ModelUnavailable, real_model_path
+
+    try:
+        return real_model_path()
+    except ModelUnavailable as e:
+        pytest.skip(f"real model unavailable: {e}")

@@ -8,6 +8,7 @@ it exits with 0 and leaves no process and no socket directory behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -101,13 +102,35 @@ class Serve:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
-def _wait_ready(serve: Serve) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def _wait_ready(serve: Serve, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
     while "pagedserve is ready" not in serve.log_path.read_text(errors="replace"):
         if serve.proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"serve exited with {serve.proc.poll()} or was not ready in "
-                        f"{STARTUP_TIMEOUT_S}s:\n{serve.log()}")
+                        f"{timeout_s}s:\n{serve.log()}")
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def running_serve(args: list[str], log_path: Path, model: Path, *,
+                  env: dict[str, str] | None = None,
+                  startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[Serve]:
+    """`pagedserve serve ARGS --port P` (model is what it serves, for the record) until ready;
+    stopped by SIGTERM after, which must exit 0. The HTTP port is picked here (free_port says
+    why not port 0)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "pagedserve.cli", "serve", *args, "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    serve = Serve(proc, log_path, model, port, -1)
+    try:
+        _wait_ready(serve, startup_timeout_s)
+        yield serve
+    finally:
+        rc = _stop(serve)
+    assert rc == 0, serve.log()
 
 
 def _stop(serve: Serve) -> int | None:

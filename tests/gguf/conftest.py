@@ -12,16 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedserve.real_model import ModelUnavailable, real_model_path
 from tests.hf_reference import Reference
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
-    try:
-        return real_model_path()
-    except ModelUnavailable as e:
-        pytest.skip(f"real model unavailable: {e}")
 
 
 class HFGGUF:

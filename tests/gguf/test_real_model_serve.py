@@ -4,18 +4,13 @@ streamed. Default dtype, as a newcomer would run it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.conftest import ROOT
-from tests.e2e.conftest import Serve, _stop, free_port
+from tests.e2e.conftest import Serve, running_serve
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(300)]
 
@@ -25,27 +20,12 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    argv = [sys.executable, "-m", "pagedserve.cli", "serve", "--port", str(port),
-            "--grpc-port", "-1", "--max-model-len", "1024", "--num-kv-blocks", "128",
-            "--drain-timeout", "5"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-           "PAGEDSERVE_CACHE": str(smollm2.parent.parent)}  # where the fixture found the file
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    serve = Serve(proc, log_path, smollm2, port, -1)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while "pagedserve is ready" not in log_path.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"serve exited with {proc.poll()} or was not ready:\n{serve.log()}")
-            time.sleep(0.2)
+    args = ["--grpc-port", "-1", "--max-model-len", "1024", "--num-kv-blocks", "128",
+            "--drain-timeout", "5"]  # no model: the default one
+    env = {"PAGEDSERVE_CACHE": str(smollm2.parent.parent)}  # where the fixture found the file
+    with running_serve(args, tmp_path_factory.mktemp("serve") / "serve.log", smollm2, env=env,
+                       startup_timeout_s=STARTUP_TIMEOUT_S) as serve:
         yield serve
-    finally:
-        rc = _stop(serve)
-    assert rc == 0, serve.log()
 
 
 def test_serves_the_real_model_by_default(server: Serve, smollm2: Path) -> None:

@@ -5,11 +5,7 @@ between the verification pass and one-token decode, as batching can flip them)."
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +15,7 @@ import pytest
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.router.metrics import PREFIX
-from tests.conftest import ROOT
-from tests.e2e.conftest import Serve, _stop, free_port
+from tests.e2e.conftest import Serve, running_serve
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(600)]
 
@@ -53,26 +48,11 @@ def test_offline_prompt_lookup_is_exact_and_accepted(smollm2: Path,
 
 @pytest.fixture(scope="module")
 def server(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    argv = [sys.executable, "-m", "pagedserve.cli", "serve", str(smollm2), "--port", str(port),
-            "--grpc-port", "-1", "--max-model-len", "1024", "--num-kv-blocks", "128",
-            "--dtype", "float32", "--drain-timeout", "5", "--speculative-config", SPEC]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    serve = Serve(proc, log_path, smollm2, port, -1)
-    try:
-        deadline = time.monotonic() + 240
-        while "pagedserve is ready" not in log_path.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"serve exited with {proc.poll()} or was not ready:\n{serve.log()}")
-            time.sleep(0.2)
+    args = [str(smollm2), "--grpc-port", "-1", "--max-model-len", "1024", "--num-kv-blocks",
+            "128", "--dtype", "float32", "--drain-timeout", "5", "--speculative-config", SPEC]
+    with running_serve(args, tmp_path_factory.mktemp("serve") / "serve.log", smollm2,
+                       startup_timeout_s=240) as serve:
         yield serve
-    finally:
-        rc = _stop(serve)
-    assert rc == 0, serve.log()
 
 
 def test_served_prompt_lookup_is_exact_and_counted(server: Serve, smollm2: Path,

@@ -14,7 +14,6 @@ import llguidance
 import pytest
 
 from pagedserve.executor.structured import gguf_tokenizer
-from pagedserve.real_model import ModelUnavailable, real_model_path
 from pagedserve.router.gguf_tokenizer import load_gguf_tokenizer
 from pagedserve.router.server import RouterThread
 from tests.router.fake_scheduler import FakeSchedulerThread
@@ -26,14 +25,6 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "age": {"type": "integer", "minimum": 0, "maximum": 120},
                          "city": {"enum": ["Paris", "London", "Rome"]}}}
 ASK = [{"role": "user", "content": "Describe a person as JSON with name, age and city."}]
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    try:
-        return real_model_path()
-    except ModelUnavailable as e:
-        pytest.skip(f"real model unavailable: {e}")
 
 
 def test_the_vocabulary_is_the_routers(smollm2: Path) -> None:

@@ -5,7 +5,6 @@ schema the client derives, and validates against it with the jsonschema package.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Literal
 
 import jsonschema
@@ -13,7 +12,6 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from pagedserve.real_model import ModelUnavailable, real_model_path
 from tests.gguf.test_real_model_serve import server  # noqa: F401 (a fixture, used below)
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(600)]
@@ -23,14 +21,6 @@ class Person(BaseModel):
     name: str = Field(max_length=24)
     age: int = Field(ge=0, le=120)
     city: Literal["Paris", "London", "Rome"]
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    try:
-        return real_model_path()
-    except ModelUnavailable as e:
-        pytest.skip(f"real model unavailable: {e}")
 
 
 def test_parse_with_a_pydantic_model(server) -> None:  # noqa: F811
