@@ -27,7 +27,7 @@ from pagedserve.executor.request_state import RequestState
 @dataclass
 class SampleRows:
     states: list[RequestState]  # the requests that sample, in batch order
-    drafts: list[list[int]]  # each one's drafts ([] for most)
+    drafts: list[list[int]]  # each one's drafts ([] for most; read, never written)
     views: list[RequestState]  # one per logits row: the request with the drafts before it
     flat_rows: list[int]  # each logits row's row in the flat batch
 
@@ -43,6 +43,10 @@ class SampleRows:
 def sample_rows(scheduled: Sequence[tuple[RequestState, int]], samples: Sequence[int],
                 drafts: dict[str, list[int]]) -> SampleRows:
     """The sampling rows of the requests at positions `samples` of the step's scheduled list."""
+    if not drafts:  # the common step: one row per request, and flat rows only if some do not
+        states = [scheduled[i][0] for i in samples]
+        flat = [] if len(samples) == len(scheduled) else _last_rows(scheduled, samples)
+        return SampleRows(states, [[]] * len(states), states, flat)
     ends = list(itertools.accumulate(n for _, n in scheduled))
     states, request_drafts, views, flat = [], [], [], []
     for i in samples:
@@ -55,6 +59,11 @@ def sample_rows(scheduled: Sequence[tuple[RequestState, int]], samples: Sequence
                      for j in range(1, len(ds) + 1))
         flat.extend(range(ends[i] - len(ds) - 1, ends[i]))
     return SampleRows(states, request_drafts, views, flat)
+
+
+def _last_rows(scheduled: Sequence[tuple[RequestState, int]], samples: Sequence[int]) -> list[int]:
+    ends = list(itertools.accumulate(n for _, n in scheduled))
+    return [ends[i] - 1 for i in samples]
 
 
 def num_accepted(drafts: Sequence[int], sampled: Sequence[int]) -> int:
