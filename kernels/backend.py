@@ -4,9 +4,11 @@ layers call whichever was chosen (executor/backend.py) without knowing which."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from pagedserve.kernels.quantized import QuantizedWeight
 
 
 @runtime_checkable
@@ -40,6 +42,14 @@ class KernelBackend(Protocol):
     def fused_experts(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor: ...
 
+    def pack_quantized(self, weight: QuantizedWeight) -> Any:
+        """A quantized weight (kernels/quantized.py) in this backend's own layout, once at load."""
+        ...
+
+    def quant_linear(self, x: torch.Tensor, packed: Any,
+                     bias: torch.Tensor | None) -> torch.Tensor: ...
+
 
 KERNEL_NAMES = ("paged_attention", "write_kv", "rms_norm", "fused_add_rms_norm",
-                "rotary_embedding", "silu_and_mul", "gelu_tanh_and_mul", "fused_experts")
+                "rotary_embedding", "silu_and_mul", "gelu_tanh_and_mul", "fused_experts",
+                "pack_quantized", "quant_linear")

@@ -1,6 +1,7 @@
 """Triton kernels, each a drop-in for its twin in kernels.reference (same names, same
 signatures). Set TRITON_INTERPRET=1 before importing this package to run them on the CPU."""
 
+from pagedserve.kernels.reference.quant_linear import pack_quantized, quant_linear
 from pagedserve.kernels.triton.activation import gelu_tanh_and_mul, silu_and_mul
 from pagedserve.kernels.triton.attention import paged_attention
 from pagedserve.kernels.triton.kv_write import write_kv
@@ -14,6 +15,6 @@ from pagedserve.kernels.triton.runtime import available
 # lists the API shared with kernels.reference.
 __all__ = [
     "available", "fused_add_rms_norm", "fused_experts", "gelu_tanh_and_mul",
-    "paged_attention", "rms_norm", "rotary_embedding", "silu_and_mul",
+    "pack_quantized", "paged_attention", "quant_linear", "rms_norm", "rotary_embedding", "silu_and_mul",
     "write_kv",
 ]
