@@ -85,6 +85,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             try:
                 result = self._compute.run(self._executor.execute, plan)
             except Exception as e:
+                # It may have taken in its new requests before failing: the next stream must
+                # forget them too, or their ids stay held and every resend is refused.
+                self._live.update(r.request_id for r in plan.new_requests)
                 log.exception("step failed", step_id=plan.step_id)
                 code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError)
                         else grpc.StatusCode.INTERNAL)

@@ -11,7 +11,7 @@ import pytest
 from pagedserve.executor.compute_thread import ComputeThread
 from pagedserve.executor.server import ExecutorService, build_server
 from pagedserve.protos import executor_pb2
-from pagedserve.scheduler.executor_client import GrpcExecutorClient
+from pagedserve.scheduler.executor_client import ExecutorGone, GrpcExecutorClient
 
 
 def test_calls_run_in_order_on_one_other_thread_and_raise_there() -> None:
@@ -61,3 +61,40 @@ def test_served_steps_run_on_the_thread_that_built_the_executor(tmp_path: Path) 
     threads = service._executor.threads
     assert len(threads) == 5 and len(set(threads)) == 1
     assert threads[0] != threading.get_ident()
+
+
+def test_a_step_that_fails_mid_forward_leaves_nothing_held_for_the_next_stream(
+        tmp_path: Path, llama_dir: Path) -> None:
+    """A step can fail after the executor took in its new requests (a kernel error, memory):
+    the reconnecting scheduler resends them as new, which must be accepted, not refused forever
+    as already held."""
+    from pagedserve.executor.config import ExecutorConfig
+    from pagedserve.executor.executor import Executor
+
+    service = ExecutorService()
+    address = f"unix://{tmp_path}/executor.sock"
+    server, _ = build_server(service, address)
+    server.start()
+    plan = executor_pb2.StepPlan(step_id=0, new_requests=[executor_pb2.NewRequest(
+        request_id="a", prompt_token_ids=[5, 6, 7], block_ids=[0], num_scheduled_tokens=3)])
+    try:
+        service.load(lambda: Executor(ExecutorConfig(model=str(llama_dir), dtype="float32",
+                                                     num_kv_blocks=16, max_model_len=64)))
+        model = service._executor.model
+        forward = model.forward
+
+        def fail_once(*args, **kwargs):
+            model.forward = forward
+            raise RuntimeError("kernel failed")
+
+        model.forward = fail_once
+        first = GrpcExecutorClient(address)
+        with pytest.raises(ExecutorGone, match="kernel failed"):
+            first.execute(plan)
+        second = GrpcExecutorClient(address)
+        result = second.execute(plan)
+        assert [o.request_id for o in result.outputs] == ["a"]
+        first.close()
+        second.close()
+    finally:
+        server.stop(0).wait()
