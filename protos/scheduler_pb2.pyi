@@ -128,3 +128,77 @@ class StatsResponse(_message.Message):
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("max_requests",)
+    MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    max_requests: int
+    def __init__(self, max_requests: _Optional[int] = ...) -> None: ...
+
+class RequestEntry(_message.Message):
+    __slots__ = ("request_id", "state", "prompt_tokens", "output_tokens", "max_tokens", "computed_tokens", "num_blocks", "cached_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    state: str
+    prompt_tokens: int
+    output_tokens: int
+    max_tokens: int
+    computed_tokens: int
+    num_blocks: int
+    cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class StepSample(_message.Message):
+    __slots__ = ("end_time", "seconds", "prefill_tokens", "decode_tokens", "output_tokens", "num_requests")
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    end_time: float
+    seconds: float
+    prefill_tokens: int
+    decode_tokens: int
+    output_tokens: int
+    num_requests: int
+    def __init__(self, end_time: _Optional[float] = ..., seconds: _Optional[float] = ..., prefill_tokens: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., num_requests: _Optional[int] = ...) -> None: ...
+
+class SnapshotResponse(_message.Message):
+    __slots__ = ("block_size", "block_states", "block_owners", "block_ref_counts", "requests", "num_running", "num_waiting", "num_preempted", "max_num_batched_tokens", "max_num_seqs", "recent_steps", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_STATES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_OWNERS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_REF_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTED_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    block_size: int
+    block_states: bytes
+    block_owners: bytes
+    block_ref_counts: bytes
+    requests: _containers.RepeatedCompositeFieldContainer[RequestEntry]
+    num_running: int
+    num_waiting: int
+    num_preempted: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    recent_steps: _containers.RepeatedCompositeFieldContainer[StepSample]
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    def __init__(self, block_size: _Optional[int] = ..., block_states: _Optional[bytes] = ..., block_owners: _Optional[bytes] = ..., block_ref_counts: _Optional[bytes] = ..., requests: _Optional[_Iterable[_Union[RequestEntry, _Mapping]]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_preempted: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., recent_steps: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...

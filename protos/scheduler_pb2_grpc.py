@@ -60,6 +60,11 @@ class SchedulerStub:
                 request_serializer=protos_dot_scheduler__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_executor__pb2.DescribeResponse.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/pagedserve.v1.Scheduler/Snapshot',
+                request_serializer=protos_dot_scheduler__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=protos_dot_scheduler__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -99,6 +104,12 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +137,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=protos_dot_scheduler__pb2.ModelInfoRequest.FromString,
                     response_serializer=protos_dot_executor__pb2.DescribeResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=protos_dot_scheduler__pb2.SnapshotRequest.FromString,
+                    response_serializer=protos_dot_scheduler__pb2.SnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +279,33 @@ class Scheduler:
             '/pagedserve.v1.Scheduler/ModelInfo',
             protos_dot_scheduler__pb2.ModelInfoRequest.SerializeToString,
             protos_dot_executor__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagedserve.v1.Scheduler/Snapshot',
+            protos_dot_scheduler__pb2.SnapshotRequest.SerializeToString,
+            protos_dot_scheduler__pb2.SnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

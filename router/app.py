@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve.router.core import RouterCore, random_id
+from pagedserve.router.dashboard import add_dashboard_routes
 from pagedserve.router.errors import RouterError, invalid_request
 from pagedserve.router.generation import GenerationParams
 from pagedserve.router.http_middleware import ApiKeyMiddleware, RequestIdMiddleware, bind_request_id
@@ -64,6 +65,7 @@ def create_app(core: RouterCore) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     _add_error_handlers(app)
     _add_info_routes(app, core)
+    add_dashboard_routes(app, core)
     _add_generation_routes(app, core)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

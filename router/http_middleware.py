@@ -22,6 +22,8 @@ from pagedserve.router.errors import RouterError, internal_error, unauthorized
 log = structlog.get_logger("pagedserve.router")
 _REQUEST_ID_OK = re.compile(r"^[\w.:@/-]{1,128}$")
 OPEN_PATHS = frozenset({"/health"})
+DASHBOARD_STATIC = frozenset({"/dashboard", "/dashboard/dashboard.js"})
+DASHBOARD_STATE = "/dashboard/state"
 
 
 async def send_error(send: Any, e: RouterError, request_id: str | None = None) -> None:
@@ -77,8 +79,11 @@ class ApiKeyMiddleware:
     def __init__(self, app: Any, api_key: str, metrics_public: bool = False) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
-        # --metrics-public: a Prometheus scraper without the key may read /metrics
-        self.open_paths = OPEN_PATHS | {"/metrics"} if metrics_public else OPEN_PATHS
+        # The dashboard's page and script hold no data (the page asks for the key); its data,
+        # like /metrics, is open only with --metrics-public (a scraper or a wall screen).
+        self.open_paths = OPEN_PATHS | DASHBOARD_STATIC
+        if metrics_public:
+            self.open_paths |= {"/metrics", DASHBOARD_STATE}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("path") not in self.open_paths:

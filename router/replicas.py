@@ -167,6 +167,13 @@ class SchedulerReplicas:
         total.prefix_cache_hit_rate = total.prefix_cache_hits / queries if queries else 0.0
         return total
 
+    async def snapshot(self, max_requests: int = 0, timeout: float = 2.0, replica: int = 0
+                       ) -> scheduler_pb2.SnapshotResponse:
+        """One replica's page table and queues (each replica has its own pool)."""
+        if not 0 <= replica < len(self.replicas):
+            raise ValueError(f"replica: {replica} is not in [0, {len(self.replicas)})")
+        return await self.replicas[replica].client.snapshot(max_requests, timeout)
+
     async def model_info(self, timeout: float = 5.0, wait_for_ready: bool = False
                          ) -> executor_pb2.DescribeResponse:
         """The first answering replica's (replicas serve one model)."""

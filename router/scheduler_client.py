@@ -52,6 +52,11 @@ class SchedulerClient:
     async def stats(self, timeout: float = 2.0) -> scheduler_pb2.StatsResponse:
         return await self.stub.Stats(scheduler_pb2.StatsRequest(), timeout=timeout)
 
+    async def snapshot(self, max_requests: int = 0, timeout: float = 2.0
+                       ) -> scheduler_pb2.SnapshotResponse:
+        return await self.stub.Snapshot(scheduler_pb2.SnapshotRequest(max_requests=max_requests),
+                                        timeout=timeout)
+
     async def model_info(self, timeout: float = 5.0, wait_for_ready: bool = False
                          ) -> executor_pb2.DescribeResponse:
         return await self.stub.ModelInfo(scheduler_pb2.ModelInfoRequest(), timeout=timeout,

@@ -27,6 +27,7 @@ from pagedserve.protos.parse_guard import AioParseGuard
 from pagedserve.scheduler.admission import admit
 from pagedserve.scheduler.outputs import RequestOutputDelta
 from pagedserve.scheduler.session import run_session
+from pagedserve.scheduler.snapshot import snapshot
 from pagedserve.scheduler.step_loop import DEFAULT_STEP_TIMEOUT_S, StepLoop
 from pagedserve.scheduler.step_timing import StepTimings
 from pagedserve.scheduler.token_output import append_delta
@@ -117,6 +118,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                                                              s.spec_accepted_tokens)
         resp.spec_verifications = s.spec_verifications
         return resp
+
+    async def Snapshot(self, request: scheduler_pb2.SnapshotRequest,
+                       context: grpc.aio.ServicerContext) -> scheduler_pb2.SnapshotResponse:
+        if self._loop.scheduler is None:  # no executor yet: no pool to show
+            return scheduler_pb2.SnapshotResponse()
+        return snapshot(self._loop.scheduler, self._loop.history, request.max_requests)
 
     async def ModelInfo(self, request: scheduler_pb2.ModelInfoRequest,
                         context: grpc.aio.ServicerContext) -> executor_pb2.DescribeResponse:

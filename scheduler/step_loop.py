@@ -29,6 +29,7 @@ from pagedserve.scheduler.executor_client import AsyncExecutorConnection, Execut
 from pagedserve.scheduler.outputs import RequestOutputDelta
 from pagedserve.scheduler.request_spec import RequestSpec
 from pagedserve.scheduler.scheduler import Scheduler
+from pagedserve.scheduler.step_history import StepHistory, prefill_decode_split
 from pagedserve.scheduler.step_timing import StepTimings
 
 log = structlog.get_logger("pagedserve.scheduler.step_loop")
@@ -60,6 +61,7 @@ class StepLoop:
         self.model_info: executor_pb2.DescribeResponse | None = None
         self.connected = False
         self.timings = StepTimings()  # steps that reached the executor, and their phases
+        self.history = StepHistory()  # the latest steps, for the dashboard
         self.ready = asyncio.Event()  # set once the first executor described itself
         self._wake = asyncio.Event()
         self._streams: dict[str, DeltaSink] = {}
@@ -93,17 +95,22 @@ class StepLoop:
         if not (plan.new_requests or plan.continuing_requests or plan.forget_request_ids):
             await self._nothing_scheduled(plan)
             return
+        split = prefill_decode_split(self.scheduler, plan)
         sent = time.perf_counter()
         result = await self._execute(plan)
         if result is None:
             return
         received = time.perf_counter()
         self._failures = 0
-        self._fan_out(self.scheduler.apply_result(result))
+        deltas = self.scheduler.apply_result(result)
+        self._fan_out(deltas)
         self._apply_pending()
+        done = time.perf_counter()
+        running = len(plan.new_requests) + len(plan.continuing_requests)
         self.timings.add(schedule=sent - start, rpc=received - sent,
-                         execute=result.execute_seconds, apply=time.perf_counter() - received,
-                         running=len(plan.new_requests) + len(plan.continuing_requests))
+                         execute=result.execute_seconds, apply=done - received, running=running)
+        self.history.record(seconds=done - start, prefill=split[0], decode=split[1],
+                            outputs=sum(len(d.new_token_ids) for d in deltas), requests=running)
 
     async def _nothing_scheduled(self, plan: executor_pb2.StepPlan) -> None:
         assert self.scheduler is not None

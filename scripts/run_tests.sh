@@ -2,6 +2,9 @@
 # Runs the whole suite. pytest's exit code 5 (no tests collected) is a failure here, not a pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${CI:-}" ]; then
+  bash scripts/install_chromium.sh  # the browser tests fail, not skip, in CI without it
+fi
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
