@@ -143,7 +143,7 @@ def _add_info_routes(app: FastAPI, core: RouterCore) -> None:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        text = core.metrics.render(await core.stats(), core.replica_metric_lines())
+        text = core.metrics.render(await core.stats(), core.replica_metric_families())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/tokenize")
@@ -292,7 +292,7 @@ async def _until_disconnect(work: Awaitable[T], receive: Any) -> asyncio.Future[
 
 
 def _count_disconnect(app: Any) -> None:
-    app.state.core.metrics.aborted.inc(reason="client_disconnect")
+    app.state.core.metrics.aborted.labels(reason="client_disconnect").inc()
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -36,7 +36,7 @@ from pagedserve.router.errors import (
 from pagedserve.router.generation import ChoiceSpec, Delta, generate, merge
 from pagedserve.router.grammar_check import GrammarChecker, make_tokenizer
 from pagedserve.router.limits import Limits
-from pagedserve.router.metrics import Metrics
+from pagedserve.router.metrics import Metric, Metrics
 from pagedserve.router.replicas import SchedulerReplicas, connect
 from pagedserve.router.scheduler_client import SchedulerClient
 from pagedserve.router.structured_outputs import Constraint
@@ -118,8 +118,9 @@ class RouterCore:
         if model and model not in (self.model_name, str(self.model_dir)):
             raise model_not_found(model)
 
-    def replica_metric_lines(self) -> list[str]:
-        return self.client.metric_lines() if isinstance(self.client, SchedulerReplicas) else []
+    def replica_metric_families(self) -> list[Metric]:
+        return (self.client.metric_families() if isinstance(self.client, SchedulerReplicas)
+                else [])
 
     async def stats(self) -> scheduler_pb2.StatsResponse | None:
         try:
@@ -260,7 +261,7 @@ class RouterCore:
 
     def _admit(self) -> None:
         if self.metrics.waiting >= self.limits.max_queued_requests:
-            self.metrics.failed.inc(code="429")
+            self.metrics.failed.labels(code="429").inc()
             raise too_many_requests(self.metrics.waiting)
 
     async def stream(self, request_id: str, specs: list[ChoiceSpec],
@@ -281,7 +282,7 @@ class RouterCore:
                                 eos_ids, index=s.index,
                                 resume_timeout_s=self.scheduler_resume_timeout_s)
                        for rid, s in zip(ids, specs)]
-            m.requests.inc(endpoint=endpoint)
+            m.requests.labels(endpoint=endpoint).inc()
             m.prompt_tokens.inc(sum(len(s.prompt_ids) for s in specs))
             m.in_flight += 1
             timing = _TokenTiming(m, len(specs))
@@ -295,7 +296,7 @@ class RouterCore:
                         generated += len(delta.token_ids)
                         m.generation_tokens.inc(len(delta.token_ids))
                         if delta.finish_reason is not None:
-                            m.finished.inc(finish_reason=delta.finish_reason)
+                            m.finished.labels(finish_reason=delta.finish_reason).inc()
                         yield delta
                 m.e2e.observe(time.monotonic() - start)
                 log.info("request finished", endpoint=endpoint, sequences=len(specs),
@@ -303,7 +304,7 @@ class RouterCore:
             finally:
                 m.in_flight -= 1
         except RouterError as e:
-            m.failed.inc(code=str(e.status))
+            m.failed.labels(code=str(e.status)).inc()
             log.info("request failed", status=e.status, error=e.message)
             raise
         finally:
@@ -325,7 +326,9 @@ class _TokenTiming:
         if k and self.first[i] is None:
             self.first[i] = now
         elif k:
-            self.metrics.itl.observe((now - self.last[i]) / k, k)
+            gap = (now - self.last[i]) / k
+            for _ in range(k):  # one observation per token (the library has no weights)
+                self.metrics.itl.observe(gap)
         if k:
             self.last[i], self.count[i] = now, self.count[i] + k
         first = self.first[i]

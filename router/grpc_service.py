@@ -53,7 +53,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         except RouterError as e:
             await context.abort(e.grpc_code, e.message)
         except (asyncio.CancelledError, GeneratorExit):  # cancelled, or past its deadline
-            self.core.metrics.aborted.inc(reason="cancelled")
+            self.core.metrics.aborted.labels(reason="cancelled").inc()
             raise
 
     def _check_sizes(self, request: generation_pb2.GenerateRequest) -> None:

@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from pagedserve.protos import executor_pb2, scheduler_pb2
-from pagedserve.router.metrics import labelled
+from pagedserve.router.metrics import Metric, labelled
 from pagedserve.router.scheduler_client import SchedulerClient
 
 AFFINITY_BLOCK = 16  # tokens hashed together (a typical KV block)
@@ -190,25 +190,24 @@ class SchedulerReplicas:
         for replica in self.replicas:
             await replica.client.close()
 
-    def metric_lines(self) -> list[str]:
+    def metric_families(self) -> list[Metric]:
         """Per-replica load and routing, and the affinity counts, for /metrics."""
-        lines: list[str] = []
-        for name, help_, value_of in (
-                ("replica_requests_in_flight", "Requests in flight on each scheduler replica.",
-                 lambda r: r.in_flight),
-                ("replica_requests_total", "Requests sent to each scheduler replica.",
-                 lambda r: r.routed),
-                ("replica_up", "1 unless the replica is in its back-off after failing.",
-                 lambda r: r.usable(time.monotonic()))):
-            lines += labelled(name, help_, {r.address: value_of(r) for r in self.replicas})
+        families = [labelled(name, help_, {r.address: value_of(r) for r in self.replicas})
+                    for name, help_, value_of in (
+                        ("replica_requests_in_flight",
+                         "Requests in flight on each scheduler replica.", lambda r: r.in_flight),
+                        ("replica_requests_total", "Requests sent to each scheduler replica.",
+                         lambda r: r.routed),
+                        ("replica_up", "1 unless the replica is in its back-off after failing.",
+                         lambda r: r.usable(time.monotonic())))]
         c = self.counts
-        lines += labelled("replica_affinity_keyed_total", "Requests with a prefix to route by.",
-                          c.keyed)
-        lines += labelled("replica_affinity_kept_total",
-                          "Of those, sent to their prefix's replica.", c.kept)
-        lines += labelled("replica_retried_total",
-                          "Requests moved off a replica that could not be reached.", c.retried)
-        return lines
+        return [*families,
+                labelled("replica_affinity_keyed_total", "Requests with a prefix to route by.",
+                         c.keyed),
+                labelled("replica_affinity_kept_total",
+                         "Of those, sent to their prefix's replica.", c.kept),
+                labelled("replica_retried_total",
+                         "Requests moved off a replica that could not be reached.", c.retried)]
 
 
 def _add_stats(total: scheduler_pb2.StatsResponse, s: scheduler_pb2.StatsResponse) -> None:

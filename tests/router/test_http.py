@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from pagedserve.router.tokenizer import Tokenizer
+from tests.prometheus_samples import family_types, sample
 from tests.router.conftest import SERVED
 from tests.router.fake_scheduler import FakeScheduler
 from tests.waiting import wait_until
@@ -211,27 +212,24 @@ def test_health(router, fake: FakeScheduler) -> None:
 def test_metrics(client: openai.OpenAI, router, fake: FakeScheduler) -> None:
     client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=3)
     text = httpx.get(router.base_url + "/metrics").text
-    for name in ("pagedserve_requests_total", "pagedserve_prompt_tokens_total",
-                 "pagedserve_generation_tokens_total", "pagedserve_num_requests_running",
-                 "pagedserve_kv_cache_usage_perc 0.0625", 'finish_reason="length"',
-                 "pagedserve_time_to_first_token_seconds_bucket{le=\"+Inf\"}",
-                 "# TYPE pagedserve_e2e_request_latency_seconds histogram"):
-        assert name in text, name
-    generated = [ln for ln in text.splitlines()
-                 if ln.startswith("pagedserve_generation_tokens_total ")]
-    assert float(generated[0].split()[1]) >= 3
+    assert sample(text, "pagedserve_requests_total", endpoint="completions") >= 1
+    assert sample(text, "pagedserve_prompt_tokens_total") >= 1
+    assert sample(text, "pagedserve_generation_tokens_total") >= 3
+    assert sample(text, "pagedserve_request_success_total", finish_reason="length") >= 1
+    assert sample(text, "pagedserve_num_requests_running") is not None
+    assert sample(text, "pagedserve_kv_cache_usage_perc") == 0.0625
+    assert sample(text, "pagedserve_time_to_first_token_seconds_bucket", le="+Inf") >= 1
+    assert family_types(text)["pagedserve_e2e_request_latency_seconds"] == "histogram"
 
 
 def test_metrics_step_counters(router) -> None:
     """The scheduler's step-phase counters, as the fake's Stats reports them."""
     text = httpx.get(router.base_url + "/metrics").text
-    for sample in ("pagedserve_scheduler_steps_total 7", "pagedserve_step_schedule_seconds_total 0.5",
-                   "pagedserve_step_rpc_seconds_total 2.25",
-                   "pagedserve_step_execute_seconds_total 2",
-                   "pagedserve_step_apply_seconds_total 0.125",
-                   "pagedserve_step_running_requests_total 21",
-                   "# TYPE pagedserve_step_rpc_seconds_total counter"):
-        assert sample in text.splitlines(), sample
+    for name, value in (("scheduler_steps", 7), ("step_schedule_seconds", 0.5),
+                        ("step_rpc_seconds", 2.25), ("step_execute_seconds", 2),
+                        ("step_apply_seconds", 0.125), ("step_running_requests", 21)):
+        assert sample(text, f"pagedserve_{name}_total") == value, name
+        assert family_types(text)[f"pagedserve_{name}"] == "counter", name
 
 
 def test_tokenize_detokenize(router, tokenizer: Tokenizer, fake: FakeScheduler) -> None:
