@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -20,7 +21,9 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from pagedserve import tracing
 from pagedserve.executor.compute_thread import ComputeThread
+from pagedserve.executor.step_trace import StepTracer
 from pagedserve.protos import executor_pb2, executor_pb2_grpc, grpc_options, tls
 from pagedserve.protos.parse_guard import ParseGuard
 
@@ -44,6 +47,14 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         self._lock = threading.Lock()  # one step at a time, and guards the fields below
         self._stream = 0  # id of the stream that currently owns the executor
         self._live: set[str] = set()  # request ids the executor holds state for
+        tracer = tracing.tracer()
+        self._trace = StepTracer(tracer) if tracer is not None else None
+
+    def end_traces(self) -> None:
+        """Ends the spans of requests not forgotten yet (the last ones, at shutdown)."""
+        with self._lock:
+            if self._trace is not None:
+                self._trace.end_all()
 
     def load(self, factory: Callable[[], Any]) -> None:
         """Builds the executor on the compute thread (its weights, KV cache and OpenMP team)."""
@@ -70,6 +81,8 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
     def _begin_stream(self) -> int:
         with self._lock:
             self._stream += 1
+            if self._trace is not None:
+                self._trace.end_all()
             if self._live:
                 log.info("forgetting requests of a previous stream", count=len(self._live))
                 forget = executor_pb2.StepPlan(forget_request_ids=sorted(self._live))
@@ -82,6 +95,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         with self._lock:
             if stream != self._stream:
                 context.abort(grpc.StatusCode.ABORTED, "superseded by a newer Execute stream")
+            start_ns = time.time_ns()
             try:
                 result = self._compute.run(self._executor.execute, plan)
             except Exception as e:
@@ -94,6 +108,8 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
                 context.abort(code, f"step {plan.step_id} failed: {e!r}")
             self._live.difference_update(plan.forget_request_ids)
             self._live.update(r.request_id for r in plan.new_requests)
+            if self._trace is not None:
+                self._trace.step(plan, start_ns, time.time_ns())
             return result
 
 
@@ -147,6 +163,7 @@ def run_executor(config: Any, listen: str, *, reflection: bool = False,
         health_servicer.enter_graceful_shutdown()
     finally:
         server.stop(grace).wait()
+        service.end_traces()
     return 0
 
 

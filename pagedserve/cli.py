@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 
+from pagedserve import tracing
 from pagedserve.executor.config import MODEL_IMPLS
 from pagedserve.lifeline import die_with_supervisor
 
@@ -58,6 +59,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", default=None,
                    help="PEM CA: servers demand client certificates it signed (mutual TLS on "
                         "the internal hops), clients check servers against it")
+    p.add_argument("--otlp-traces-endpoint", default=None,
+                   help="export OpenTelemetry traces (OTLP over HTTP) to this URL, e.g. "
+                        "http://localhost:4318/v1/traces; off by default")
 
 
 def _add_executor_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -333,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         from pagedserve.logs import configure_logging
 
         configure_logging(args.log_level, process=args.command)
+    try:
+        if getattr(args, "otlp_traces_endpoint", None):  # this process and every child
+            tracing.set_endpoint(args.otlp_traces_endpoint)
+        tracing.configure(f"pagedserve-{args.command}")
+    except ValueError as e:
+        parser.error(str(e))
     if args.command not in MODEL_COMMANDS:
         return COMMANDS[args.command](args)
     from pagedserve.real_model import ModelUnavailable

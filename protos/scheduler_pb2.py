@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagedserve.protos import executor_pb2 as protos_dot_executor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\rpagedserve.v1\x1a\x15protos/executor.proto\"\xf2\x01\n\x0fScheduleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x12\n\nmin_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\ncache_salt\x18\x08 \x01(\t\x12\x18\n\x10output_token_ids\x18\t \x03(\x05\"\x82\x02\n\x0bTokenOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.pagedserve.v1.TopLogprobs\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\x05\x12\x12\n\nerror_code\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\"{\n\x0eSessionRequest\x12\x32\n\x08schedule\x18\x01 \x01(\x0b\x32\x1e.pagedserve.v1.ScheduleRequestH\x00\x12-\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.AbortRequestH\x00\x42\x06\n\x04kind\"?\n\x10TokenOutputBatch\x12+\n\x07outputs\x18\x01 \x03(\x0b\x32\x1a.pagedserve.v1.TokenOutput\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x80\x04\n\rStatsResponse\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\x05\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\x03\x12\x14\n\x0c\x62locks_total\x18\x04 \x01(\x05\x12\x13\n\x0b\x62locks_free\x18\x05 \x01(\x05\x12\x13\n\x0b\x62locks_used\x18\x06 \x01(\x05\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x03\x12\x1d\n\x15prefix_cache_hit_rate\x18\t \x01(\x01\x12\x1a\n\x12\x65xecutor_connected\x18\n \x01(\x08\x12\r\n\x05steps\x18\x0b \x01(\x03\x12\x1d\n\x15step_schedule_seconds\x18\x0c \x01(\x01\x12\x18\n\x10step_rpc_seconds\x18\r \x01(\x01\x12\x1c\n\x14step_execute_seconds\x18\x0e \x01(\x01\x12\x1a\n\x12step_apply_seconds\x18\x0f \x01(\x01\x12!\n\x19step_running_requests_sum\x18\x10 \x01(\x03\x12\x19\n\x11spec_draft_tokens\x18\x11 \x01(\x03\x12\x1c\n\x14spec_accepted_tokens\x18\x12 \x01(\x03\x12\x1a\n\x12spec_verifications\x18\x13 \x01(\x03\"\x12\n\x10ModelInfoRequest\"\'\n\x0fSnapshotRequest\x12\x14\n\x0cmax_requests\x18\x01 \x01(\x05\"\xb7\x01\n\x0cRequestEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x15\n\routput_tokens\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x17\n\x0f\x63omputed_tokens\x18\x06 \x01(\x05\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x15\n\rcached_tokens\x18\x08 \x01(\x05\"\x8b\x01\n\nStepSample\x12\x10\n\x08\x65nd_time\x18\x01 \x01(\x01\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x16\n\x0eprefill_tokens\x18\x03 \x01(\x05\x12\x15\n\rdecode_tokens\x18\x04 \x01(\x05\x12\x15\n\routput_tokens\x18\x05 \x01(\x05\x12\x14\n\x0cnum_requests\x18\x06 \x01(\x05\"\x95\x03\n\x10SnapshotResponse\x12\x12\n\nblock_size\x18\x01 \x01(\x05\x12\x14\n\x0c\x62lock_states\x18\x02 \x01(\x0c\x12\x14\n\x0c\x62lock_owners\x18\x03 \x01(\x0c\x12\x18\n\x10\x62lock_ref_counts\x18\x04 \x01(\x0c\x12-\n\x08requests\x18\x05 \x03(\x0b\x32\x1b.pagedserve.v1.RequestEntry\x12\x13\n\x0bnum_running\x18\x06 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\x05\x12\x15\n\rnum_preempted\x18\x08 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\t \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\x05\x12/\n\x0crecent_steps\x18\x0b \x03(\x0b\x32\x19.pagedserve.v1.StepSample\x12\x1c\n\x14prefix_cache_queries\x18\x0c \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\r \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\x0e \x01(\x03\x32\xc8\x03\n\tScheduler\x12H\n\x08Generate\x12\x1e.pagedserve.v1.ScheduleRequest\x1a\x1a.pagedserve.v1.TokenOutput0\x01\x12M\n\x07Session\x12\x1d.pagedserve.v1.SessionRequest\x1a\x1f.pagedserve.v1.TokenOutputBatch(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1b.pagedserve.v1.StatsRequest\x1a\x1c.pagedserve.v1.StatsResponse\x12M\n\tModelInfo\x12\x1f.pagedserve.v1.ModelInfoRequest\x1a\x1f.pagedserve.v1.DescribeResponse\x12K\n\x08Snapshot\x12\x1e.pagedserve.v1.SnapshotRequest\x1a\x1f.pagedserve.v1.SnapshotResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\rpagedserve.v1\x1a\x15protos/executor.proto\"\x87\x02\n\x0fScheduleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x12\n\nmin_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\ncache_salt\x18\x08 \x01(\t\x12\x18\n\x10output_token_ids\x18\t \x03(\x05\x12\x13\n\x0btraceparent\x18\n \x01(\t\"\x82\x02\n\x0bTokenOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.pagedserve.v1.TopLogprobs\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\x05\x12\x12\n\nerror_code\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\"{\n\x0eSessionRequest\x12\x32\n\x08schedule\x18\x01 \x01(\x0b\x32\x1e.pagedserve.v1.ScheduleRequestH\x00\x12-\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.AbortRequestH\x00\x42\x06\n\x04kind\"?\n\x10TokenOutputBatch\x12+\n\x07outputs\x18\x01 \x03(\x0b\x32\x1a.pagedserve.v1.TokenOutput\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x80\x04\n\rStatsResponse\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\x05\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\x03\x12\x14\n\x0c\x62locks_total\x18\x04 \x01(\x05\x12\x13\n\x0b\x62locks_free\x18\x05 \x01(\x05\x12\x13\n\x0b\x62locks_used\x18\x06 \x01(\x05\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x03\x12\x1d\n\x15prefix_cache_hit_rate\x18\t \x01(\x01\x12\x1a\n\x12\x65xecutor_connected\x18\n \x01(\x08\x12\r\n\x05steps\x18\x0b \x01(\x03\x12\x1d\n\x15step_schedule_seconds\x18\x0c \x01(\x01\x12\x18\n\x10step_rpc_seconds\x18\r \x01(\x01\x12\x1c\n\x14step_execute_seconds\x18\x0e \x01(\x01\x12\x1a\n\x12step_apply_seconds\x18\x0f \x01(\x01\x12!\n\x19step_running_requests_sum\x18\x10 \x01(\x03\x12\x19\n\x11spec_draft_tokens\x18\x11 \x01(\x03\x12\x1c\n\x14spec_accepted_tokens\x18\x12 \x01(\x03\x12\x1a\n\x12spec_verifications\x18\x13 \x01(\x03\"\x12\n\x10ModelInfoRequest\"\'\n\x0fSnapshotRequest\x12\x14\n\x0cmax_requests\x18\x01 \x01(\x05\"\xb7\x01\n\x0cRequestEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x15\n\routput_tokens\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x17\n\x0f\x63omputed_tokens\x18\x06 \x01(\x05\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x15\n\rcached_tokens\x18\x08 \x01(\x05\"\x8b\x01\n\nStepSample\x12\x10\n\x08\x65nd_time\x18\x01 \x01(\x01\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x16\n\x0eprefill_tokens\x18\x03 \x01(\x05\x12\x15\n\rdecode_tokens\x18\x04 \x01(\x05\x12\x15\n\routput_tokens\x18\x05 \x01(\x05\x12\x14\n\x0cnum_requests\x18\x06 \x01(\x05\"\x95\x03\n\x10SnapshotResponse\x12\x12\n\nblock_size\x18\x01 \x01(\x05\x12\x14\n\x0c\x62lock_states\x18\x02 \x01(\x0c\x12\x14\n\x0c\x62lock_owners\x18\x03 \x01(\x0c\x12\x18\n\x10\x62lock_ref_counts\x18\x04 \x01(\x0c\x12-\n\x08requests\x18\x05 \x03(\x0b\x32\x1b.pagedserve.v1.RequestEntry\x12\x13\n\x0bnum_running\x18\x06 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\x05\x12\x15\n\rnum_preempted\x18\x08 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\t \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\x05\x12/\n\x0crecent_steps\x18\x0b \x03(\x0b\x32\x19.pagedserve.v1.StepSample\x12\x1c\n\x14prefix_cache_queries\x18\x0c \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\r \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\x0e \x01(\x03\x32\xc8\x03\n\tScheduler\x12H\n\x08Generate\x12\x1e.pagedserve.v1.ScheduleRequest\x1a\x1a.pagedserve.v1.TokenOutput0\x01\x12M\n\x07Session\x12\x1d.pagedserve.v1.SessionRequest\x1a\x1f.pagedserve.v1.TokenOutputBatch(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1b.pagedserve.v1.StatsRequest\x1a\x1c.pagedserve.v1.StatsResponse\x12M\n\tModelInfo\x12\x1f.pagedserve.v1.ModelInfoRequest\x1a\x1f.pagedserve.v1.DescribeResponse\x12K\n\x08Snapshot\x12\x1e.pagedserve.v1.SnapshotRequest\x1a\x1f.pagedserve.v1.SnapshotResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.protos.scheduler
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCHEDULEREQUEST']._serialized_start=65
-  _globals['_SCHEDULEREQUEST']._serialized_end=307
-  _globals['_TOKENOUTPUT']._serialized_start=310
-  _globals['_TOKENOUTPUT']._serialized_end=568
-  _globals['_SESSIONREQUEST']._serialized_start=570
-  _globals['_SESSIONREQUEST']._serialized_end=693
-  _globals['_TOKENOUTPUTBATCH']._serialized_start=695
-  _globals['_TOKENOUTPUTBATCH']._serialized_end=758
-  _globals['_ABORTREQUEST']._serialized_start=760
-  _globals['_ABORTREQUEST']._serialized_end=794
-  _globals['_ABORTRESPONSE']._serialized_start=796
-  _globals['_ABORTRESPONSE']._serialized_end=826
-  _globals['_STATSREQUEST']._serialized_start=828
-  _globals['_STATSREQUEST']._serialized_end=842
-  _globals['_STATSRESPONSE']._serialized_start=845
-  _globals['_STATSRESPONSE']._serialized_end=1357
-  _globals['_MODELINFOREQUEST']._serialized_start=1359
-  _globals['_MODELINFOREQUEST']._serialized_end=1377
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1379
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1418
-  _globals['_REQUESTENTRY']._serialized_start=1421
-  _globals['_REQUESTENTRY']._serialized_end=1604
-  _globals['_STEPSAMPLE']._serialized_start=1607
-  _globals['_STEPSAMPLE']._serialized_end=1746
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=1749
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=2154
-  _globals['_SCHEDULER']._serialized_start=2157
-  _globals['_SCHEDULER']._serialized_end=2613
+  _globals['_SCHEDULEREQUEST']._serialized_end=328
+  _globals['_TOKENOUTPUT']._serialized_start=331
+  _globals['_TOKENOUTPUT']._serialized_end=589
+  _globals['_SESSIONREQUEST']._serialized_start=591
+  _globals['_SESSIONREQUEST']._serialized_end=714
+  _globals['_TOKENOUTPUTBATCH']._serialized_start=716
+  _globals['_TOKENOUTPUTBATCH']._serialized_end=779
+  _globals['_ABORTREQUEST']._serialized_start=781
+  _globals['_ABORTREQUEST']._serialized_end=815
+  _globals['_ABORTRESPONSE']._serialized_start=817
+  _globals['_ABORTRESPONSE']._serialized_end=847
+  _globals['_STATSREQUEST']._serialized_start=849
+  _globals['_STATSREQUEST']._serialized_end=863
+  _globals['_STATSRESPONSE']._serialized_start=866
+  _globals['_STATSRESPONSE']._serialized_end=1378
+  _globals['_MODELINFOREQUEST']._serialized_start=1380
+  _globals['_MODELINFOREQUEST']._serialized_end=1398
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1400
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1439
+  _globals['_REQUESTENTRY']._serialized_start=1442
+  _globals['_REQUESTENTRY']._serialized_end=1625
+  _globals['_STEPSAMPLE']._serialized_start=1628
+  _globals['_STEPSAMPLE']._serialized_end=1767
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=1770
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=2175
+  _globals['_SCHEDULER']._serialized_start=2178
+  _globals['_SCHEDULER']._serialized_end=2634
 # @@protoc_insertion_point(module_scope)

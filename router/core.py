@@ -38,6 +38,7 @@ from pagedserve.router.grammar_check import GrammarChecker, make_tokenizer
 from pagedserve.router.limits import Limits
 from pagedserve.router.metrics import Metric, Metrics
 from pagedserve.router.replicas import SchedulerReplicas, connect
+from pagedserve.router.request_trace import RequestSpan
 from pagedserve.router.scheduler_client import SchedulerClient
 from pagedserve.router.structured_outputs import Constraint
 from pagedserve.router.tokenizer import (
@@ -272,7 +273,8 @@ class RouterCore:
         self._admit()
         m, start, generated = self.metrics, time.monotonic(), 0
         m.waiting += 1
-        waiting = True
+        waiting, error = True, "cancelled"
+        span = RequestSpan(request_id, endpoint, len(specs))
         try:
             info = await self.model_info()
             eos_ids = list(info.eos_token_ids)
@@ -280,7 +282,8 @@ class RouterCore:
                                                         for k in range(len(specs))]
             streams = [generate(self.client, self.tokenizer, rid, s.prompt_ids, s.params,
                                 eos_ids, index=s.index,
-                                resume_timeout_s=self.scheduler_resume_timeout_s)
+                                resume_timeout_s=self.scheduler_resume_timeout_s,
+                                traceparent=span.traceparent)
                        for rid, s in zip(ids, specs)]
             m.requests.labels(endpoint=endpoint).inc()
             m.prompt_tokens.inc(sum(len(s.prompt_ids) for s in specs))
@@ -299,6 +302,7 @@ class RouterCore:
                             m.finished.labels(finish_reason=delta.finish_reason).inc()
                         yield delta
                 m.e2e.observe(time.monotonic() - start)
+                error = ""
                 log.info("request finished", endpoint=endpoint, sequences=len(specs),
                          completion_tokens=generated, seconds=round(time.monotonic() - start, 4))
             finally:
@@ -306,10 +310,13 @@ class RouterCore:
         except RouterError as e:
             m.failed.labels(code=str(e.status)).inc()
             log.info("request failed", status=e.status, error=e.message)
+            error = f"{e.status}: {e.message}"
             raise
         finally:
             if waiting:
                 m.waiting -= 1
+            span.end(prompt_tokens=sum(len(s.prompt_ids) for s in specs),
+                     completion_tokens=generated, error=error)
 
 
 class _TokenTiming:

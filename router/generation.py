@@ -134,12 +134,14 @@ class _Choice:
 
 async def generate(client: SchedulerClient, tokenizer: Tokenizer, request_id: str,
                    prompt_ids: list[int], params: GenerationParams, eos_ids: Collection[int],
-                   index: int = 0, resume_timeout_s: float = 0.0) -> AsyncIterator[Delta]:
+                   index: int = 0, resume_timeout_s: float = 0.0,
+                   traceparent: str = "") -> AsyncIterator[Delta]:
     """Deltas of one choice; the last has finish_reason. Closing early aborts the request. With
     resume_timeout_s > 0 it survives a scheduler restart (router/resume.py)."""
     choice = _Choice(tokenizer, prompt_ids, params, eos_ids)
-    stream = resumable_outputs(client, params.schedule_request(request_id, prompt_ids),
-                               resume_timeout_s)
+    request = params.schedule_request(request_id, prompt_ids)
+    request.traceparent = traceparent
+    stream = resumable_outputs(client, request, resume_timeout_s)
     n_out = 0
     try:
         async for out in stream:

@@ -25,6 +25,7 @@ from pagedserve.router.errors import RouterError, context_length_exceeded, inval
 from pagedserve.router.generation import ChoiceSpec, Delta, GenerationParams
 from pagedserve.router.json_body import validation_error
 from pagedserve.router.openai_protocol import SamplingRequest, check_list_sizes
+from pagedserve.router.request_trace import client_traceparent
 from pagedserve.router.structured_outputs import Constraint, from_structured_outputs
 
 log = structlog.get_logger("pagedserve.router")
@@ -42,6 +43,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                        ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         rid = request.request_id or f"gen-{random_id()}"
         structlog.contextvars.bind_contextvars(request_id=rid)
+        client_traceparent.set(dict(context.invocation_metadata() or ()).get("traceparent", ""))
         try:
             prompt_ids = await self._prompt_ids(request)
             params = await self._params(request, len(prompt_ids))

@@ -18,6 +18,7 @@ import structlog
 
 from pagedserve.router.core import random_id
 from pagedserve.router.errors import RouterError, internal_error, unauthorized
+from pagedserve.router.request_trace import client_traceparent
 
 log = structlog.get_logger("pagedserve.router")
 _REQUEST_ID_OK = re.compile(r"^[\w.:@/-]{1,128}$")
@@ -48,7 +49,9 @@ class RequestIdMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        headers = dict(scope.get("headers") or [])
+        client_traceparent.set(headers.get(b"traceparent", b"").decode("latin-1"))
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
         state = scope.setdefault("state", {})
         state["client_request_id"] = given if _REQUEST_ID_OK.match(given) else None
         started = False

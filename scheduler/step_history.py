@@ -18,21 +18,30 @@ from pagedserve.scheduler.scheduler import Scheduler
 HISTORY_STEPS = 300
 
 
-def prefill_decode_split(scheduler: Scheduler, plan: executor_pb2.StepPlan) -> tuple[int, int]:
-    """(prompt tokens, decode tokens incl. drafts) of a plan just returned by schedule()."""
-    prefill = decode = 0
+def request_split(scheduler: Scheduler, plan: executor_pb2.StepPlan
+                  ) -> list[tuple[str, int, int]]:
+    """(request id, prompt tokens, decode tokens incl. drafts) of each request in a plan just
+    returned by schedule()."""
     entries = [(r.request_id, r.num_scheduled_tokens, 0) for r in plan.new_requests]
-    entries += [(r.request_id, r.num_scheduled_tokens, len(r.draft_token_ids))
+    # drafts: the scheduler's own, or those the executor's draft model will propose
+    entries += [(r.request_id, r.num_scheduled_tokens,
+                 len(r.draft_token_ids) + getattr(r, "num_speculative_tokens", 0))
                 for r in plan.continuing_requests]
+    split = []
     for rid, scheduled, drafts in entries:
         req = scheduler.requests.get(rid)
         if req is None:
             continue
         start = req.num_computed_tokens - (scheduled - drafts)
         in_prompt = max(0, min(req.num_computed_tokens, req.num_prompt_tokens) - start)
-        prefill += in_prompt
-        decode += scheduled - in_prompt
-    return prefill, decode
+        split.append((rid, in_prompt, scheduled - in_prompt))
+    return split
+
+
+def prefill_decode_split(scheduler: Scheduler, plan: executor_pb2.StepPlan) -> tuple[int, int]:
+    """(prompt tokens, decode tokens incl. drafts) of a plan just returned by schedule()."""
+    split = request_split(scheduler, plan)
+    return sum(p for _, p, _ in split), sum(d for _, _, d in split)
 
 
 class StepHistory:

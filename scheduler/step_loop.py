@@ -23,11 +23,13 @@ from typing import Any, Protocol
 
 import structlog
 
+from pagedserve import tracing
 from pagedserve.protos import executor_pb2, scheduler_pb2
 from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.executor_client import AsyncExecutorConnection, ExecutorGone
 from pagedserve.scheduler.outputs import RequestOutputDelta
 from pagedserve.scheduler.request_spec import RequestSpec
+from pagedserve.scheduler.request_trace import RequestTracer
 from pagedserve.scheduler.scheduler import Scheduler
 from pagedserve.scheduler.step_history import StepHistory, prefill_decode_split
 from pagedserve.scheduler.step_timing import StepTimings
@@ -62,6 +64,8 @@ class StepLoop:
         self.connected = False
         self.timings = StepTimings()  # steps that reached the executor, and their phases
         self.history = StepHistory()  # the latest steps, for the dashboard
+        tracer = tracing.tracer()
+        self.trace = RequestTracer(tracer) if tracer is not None else None
         self.ready = asyncio.Event()  # set once the first executor described itself
         self._wake = asyncio.Event()
         self._streams: dict[str, DeltaSink] = {}
@@ -96,6 +100,8 @@ class StepLoop:
             await self._nothing_scheduled(plan)
             return
         split = prefill_decode_split(self.scheduler, plan)
+        if self.trace is not None:
+            self.trace.planned(self.scheduler, plan)
         sent = time.perf_counter()
         result = await self._execute(plan)
         if result is None:
@@ -103,6 +109,7 @@ class StepLoop:
         received = time.perf_counter()
         self._failures = 0
         deltas = self.scheduler.apply_result(result)
+        self._trace_applied(deltas)
         self._fan_out(deltas)
         self._apply_pending()
         done = time.perf_counter()
@@ -114,7 +121,9 @@ class StepLoop:
 
     async def _nothing_scheduled(self, plan: executor_pb2.StepPlan) -> None:
         assert self.scheduler is not None
-        self._fan_out(self.scheduler.apply_result(executor_pb2.StepResult(step_id=plan.step_id)))
+        deltas = self.scheduler.apply_result(executor_pb2.StepResult(step_id=plan.step_id))
+        self._trace_applied(deltas)
+        self._fan_out(deltas)
         if self.scheduler.has_unfinished():
             await self._wait_for_work(0.05)  # nothing fits right now; don't spin
 
@@ -215,6 +224,8 @@ class StepLoop:
         if req.request_id in self._streams:
             raise KeyError(req.request_id)
         spec = RequestSpec.from_proto(self.scheduler.config, req)  # checked once, here
+        if self.trace is not None:
+            self.trace.admitted(req.request_id, req.traceparent)
         sink = asyncio.Queue() if sink is None else sink
         self._streams[req.request_id] = sink
         self._pending_adds.append(spec)
@@ -246,6 +257,8 @@ class StepLoop:
         sink = self._streams.pop(request_id, None)
         if sink is None:
             return False
+        if self.trace is not None:
+            self.trace.ended(request_id, "abort")
         if notify:
             sink.put_nowait(RequestOutputDelta(
                 request_id=request_id, new_token_ids=[], new_logprobs=None,
@@ -263,6 +276,11 @@ class StepLoop:
         aborts, self._pending_aborts = self._pending_aborts, []
         for request_id in aborts:
             self.scheduler.abort(request_id)
+
+    def _trace_applied(self, deltas: list[RequestOutputDelta]) -> None:
+        if self.trace is not None:
+            self.trace.applied({d.request_id: d.finish_reason or "stop" for d in deltas
+                                if d.finished})
 
     def _fan_out(self, deltas: list[RequestOutputDelta]) -> None:
         for delta in deltas:
