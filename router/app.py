@@ -27,6 +27,7 @@ from pagedserve.router.errors import RouterError, invalid_request
 from pagedserve.router.generation import GenerationParams
 from pagedserve.router.http_middleware import ApiKeyMiddleware, RequestIdMiddleware, bind_request_id
 from pagedserve.router.json_body import read_model
+from pagedserve.router.metrics import OPENMETRICS_TYPE
 from pagedserve.router.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -142,9 +143,13 @@ def _add_info_routes(app: FastAPI, core: RouterCore) -> None:
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        text = core.metrics.render(await core.stats(), core.replica_metric_families())
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(request: Request) -> PlainTextResponse:
+        # Prometheus asks for OpenMetrics when it wants exemplars; plain text otherwise.
+        openmetrics = "application/openmetrics-text" in request.headers.get("accept", "")
+        text = core.metrics.render(await core.stats(), core.replica_metric_families(),
+                                   openmetrics)
+        return PlainTextResponse(text, media_type=OPENMETRICS_TYPE if openmetrics
+                                 else "text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:

@@ -294,14 +294,14 @@ class RouterCore:
                     async for delta in deltas:
                         if waiting:
                             m.waiting, waiting = m.waiting - 1, False
-                            m.ttft.observe(time.monotonic() - start)
+                            m.ttft.observe(time.monotonic() - start, span.exemplar)
                         timing.saw(delta)
                         generated += len(delta.token_ids)
                         m.generation_tokens.inc(len(delta.token_ids))
                         if delta.finish_reason is not None:
                             m.finished.labels(finish_reason=delta.finish_reason).inc()
                         yield delta
-                m.e2e.observe(time.monotonic() - start)
+                m.e2e.observe(time.monotonic() - start, span.exemplar)
                 error = ""
                 log.info("request finished", endpoint=endpoint, sequences=len(specs),
                          completion_tokens=generated, seconds=round(time.monotonic() - start, 4))

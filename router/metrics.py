@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 
 from pagedserve.protos import scheduler_pb2
 
@@ -20,6 +21,7 @@ PREFIX = "pagedserve"
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 ABORT_REASONS = ("client_disconnect", "cancelled")
+OPENMETRICS_TYPE = openmetrics_exposition.CONTENT_TYPE_LATEST
 # No `_created` series: a sample per counter that dashboards do not use (the library's default
 # adds one; this is process-wide, and the router's process is ours).
 prometheus_client.disable_created_metrics()
@@ -109,10 +111,14 @@ class Metrics:
         reg.register(self._scrape)
 
     def render(self, stats: scheduler_pb2.StatsResponse | None,
-               extra: Sequence[Metric] = ()) -> str:
+               extra: Sequence[Metric] = (), openmetrics: bool = False) -> str:
         """The exposition text; extra: families of other sources (the scheduler replicas',
-        router/replicas.py). Scrapes run on the event loop, one at a time."""
+        router/replicas.py). openmetrics: that format, the one that carries exemplars (latency
+        buckets linked to trace ids when tracing is on). Scrapes run on the event loop, one at
+        a time."""
         self._scrape.stats, self._scrape.extra = stats, extra
+        if openmetrics:
+            return openmetrics_exposition.generate_latest(self.registry).decode()
         return generate_latest(self.registry).decode()
 
 

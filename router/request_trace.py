@@ -37,6 +37,13 @@ class RequestSpan:
         """What the scheduler requests carry ("" when tracing is off)."""
         return tracing.traceparent_of(self.span) if self.span is not None else ""
 
+    @property
+    def exemplar(self) -> dict[str, str] | None:
+        """A latency observation's link to this trace (OpenMetrics exemplars), when traced."""
+        if self.span is None:
+            return None
+        return {"trace_id": format(self.span.get_span_context().trace_id, "032x")}
+
     def end(self, *, prompt_tokens: int, completion_tokens: int, error: str = "") -> None:
         if self.span is None:
             return

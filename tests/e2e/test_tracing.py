@@ -14,6 +14,9 @@ from pathlib import Path
 
 import httpx
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 
 from tests.conftest import ROOT
 from tests.e2e.conftest import running_serve
@@ -65,6 +68,8 @@ def test_each_request_is_one_trace_across_the_three_processes(llama_dir: Path,
                                 headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
             plain = httpx.post(f"{serve.base_url}/v1/completions", json=body, timeout=60)
             assert traced.status_code == plain.status_code == 200
+            metrics = httpx.get(f"{serve.base_url}/metrics", timeout=30,
+                                headers={"accept": "application/openmetrics-text"})
     finally:  # serve has exited: every process flushed its spans on the way out
         collector.shutdown()
     traces = defaultdict(list)
@@ -72,6 +77,11 @@ def test_each_request_is_one_trace_across_the_three_processes(llama_dir: Path,
         traces[span.trace_id.hex()].append((service, span))
     assert len(traces) == 2, {t: [s.name for _, s in v] for t, v in traces.items()}
     assert CLIENT_TRACE in traces  # the client's trace is continued, not a new one
+    # latency buckets link to the traces (OpenMetrics exemplars: a bucket keeps its latest)
+    exemplars = {s.exemplar.labels["trace_id"]
+                 for f in openmetrics_families(metrics.text) for s in f.samples
+                 if s.name == "pagedserve_time_to_first_token_seconds_bucket" and s.exemplar}
+    assert exemplars and exemplars <= set(traces), (exemplars, set(traces))
     for trace_id, spans in traces.items():
         _check_one_request(spans, client_parent=CLIENT_SPAN if trace_id == CLIENT_TRACE else "")
 
