@@ -40,6 +40,7 @@ import torch
 
 from pagedserve.executor.request_state import RequestState
 from pagedserve.protos import executor_pb2
+from pagedserve.protos.request_checks import check_sampling_params  # noqa: F401 (its home was here)
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy
 # The same bound in float32, where the parameters live (proto floats): the host compares as the
@@ -138,34 +139,6 @@ class HostSamplerOutput:
     logprobs: list[float] | None
     top_token_ids: list[list[int]] | None  # K per row
     top_logprobs: list[list[float]] | None
-
-
-def check_sampling_params(request_id: str, p: executor_pb2.SamplingParams, vocab_size: int) -> None:
-    """ValueError naming the request and the field for parameters the sampler cannot honour."""
-
-    def bad(field: str, why: str) -> ValueError:
-        return ValueError(f"request {request_id!r}: sampling.{field} {why}")
-
-    checks = [
-        ("temperature", math.isfinite(p.temperature) and p.temperature >= 0, "must be >= 0"),
-        ("top_p", 0 <= p.top_p <= 1, "must be in [0, 1] (0 reads as 1)"),
-        ("top_k", p.top_k >= -1, "must be -1, 0 (disabled) or positive"),
-        ("min_p", 0 <= p.min_p <= 1, "must be in [0, 1]"),
-        ("repetition_penalty", math.isfinite(p.repetition_penalty) and p.repetition_penalty >= 0,
-         "must be > 0 (0 reads as 1)"),
-        ("presence_penalty", math.isfinite(p.presence_penalty), "must be finite"),
-        ("frequency_penalty", math.isfinite(p.frequency_penalty), "must be finite"),
-        ("min_tokens", p.min_tokens >= 0, "must be >= 0"),
-        ("logprobs", not p.HasField("logprobs") or 0 <= p.logprobs <= vocab_size,
-         f"must be in [0, {vocab_size}]"),
-        ("logit_bias", all(0 <= t < vocab_size for t in p.logit_bias), f"ids must be in [0, {vocab_size})"),
-        ("logit_bias", all(not math.isnan(v) for v in p.logit_bias.values()), "values must not be NaN"),
-        ("stop_token_ids", all(0 <= t < vocab_size for t in p.stop_token_ids),
-         f"must be in [0, {vocab_size})"),
-    ]
-    for field, ok, why in checks:
-        if not ok:
-            raise bad(field, why)
 
 
 def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -27,6 +27,7 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     eos_token_ids: tuple[int, ...] = ()
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
+    vocab_size: int = 0  # token ids are checked against it at admission (0: int32 range only)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_model_len", "max_num_seqs",
@@ -67,6 +68,7 @@ class SchedulerConfig:
             "num_kv_blocks": desc.num_kv_blocks,
             "max_model_len": desc.max_model_len,
             "eos_token_ids": tuple(desc.eos_token_ids),
+            "vocab_size": desc.vocab_size,
         }
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - names

@@ -38,7 +38,7 @@ class RequestSpec:
             max_tokens = max(1, config.max_model_len - len(prompt_token_ids))
         validate_request(config, request_id, prompt_token_ids, max_tokens=max_tokens,
                          min_tokens=min_tokens, stop_token_ids=stop_token_ids, n=n,
-                         output_token_ids=output_token_ids)
+                         output_token_ids=output_token_ids, sampling=sampling)
         if sampling.HasField("structured") and (min_tokens > 0 or ignore_eos):
             # the grammar needs EOS wherever it ends; both would take it away
             raise ValueError("sampling.structured cannot be combined with min_tokens or "

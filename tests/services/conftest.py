@@ -17,6 +17,7 @@ import pytest
 
 from pagedserve.health import grpc_serving
 from tests.conftest import ROOT, model_dir
+from tests.waiting import router_ports
 
 # A small pool keeps the tests fast and makes "every block is free again" meaningful.
 BLOCK_SIZE = 16
@@ -159,3 +160,22 @@ def reference_tokens(llama_dir: Path) -> dict[str, list[int]]:
         for delta in driver.step():
             tokens[delta.request_id] += delta.new_token_ids
     return tokens
+
+
+@pytest.fixture(scope="module")
+def served(llama_dir: Path, sock_dir: Path) -> Iterator[dict]:
+    """executor, scheduler and router processes: name -> (address, Service)."""
+    with executor_and_scheduler(llama_dir, sock_dir) as (executor, scheduler):
+        # Ports the router binds itself (0) and logs: a port picked here could be taken first.
+        router = Service("router", ["router", "--model", str(llama_dir), "--scheduler",
+                                    f"unix://{sock_dir}/scheduler.sock", "--port", "0",
+                                    "--grpc-port", "0"], sock_dir)
+        try:
+            _, port = router_ports(router.proc, router.log_path)
+            router.wait_serving(f"127.0.0.1:{port}")
+            yield {"executor": (f"unix://{sock_dir}/executor.sock", executor),
+                   "scheduler": (f"unix://{sock_dir}/scheduler.sock", scheduler),
+                   "router": (f"127.0.0.1:{port}", router)}
+            assert router.stop() == 0, router.log()
+        finally:
+            router.kill()

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,8 +25,6 @@ from pagedserve.protos import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from tests.services.conftest import Service, executor_and_scheduler
-from tests.waiting import router_ports
 
 BODIES_PER_SERVER = 200
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -83,25 +79,6 @@ def send_junk(address: str, services: list, log_path: Path) -> None:
     refusals = [r for r in lines if r.get("event", "").startswith("invalid request body")]
     assert 1 <= len(refusals) <= BODIES_PER_SERVER // 10, refusals  # rate-limited
     assert len(refusals) + sum(r["suppressed"] for r in refusals) <= BODIES_PER_SERVER
-
-
-@pytest.fixture(scope="module")
-def served(llama_dir: Path, sock_dir: Path) -> Iterator[dict]:
-    """executor, scheduler and router processes: name -> (address, Service)."""
-    with executor_and_scheduler(llama_dir, sock_dir) as (executor, scheduler):
-        # Ports the router binds itself (0) and logs: a port picked here could be taken first.
-        router = Service("router", ["router", "--model", str(llama_dir), "--scheduler",
-                                    f"unix://{sock_dir}/scheduler.sock", "--port", "0",
-                                    "--grpc-port", "0"], sock_dir)
-        try:
-            _, port = router_ports(router.proc, router.log_path)
-            router.wait_serving(f"127.0.0.1:{port}")
-            yield {"executor": (f"unix://{sock_dir}/executor.sock", executor),
-                   "scheduler": (f"unix://{sock_dir}/scheduler.sock", scheduler),
-                   "router": (f"127.0.0.1:{port}", router)}
-            assert router.stop() == 0, router.log()
-        finally:
-            router.kill()
 
 
 def generate_through_scheduler(address: str) -> list[int]:
