@@ -94,7 +94,8 @@ def _choice(tool_choice: Any, functions: dict[str, dict[str, Any]]) -> str:
         return tool_choice
     fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     name = fn.get("name") if isinstance(fn, dict) else None
-    if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not name:
+    if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" \
+            or not isinstance(name, str) or not name:
         raise invalid_request("tool_choice must name a function as {'type': 'function', "
                               "'function': {'name': ...}}", "tool_choice")
     if name not in functions:

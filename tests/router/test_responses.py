@@ -88,6 +88,8 @@ def test_text_format_json_schema(client: openai.OpenAI, fake, tokenizer) -> None
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "x", "tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}},
      "tool_choice"),
+    # found by fuzzing /v1/responses: a name that is not a string was a 500
+    ({"input": "", "tool_choice": {"type": "function", "name": [None, None]}}, "tool_choice"),
 ])
 def test_refusals_name_the_responses_field(router, fake, body: dict, param: str) -> None:
     r = httpx.post(router.base_url + "/v1/responses", json={"model": SERVED, **body}, timeout=20)

@@ -124,6 +124,8 @@ BAD = [
     ("tool_choice not a choice", {"tools": [WEATHER], "tool_choice": "sometimes"},
      "tool_choice"),
     ("required without tools", {"tool_choice": "required"}, "tool_choice"),
+    ("named function's name not a string", {"tools": [WEATHER], "tool_choice": {
+        "type": "function", "function": {"name": ["get_weather"]}}}, "tool_choice"),
     ("tool without a name", {"tools": [{"type": "function", "function": {}}],
                              "tool_choice": "required"}, "tools"),
     ("tool of another type", {"tools": [{"type": "retrieval"}], "tool_choice": "required"},
