@@ -197,7 +197,7 @@ def _serve_argv(model_dir: str, port: int, args: argparse.Namespace) -> list[str
         argv += ["--dtype", args.dtype]
     if args.kv_cache_memory_bytes:
         argv += ["--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)]
-    return argv
+    return argv + list(getattr(args, "extra_serve_args", ()))
 
 
 def wait_healthy(base_url: str, proc: subprocess.Popen | None, timeout: float) -> None:

@@ -19,6 +19,10 @@ from urllib.parse import urlsplit
 class HTTPStatusError(RuntimeError):
     """A response other than 200; the message carries the status and the start of the body."""
 
+    def __init__(self, message: str, status: int = 0, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
 
 def _request_bytes(url: str, payload: dict) -> tuple[str, int, bytes]:
     parts = urlsplit(url)
@@ -86,7 +90,8 @@ async def stream_events(url: str, payload: dict) -> AsyncIterator[str]:
         status, headers = await _read_head(reader)
         if status != 200:
             body = b"".join([p async for p in _body_pieces(reader, headers)])
-            raise HTTPStatusError(f"HTTP {status}: {body[:200].decode(errors='replace')}")
+            raise HTTPStatusError(f"HTTP {status}: {body[:200].decode(errors='replace')}",
+                                  status, headers)
         async for event in _events(_body_pieces(reader, headers)):
             yield event
     finally:

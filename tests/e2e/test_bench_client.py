@@ -150,3 +150,19 @@ def test_bench_targets_reads_the_three_benchmarks(serve: Serve, llama_dir, tmp_p
     assert [t.met for t in rows] == [rows[0].measured >= 4, rows[1].measured >= 0.5,
                                      rows[2].measured >= 0.85, rows[3].measured <= 0.1]
     targets.print_table(rows)
+
+
+def test_bench_connections_holds_them_all_and_counts_each_outcome(serve: Serve) -> None:
+    """bench.connections against the running server: every connection streams exactly the
+    tokens it asked for (the server's queue limit is far above 40), and the server's processes
+    are found and their descriptors and threads read before and after."""
+    from pagedserve.bench import connections
+
+    args = connections.parse_args(["--base-url", serve.base_url, "--connections", "40",
+                                   "--max-tokens", "6"])
+    result = connections.run(serve.base_url, args)
+    assert result["outcomes"] == {"completed": 40}
+    assert result["open_peak"] == 40 and result["retry_after_missing"] == 0
+    names = {name.split(":")[0] for name in result["resources_after"]}
+    assert names == {"serve", "executor", "scheduler", "router"}
+    assert result["resources_after"].keys() == result["resources_before"].keys()

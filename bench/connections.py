@@ -1,0 +1,168 @@
+"""Thousands of streaming connections on one router at once (issue 23: load).
+
+    python -m pagedserve.bench.connections --model DIR [--connections 2000] [--max-queued 1024]
+    python -m pagedserve.bench.connections --base-url http://127.0.0.1:8000 --connections 2000
+
+Opens every connection at the same moment, each a streamed completion of exactly --max-tokens
+tokens (ignore_eos), and holds them all: the admitted ones stream (those past the scheduler's
+max_num_seqs wait in its queue with their connection open), and those past the router's
+--max-queued-requests are refused with 429 and a Retry-After. It reports how many streamed to the
+end with exactly the tokens asked, how many were refused and how, any other outcome (an error:
+the target is none), the most connections open at one moment, and the server's processes' open
+file descriptors and threads before and after (a leak shows as growth). With --model it launches
+`pagedserve serve` itself (with --max-queued-requests as given). Results: results/connections.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pagedserve.bench.results import write_results
+from pagedserve.bench.serve import launched_server
+from pagedserve.bench.sse_client import HTTPStatusError, stream_events
+
+
+@dataclass
+class Outcomes:
+    kinds: Counter = field(default_factory=Counter)  # completed, refused_429, error:...
+    open_now: int = 0
+    open_peak: int = 0
+    retry_after_missing: int = 0
+
+
+async def _one(url: str, payload: dict, out: Outcomes) -> None:
+    out.open_now += 1
+    out.open_peak = max(out.open_peak, out.open_now)
+    tokens = 0
+    try:
+        async for event in stream_events(url, payload):
+            if event == "[DONE]":
+                break
+            chunk = json.loads(event)
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"].get("message", "error event"))
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+        kind = "completed" if tokens == payload["max_tokens"] else f"error:{tokens} tokens"
+    except HTTPStatusError as e:
+        kind = "refused_429" if e.status == 429 else f"error:HTTP {e.status}"
+        out.retry_after_missing += e.status == 429 and "retry-after" not in e.headers
+    except (OSError, RuntimeError, asyncio.IncompleteReadError) as e:
+        kind = f"error:{type(e).__name__}: {str(e)[:80]}"
+    finally:
+        out.open_now -= 1
+    out.kinds[kind] += 1
+
+
+async def hold(base_url: str, connections: int, max_tokens: int) -> tuple[Outcomes, float]:
+    payload = {"model": "", "prompt": "Count with me: one two three", "max_tokens": max_tokens,
+               "temperature": 0, "ignore_eos": True, "stream": True,
+               "stream_options": {"include_usage": True}}
+    out, start = Outcomes(), time.perf_counter()
+    await asyncio.gather(*(_one(f"{base_url}/v1/completions", payload, out)
+                           for _ in range(connections)))
+    return out, time.perf_counter() - start
+
+
+def _server_processes(base_url: str) -> list[int]:
+    """The pids of the processes listening under the server's port, with their children."""
+    port = base_url.rsplit(":", 1)[-1].split("/")[0]
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "pagedserve.cli serve" in cmd and f"--port {port}" in cmd:
+            return [int(pid_dir.name), *_children(int(pid_dir.name))]
+    return []
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        kids += [int(k) for k in task.read_text().split()]
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def _resources(pids: list[int]) -> dict[str, dict[str, int]]:
+    """Per process: open file descriptors and threads."""
+    out = {}
+    for pid in pids:
+        try:
+            name = (Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3].decode()
+                    if pid != pids[0] else "serve")
+            out[f"{name}:{pid}"] = {"fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),
+                                    "threads": len(list(Path(f"/proc/{pid}/task").iterdir()))}
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def run(base_url: str, args: argparse.Namespace) -> dict:
+    pids = _server_processes(base_url)
+    before = _resources(pids)
+    out, seconds = asyncio.run(hold(base_url, args.connections, args.max_tokens))
+    time.sleep(2.0)  # let the server close what the run left
+    return {"connections": args.connections, "max_tokens": args.max_tokens,
+            "seconds": round(seconds, 2), "outcomes": dict(out.kinds),
+            "open_peak": out.open_peak, "retry_after_missing": out.retry_after_missing,
+            "resources_before": before, "resources_after": _resources(pids)}
+
+
+def print_table(r: dict) -> None:
+    print(f"{r['connections']} connections, {r['max_tokens']} tokens each, "
+          f"{r['seconds']} s, at most {r['open_peak']} open at once")
+    for kind, n in sorted(r["outcomes"].items()):
+        print(f"  {kind:40} {n}")
+    print(f"  429s without Retry-After                  {r['retry_after_missing']}")
+    for name, after in r["resources_after"].items():
+        b = r["resources_before"].get(name, {})
+        print(f"  {name:28} fds {b.get('fds')} -> {after['fds']}, "
+              f"threads {b.get('threads')} -> {after['threads']}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base-url", default=None)
+    p.add_argument("--model", default=None, help="launch `pagedserve serve` on this model")
+    p.add_argument("--connections", type=int, default=2000)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-queued", type=int, default=1024,
+                   help="the launched server's --max-queued-requests")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=0)
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--out", default="results/connections.json")
+    args = p.parse_args(argv)
+    if (args.base_url is None) == (args.model is None):
+        p.error("give exactly one of --base-url and --model")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.connections)), hard))
+    if args.model is not None:
+        args.extra_serve_args = ["--max-queued-requests", str(args.max_queued)]
+        with launched_server(args.model, args) as base_url:
+            result = run(base_url, args)
+    else:
+        result = run(args.base_url, args)
+    print_table(result)
+    write_results(Path(args.out), result)
+    return 0 if not any(k.startswith("error") for k in result["outcomes"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
