@@ -7,8 +7,8 @@ from pagedserve.kernels.cpu.attention import available, paged_attention
 from pagedserve.kernels.cpu.kv_write import write_kv
 from pagedserve.kernels.cpu.moe import fused_experts
 from pagedserve.kernels.cpu.norm import fused_add_rms_norm, rms_norm
+from pagedserve.kernels.cpu.quant_linear import pack_quantized, quant_linear
 from pagedserve.kernels.cpu.rotary import rotary_embedding
-from pagedserve.kernels.reference.quant_linear import pack_quantized, quant_linear
 
 __all__ = [
     "available", "fused_add_rms_norm", "fused_experts", "gelu_tanh_and_mul",

@@ -28,7 +28,8 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11",
 ENV_DISABLE = "PAGEDSERVE_DISABLE_CPU_KERNELS"
 # These split their work over OpenMP threads, torch's own pool (see paged_decode.c); a compiler
 # without OpenMP builds them without the flag, and they run on the calling thread alone
-LIBRARY_FLAGS = {name: ("-fopenmp",) for name in ("paged_decode", "activation", "panel_gemm")}
+LIBRARY_FLAGS = {name: ("-fopenmp",) for name in ("paged_decode", "activation", "panel_gemm",
+                                                      "quant_gemm")}
 
 
 def cache_dir() -> Path:

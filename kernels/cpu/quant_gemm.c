@@ -1,0 +1,719 @@
+/* y = x W^T (+ bias) through a weight-only int8 or int4 weight (kernels/quantized.py's form:
+ * w[o][i] = scale[o][g] q[o][i] + offset[o][g], g = i / group), x float32 or bf16, float32 sums.
+ *
+ * Per group the kernel sums x . q (the codes are small integers, exact in bf16 and float32), then
+ *     y += scale_g (x_g . q_g) + offset_g sum(x_g)
+ * so a weight costs one multiply-add and the offset one per group, not per weight.
+ *
+ * Layout (kernels/cpu/quant_linear.py packs it): panels of 16 outputs, each one stream of codes
+ * along k, a block of 32 bytes per 2 k (int8) or 4 k (int4):
+ *     int8: byte 2j + t of block b   = q[16p + j][2b + t]
+ *     int4: byte 2j + t of block b   = q[16p + j][4b + t] | q[16p + j][4b + 2 + t] << 4
+ * i.e. each k-pair's 16 outputs x 2 codes are interleaved, the order vdpbf16ps multiplies them in
+ * (16 float32 lanes, each summing two bf16 products). Scales and offsets follow as [p][g][16],
+ * float32, or float16 where every one of them is a float16 (GGUF stores them so): at int4 with
+ * groups of 32 that is a sixth less to read. Rows past n hold code 0 and scale 0.
+ *
+ * Work: threads take runs of panels in turn and each panel goes a chunk of k (CHUNK) at a time
+ * through tiles of up to MR rows. With bf16 x on AVX-512 BF16 the tiles convert the codes in
+ * registers as they stream them (vpermw looks int4 codes up as bf16; int8 goes through float32),
+ * and so do float32 tiles of 1-2 rows (AVX2 instructions, on AVX-512 CPUs too); elsewhere (more
+ * float32 rows, int8 beyond DIRECT_INT8_ROWS bf16 rows, portable C) each chunk is first decoded
+ * once into a small buffer (L1) that every tile of rows reads. The codes are prefetched well
+ * ahead: a decode step is a stream of them and nothing else.
+ *
+ * Measured (Zen 5, one thread, weights streamed from memory, bench/quant_gemm.py): at 1 row
+ * int8 and int4 read their bytes about as fast as oneDNN's bf16 GEMM reads its own (1.7-2.3x and
+ * 2.1-3.4x less time); at 16 rows 1.05-1.45x faster, both bound by the vdpbf16ps rate by then;
+ * from 64 rows 0.6-0.95x of its speed (oneDNN's bf16 tiles are the better ones there).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+#define NR 16    /* outputs per panel */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define CHUNK 256 /* k decoded at a time: 8-16 KiB of buffer */
+#define AHEAD 8192 /* bytes of codes prefetched ahead (into the next panel): at 1 KiB one Zen 5
+                     core streamed a third less than oneDNN's bf16 GEMM does */
+#define TABLES_AHEAD 1024 /* bytes of scales (offsets) prefetched ahead */
+#define RUN_BYTES (64 << 10) /* codes a thread takes at once: a run of whole panels */
+#define OUT_BLOCK_BYTES (256 << 10) /* outputs of one block of rows (see quant_gemm) */
+#define ROW_BLOCK_MIN 64
+
+/* what one call multiplies, shared by every path */
+typedef struct {
+    const void *x;
+    int64_t x_stride, m, n, k, group;
+    const uint8_t *codes;
+    const void *scales, *offsets; /* float32, or float16 bits when half_scales */
+    const float *xsum, *bias;
+    void *out;
+    int out_bf16, bits, half_scales;
+} job_t;
+
+/* one chunk of a panel: k in [k0, k0 + len), with the row tile's group sums in accm and its
+ * outputs in ym ([rows][16] each) */
+typedef struct {
+    int64_t p, k0, len, r0;
+    float *accm, *ym;
+} chunk_t;
+
+static int64_t panel_bytes(const job_t *j) { return j->k * NR * j->bits / 8; }
+
+/* the sub-block [s, s + sl) of a chunk: which group, and whether it opens or closes it */
+static inline int64_t sub_group(const job_t *j, const chunk_t *c, int64_t s) {
+    return (c->k0 + s) / j->group;
+}
+static inline int opens_group(const job_t *j, const chunk_t *c, int64_t s) {
+    return (c->k0 + s) % j->group == 0;
+}
+static inline int closes_group(const job_t *j, const chunk_t *c, int64_t s, int64_t sl) {
+    return (c->k0 + s + sl) % j->group == 0;
+}
+
+/* ---------------------------------------------------------------- scalar decode and tile */
+
+static float half_to_float(uint16_t h) {
+    const uint32_t e = (h >> 10) & 31, f = h & 1023;
+    uint32_t u = (uint32_t)(h & 0x8000) << 16;
+    float v;
+    if (e == 0) { /* zero or subnormal: f 2^-24, exact in float32 */
+        v = (float)f * 5.9604644775390625e-8f;
+        return (h & 0x8000) ? -v : v;
+    }
+    u |= e == 31 ? 0x7f800000u | (f << 13) : ((e + 112) << 23) | (f << 13);
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* element i of a scale or offset table */
+static inline float table_at(const job_t *j, const void *t, int64_t i) {
+    return j->half_scales ? half_to_float(((const uint16_t *)t)[i]) : ((const float *)t)[i];
+}
+
+static float code_at(const uint8_t *panel, int bits, int64_t kk, int jj) {
+    if (bits == 8) return (float)(int8_t)panel[(kk / 2) * 32 + 2 * jj + (kk & 1)];
+    const uint8_t b = panel[(kk / 4) * 32 + 2 * jj + (kk & 1)];
+    return (float)((kk & 2) ? b >> 4 : b & 15);
+}
+
+/* buf[kk][16] = the chunk's codes as float32 (portable) */
+static __attribute__((unused)) void decode_f32_scalar(const job_t *j, const chunk_t *c, float *buf) {
+    const uint8_t *panel = j->codes + c->p * panel_bytes(j);
+    for (int64_t kk = 0; kk < c->len; kk++)
+        for (int jj = 0; jj < NR; jj++) buf[kk * NR + jj] = code_at(panel, j->bits, c->k0 + kk, jj);
+}
+
+static float x_at(const job_t *j, int64_t r, int64_t kk, int x_bf16) {
+    const int64_t i = r * j->x_stride + kk;
+    return x_bf16 ? load_bf16((const uint16_t *)j->x + i) : ((const float *)j->x)[i];
+}
+
+/* the group's sums of one row folded into its outputs: y += scale sum + offset sum(x_g) */
+static void close_group_scalar(const job_t *j, int64_t row, int64_t p, int64_t g,
+                               const float *sum, float *y) {
+    const int64_t groups = j->k / j->group;
+    const int64_t at = (p * groups + g) * NR;
+    const float xs = j->offsets ? j->xsum[row * groups + g] : 0.0f;
+    for (int jj = 0; jj < NR; jj++)
+        y[jj] += table_at(j, j->scales, at + jj) * sum[jj]
+                 + (j->offsets ? table_at(j, j->offsets, at + jj) * xs : 0.0f);
+}
+
+static void tile_scalar(const job_t *j, const chunk_t *c, const float *buf, int rows, int x_bf16) {
+    const int64_t sl = c->len < j->group ? c->len : j->group;
+    for (int r = 0; r < rows; r++)
+        for (int64_t s = 0; s < c->len; s += sl) {
+            float *acc = c->accm + r * NR;
+            if (opens_group(j, c, s)) memset(acc, 0, NR * sizeof(float));
+            for (int64_t kk = s; kk < s + sl; kk++) {
+                const float xv = x_at(j, c->r0 + r, c->k0 + kk, x_bf16);
+                for (int jj = 0; jj < NR; jj++) acc[jj] += xv * buf[kk * NR + jj];
+            }
+            if (closes_group(j, c, s, sl))
+                close_group_scalar(j, c->r0 + r, c->p, sub_group(j, c, s), acc, c->ym + r * NR);
+        }
+}
+
+/* ---------------------------------------------------------------- AVX2 / AVX-512 decode to f32 */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* One block of 16 outputs x 2 k (a byte each, interleaved) -> buf[0][16], buf[1][16] float32. */
+static inline void pair_to_f32(__m256i v, float *buf) {
+    /* within each 128-bit lane: the even bytes (first k) then the odd ones (second k) */
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256i t = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xd8);
+    const __m128i k0 = _mm256_castsi256_si128(t), k1 = _mm256_extracti128_si256(t, 1);
+#ifdef PAGEDSERVE_AVX512
+    _mm512_storeu_ps(buf, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(k0)));
+    _mm512_storeu_ps(buf + NR, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(k1)));
+#else
+    _mm256_storeu_ps(buf, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(k0)));
+    _mm256_storeu_ps(buf + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(k0, 8))));
+    _mm256_storeu_ps(buf + NR, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(k1)));
+    _mm256_storeu_ps(buf + NR + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(k1, 8))));
+#endif
+}
+
+static void decode_f32(const job_t *j, const chunk_t *c, float *buf) {
+    const uint8_t *src = j->codes + c->p * panel_bytes(j) + c->k0 * NR * j->bits / 8;
+    if (j->bits == 8) {
+        for (int64_t kk = 0; kk < c->len; kk += 2, src += 32) {
+            _mm_prefetch((const char *)src + AHEAD, _MM_HINT_T0);
+            pair_to_f32(_mm256_loadu_si256((const __m256i *)src), buf + kk * NR);
+        }
+        return;
+    }
+    const __m256i low = _mm256_set1_epi8(15);
+    for (int64_t kk = 0; kk < c->len; kk += 4, src += 32) {
+        _mm_prefetch((const char *)src + AHEAD, _MM_HINT_T0);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)src);
+        pair_to_f32(_mm256_and_si256(v, low), buf + kk * NR);
+        pair_to_f32(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), buf + (kk + 2) * NR);
+    }
+}
+#else
+#define decode_f32 decode_f32_scalar
+#endif
+
+/* ---------------------------------------------------------------- AVX2 group ends, direct tile */
+#if defined(__AVX2__) && defined(__FMA__)
+ALWAYS_INLINE __m256 load8_table(const job_t *j, const void *t, int64_t at) {
+    if (!j->half_scales) return _mm256_loadu_ps((const float *)t + at);
+#ifdef __F16C__
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)t + at)));
+#else
+    float v[8];
+    for (int i = 0; i < 8; i++) v[i] = table_at(j, t, at + i);
+    return _mm256_loadu_ps(v);
+#endif
+}
+
+ALWAYS_INLINE void close_group_avx2(const job_t *j, int64_t row, int64_t p, int64_t g,
+                                    __m256 lo, __m256 hi, float *y) {
+    const int64_t groups = j->k / j->group, at = (p * groups + g) * NR;
+    __m256 ylo = _mm256_fmadd_ps(lo, load8_table(j, j->scales, at), _mm256_loadu_ps(y));
+    __m256 yhi = _mm256_fmadd_ps(hi, load8_table(j, j->scales, at + 8), _mm256_loadu_ps(y + 8));
+    if (j->offsets) {
+        const __m256 xs = _mm256_set1_ps(j->xsum[row * groups + g]);
+        ylo = _mm256_fmadd_ps(xs, load8_table(j, j->offsets, at), ylo);
+        yhi = _mm256_fmadd_ps(xs, load8_table(j, j->offsets, at + 8), yhi);
+    }
+    _mm256_storeu_ps(y, ylo);
+    _mm256_storeu_ps(y + 8, yhi);
+}
+
+/* Few rows (decode) with float32 x, AVX2 or AVX-512 alike: the codes are converted in registers
+ * as they stream, no buffer, and multiplied in their interleaved order: lanes (output, k parity)
+ * of 4 outputs per vector times the row's x pair (k, k + 1) repeated; the parities are added
+ * once a group is done. One Zen 5 thread, 1 row: twice the speed of the buffer's way. */
+#define DIRECT_AVX2_ROWS 2
+
+ALWAYS_INLINE __m256 x_pair8(const float *x) {
+    double two;
+    memcpy(&two, x, sizeof two);
+    return _mm256_castpd_ps(_mm256_set1_pd(two));
+}
+
+/* interleaved sums of outputs 0-3, 4-7, 8-11, 12-15 -> outputs 0-7 and 8-15 */
+ALWAYS_INLINE void fold_pairs(const __m256 *a, __m256 *lo, __m256 *hi) {
+    *lo = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(a[0], a[1])), 0xd8));
+    *hi = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(a[2], a[3])), 0xd8));
+}
+
+ALWAYS_INLINE __m256 int8x8_f32(const uint8_t *src) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)src)));
+}
+
+/* 4 k of one row: acc[q] += codes of outputs 4q..4q+3 times their x pairs */
+ALWAYS_INLINE void step_direct_avx2(const uint8_t *src, int bits, __m256 x0, __m256 x1, __m256 *acc) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        if (bits == 4) {
+            const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * q)));
+            const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(e, _mm256_set1_epi32(15)));
+            const __m256 w1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(e, 4));
+            acc[q] = _mm256_fmadd_ps(w1, x1, _mm256_fmadd_ps(w0, x0, acc[q]));
+        } else {
+            const __m256 w0 = int8x8_f32(src + 8 * q), w1 = int8x8_f32(src + 32 + 8 * q);
+            acc[q] = _mm256_fmadd_ps(w1, x1, _mm256_fmadd_ps(w0, x0, acc[q]));
+        }
+    }
+}
+
+ALWAYS_INLINE void tile_direct_avx2(const job_t *j, const chunk_t *c, const int R, const int bits) {
+    const int64_t sl = c->len < j->group ? c->len : j->group;
+    const float *x = (const float *)j->x + c->r0 * j->x_stride + c->k0;
+    const uint8_t *src = j->codes + c->p * panel_bytes(j) + c->k0 * NR * bits / 8;
+    for (int64_t s = 0; s < c->len; s += sl) {
+        __m256 acc[DIRECT_AVX2_ROWS][4];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++)
+            for (int q = 0; q < 4; q++) acc[r][q] = _mm256_setzero_ps();
+        for (int64_t kk = s; kk < s + sl; kk += 4) {
+            _mm_prefetch((const char *)src + kk * NR * bits / 8 + AHEAD, _MM_HINT_T0);
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++)
+                step_direct_avx2(src + kk * NR * bits / 8, bits, x_pair8(x + r * j->x_stride + kk),
+                                 x_pair8(x + r * j->x_stride + kk + 2), acc[r]);
+        }
+        const int first = opens_group(j, c, s), last = closes_group(j, c, s, sl);
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            __m256 lo, hi;
+            fold_pairs(acc[r], &lo, &hi);
+            if (!first) {
+                lo = _mm256_add_ps(lo, _mm256_loadu_ps(c->accm + r * NR));
+                hi = _mm256_add_ps(hi, _mm256_loadu_ps(c->accm + r * NR + 8));
+            }
+            if (last) {
+                close_group_avx2(j, c->r0 + r, c->p, sub_group(j, c, s), lo, hi, c->ym + r * NR);
+            } else {
+                _mm256_storeu_ps(c->accm + r * NR, lo);
+                _mm256_storeu_ps(c->accm + r * NR + 8, hi);
+            }
+        }
+    }
+}
+
+static void tile_avx2_direct(const job_t *j, const chunk_t *c, int rows) {
+    if (rows == 1) {
+        if (j->bits == 4) tile_direct_avx2(j, c, 1, 4);
+        else tile_direct_avx2(j, c, 1, 8);
+    } else {
+        if (j->bits == 4) tile_direct_avx2(j, c, 2, 4);
+        else tile_direct_avx2(j, c, 2, 8);
+    }
+}
+#endif
+
+/* ---------------------------------------------------------------- AVX-512 tiles */
+#ifdef PAGEDSERVE_AVX512
+#define MR 8 /* rows per tile */
+
+ALWAYS_INLINE __m512 load16_table(const job_t *j, const void *t, int64_t at) {
+    /* the tables stream beside the codes, a fraction of their bytes: fetched ahead alike */
+    _mm_prefetch((const char *)t + at * (j->half_scales ? 2 : 4) + TABLES_AHEAD, _MM_HINT_T0);
+    if (!j->half_scales) return _mm512_loadu_ps((const float *)t + at);
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)t + at)));
+}
+
+/* The end of a sub-block of the chunk: its group sums (a0 + a1 per row) go into the outputs y
+ * when it closes its group, else wait in accm for the chunk that does. */
+ALWAYS_INLINE void end_block_512(const job_t *j, const chunk_t *c, int64_t s, int64_t sl,
+                                 const __m512 *a0, const __m512 *a1, __m512 *y, const int R) {
+    if (!closes_group(j, c, s, sl)) {
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) _mm512_storeu_ps(c->accm + r * NR, _mm512_add_ps(a0[r], a1[r]));
+        return;
+    }
+    const int64_t groups = j->k / j->group, g = sub_group(j, c, s), at = (c->p * groups + g) * NR;
+    const __m512 scale = load16_table(j, j->scales, at);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) y[r] = _mm512_fmadd_ps(_mm512_add_ps(a0[r], a1[r]), scale, y[r]);
+    if (!j->offsets) return;
+    const __m512 offset = load16_table(j, j->offsets, at);
+    const float *xs = j->xsum + c->r0 * groups + g;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) y[r] = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * groups]), offset, y[r]);
+}
+
+/* a sub-block's starting sums: zero, or what the previous chunk left of a longer group */
+ALWAYS_INLINE void start_block_512(const job_t *j, const chunk_t *c, int64_t s, __m512 *a0,
+                                   __m512 *a1, const int R) {
+    const int first = opens_group(j, c, s);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        a0[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c->accm + r * NR);
+        a1[r] = _mm512_setzero_ps();
+    }
+}
+
+/* float32 x: buf[kk][16] float32 codes; two sums per row (even and odd k), the outputs in
+ * registers across the chunk */
+ALWAYS_INLINE void tile_f32_512(const job_t *j, const chunk_t *c, const float *buf, const int R) {
+    const int64_t sl = c->len < j->group ? c->len : j->group;
+    const float *x = (const float *)j->x + c->r0 * j->x_stride + c->k0;
+    __m512 y[MR], a0[MR], a1[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) y[r] = _mm512_loadu_ps(c->ym + r * NR);
+    for (int64_t s = 0; s < c->len; s += sl) {
+        start_block_512(j, c, s, a0, a1, R);
+        for (int64_t kk = s; kk < s + sl; kk += 2) {
+            const __m512 w0 = _mm512_loadu_ps(buf + kk * NR), w1 = _mm512_loadu_ps(buf + (kk + 1) * NR);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * j->x_stride + kk]), w0, a0[r]);
+                a1[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * j->x_stride + kk + 1]), w1, a1[r]);
+            }
+        }
+        end_block_512(j, c, s, sl, a0, a1, y, R);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(c->ym + r * NR, y[r]);
+}
+
+#if defined(__AVX512BF16__)
+#define HAVE_BF16_DOT 1
+/* bf16 x: each k-pair's 32 codes become bf16 (interleaved, see the layout above) and one
+ * vdpbf16ps per row multiplies them with the row's two x values; products of a bf16 and a small
+ * integer are exact in float32, and each is summed in float32 as an FMA would. Each tile of rows
+ * converts the codes in registers as it streams them: cheaper than converting them once into a
+ * buffer that every tile reads (Zen 5, one thread, 512 x 2048: 10-15% faster at 16 and 64 rows)
+ * except for int8 beyond DIRECT_INT8_ROWS rows, where the conversion costs more. */
+#define FROM_BUFFER 0 /* `mode` of the tile: bf16 pairs from the buffer, or codes of 4 / 8 bits */
+#define DIRECT_INT8_ROWS 16 /* int8 beyond: through the buffer (its conversion costs more) */
+
+/* vpermw looks up the low 5 bits of each word: entries i and i + 16 are both bf16(i) */
+static const uint16_t BF16_OF[32] = {
+    0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130,
+    0x4140, 0x4150, 0x4160, 0x4170, 0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+    0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+
+ALWAYS_INLINE __m512bh int8_pair_bf16(const uint8_t *src) {
+    const __m128i a = _mm_loadu_si128((const __m128i *)src);
+    const __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* the bf16 pairs of k-pairs kk and kk + 2 of a chunk (kk a multiple of 4) */
+ALWAYS_INLINE void weights_bf16(const void *src, int64_t kk, const int mode, __m512i table,
+                                __m512bh *w0, __m512bh *w1) {
+    if (mode == FROM_BUFFER) {
+        *w0 = (__m512bh)_mm512_loadu_si512((const uint16_t *)src + kk * NR);
+        *w1 = (__m512bh)_mm512_loadu_si512((const uint16_t *)src + (kk + 2) * NR);
+    } else if (mode == 8) {
+        *w0 = int8_pair_bf16((const uint8_t *)src + kk * NR);
+        *w1 = int8_pair_bf16((const uint8_t *)src + (kk + 2) * NR);
+    } else {
+        const __m256i bytes = _mm256_loadu_si256((const __m256i *)((const uint8_t *)src + kk * NR / 2));
+        const __m512i v = _mm512_cvtepu8_epi16(bytes);
+        *w0 = (__m512bh)_mm512_permutexvar_epi16(v, table);
+        *w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+    }
+}
+
+static const uint8_t *chunk_codes(const job_t *j, const chunk_t *c) {
+    return j->codes + c->p * panel_bytes(j) + c->k0 * NR * j->bits / 8;
+}
+
+/* int8 only: int4 tiles always read their codes themselves (see `direct`) */
+static void decode_bf16(const job_t *j, const chunk_t *c, uint16_t *buf) {
+    const uint8_t *src = chunk_codes(j, c);
+    const __m512i table = _mm512_setzero_si512();
+    for (int64_t kk = 0; kk < c->len; kk += 4) {
+        _mm_prefetch((const char *)src + kk * NR + AHEAD, _MM_HINT_T0);
+        __m512bh w0, w1;
+        weights_bf16(src, kk, 8, table, &w0, &w1);
+        _mm512_storeu_si512(buf + kk * NR, (__m512i)w0);
+        _mm512_storeu_si512(buf + (kk + 2) * NR, (__m512i)w1);
+    }
+}
+
+ALWAYS_INLINE __m512bh x_pair(const uint16_t *x) {
+    int32_t two;
+    memcpy(&two, x, sizeof two);
+    return (__m512bh)_mm512_set1_epi32(two);
+}
+
+/* src: the decoded buffer (mode FROM_BUFFER) or the chunk's codes (mode 4 or 8) */
+ALWAYS_INLINE void tile_bf16_512(const job_t *j, const chunk_t *c, const void *src, const int R,
+                                 const int mode) {
+    const int64_t sl = c->len < j->group ? c->len : j->group;
+    const uint16_t *x = (const uint16_t *)j->x + c->r0 * j->x_stride + c->k0;
+    const __m512i table = _mm512_loadu_si512(BF16_OF);
+    __m512 y[MR], a0[MR], a1[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) y[r] = _mm512_loadu_ps(c->ym + r * NR);
+    for (int64_t s = 0; s < c->len; s += sl) {
+        start_block_512(j, c, s, a0, a1, R);
+        for (int64_t kk = s; kk < s + sl; kk += 4) {
+            if (mode != FROM_BUFFER)
+                _mm_prefetch((const char *)src + kk * NR * mode / 8 + AHEAD, _MM_HINT_T0);
+            __m512bh w0, w1;
+            weights_bf16(src, kk, mode, table, &w0, &w1);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                a0[r] = _mm512_dpbf16_ps(a0[r], w0, x_pair(x + r * j->x_stride + kk));
+                a1[r] = _mm512_dpbf16_ps(a1[r], w1, x_pair(x + r * j->x_stride + kk + 2));
+            }
+        }
+        end_block_512(j, c, s, sl, a0, a1, y, R);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(c->ym + r * NR, y[r]);
+}
+
+/* a tile of at most MR rows, its codes converted as they stream past */
+static void tile_bf16_direct(const job_t *j, const chunk_t *c, int rows) {
+    const uint8_t *src = chunk_codes(j, c);
+#define DIRECT(R) case R: if (j->bits == 8) tile_bf16_512(j, c, src, R, 8);                     \
+                          else tile_bf16_512(j, c, src, R, 4);                                  \
+                          return;
+    switch (rows) { DIRECT(1) DIRECT(2) DIRECT(3) DIRECT(4) DIRECT(5) DIRECT(6) DIRECT(7) DIRECT(8) }
+#undef DIRECT
+}
+#endif
+
+/* ---------------------------------------------------------------- AVX2 tile */
+#elif defined(PAGEDSERVE_AVX2)
+#define MR 6
+
+/* float32 x, buf[kk][16]: a 6 x 16 tile, 12 accumulators (of 16 registers); with 1 or 2 rows
+ * a second set takes the odd k, so four FMA chains are in flight, not two */
+ALWAYS_INLINE void tile_f32_avx2(const job_t *j, const chunk_t *c, const float *buf, const int R) {
+    const int64_t sl = c->len < j->group ? c->len : j->group;
+    const float *x = (const float *)j->x + c->r0 * j->x_stride + c->k0;
+    const int step = R <= 2 ? 2 : 1;
+    for (int64_t s = 0; s < c->len; s += sl) {
+        const __m256 zero = _mm256_setzero_ps();
+        __m256 lo[MR], hi[MR], lo2[2] = {zero, zero}, hi2[2] = {zero, zero};
+        const int first = opens_group(j, c, s);
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++) {
+            lo[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c->accm + r * NR);
+            hi[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c->accm + r * NR + 8);
+        }
+        for (int64_t kk = s; kk < s + sl; kk += step) {
+            const __m256 w0 = _mm256_loadu_ps(buf + kk * NR), w1 = _mm256_loadu_ps(buf + kk * NR + 8);
+#pragma GCC unroll 6
+            for (int r = 0; r < R; r++) {
+                const __m256 b = _mm256_broadcast_ss(x + r * j->x_stride + kk);
+                lo[r] = _mm256_fmadd_ps(b, w0, lo[r]);
+                hi[r] = _mm256_fmadd_ps(b, w1, hi[r]);
+            }
+            if (step == 1) continue;
+            const __m256 v0 = _mm256_loadu_ps(buf + (kk + 1) * NR);
+            const __m256 v1 = _mm256_loadu_ps(buf + (kk + 1) * NR + 8);
+#pragma GCC unroll 2
+            for (int r = 0; r < R && r < 2; r++) {
+                const __m256 b = _mm256_broadcast_ss(x + r * j->x_stride + kk + 1);
+                lo2[r] = _mm256_fmadd_ps(b, v0, lo2[r]);
+                hi2[r] = _mm256_fmadd_ps(b, v1, hi2[r]);
+            }
+        }
+        const int last = closes_group(j, c, s, sl);
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++) {
+            if (step == 2) {
+                lo[r] = _mm256_add_ps(lo[r], lo2[r]);
+                hi[r] = _mm256_add_ps(hi[r], hi2[r]);
+            }
+            if (last) {
+                close_group_avx2(j, c->r0 + r, c->p, sub_group(j, c, s), lo[r], hi[r], c->ym + r * NR);
+            } else {
+                _mm256_storeu_ps(c->accm + r * NR, lo[r]);
+                _mm256_storeu_ps(c->accm + r * NR + 8, hi[r]);
+            }
+        }
+    }
+}
+
+#else
+#define MR 4
+#endif
+
+/* ---------------------------------------------------------------- driver */
+
+#define CASE_BF16(R) case R: tile_bf16_512(j, c, buf, R, FROM_BUFFER); return;
+#if defined(PAGEDSERVE_AVX512)
+#define CASE_F32(R) case R: tile_f32_512(j, c, buf, R); return;
+#else
+#define CASE_F32(R) case R: tile_f32_avx2(j, c, buf, R); return;
+#endif
+
+/* rows [r0, r0 + rows) of one decoded chunk through this build's tile for x's dtype */
+static void tile(const job_t *j, const chunk_t *c, const void *buf, int rows, int x_bf16) {
+#if defined(HAVE_BF16_DOT)
+    if (x_bf16) {
+        switch (rows) { CASE_BF16(1) CASE_BF16(2) CASE_BF16(3) CASE_BF16(4) CASE_BF16(5)
+                        CASE_BF16(6) CASE_BF16(7) CASE_BF16(8) }
+    }
+    switch (rows) { CASE_F32(1) CASE_F32(2) CASE_F32(3) CASE_F32(4) CASE_F32(5) CASE_F32(6)
+                    CASE_F32(7) CASE_F32(8) }
+#elif defined(PAGEDSERVE_AVX512)
+    switch (rows) { CASE_F32(1) CASE_F32(2) CASE_F32(3) CASE_F32(4) CASE_F32(5) CASE_F32(6)
+                    CASE_F32(7) CASE_F32(8) }
+#elif defined(PAGEDSERVE_AVX2)
+    switch (rows) { CASE_F32(1) CASE_F32(2) CASE_F32(3) CASE_F32(4) CASE_F32(5) CASE_F32(6) }
+#endif
+    tile_scalar(j, c, buf, rows, x_bf16);
+}
+
+static void decode(const job_t *j, const chunk_t *c, void *buf, int x_bf16) {
+    (void)x_bf16;
+#if defined(HAVE_BF16_DOT)
+    if (x_bf16) { decode_bf16(j, c, buf); return; }
+#endif
+    decode_f32(j, c, buf);
+}
+
+/* the chunk starting at k0: whole groups up to CHUNK of k, or a piece of one longer group */
+static int64_t chunk_len(const job_t *j, int64_t k0) {
+    int64_t len = j->group <= CHUNK ? j->group * (CHUNK / j->group) : j->group - k0 % j->group;
+    len = len > CHUNK && j->group > CHUNK ? CHUNK : len;
+    return len < j->k - k0 ? len : j->k - k0;
+}
+
+/* out[r][16p ..] = ym[r] + bias, the panel's real columns only, float32 or bf16 (rounded to
+ * nearest even as simd.h's store_bf16) */
+static void store_outputs(const job_t *j, int64_t p, const float *ym) {
+    const int cols = j->n - p * NR < NR ? (int)(j->n - p * NR) : NR;
+#ifdef PAGEDSERVE_AVX512
+    const __mmask16 mask = (__mmask16)((1u << cols) - 1);
+    const __m512 bias = j->bias ? _mm512_maskz_loadu_ps(mask, j->bias + p * NR) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < j->m; r++) {
+        const __m512 y = _mm512_add_ps(_mm512_loadu_ps(ym + r * NR), bias);
+        if (j->out_bf16) {
+            const __m512i bits = _mm512_srli_epi32(vbf16_rounded_bits(y), 16);
+            _mm256_mask_storeu_epi16((uint16_t *)j->out + r * j->n + p * NR, mask,
+                                     _mm512_cvtepi32_epi16(bits));
+        } else {
+            _mm512_mask_storeu_ps((float *)j->out + r * j->n + p * NR, mask, y);
+        }
+    }
+#else
+    for (int64_t r = 0; r < j->m; r++)
+        for (int jj = 0; jj < cols; jj++) {
+            const int64_t o = p * NR + jj;
+            const float y = ym[r * NR + jj] + (j->bias ? j->bias[o] : 0.0f);
+            if (j->out_bf16) store_bf16((uint16_t *)j->out + r * j->n + o, y);
+            else ((float *)j->out)[r * j->n + o] = y;
+        }
+#endif
+}
+
+/* whether tiles read the codes themselves (see tile_bf16_512) rather than a decoded buffer */
+static int direct(const job_t *j, int x_bf16) {
+    (void)j, (void)x_bf16;
+#if defined(HAVE_BF16_DOT)
+    if (x_bf16) return j->bits == 4 || j->m <= DIRECT_INT8_ROWS;
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (!x_bf16) return j->m <= DIRECT_AVX2_ROWS;
+#endif
+    return 0;
+}
+
+static void one_panel(const job_t *j, int64_t p, void *buf, float *accm, float *ym, int x_bf16) {
+    memset(ym, 0, j->m * NR * sizeof(float));
+    const int codes_in_tile = direct(j, x_bf16);
+    for (int64_t k0 = 0; k0 < j->k;) {
+        chunk_t c = {p, k0, chunk_len(j, k0), 0, accm, ym};
+        if (!codes_in_tile) decode(j, &c, buf, x_bf16);
+        for (int64_t r0 = 0; r0 < j->m; r0 += MR) {
+            chunk_t t = {p, k0, c.len, r0, accm + r0 * NR, ym + r0 * NR};
+            const int rows = j->m - r0 < MR ? (int)(j->m - r0) : MR;
+#if defined(HAVE_BF16_DOT)
+            if (codes_in_tile && x_bf16) { tile_bf16_direct(j, &t, rows); continue; }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+            if (codes_in_tile) { tile_avx2_direct(j, &t, rows); continue; }
+#endif
+            tile(j, &t, buf, rows, x_bf16);
+        }
+        k0 += c.len;
+    }
+    store_outputs(j, p, ym);
+}
+
+/* sum(x_g) per row and group, for the offsets */
+static float *group_sums(const job_t *j, int x_bf16, int threads) {
+    const int64_t groups = j->k / j->group;
+    float *xsum = malloc(j->m * groups * sizeof(float));
+    if (!xsum) return 0;
+    /* a decode step's few rows: summed on this thread (a parallel region costs more) */
+    _Pragma("omp parallel for if(j->m * j->k >= (1 << 18)) num_threads(threads)")
+    for (int64_t r = 0; r < j->m; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int64_t i = g * j->group; i < (g + 1) * j->group; i++) s += x_at(j, r, i, x_bf16);
+            xsum[r * groups + g] = s;
+        }
+    return xsum;
+}
+
+/* bit 0: bf16 x is multiplied as it is (AVX-512 BF16); else the caller widens it to float32 */
+int quant_gemm_features(void) {
+#if defined(HAVE_BF16_DOT)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* which tile this build runs: "avx512-bf16", "avx512", "avx2" or "scalar" */
+const char *quant_gemm_path(void) {
+#if defined(HAVE_BF16_DOT)
+    return "avx512-bf16";
+#elif defined(PAGEDSERVE_AVX512)
+    return "avx512";
+#elif defined(PAGEDSERVE_AVX2)
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
+
+/* all panels times the job's rows, shared out over the threads; 0, or -1 when out of memory */
+static int all_panels(const job_t *j, int x_bf16, int num_threads) {
+    const int64_t panels = (j->n + NR - 1) / NR, m = j->m;
+    int64_t run = RUN_BYTES / panel_bytes(j);
+    run = run > panels / (8 * num_threads) ? panels / (8 * num_threads) : run;
+    run = run < 1 ? 1 : run;
+    int failed = 0;
+    _Pragma("omp parallel num_threads(num_threads) reduction(|:failed)") {
+        float *buf = aligned_alloc(64, CHUNK * NR * sizeof(float));
+        float *scratch = aligned_alloc(64, 2 * m * NR * sizeof(float)); /* a multiple of 64 */
+        failed = !buf || !scratch;
+        /* panels handed out in runs of about RUN_BYTES, contiguous in memory (the prefetch
+           runs on into the next panel), yet many runs: a thread the OS preempts leaves its
+           remaining ones to the others */
+        _Pragma("omp for schedule(dynamic, run)")
+        for (int64_t p = 0; p < panels; p++)
+            if (!failed) one_panel(j, p, buf, scratch, scratch + m * NR, x_bf16);
+        free(buf);
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}
+
+/* out [m, n] (float32, or bf16 when out_bf16) = x [m, k] (rows x_stride apart; bf16 only where
+ * quant_gemm_features() says so) times the packed weight (scales and offsets float16 when
+ * half_scales, else float32), + bias (NULL: none). k and group are multiples of 4, group divides
+ * k. Returns 0, or -1 when out of memory.
+ *
+ * Many rows go through in blocks whose outputs stay in L2 (a panel writes a strip 16 outputs
+ * wide down every row): unblocked, 512 rows x 3072 outputs ran at half the rate per multiply of
+ * 512 x 576. Blocks keep at least ROW_BLOCK_MIN rows, so a decode batch streams the weights once. */
+int quant_gemm(const void *x, int64_t x_stride, int x_bf16, const uint8_t *codes,
+               const void *scales, const void *offsets, int half_scales, const float *bias,
+               void *out, int out_bf16, int64_t m, int64_t n, int64_t k, int64_t group, int bits,
+               int num_threads) {
+    job_t j = {x, x_stride, m, n, k, group, codes, scales, offsets, 0, bias, out, out_bf16, bits,
+               half_scales};
+    if (x_bf16 && !quant_gemm_features()) return -1;
+    float *xsum = offsets ? group_sums(&j, x_bf16, num_threads) : 0;
+    if (offsets && !xsum) return -1;
+    const int64_t x_size = x_bf16 ? 2 : 4, out_size = out_bf16 ? 2 : 4, groups = k / group;
+    int64_t block = OUT_BLOCK_BYTES / (n * out_size);
+    block = block < ROW_BLOCK_MIN ? ROW_BLOCK_MIN : block - block % MR;
+    int failed = 0;
+    for (int64_t r = 0; r < m && !failed; r += block) {
+        job_t b = j;
+        b.x = (const char *)x + r * x_stride * x_size;
+        b.out = (char *)out + r * n * out_size;
+        b.xsum = xsum ? xsum + r * groups : 0;
+        b.m = m - r < block ? m - r : block;
+        failed = all_panels(&b, x_bf16, num_threads);
+    }
+    free(xsum);
+    return failed;
+}
