@@ -4,7 +4,8 @@
     python -m pagedserve.bench.llamacpp        # about 4 minutes on 2 quiet cores
 
 Both engines serve SmolLM2-135M-Instruct in bf16: pagedserve serves the default model file
-(`real_model_path()`, the Q4_1 GGUF) with `--dtype bfloat16`, i.e. dequantized to bf16 at load;
+(`real_model_path()`, the Q4_1 GGUF) with `--dtype bfloat16 --quantization dequantize`, i.e.
+expanded to bf16 at load (`--quantization auto` runs it quantized instead);
 llama-server serves the file that `llama-quantize --allow-requantize IN OUT BF16` expands it to
 (the same values; made once, next to the Q4_1 file). Each engine runs as an OpenAI-compatible
 server on a free loopback port and is driven by bench.serve's streaming client with token-id
@@ -249,6 +250,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--single-output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", help="pagedserve's --dtype")
+    p.add_argument("--quantization", default="dequantize",
+                   help="pagedserve's --quantization: dequantize (the default: bf16 weights, as "
+                        "llama-server's BF16 file) or auto (the Q4_1 file run quantized; then "
+                        "give llama-server the Q4_1 file too with --llama-model)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
@@ -258,6 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--out", default=str(ROOT / "results" / "llamacpp.json"))
     args = p.parse_args(argv)
+    args.extra_serve_args = ["--quantization", args.quantization]
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = set(args.cases) - set(CASES)
     if unknown:

@@ -46,7 +46,8 @@ def run_pagedserve(model_dir: str, requests: list[BenchRequest], args) -> dict:
     llm = LLM(model_dir, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory_bytes=args.kv_cache_memory_bytes, device=args.device,
-              model_impl=getattr(args, "model_impl", "auto"))  # bench.serve's args lack it
+              model_impl=getattr(args, "model_impl", "auto"),  # bench.serve's args lack it
+              kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
               for r in requests]
@@ -72,6 +73,8 @@ def run_pagedserve(model_dir: str, requests: list[BenchRequest], args) -> dict:
         "kv_utilisation_at_peak": llm.kv_usage.utilisation_at_peak,
         "peak_blocks_in_use": llm.kv_usage.peak_blocks_in_use,
         "dtype": str(llm.executor.describe().dtype),
+        "kv_cache_dtype": str(llm.executor.kv_dtype).removeprefix("torch."),
+        "num_kv_blocks": llm.executor.describe().num_kv_blocks,
     }
 
 
@@ -88,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto, bfloat16 or fp8")
     p.add_argument("--hf-dtypes", default="bfloat16,float32")
     p.add_argument("--hf-batch-sizes", default="8,16,32,64")
     p.add_argument("--tune-requests", type=int, default=0,

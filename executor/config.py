@@ -6,9 +6,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pagedserve.executor.quantization.config import method_name
+
 DTYPE_NAMES = ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 MODEL_IMPLS = ("auto", "native", "transformers")  # executor/models/impl.py says what each means
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8")  # executor/kv_cache.py says what each stores
+_KV_DTYPE_ALIASES = {"bf16": "bfloat16", "fp8_e4m3": "fp8", "float8_e4m3fn": "fp8"}
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -22,6 +26,9 @@ class ExecutorConfig:
     # KV cache budget. None: 1 GiB on the CPU; on CUDA 90% of the memory free after loading weights
     # (not yet a measured activation profile).
     kv_cache_memory_bytes: int | None = None
+    # auto: the model's dtype; bfloat16 (a float32 model on a CPU without native bf16: half the
+    # bytes) or fp8 (e4m3 with per-layer scales: a quarter of float32's); executor/kv_cache.py
+    kv_cache_dtype: str = "auto"
     max_num_batched_tokens: int = 2048  # tokens computed in one step, at most
     max_num_seqs: int = 256  # requests held at once (and so scheduled in one step), at most
     max_model_len: int | None = None  # prompt + output, at most; None: max_position_embeddings
@@ -30,6 +37,12 @@ class ExecutorConfig:
     # pagedserve's attention; native or transformers force one (executor/models/impl.py).
     model_impl: str = "auto"
     trust_remote_code: bool = False  # run modeling code shipped with the checkpoint (auto_map)
+    # auto: the checkpoint's own quantized format (config.json's quantization_config), if any;
+    # awq, gptq, compressed-tensors or fp8: the format it must be in (executor/quantization/)
+    quantization: str = "auto"
+    # speculative decoding's draft model (speculative_config.model of method draft_model): a
+    # model directory or GGUF file with the target's vocabulary (executor/draft_model.py)
+    draft_model: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Path):
@@ -49,10 +62,18 @@ class ExecutorConfig:
         for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
+        object.__setattr__(self, "kv_cache_dtype", kv_cache_dtype_name(self.kv_cache_dtype))
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl: must be one of {MODEL_IMPLS}, got {self.model_impl!r}")
+        object.__setattr__(self, "quantization", method_name(self.quantization))
         if not isinstance(self.trust_remote_code, bool):
             raise ValueError(f"trust_remote_code: must be a bool, got {self.trust_remote_code!r}")
+        if isinstance(self.draft_model, Path):
+            object.__setattr__(self, "draft_model", str(self.draft_model))
+        if self.draft_model is not None and (not isinstance(self.draft_model, str)
+                                             or not self.draft_model):
+            raise ValueError(f"draft_model: must be a non-empty path or None, "
+                             f"got {self.draft_model!r}")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
 
@@ -64,3 +85,11 @@ def _is_int(value: object) -> bool:
 def _check_positive(name: str, value: object) -> None:
     if not _is_int(value) or value < 1:
         raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def kv_cache_dtype_name(name: object) -> str:
+    """The canonical --kv-cache-dtype name (aliases bf16, fp8_e4m3); ValueError otherwise."""
+    canonical = _KV_DTYPE_ALIASES.get(name, name) if isinstance(name, str) else None
+    if canonical not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: must be one of {KV_CACHE_DTYPES}, got {name!r}")
+    return canonical

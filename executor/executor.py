@@ -8,7 +8,8 @@ One step:
      the executor appends to its own copy of the output (it is computed at the request's next step).
 A request whose scheduled tokens stop short of the end (a prompt chunk) produces no output. One
 scheduled with speculative drafts after its held tokens samples a token at each of them and keeps
-the drafts its samples confirm, then one token more (executor/draft_rows.py).
+the drafts its samples confirm, then one token more (executor/draft_rows.py); the drafts come with
+the plan, or from the executor's draft model before step 3 (executor/draft_model.py).
 """
 
 from __future__ import annotations
@@ -19,21 +20,19 @@ import structlog
 import torch
 
 from pagedserve.executor.config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
+from pagedserve.executor.draft_model import DraftModel
 from pagedserve.executor.draft_rows import SampleRows, num_accepted, sample_rows
 from pagedserve.executor.host_memory import keep_freed_memory
 from pagedserve.executor.input_batch import InputBatch, StepInputs
-from pagedserve.executor.kv_cache import KVCache
+from pagedserve.executor.kv_cache import KVCache, resolve_kv_dtype
+from pagedserve.executor.kv_scales import read_kv_scales
 from pagedserve.executor.layers.attention import PagedAttention
 from pagedserve.executor.loader import load_model
 from pagedserve.executor.request_state import RequestState
-from pagedserve.executor.sampler import (
-    HostSamplerOutput,
-    Sampler,
-    check_sampling_params,
-    upload,
-)
+from pagedserve.executor.sampler import HostSamplerOutput, Sampler, upload
 from pagedserve.executor.structured import StructuredOutputs, check_structured
 from pagedserve.protos import executor_pb2
+from pagedserve.protos.request_checks import check_sampling_params, check_token_ids
 
 log = structlog.get_logger("pagedserve.executor")
 CUDA_KV_CACHE_FRACTION = 0.9  # of the memory free after loading weights, when no budget is given
@@ -47,21 +46,28 @@ class Executor:
             keep_freed_memory()
         self.model, self.model_config = load_model(
             config.model, dtype=config.dtype, device=self.device, model_impl=config.model_impl,
-            trust_remote_code=config.trust_remote_code)
+            trust_remote_code=config.trust_remote_code, quantization=config.quantization)
         mc = self.model_config
         self.dtype = next(self.model.parameters()).dtype
+        # speculative decoding's draft model (executor/draft_model.py), before the pool is sized
+        self.draft = (DraftModel(config.draft_model, config.model, mc, self.dtype, self.device)
+                      if config.draft_model else None)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {mc.max_position_embeddings}")
-        # The cache holds K/V in the model's dtype: they come out of the model in it, so a wider
-        # cache would hold no more information, only twice the bytes to write and gather (the
-        # reference attention upcasts each small decode group to float32 while it is in cache).
-        self.kv_dtype = self.dtype
+        # auto: K/V in the model's dtype (they come out of the model in it, so a wider cache would
+        # hold no more information); a narrower one (--kv-cache-dtype) holds more tokens per byte.
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.dtype)
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = self._fit_max_model_len()
+        scales = read_kv_scales(config.model, mc.num_layers) if self.kv_dtype.itemsize == 1 else None
         self.kv_cache = KVCache(mc.num_layers, self.num_kv_blocks, config.block_size, mc.num_kv_heads,
-                                mc.head_dim, self.kv_dtype, self.device)
+                                mc.head_dim, self.kv_dtype, self.device, *(scales or (None, None)))
+        self._give_layers_kv_scales()
+        if self.draft is not None:
+            self.draft.check_max_model_len(self.max_model_len)
+            self.draft.allocate(self.num_kv_blocks, config.block_size)
         self.batch = InputBatch(max_num_seqs=config.max_num_seqs,
                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                 max_model_len=self.max_model_len, block_size=config.block_size,
@@ -73,6 +79,16 @@ class Executor:
                                             self.device)
         self._compile_attention_kernels()
 
+    def _give_layers_kv_scales(self) -> None:
+        """Native models' attention layers, one per KV layer in order, read their cache's
+        scales (the transformers fallback takes them from the cache at each call)."""
+        layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        if not layers:
+            return
+        assert len(layers) == len(self.kv_cache.k), "one attention layer per KV cache layer"
+        for i, layer in enumerate(layers):
+            layer.k_scale, layer.v_scale = self.kv_cache.k_scale[i], self.kv_cache.v_scale[i]
+
     def _compile_attention_kernels(self) -> None:
         """On CUDA, every Triton attention variant the steps can launch compiles now, not in a
         step (kernels/triton/precompile.py); the elementwise kernels compile at the first step."""
@@ -81,6 +97,7 @@ class Executor:
         if self.device.type != "cuda" or warmup is None or not layers:
             return
         warmup(self.kv_cache.k[0], self.kv_cache.v[0], num_q_heads=layers[0].num_heads,
+               dtype=self.dtype,
                max_num_seqs=self.config.max_num_seqs, softcap=layers[0].softcap,
                sliding_windows={layer.sliding_window for layer in layers})
 
@@ -113,6 +130,8 @@ class Executor:
                 budget = DEFAULT_CPU_KV_CACHE_BYTES
         per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
                                             mc.head_dim, self.kv_dtype)
+        if self.draft is not None:  # the draft's pools hold the same blocks
+            per_block += self.draft.bytes_per_block(config.block_size)
         if budget < per_block:
             raise ValueError(f"kv_cache_memory_bytes: {budget} is less than one block ({per_block} bytes)")
         return budget // per_block
@@ -125,7 +144,7 @@ class Executor:
             max_model_len=self.max_model_len, eos_token_ids=list(mc.eos_token_ids),
             block_size=self.config.block_size, num_kv_blocks=self.num_kv_blocks,
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-            device=str(self.device),
+            device=str(self.device), draft_model=self.config.draft_model or "",
         )
 
     # ---- one step -----------------------------------------------------------------------------
@@ -139,13 +158,18 @@ class Executor:
             if state is not None:
                 self.batch.remove(state)
                 self.structured.forget(request_id)
+                if self.draft is not None:
+                    self.draft.forget(request_id)
         scheduled: list[tuple[RequestState, int]] = []
         drafts: dict[str, list[int]] = {}
+        wanted: dict[str, int] = {}  # drafts the draft model proposes, per request
         for new in plan.new_requests:
             state = RequestState.from_proto(new)
             self.batch.add(state)
             self.requests[state.request_id] = state
             self.structured.add(state.request_id, state.sampling, state.output_token_ids)
+            if self.draft is not None:
+                self.draft.add(state)
             scheduled.append((state, new.num_scheduled_tokens))
         for cont in plan.continuing_requests:
             state = self.requests[cont.request_id]
@@ -153,12 +177,27 @@ class Executor:
             if cont.draft_token_ids:
                 drafts[cont.request_id] = list(cont.draft_token_ids)
                 self.batch.write_drafts(state, cont.draft_token_ids)
+            if cont.num_speculative_tokens:
+                wanted[cont.request_id] = cont.num_speculative_tokens
             scheduled.append((state, cont.num_scheduled_tokens))
         result = executor_pb2.StepResult(step_id=plan.step_id)
         if scheduled:
+            self._draft_model_proposes(scheduled, drafts, wanted)
             result.outputs.extend(self._run(scheduled, drafts))
+            if self.draft is not None:
+                self.draft.settle([s for s, _ in scheduled])
         result.execute_seconds = time.perf_counter() - start
         return result
+
+    def _draft_model_proposes(self, scheduled: list[tuple[RequestState, int]],
+                              drafts: dict[str, list[int]], wanted: dict[str, int]) -> None:
+        """The draft model computes what the target will (its KV stays in step) and proposes
+        the drafts `wanted` asks for, which the target then verifies like any others."""
+        if self.draft is None:
+            return
+        for rid, proposal in self.draft.propose(self.batch, scheduled, wanted).items():
+            drafts[rid] = proposal
+            self.batch.write_drafts(self.requests[rid], proposal)
 
     def _run(self, scheduled: list[tuple[RequestState, int]],
              drafts: dict[str, list[int]]) -> list[executor_pb2.RequestOutput]:
@@ -236,9 +275,9 @@ class Executor:
             seen.add(rid)
             state = self.requests[rid]
             self._check_blocks(rid, "new_block_ids", cont.new_block_ids)
-            if cont.draft_token_ids:
+            if cont.draft_token_ids or cont.num_speculative_tokens:
                 self._check_drafts(state, cont)
-            self._check_span(rid, state.num_tokens + len(cont.draft_token_ids),
+            self._check_span(rid, state.num_tokens + _num_drafts(cont),
                              state.num_computed_tokens, cont.num_scheduled_tokens,
                              len(state.block_ids) + len(cont.new_block_ids))
             total += cont.num_scheduled_tokens
@@ -257,8 +296,7 @@ class Executor:
         if not new.prompt_token_ids:
             raise ValueError(f"request {rid!r}: prompt_token_ids is empty")
         for field in ("prompt_token_ids", "output_token_ids"):
-            if any(not 0 <= t < vocab for t in getattr(new, field)):
-                raise ValueError(f"request {rid!r}: {field} holds an id outside [0, {vocab})")
+            check_token_ids(rid, field, getattr(new, field), vocab)
         check_sampling_params(rid, new.sampling, vocab)
         check_structured(rid, new.sampling, self.config.model)
         self._check_blocks(rid, "block_ids", new.block_ids)
@@ -271,16 +309,30 @@ class Executor:
         """Drafts follow the held tokens, all computed this step, in the vocabulary, within
         max_model_len, and never for a constrained request (its grammar would need them)."""
         rid, drafts, vocab = state.request_id, cont.draft_token_ids, self.model_config.vocab_size
+        self._check_draft_model_request(rid, cont)
         if any(not 0 <= t < vocab for t in drafts):
             raise ValueError(f"request {rid!r}: draft_token_ids holds an id outside [0, {vocab})")
-        if state.num_computed_tokens + cont.num_scheduled_tokens != state.num_tokens + len(drafts):
+        num = _num_drafts(cont)
+        if state.num_computed_tokens + cont.num_scheduled_tokens != state.num_tokens + num:
             raise ValueError(f"request {rid!r}: num_scheduled_tokens {cont.num_scheduled_tokens} "
-                             f"must reach exactly past its {len(drafts)} draft_token_ids")
-        if state.num_tokens + len(drafts) > self.max_model_len:
+                             f"must reach exactly past its {num} drafts")
+        if state.num_tokens + num > self.max_model_len:
             raise ValueError(f"request {rid!r}: draft_token_ids reach past max_model_len "
                              f"{self.max_model_len}")
         if state.sampling.structured.grammar:
             raise ValueError(f"request {rid!r}: draft_token_ids for a constrained request")
+
+    def _check_draft_model_request(self, rid: str, cont: executor_pb2.ContinuingRequest) -> None:
+        """num_speculative_tokens asks the draft model: it must exist, and be asked alone."""
+        k = cont.num_speculative_tokens
+        if k < 0:
+            raise ValueError(f"request {rid!r}: num_speculative_tokens must be >= 0, got {k}")
+        if k and self.draft is None:
+            raise ValueError(f"request {rid!r}: num_speculative_tokens {k}, but the executor "
+                             "has no draft model (speculative_config.method draft_model)")
+        if k and cont.draft_token_ids:
+            raise ValueError(f"request {rid!r}: draft_token_ids and num_speculative_tokens "
+                             "are both set")
 
     def _check_blocks(self, rid: str, field: str, block_ids) -> None:
         if any(not 0 <= b < self.num_kv_blocks for b in block_ids):
@@ -303,6 +355,11 @@ class Executor:
         if num_blocks > self.batch.max_blocks_per_seq:
             raise ValueError(f"request {rid!r}: block_ids: {num_blocks} blocks, more than "
                              f"max_model_len needs ({self.batch.max_blocks_per_seq})")
+
+
+def _num_drafts(cont: executor_pb2.ContinuingRequest) -> int:
+    """The drafts a continuing request verifies: sent, or proposed by the draft model."""
+    return len(cont.draft_token_ids) or cont.num_speculative_tokens
 
 
 def _request_output(request_id: str, out: HostSamplerOutput, rows: range,

@@ -12,12 +12,18 @@ layout here, so the model's own `load_weights` takes them like a safetensors che
     blk.N.ffn_gate.weight        model.layers.N.mlp.gate_proj.weight      ... (see _LAYER_TENSORS)
     rope_freqs.weight            per-frequency divisors of the rotary (Llama 3.1 scaling)
 
-Running weights quantized belongs to the linear layers (layers/linear.py); here they become dense.
+Linear weights of a Q type the kernels run (gguf_quant.py: Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K)
+are yielded as a QuantizedWeight with the same values, which the layers keep quantized
+(layers/quant_weights.py): the projections, the LM head, and the token embedding (dequantized for
+its gather there, and kept quantized for an LM head tied to it). Norms, F32/F16/BF16 tensors and
+the other Q types become dense float32, as does everything when the checkpoint is opened with
+quantized=False (today's `dequantize at load`, kept for comparisons).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,9 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from pagedserve.executor.gguf_quant import CONVERTERS, common_form, gguf_quantized, widen
 from pagedserve.executor.model_config import ModelConfig
+from pagedserve.kernels.quantized import QuantizedWeight
 
 # Which of the file's architectures we run, as the HF class that describes the same model. llama.cpp
 # writes Mistral (7B and kin) as "llama"; a sliding window in the metadata makes it Mistral here.
@@ -44,6 +52,11 @@ _LAYER_TENSORS = {
     "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
+# The tensors that may load quantized (linear layers), and those fused into one layer, which
+# pack as one weight: all of a fused set load quantized in one form, or all dense.
+_LINEAR = {"token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+           "ffn_up", "ffn_down"}
+_FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
 _ROPE_FREQS = "rope_freqs.weight"
 _HEADER_BYTES = 24  # magic, version, tensor count, metadata count
 
@@ -109,8 +122,9 @@ def _check_tensor_extents(reader: gguf.GGUFReader, path: Path, size: int) -> Non
 class GGUFCheckpoint:
     """One GGUF file: its ModelConfig, and its weights under HF names (iterate it)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, quantized: bool = True) -> None:
         self.path = Path(path)
+        self.quantized = quantized  # False: every weight dense float32 (dequantized at load)
         self.reader = open_gguf(self.path)
         self.arch = str(self._field("general.architecture"))
         self.config = self._model_config()
@@ -207,19 +221,43 @@ class GGUFCheckpoint:
                 ids.append(int(value))
         return ids
 
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, dense float32 tensor) for every weight of the file."""
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """(HF name, dense float32 tensor or QuantizedWeight) for every weight of the file."""
         self.current = self.path
+        forms = self.quantized_forms()
         for tensor in self.reader.tensors:
             if tensor.name == _ROPE_FREQS:
                 continue  # part of the config (the rotary table), not a parameter
-            name = self._hf_name(tensor.name)
-            values = _dequantize(tensor, self.path)
+            if tensor.name in forms:
+                rows, cols = (int(n) for n in reversed(tensor.shape))
+                qw = gguf_quantized(tensor.data, tensor.tensor_type, rows, cols)
+                values: torch.Tensor | QuantizedWeight = widen(qw, *forms[tensor.name])
+            else:
+                values = torch.from_numpy(_dequantize(tensor, self.path))
             if self.arch == "llama" and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
                 heads = self.config.num_heads if ".attn_q." in tensor.name else self.config.num_kv_heads
-                values = _unpermute_rows(values, heads)
-            yield name, torch.from_numpy(values)
+                values = _unpermute(values, heads)
+            yield self._hf_name(tensor.name), values
         self.current = None
+
+    def quantized_forms(self) -> dict[str, tuple[int, int]]:
+        """The tensors that load quantized, each with its (bits, group): a linear weight of a type
+        gguf_quant converts, whose fused siblings (q, k, v; gate, up) all are, in their common
+        form. Nothing when the checkpoint was opened with quantized=False."""
+        if not self.quantized:
+            return {}
+        types = {t.name: t.tensor_type for t in self.reader.tensors if len(t.shape) == 2}
+        forms = {}
+        for name in types:
+            stem, _, kind = name.removesuffix(".weight").rpartition(".")  # stem "" if global
+            if not name.endswith(".weight") or kind not in _LINEAR:
+                continue
+            fused = next((f for f in _FUSED if kind in f), (kind,))
+            siblings = [types.get(f"{stem}.{k}.weight".lstrip(".")) for k in fused]
+            present = [t for t in siblings if t is not None]
+            if all(t in CONVERTERS for t in present):
+                forms[name] = common_form(present)
+        return forms
 
     def _hf_name(self, name: str) -> str:
         stem, _, suffix = name.rpartition(".")
@@ -253,8 +291,16 @@ def _dequantize(tensor: Any, path: Path) -> np.ndarray:
     return np.array(values, dtype=np.float32).reshape(shape)  # a copy: the file is read-only
 
 
-def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+def _unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K permutation: per head, GGUF row 2i + j is HF row j * d/2 + i."""
     d = w.shape[0] // heads
-    return np.ascontiguousarray(
-        w.reshape(heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def _unpermute(w: torch.Tensor | QuantizedWeight, heads: int) -> torch.Tensor | QuantizedWeight:
+    """The rows of a dense weight, or of a quantized one's codes, scales and offsets alike."""
+    if not isinstance(w, QuantizedWeight):
+        return _unpermute_rows(w, heads)
+    offset = None if w.offset is None else _unpermute_rows(w.offset, heads)
+    return replace(w, q=_unpermute_rows(w.q, heads), scale=_unpermute_rows(w.scale, heads),
+                   offset=offset)

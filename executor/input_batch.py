@@ -119,8 +119,10 @@ class InputBatch:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def prepare(self, states: Sequence[RequestState], num_scheduled: Sequence[int]) -> StepInputs:
-        """Flat inputs for computing tokens [computed, computed + scheduled) of each request.
+    def prepare(self, states: Sequence[RequestState], num_scheduled: Sequence[int],
+                computed: Sequence[int] | None = None) -> StepInputs:
+        """Flat inputs for computing tokens [computed, computed + scheduled) of each request
+        (computed: each one's num_computed_tokens unless given, as a draft model's own counts are).
 
         For request i with c computed and n scheduled tokens, owning query rows cu[i]:cu[i+1]:
 
@@ -134,7 +136,8 @@ class InputBatch:
         num_seqs, bs = len(states), self.block_size
         buf = self._next_stage()
         rows = np.array([s.row for s in states], dtype=np.int64)
-        computed = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
+        computed = np.array([s.num_computed_tokens for s in states] if computed is None
+                            else computed, dtype=np.int64)
         sched = np.asarray(num_scheduled, dtype=np.int64)
         cu = buf["cu_seqlens_q"][: num_seqs + 1]
         cu[0] = 0

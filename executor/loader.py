@@ -22,11 +22,14 @@ from torch import nn
 from pagedserve.executor.backend import select_backend
 from pagedserve.executor.gguf_loader import GGUFCheckpoint, find_gguf
 from pagedserve.executor.layers.cpu_gemm import pack_for_cpu
+from pagedserve.executor.layers.quant_weights import finish_quantized
 from pagedserve.executor.model_config import ModelConfig
 from pagedserve.executor.models import get_model_class
 from pagedserve.executor.models.impl import choose_model_impl, config_dtype, read_config
 from pagedserve.executor.models.transformers_loader import load_transformers_model
 from pagedserve.executor.models.transformers_probe import UnsupportedModel
+from pagedserve.executor.quantization import QuantSpec, quantized_reader, read_quantization
+from pagedserve.executor.quantization.config import DEQUANTIZE, method_name
 
 DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -132,6 +135,22 @@ class _CheckpointReader:
         self.current = None
 
 
+def _open_checkpoint(model_dir: Path, gguf_file: Path | None, device: torch.device,
+                     spec: QuantSpec | None, quantization: str | None = None) -> tuple:
+    """(weights reader, ModelConfig, the file it came from, weight files)."""
+    if gguf_file is not None:  # llama.cpp's format: config and weights from one file
+        reader = GGUFCheckpoint(gguf_file, quantized=method_name(quantization) != DEQUANTIZE)
+        return reader, reader.config, gguf_file, [gguf_file]
+    files = checkpoint_files(model_dir)
+    reader = _CheckpointReader(files, device)
+    if spec is not None:  # a quantized format's parts gathered per layer
+        try:
+            reader = quantized_reader(spec, reader)
+        except ValueError as e:  # a quantization_config field this engine does not read
+            raise ValueError(f"{model_dir / 'config.json'}: {e}") from None
+    return reader, ModelConfig.from_dir(model_dir), model_dir / "config.json", files
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     """Parameters are created directly in the target dtype (no float32 copy first)."""
@@ -150,15 +169,23 @@ def load_model(
     device: str | torch.device = "cpu",
     model_impl: str = "auto",
     trust_remote_code: bool = False,
+    quantization: str | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model a directory (or a GGUF file) describes and fill its weights: (model in
-    eval mode, config). model_impl: auto, native or transformers (executor/models/impl.py)."""
+    eval mode, config). model_impl: auto, native or transformers (executor/models/impl.py);
+    quantization: None/auto (the checkpoint's own format) or the format it must be in
+    (executor/quantization/config.py)."""
     model_dir, device = Path(model_dir), torch.device(device)
-    gguf_file = find_gguf(model_dir)
+    gguf_file, spec = find_gguf(model_dir), None
     if gguf_file is None:  # native or transformers' code: executor/models/impl.py
         raw = read_config(model_dir)
+        spec = read_quantization(model_dir, raw, quantization)
         try:
             if choose_model_impl(raw, model_impl, trust_remote_code) == "transformers":
+                if spec is not None:
+                    raise UnsupportedModel(f"a quantized checkpoint ({spec.method}) runs on the "
+                                           "native implementation only, and this architecture "
+                                           "has none")
                 return load_transformers_model(
                     model_dir, resolve_dtype(config_dtype(raw), dtype, device), device,
                     select_backend(device), trust_remote_code=trust_remote_code)
@@ -166,21 +193,20 @@ def load_model(
             raise UnsupportedModel(f"{model_dir / 'config.json'}: {e}") from None
     elif model_impl == "transformers":
         raise ValueError(f"{gguf_file}: a GGUF file runs on the native implementation only")
-    if gguf_file is not None:  # llama.cpp's format: config and weights from one file
-        reader = GGUFCheckpoint(gguf_file)
-        config, config_file, files = reader.config, gguf_file, [gguf_file]
-    else:
-        config, config_file = ModelConfig.from_dir(model_dir), model_dir / "config.json"
-        files = checkpoint_files(model_dir)
-        reader = _CheckpointReader(files, device)
+    elif method_name(quantization) not in ("auto", DEQUANTIZE):
+        raise ValueError(f"{gguf_file}: quantization {quantization!r}: a GGUF file's tensor "
+                         "types say how it is quantized")
+    reader, config, config_file, files = _open_checkpoint(model_dir, gguf_file, device, spec,
+                                                          quantization)
     try:
         model_cls = get_model_class(config.architecture)
     except ValueError as e:
         raise ValueError(f"{config_file}: {e}") from None
     torch_dtype = resolve_dtype(config.torch_dtype, dtype, device)
     try:
+        backend = select_backend(device)
         with torch.device(device), _default_dtype(torch_dtype):
-            model = model_cls(config, select_backend(device))
+            model = model_cls(config, backend)
     except ValueError as e:  # a config value the model cannot run (rope type, activation, ...)
         raise ValueError(f"{config_file}: {e}") from None
     try:
@@ -188,6 +214,7 @@ def load_model(
     except ValueError as e:
         where = reader.current or ", ".join(str(f) for f in files)
         raise ValueError(f"{e} (in {where})") from None
+    finish_quantized(model, backend)  # quantized layers pack their codes for the kernels
     if device.type == "cpu":
         pack_for_cpu(model)
     return model.eval(), config

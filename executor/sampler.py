@@ -40,7 +40,6 @@ import torch
 
 from pagedserve.executor.request_state import RequestState
 from pagedserve.protos import executor_pb2
-from pagedserve.protos.request_checks import check_sampling_params  # noqa: F401 (its home was here)
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy
 # The same bound in float32, where the parameters live (proto floats): the host compares as the

@@ -22,10 +22,18 @@ class KernelBackend(Protocol):
                         cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                         block_tables: torch.Tensor, out: torch.Tensor, *, scale: float,
                         max_seqlen_q: int, max_seqlen_k: int, sliding_window: int = 0,
-                        softcap: float = 0.0) -> torch.Tensor: ...
+                        softcap: float = 0.0, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> torch.Tensor:
+        """The cache may be narrower than q (bf16, or fp8 e4m3 whose stored values are read back
+        times k_scale / v_scale); scores and accumulation are float32."""
+        ...
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, *, k_scale: float = 1.0,
+                 v_scale: float = 1.0) -> None:
+        """Converts to the cache's dtype: fp8 stores x / scale saturated to +-448, rounded to
+        nearest even (kernels/reference/kv_write.py)."""
+        ...
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 

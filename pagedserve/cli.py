@@ -6,6 +6,8 @@
     pagedserve router --scheduler A        the OpenAI HTTP API and the public gRPC API
     pagedserve healthcheck TARGET          exit 0 when a gRPC address or http URL is healthy
     pagedserve make-model OUT_DIR          an HF-format model with random weights
+    pagedserve quantize MODEL OUT --method int8|int4-awq-format|fp8
+                                           a quantized copy of an HF model (round to nearest)
     pagedserve bench NAME [OPTIONS]        throughput (offline LLM vs transformers), serve (HTTP
                                            latency and throughput), roofline (GEMM ceiling),
                                            step-overhead (scheduler + RPC share of a step),
@@ -51,6 +53,24 @@ def _run_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    methods = ("int8", "int4-awq-format", "fp8")  # executor/quantization/quantize.py's METHODS
+    p = sub.add_parser("quantize", help="write a quantized copy of an HF model (round to nearest)")
+    p.add_argument("model", help="an HF-format model directory")
+    p.add_argument("out_dir")
+    p.add_argument("--method", choices=methods, required=True,
+                   help="int8: compressed-tensors W8A16 per channel; int4-awq-format: AutoAWQ's "
+                        "GEMM layout; fp8: e4m3 with per-channel scales")
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from pagedserve.executor.quantization.quantize import quantize_model
+
+    out = quantize_model(args.model, args.out_dir, args.method)
+    print(f"wrote {args.method} model to {out}")
+    return 0
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     p.add_argument("--tls-cert", default=None,
@@ -74,6 +94,10 @@ def _add_executor_options(p: argparse.ArgumentParser, *, defaults: bool) -> None
                    help="KV blocks to allocate (default: from --kv-cache-memory-bytes)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="KV cache budget in bytes (default: the executor's own choice)")
+    p.add_argument("--kv-cache-dtype", default=d("auto"),
+                   help="KV cache storage: auto (the model's dtype), bfloat16 (half a float32 "
+                        "model's bytes) or fp8 (e4m3 with per-layer scales, from the checkpoint "
+                        "or 1.0): a narrower cache holds more tokens in the same budget")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output (default: the model's context length)")
     p.add_argument("--seed", type=int, default=d(0))
@@ -83,6 +107,11 @@ def _add_executor_options(p: argparse.ArgumentParser, *, defaults: bool) -> None
                         "says which); native or transformers force one")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run modeling code that ships with the checkpoint (config.json auto_map)")
+    p.add_argument("--quantization", default=d("auto"),
+                   help="auto (the checkpoint's quantization_config, or a GGUF file's tensor "
+                        "types, run quantized), the format the checkpoint must be in: awq, gptq, "
+                        "compressed-tensors or fp8, or dequantize (a GGUF file expanded to the "
+                        "compute dtype at load)")
 
 
 def _add_batching_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -96,6 +125,7 @@ def _add_executor(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", default=DEFAULT_EXECUTOR_ADDR, help="host:port or unix:///path")
     _add_executor_options(p, defaults=True)
     _add_batching_options(p, defaults=True)
+    _add_speculative_option(p)  # the executor reads its draft model from it
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
     _add_common(p)
 
@@ -107,9 +137,11 @@ def _run_executor(args: argparse.Namespace) -> int:
     config = ExecutorConfig(
         model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, seed=args.seed, model_impl=args.model_impl,
-        trust_remote_code=args.trust_remote_code)
+        trust_remote_code=args.trust_remote_code, quantization=args.quantization,
+        draft_model=args.speculative_config.draft_model if args.speculative_config else None)
     return run_executor(config, args.listen, reflection=args.reflection)
 
 
@@ -138,7 +170,9 @@ def _add_speculative_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", type=_speculative_config, default=None,
                    help='speculative decoding, as JSON: {"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_min": 2, '
-                        '"prompt_lookup_max": 4, "disable_by_batch_size": null}')
+                        '"prompt_lookup_max": 4, "disable_by_batch_size": null}, or '
+                        '{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4} '
+                        '(a smaller model with the same vocabulary, run by the executor)')
 
 
 def _speculative_config(text: str):
@@ -289,7 +323,10 @@ def _run_healthcheck(args: argparse.Namespace) -> int:
 
 BENCHES = {"throughput": "pagedserve.bench.throughput", "serve": "pagedserve.bench.serve", "roofline": "pagedserve.bench.roofline",
            "step-overhead": "pagedserve.bench.step_overhead", "targets": "pagedserve.bench.targets",
-           "llamacpp": "pagedserve.bench.llamacpp", "speculative": "pagedserve.bench.speculative"}
+           "llamacpp": "pagedserve.bench.llamacpp", "speculative": "pagedserve.bench.speculative",
+           "quant-gemm": "pagedserve.bench.quant_gemm", "gguf-decode": "pagedserve.bench.gguf_decode",
+           "kv-cache-dtype": "pagedserve.bench.kv_cache_dtype",
+           "connections": "pagedserve.bench.connections", "soak": "pagedserve.bench.soak"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -310,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_serve, _add_executor, _add_scheduler, _add_router, _add_healthcheck,
-                _add_make_model, _add_bench):
+                _add_make_model, _add_quantize, _add_bench):
         add(sub)
     return parser
 
@@ -318,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "serve": _run_serve, "executor": _run_executor, "scheduler": _run_scheduler,
     "router": _run_router, "healthcheck": _run_healthcheck, "make-model": _run_make_model,
+    "quantize": _run_quantize,
     "bench": _run_bench,
 }
 

@@ -56,12 +56,17 @@ class LLM:
                  enable_prefix_caching: bool = True, kv_cache_memory_bytes: int | None = None,
                  num_kv_blocks: int | None = None, seed: int = 0, device: str = "cpu",
                  model_impl: str = "auto", trust_remote_code: bool = False,
-                 speculative_config: str | dict | None = None) -> None:
+                 speculative_config: str | dict | None = None,
+                 kv_cache_dtype: str = "auto", quantization: str = "auto") -> None:
         """model_impl: auto (native class when there is one, else transformers' code on
         pagedserve's attention), native or transformers; trust_remote_code: run modeling code
         that ships with the checkpoint; speculative_config: speculative decoding, as vLLM spells
         it (scheduler/speculative_config.py), e.g. {"method": "ngram",
-        "num_speculative_tokens": 4}."""
+        "num_speculative_tokens": 4} or {"method": "draft_model", "model": PATH,
+        "num_speculative_tokens": 4}; kv_cache_dtype: auto (the model's dtype), bfloat16 or fp8
+        (executor/kv_cache.py); quantization: auto (the checkpoint's own quantized format, if
+        any) or the format it must be in: awq, gptq, compressed-tensors, fp8, or dequantize (a
+        GGUF file's tensors expanded at load) (executor/quantization/)."""
         from pagedserve.executor.config import ExecutorConfig
         from pagedserve.executor.executor import Executor
         from pagedserve.scheduler.config import SchedulerConfig
@@ -75,9 +80,10 @@ class LLM:
         self.executor = Executor(ExecutorConfig(
             model=model, dtype=dtype, device=device, block_size=block_size,
             num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes,
-            max_num_batched_tokens=batched, max_num_seqs=max_num_seqs,
+            kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=batched, max_num_seqs=max_num_seqs,
             max_model_len=max_model_len, seed=seed, model_impl=model_impl,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, quantization=quantization,
+            draft_model=speculative.draft_model if speculative is not None else None,
         ))
         desc = self.executor.describe()
         capacity = desc.num_kv_blocks * desc.block_size

@@ -194,7 +194,8 @@ def _flags(pairs: dict[str, object]) -> list[str]:
 
 
 def _spec_json(config: object) -> str | None:
-    """The scheduler child's --speculative-config value (serve parsed and checked it)."""
+    """The scheduler's and executor's --speculative-config value (serve parsed and checked it;
+    the executor takes its draft model from it)."""
     return None if config is None else config.to_json()  # type: ignore[attr-defined]
 
 
@@ -225,9 +226,12 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
         "--dtype": a["dtype"], "--device": a["device"], "--block-size": a["block_size"],
         "--num-kv-blocks": a["num_kv_blocks"],
         "--kv-cache-memory-bytes": a["kv_cache_memory_bytes"],
+        "--kv-cache-dtype": a["kv_cache_dtype"],
         "--max-model-len": a["max_model_len"], "--max-num-seqs": a["max_num_seqs"],
         "--max-num-batched-tokens": a["max_num_batched_tokens"], "--seed": a["seed"],
-        "--model-impl": a["model_impl"], "--trust-remote-code": a["trust_remote_code"]}))
+        "--model-impl": a["model_impl"], "--trust-remote-code": a["trust_remote_code"],
+        "--quantization": a.get("quantization"),
+        "--speculative-config": _spec_json(a.get("speculative_config"))}))
     scheduler = _child("scheduler", "--executor", executor_addr, "--listen", scheduler_addr,
                        *log_level, *_flags({
                            "--max-num-seqs": a["max_num_seqs"],

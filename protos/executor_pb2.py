@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/executor.proto\x12\rpagedserve.v1\"\xcc\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.pagedserve.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\n \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x33\n\nstructured\x18\x0e \x01(\x0b\x32\x1f.pagedserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"#\n\x10StructuredOutput\x12\x0f\n\x07grammar\x18\x01 \x01(\t\"\xe8\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x05 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\x05\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"u\n\x11\x43ontinuingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x03 \x01(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x04 \x03(\x05\"\xa7\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12/\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x19.pagedserve.v1.NewRequest\x12=\n\x13\x63ontinuing_requests\x18\x03 \x03(\x0b\x32 .pagedserve.v1.ContinuingRequest\x12\x1a\n\x12\x66orget_request_ids\x18\x04 \x03(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"z\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.pagedserve.v1.TopLogprobs\"e\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.RequestOutput\x12\x17\n\x0f\x65xecute_seconds\x18\x03 \x01(\x01\"\x11\n\x0f\x44\x65scribeRequest\"\xff\x01\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x08 \x01(\x05\x12\x12\n\nnum_layers\x18\t \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\x05\x12\x10\n\x08head_dim\x18\x0b \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t2\x9a\x01\n\x08\x45xecutor\x12K\n\x08\x44\x65scribe\x12\x1e.pagedserve.v1.DescribeRequest\x1a\x1f.pagedserve.v1.DescribeResponse\x12\x41\n\x07\x45xecute\x12\x17.pagedserve.v1.StepPlan\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/executor.proto\x12\rpagedserve.v1\"\xcc\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.pagedserve.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\n \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x33\n\nstructured\x18\x0e \x01(\x0b\x32\x1f.pagedserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"#\n\x10StructuredOutput\x12\x0f\n\x07grammar\x18\x01 \x01(\t\"\xe8\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x05 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\x05\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"\x95\x01\n\x11\x43ontinuingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x03 \x01(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x04 \x03(\x05\x12\x1e\n\x16num_speculative_tokens\x18\x05 \x01(\x05\"\xa7\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12/\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x19.pagedserve.v1.NewRequest\x12=\n\x13\x63ontinuing_requests\x18\x03 \x03(\x0b\x32 .pagedserve.v1.ContinuingRequest\x12\x1a\n\x12\x66orget_request_ids\x18\x04 \x03(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"z\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.pagedserve.v1.TopLogprobs\"e\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.RequestOutput\x12\x17\n\x0f\x65xecute_seconds\x18\x03 \x01(\x01\"\x11\n\x0f\x44\x65scribeRequest\"\x94\x02\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x08 \x01(\x05\x12\x12\n\nnum_layers\x18\t \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\x05\x12\x10\n\x08head_dim\x18\x0b \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x13\n\x0b\x64raft_model\x18\r \x01(\t2\x9a\x01\n\x08\x45xecutor\x12K\n\x08\x44\x65scribe\x12\x1e.pagedserve.v1.DescribeRequest\x1a\x1f.pagedserve.v1.DescribeResponse\x12\x41\n\x07\x45xecute\x12\x17.pagedserve.v1.StepPlan\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,20 +41,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STRUCTUREDOUTPUT']._serialized_end=538
   _globals['_NEWREQUEST']._serialized_start=541
   _globals['_NEWREQUEST']._serialized_end=773
-  _globals['_CONTINUINGREQUEST']._serialized_start=775
-  _globals['_CONTINUINGREQUEST']._serialized_end=892
-  _globals['_STEPPLAN']._serialized_start=895
-  _globals['_STEPPLAN']._serialized_end=1062
-  _globals['_TOPLOGPROBS']._serialized_start=1064
-  _globals['_TOPLOGPROBS']._serialized_end=1114
-  _globals['_REQUESTOUTPUT']._serialized_start=1116
-  _globals['_REQUESTOUTPUT']._serialized_end=1238
-  _globals['_STEPRESULT']._serialized_start=1240
-  _globals['_STEPRESULT']._serialized_end=1341
-  _globals['_DESCRIBEREQUEST']._serialized_start=1343
-  _globals['_DESCRIBEREQUEST']._serialized_end=1360
-  _globals['_DESCRIBERESPONSE']._serialized_start=1363
-  _globals['_DESCRIBERESPONSE']._serialized_end=1618
-  _globals['_EXECUTOR']._serialized_start=1621
-  _globals['_EXECUTOR']._serialized_end=1775
+  _globals['_CONTINUINGREQUEST']._serialized_start=776
+  _globals['_CONTINUINGREQUEST']._serialized_end=925
+  _globals['_STEPPLAN']._serialized_start=928
+  _globals['_STEPPLAN']._serialized_end=1095
+  _globals['_TOPLOGPROBS']._serialized_start=1097
+  _globals['_TOPLOGPROBS']._serialized_end=1147
+  _globals['_REQUESTOUTPUT']._serialized_start=1149
+  _globals['_REQUESTOUTPUT']._serialized_end=1271
+  _globals['_STEPRESULT']._serialized_start=1273
+  _globals['_STEPRESULT']._serialized_end=1374
+  _globals['_DESCRIBEREQUEST']._serialized_start=1376
+  _globals['_DESCRIBEREQUEST']._serialized_end=1393
+  _globals['_DESCRIBERESPONSE']._serialized_start=1396
+  _globals['_DESCRIBERESPONSE']._serialized_end=1672
+  _globals['_EXECUTOR']._serialized_start=1675
+  _globals['_EXECUTOR']._serialized_end=1829
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,10 @@ class SchedulerConfig:
         if 0 < desc.max_model_len < self.max_model_len:
             raise ValueError(f"max_model_len={self.max_model_len} but the executor's is "
                              f"{desc.max_model_len}")
+        spec = self.speculative
+        if spec is not None and spec.executor_proposes and not desc.draft_model:
+            raise ValueError(f"speculative_config.method {spec.method!r}, but the executor has "
+                             "no draft model (give it the same --speculative-config)")
 
     @classmethod
     def from_describe(cls, desc: executor_pb2.DescribeResponse, **overrides: Any) -> SchedulerConfig:

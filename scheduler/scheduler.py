@@ -20,7 +20,7 @@ from pagedserve.scheduler.kv_cache_manager import KVCacheManager
 from pagedserve.scheduler.outputs import RequestOutputDelta, SchedulerStats
 from pagedserve.scheduler.request import Request, RequestStatus, StopParams
 from pagedserve.scheduler.request_spec import RequestSpec
-from pagedserve.scheduler.speculation import SpecCounters, Speculator
+from pagedserve.scheduler.speculation import EXECUTOR_DRAFT, SpecCounters, Speculator
 from pagedserve.scheduler.stop import check_stop
 
 
@@ -182,10 +182,12 @@ class Scheduler:
                 num_new = self._num_new_tokens(req, budget)
             drafts = self._drafts(req, num_new, budget, i)
             self.kv.grow(req, num_new + len(drafts))
+            by_executor = drafts[:1] == [EXECUTOR_DRAFT]  # a draft model proposes them
             plan.continuing_requests.add(request_id=req.request_id,
                                          new_block_ids=self.kv.take_new_block_ids(req),
                                          num_scheduled_tokens=num_new + len(drafts),
-                                         draft_token_ids=drafts)
+                                         draft_token_ids=[] if by_executor else drafts,
+                                         num_speculative_tokens=len(drafts) if by_executor else 0)
             self._mark_scheduled(req, num_new, drafts)
             budget -= num_new + len(drafts)
             i += 1

@@ -8,6 +8,11 @@ count grows by 1 + accepted (the KV of rejected drafts sits in slots that later 
 and its outputs by accepted + 1. A proposal never takes a block another running request may need
 this step, never runs past max_tokens or max_model_len, and is skipped for constrained requests
 (their grammar would have to follow each draft) and for batches above disable_by_batch_size.
+
+With a draft model (method draft_model) the executor proposes: the scheduler reserves the same
+slots and sends only how many drafts it may propose (ContinuingRequest.num_speculative_tokens);
+here such a proposal is that many EXECUTOR_DRAFT placeholders, and the executor's answer, accepted
+drafts and one more token, is read the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ Proposer = Callable[[list[int], SpeculativeConfig, int], list[int]]
 # (a proposal costs its verification's compute): past POOR_MIN_DRAFTS drafted tokens, at an
 # acceptance rate under POOR_RATE.
 POOR_MIN_DRAFTS, POOR_RATE, POOR_EVERY = 32, 0.1, 8
+EXECUTOR_DRAFT = -1  # a draft the executor's draft model will propose (its token unknown here)
 
 
 @dataclass
@@ -60,13 +66,18 @@ class Speculator:
                    self.max_model_len - req.num_tokens,
                    req.stop.max_tokens - req.num_output_tokens - 1,
                    slots + max(0, spare_blocks) * self.block_size)
-        return self.propose(req.all_token_ids, self.config, room)[:room] if room > 0 else []
+        if room <= 0:
+            return []
+        if self.config.executor_proposes:
+            return [EXECUTOR_DRAFT] * room
+        return self.propose(req.all_token_ids, self.config, room)[:room]
 
     def accepted(self, req: Request, drafts: list[int], token_ids: list[int]) -> int:
         """How many drafts the executor accepted, from its output; RuntimeError if that output
         cannot be an answer to this proposal."""
         num_accepted = len(token_ids) - 1
-        if num_accepted > len(drafts) or token_ids[:num_accepted] != drafts[:num_accepted]:
+        if num_accepted > len(drafts) or any(
+                d != t for d, t in zip(drafts[:num_accepted], token_ids) if d != EXECUTOR_DRAFT):
             raise RuntimeError(f"executor sent {token_ids} for {req.request_id!r}, which does not "
                                f"answer the drafts {drafts}")
         if drafts:

@@ -1,25 +1,34 @@
 """What a server or LLM asks of speculative decoding: `--speculative-config` (JSON, as vLLM spells
 it) or `LLM(speculative_config=...)`, checked once into a frozen object.
 
-Only prompt lookup (`method: "ngram"`) runs today; a draft model or EAGLE-style heads would be
-further methods proposing through the same path (the scheduler sends each running request's
-proposal with its plan; the executor verifies it: docs/architecture.md, "Speculative decoding").
+Two methods (docs/architecture.md, "Speculative decoding"):
+- `ngram`, prompt lookup: the scheduler proposes each running request's drafts from its own
+  tokens and sends them with its plan; the executor verifies them.
+- `draft_model`: a second, smaller model with the target's vocabulary (`model`: a model directory
+  or GGUF file) that the executor loads beside the target, with its own KV cache over the same
+  blocks. The scheduler only reserves slots and says how many drafts each request may have; the
+  executor's draft model proposes them (greedy) and the target verifies them in the same step.
+EAGLE-style heads would be a third method proposing in the executor like `draft_model`.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
-METHODS = ("ngram",)
-_FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+METHODS = ("ngram", "draft_model")
+EXECUTOR_METHODS = ("draft_model",)  # methods whose drafts the executor proposes
+_FIELDS = ("method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
            "disable_by_batch_size")
+_INT_FIELDS = _FIELDS[2:]
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     method: str = "ngram"
+    model: str | None = None  # draft_model's model directory or GGUF file (required there only)
     num_speculative_tokens: int = 4  # the most tokens proposed per request per step
     prompt_lookup_min: int = 2  # the shortest suffix n-gram a proposal may match on
     prompt_lookup_max: int = 4  # the longest, tried first
@@ -30,8 +39,9 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"speculative_config.method: {self.method!r} is not supported "
-                             f"(supported: {', '.join(METHODS)}; a draft model is not yet)")
-        for name in _FIELDS[1:]:
+                             f"(supported: {', '.join(METHODS)})")
+        self._check_model()
+        for name in _INT_FIELDS:
             value = getattr(self, name)
             if value is None and name == "disable_by_batch_size":
                 continue
@@ -42,6 +52,26 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative_config.prompt_lookup_min: {self.prompt_lookup_min} is "
                              f"more than prompt_lookup_max {self.prompt_lookup_max}")
+
+    def _check_model(self) -> None:
+        if isinstance(self.model, PurePath):
+            object.__setattr__(self, "model", str(self.model))
+        if self.method == "draft_model" and (not isinstance(self.model, str) or not self.model):
+            raise ValueError("speculative_config.model: method draft_model needs the draft "
+                             f"model's directory or GGUF file, got {self.model!r}")
+        if self.method != "draft_model" and self.model is not None:
+            raise ValueError(f"speculative_config.model: only method draft_model takes a model "
+                             f"(method is {self.method!r})")
+
+    @property
+    def executor_proposes(self) -> bool:
+        """Whether the executor proposes the drafts (a draft model), not the scheduler."""
+        return self.method in EXECUTOR_METHODS
+
+    @property
+    def draft_model(self) -> str | None:
+        """The executor's draft model path (None unless method is draft_model)."""
+        return self.model if self.method == "draft_model" else None
 
     @classmethod
     def parse(cls, value: str | dict[str, Any] | SpeculativeConfig | None

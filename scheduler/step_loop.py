@@ -193,6 +193,12 @@ class StepLoop:
             self.scheduler = None
         if self.scheduler is None:
             config = SchedulerConfig.from_describe(desc, **self._options)
+            try:
+                config.check_executor(desc)  # e.g. a draft_model scheduler, no draft model there
+            except ValueError as e:
+                log.error("executor cannot run this scheduler's plans; not adopting it",
+                          error=str(e))
+                return False
             self.scheduler = Scheduler(config)
         self.model_info = desc
         self.connected = True

@@ -23,6 +23,9 @@ class PagedAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
         self.sliding_window, self.softcap, self.backend = sliding_window, softcap, backend
+        # what a stored fp8 K / V is multiplied by when read (1.0 for other cache dtypes); the
+        # executor sets them from its KV cache (executor/kv_cache.py)
+        self.k_scale = self.v_scale = 1.0
 
     def forward(
         self,
@@ -35,7 +38,8 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """-> [T, num_heads * head_dim]. K/V are written first: a prompt's queries attend to keys
         of the same step, and they reach the kernel only through the cache."""
-        self.backend.write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        self.backend.write_kv(k, v, k_cache, v_cache, attn.slot_mapping, k_scale=self.k_scale,
+                              v_scale=self.v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
         self.backend.paged_attention(
             q,
@@ -50,5 +54,7 @@ class PagedAttention(nn.Module):
             max_seqlen_k=attn.max_seqlen_k,
             sliding_window=self.sliding_window,
             softcap=self.softcap,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )
         return out.view(q.shape[0], self.num_heads * self.head_dim)

@@ -2,6 +2,11 @@
 
 Rank r holds rows [r * per_rank, (r + 1) * per_rank) of the vocabulary (per_rank = ceil(V / N); rows
 past V are zero padding). At TP size 1 these are F.embedding and F.linear.
+
+A quantized checkpoint may give either as a QuantizedWeight. The embedding is then dequantized at
+load (a gather reads a few rows; it gains nothing from codes), but keeps this rank's codes on the
+parameter (`param.quantized`) for an LM head tied to it, which runs quantized from them; an untied
+LM head given a QuantizedWeight runs quantized too (finish_quantized, as the linear layers).
 """
 
 from __future__ import annotations
@@ -19,6 +24,13 @@ from pagedserve.executor.layers.cpu_gemm import (
     shape_only,
 )
 from pagedserve.executor.layers.linear import new_param
+from pagedserve.executor.layers.quant_weights import (
+    cat_rows,
+    input_perm,
+    narrow_rows,
+    release_storage,
+)
+from pagedserve.kernels.quantized import QuantizedWeight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -30,15 +42,32 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = new_param(self.per_rank, embedding_dim)
         self.weight.weight_loader = self.weight_loader
         self.weight.shard_ids = (None,)
+        self.weight.quantizable = True
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         check_loadable(param)
         expected = (self.num_embeddings, param.shape[1])
         if tuple(loaded.shape) != expected:
             raise ValueError(f"expected shape {expected}, got {tuple(loaded.shape)}")
+        if isinstance(loaded, QuantizedWeight):
+            self._load_quantized(param, loaded)
+            return
         rows = loaded[self.start : self.start + self.per_rank]
         param.data[: rows.shape[0]].copy_(rows)
         param.data[rows.shape[0] :].zero_()
+
+    def _load_quantized(self, param: nn.Parameter, loaded: QuantizedWeight) -> None:
+        """This rank's rows of codes (zero rows past V) kept on the parameter; an embedding also
+        fills its dense weight with them, dequantized."""
+        if input_perm(loaded) is not None:
+            raise ValueError("act-order (desc_act) weights are not supported for an embedding "
+                             "or LM head")
+        mine = max(0, min(self.per_rank, self.num_embeddings - self.start))
+        param.quantized = cat_rows([narrow_rows(loaded, self.start, mine)], self.per_rank - mine)
+        if isinstance(self, ParallelLMHead):  # an untied head needs no dense copy
+            release_storage(param)
+        else:
+            param.data.copy_(param.quantized.dequantize(param.dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -56,17 +85,34 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     packed: PackedWeight | None = None  # set by pack_for_cpu once the weight is loaded
     tied: bool = False
+    quant = None  # the backend's packed quantized weight, set by finish_quantized
+    quant_backend = None
+
+    def finish_quantized(self, backend) -> bool:
+        """Pack the codes the weight was loaded from (this head's, or the tied embedding's) for
+        `backend`; an untied head's dense weight becomes a shape."""
+        qw = getattr(self.weight, "quantized", None)
+        if qw is None:
+            return False
+        self.quant, self.quant_backend = backend.pack_quantized(qw), backend
+        if not self.tied:
+            self.weight = shape_only(self.weight)
+        return True
 
     def pack_for_cpu(self) -> bool:
         """Move the loaded weight into the CPU GEMM's packed layout (see cpu_gemm); a tied weight
         stays, as the embedding's."""
+        if self.quant is not None:  # already packed, by the quantized kernels
+            return False
         self.packed = pack_weight(self.weight)
         if self.packed is not None and not self.tied:
             self.weight = shape_only(self.weight)
         return self.packed is not None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:  # hidden is [N, d]: the packed GEMM takes matrices
+        if self.quant is not None:
+            logits = self.quant_backend.quant_linear(hidden, self.quant, None)
+        elif self.packed is not None:  # hidden is [N, d]: the packed GEMM takes matrices
             logits = packed_linear(hidden, self.packed, None)
         else:
             logits = F.linear(hidden, self.weight)

@@ -52,6 +52,9 @@ class FusedMoE(nn.Module):
         self.w13_weight.shard_ids = tuple((e, j) for e in range(num_experts) for j in (0, 1))
         self.w2_weight.weight_loader = self.weight_loader
         self.w2_weight.shard_ids = tuple(range(num_experts))
+        for p in (self.w13_weight, self.w2_weight):  # the model's load_weights says so
+            p.quant_refusal = ("MoE expert weights cannot run quantized yet (the fused experts "
+                               "take dense weights)")
         self.backend = backend
         self.packed: list[tuple[PackedWeight, PackedWeight]] | None = None  # pack_for_cpu
 

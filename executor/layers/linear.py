@@ -8,7 +8,9 @@ At tensor-parallel size 1 each layer is a plain F.linear. With TP size N over ra
 so a column-parallel layer feeding a row-parallel one (qkv -> attention -> o_proj, gate_up -> down)
 costs one all-reduce. Each parameter carries `weight_loader(param, loaded, shard_id)`, which takes a
 full checkpoint tensor, checks its shape, and copies in this rank's part; quantized formats and LoRA
-plug in here, and model code never touches a weight's storage.
+plug in here, and model code never touches a weight's storage. A quantized weight (a
+QuantizedWeight in place of the tensor) is sliced the same way, kept until all its shards arrived,
+and packed once for the kernel backend by finish_quantized (layers/quant_weights.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,18 @@ from pagedserve.executor.layers.cpu_gemm import (
     packed_linear,
     shape_only,
 )
+from pagedserve.executor.layers.quant_weights import (
+    cat_rows,
+    check_compatible,
+    check_not_mixed,
+    check_same_perm,
+    input_perm,
+    narrow_inputs,
+    narrow_rows,
+    owned,
+    release_storage,
+)
+from pagedserve.kernels.quantized import QuantizedWeight
 
 
 def new_param(*shape: int) -> nn.Parameter:
@@ -78,21 +92,82 @@ class LinearBase(nn.Module):
         self.bias = new_param(output_size) if bias else None
         for p in (self.weight, self.bias):
             _attach(p, self.weight_loader)
+        self.weight.quantizable = True  # the model's load_weights refuses a QuantizedWeight else
         self.packed: PackedWeight | None = None  # set by pack_for_cpu once the weight is loaded
+        self.quant = None  # the backend's packed quantized weight, set by finish_quantized
+        self.quant_backend = None  # the kernels that packed it (and multiply through it)
+        self.quant_parts: dict[object, QuantizedWeight] = {}  # this rank's shards, until finish
+        self.input_perm: torch.Tensor | None = None  # act-order weights: x's columns reordered
+        self.dense_shards: set[object] = set()
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        """A dense checkpoint tensor, or a QuantizedWeight for the weight (never for the bias)."""
+        quantized = isinstance(loaded, QuantizedWeight)
+        if param is self.weight and quantized:
+            return self._load_quantized(param, loaded, shard_id)
+        if quantized:
+            raise ValueError("a bias cannot be quantized")
+        if param is self.weight:
+            check_not_mixed(type(self).__name__, {shard_id}, self.quant_parts)
+            self.dense_shards.add(shard_id)
+        self.load_dense(param, loaded, shard_id)
+
+    def _load_quantized(self, param: nn.Parameter, loaded: QuantizedWeight, shard_id) -> None:
+        """Keep this rank's part of a quantized shard until finish_quantized."""
+        check_loadable(param)
+        check_not_mixed(type(self).__name__, self.dense_shards, {shard_id: loaded})
+        check_compatible(self.quant_parts, shard_id, loaded)
+        if self.quant_parts:
+            check_same_perm(type(self).__name__, self.input_perm, loaded)
+        part = self.slice_quantized(loaded, shard_id)
+        self.quant_parts[shard_id] = owned(part) if self.tp_size > 1 else part
+        self.input_perm = input_perm(loaded)
+        release_storage(param)
+
+    def load_dense(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         default_weight_loader(param, loaded)
+
+    def shard_rows(self, shard_id) -> tuple[int, int, int]:
+        """(rows this rank holds of the shard, which part of the checkpoint's rows, parts)."""
+        return self.output_size, 0, 1
+
+    def slice_quantized(self, qw: QuantizedWeight, shard_id) -> QuantizedWeight:
+        """This rank's part of a whole checkpoint shard, its shape checked as copy_shard does."""
+        rows, part, parts = self.shard_rows(shard_id)
+        if qw.shape != (rows * parts, self.input_size):
+            raise ValueError(f"expected shape {(rows * parts, self.input_size)}, got {qw.shape}")
+        return narrow_rows(qw, part * rows, rows)
+
+    def finish_quantized(self, backend) -> bool:
+        """Join the quantized shards in the dense row order and pack them once for `backend`;
+        the dense weight becomes a shape (no second copy)."""
+        if not self.quant_parts:
+            return False
+        missing = [s for s in self.weight.shard_ids if s not in self.quant_parts]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: quantized shards {missing} never loaded")
+        parts = [self.quant_parts[s] for s in self.weight.shard_ids]
+        self.quant, self.quant_backend = backend.pack_quantized(cat_rows(parts)), backend
+        self.weight = shape_only(self.weight)
+        self.quant_parts, self.dense_shards = {}, set()
+        return True
 
     def pack_for_cpu(self) -> bool:
         """Move the loaded weight into the CPU GEMM's packed layout (see cpu_gemm). The original
         is then a shape on the meta device: every multiply goes through the packed copy, and a
         second copy of the weights would double the model's memory."""
+        if self.quant is not None:  # already packed, by the quantized kernels
+            return False
         self.packed = pack_weight(self.weight, self.bias)
         if self.packed is not None:
             self.weight = shape_only(self.weight)
         return self.packed is not None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is not None:
+            x = x if self.input_perm is None else x.index_select(-1, self.input_perm)
+            rows = self.quant_backend.quant_linear(x.reshape(-1, x.shape[-1]), self.quant, bias)
+            return rows.view(*x.shape[:-1], rows.shape[-1])
         if self.packed is not None:
             rows = packed_linear(x.reshape(-1, x.shape[-1]), self.packed, bias)
             return rows.view(*x.shape[:-1], rows.shape[-1])
@@ -116,8 +191,11 @@ class ColumnParallelLinear(LinearBase):
             input_size, _divide(output_size, tp_size, "output size"), bias, tp_rank, tp_size
         )
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def load_dense(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         copy_shard(param.data, loaded, 0, self.tp_rank, self.tp_size)
+
+    def shard_rows(self, shard_id) -> tuple[int, int, int]:
+        return self.output_size, self.tp_rank, self.tp_size
 
 
 class RowParallelLinear(LinearBase):
@@ -130,9 +208,19 @@ class RowParallelLinear(LinearBase):
             _divide(input_size, tp_size, "input size"), output_size, bias, tp_rank, tp_size
         )
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def load_dense(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         dim = 1 if param is self.weight else None  # the bias is replicated
         copy_shard(param.data, loaded, dim, self.tp_rank, self.tp_size)
+
+    def slice_quantized(self, qw: QuantizedWeight, shard_id) -> QuantizedWeight:
+        expected = (self.output_size, self.input_size * self.tp_size)
+        if qw.shape != expected:
+            raise ValueError(f"expected shape {expected}, got {qw.shape}")
+        if input_perm(qw) is not None and self.tp_size > 1:
+            raise ValueError("act-order (desc_act) weights reorder the inputs, which a "
+                             "row-parallel layer splits across ranks: not supported with "
+                             "tensor parallelism")
+        return narrow_inputs(qw, self.tp_rank * self.input_size, self.input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -160,7 +248,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         for p in (self.weight, self.bias):
             _attach(p, self.weight_loader, tuple(range(len(output_sizes))))
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def shard_rows(self, shard_id) -> tuple[int, int, int]:
+        return self.local_sizes[shard_id], self.tp_rank, self.tp_size
+
+    def load_dense(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         offset = sum(self.local_sizes[:shard_id])
         dst = param.data.narrow(0, offset, self.local_sizes[shard_id])
         copy_shard(dst, loaded, 0, self.tp_rank, self.tp_size)
@@ -191,7 +282,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         for p in (self.weight, self.bias):
             _attach(p, self.weight_loader, ("q", "k", "v"))
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def shard_rows(self, shard_id) -> tuple[int, int, int]:
+        if shard_id == "q":
+            return self.q_size, self.tp_rank, self.tp_size
+        return self.kv_size, self.tp_rank * self.kv_shards // self.tp_size, self.kv_shards
+
+    def load_dense(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         offset, size = {
             "q": (0, self.q_size),
             "k": (self.q_size, self.kv_size),

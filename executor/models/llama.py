@@ -20,6 +20,7 @@ from torch import nn
 
 from pagedserve.executor.attention_metadata import AttentionMetadata
 from pagedserve.executor.kv_cache import KVCache
+from pagedserve.executor.kv_scales import is_kv_scale
 from pagedserve.executor.layers.attention import PagedAttention
 from pagedserve.executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.executor.layers.linear import (
@@ -30,6 +31,7 @@ from pagedserve.executor.layers.linear import (
 from pagedserve.executor.layers.norm import RMSNorm
 from pagedserve.executor.layers.rotary import RotaryEmbedding
 from pagedserve.executor.model_config import ModelConfig
+from pagedserve.kernels.quantized import QuantizedWeight
 
 # Checkpoint projections that live inside one fused parameter: (checkpoint part, our part, shard).
 STACKED_PARAMS = (
@@ -190,22 +192,28 @@ class LlamaFamilyForCausalLM(nn.Module):
         """[N, hidden] (only the rows that sample) -> [N, vocab] float32."""
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Fill every parameter from HF-named checkpoint tensors; raise ValueError naming the tensor
-        on an unknown name or a wrong shape, and naming all missing ones at the end."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
+        """Fill every parameter from HF-named checkpoint tensors (a QuantizedWeight for a linear
+        layer's, the embedding's or the LM head's weight: layers/quant_weights.py); raise ValueError
+        naming the tensor on an unknown name or a wrong shape, and naming all missing ones at the
+        end."""
         params = dict(self.named_parameters())  # a tied lm_head appears once, as the embedding
         loaded: set[tuple[str, object]] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (
+            if "rotary_emb.inv_freq" in name or is_kv_scale(name) or (
                 name == "lm_head.weight" and self.config.tie_word_embeddings
             ):
-                continue  # derived from the config, or the same tensor as the embedding
+                continue  # derived from the config, the same tensor as the embedding, or an fp8
+                # KV-cache scale (the executor reads those: executor/kv_scales.py)
             param_name, shard_id = self.param_name(name)
             param = params.get(param_name)
             if param is None:
                 raise ValueError(
                     f"unexpected tensor {name!r}: {self.config.architecture} has no such weight"
                 )
+            if isinstance(tensor, QuantizedWeight) and not getattr(param, "quantizable", False):
+                raise ValueError(f"tensor {name!r}: cannot be quantized: " + getattr(
+                    param, "quant_refusal", "only linear layers, embeddings and the LM head are"))
             try:
                 param.weight_loader(param, tensor, shard_id)
             except ValueError as e:

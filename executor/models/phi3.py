@@ -17,9 +17,11 @@ import torch
 
 from pagedserve.executor.attention_metadata import AttentionMetadata
 from pagedserve.executor.kv_cache import KVCache
+from pagedserve.executor.layers.quant_weights import split_rows
 from pagedserve.executor.layers.rotary import make_rotary
 from pagedserve.executor.model_config import ModelConfig
 from pagedserve.executor.models.llama import LlamaFamilyForCausalLM
+from pagedserve.kernels.quantized import QuantizedWeight
 
 
 class Phi3ForCausalLM(LlamaFamilyForCausalLM):
@@ -58,5 +60,7 @@ class Phi3ForCausalLM(LlamaFamilyForCausalLM):
             if tensor.shape[0] != sum(sizes):
                 raise ValueError(f"tensor {name!r}: expected {sum(sizes)} rows "
                                  f"({' + '.join(map(str, sizes))}), got {tuple(tensor.shape)}")
-            for ours, chunk in zip(names, tensor.split(sizes)):
+            chunks = (split_rows(tensor, sizes) if isinstance(tensor, QuantizedWeight)
+                      else tensor.split(sizes))
+            for ours, chunk in zip(names, chunks):
                 yield name.replace(part, f".{ours}."), chunk

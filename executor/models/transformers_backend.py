@@ -91,12 +91,14 @@ def pagedserve_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     # transformers' q/k/v usually are views of it already, and then nothing is copied)
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     k_cache, v_cache, md = step.kv_cache.k[layer], step.kv_cache.v[layer], step.attn
-    step.backend.write_kv(k, v, k_cache, v_cache, md.slot_mapping)
+    scales = {"k_scale": step.kv_cache.k_scale[layer], "v_scale": step.kv_cache.v_scale[layer]}
+    step.backend.write_kv(k, v, k_cache, v_cache, md.slot_mapping, **scales)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     step.backend.paged_attention(
         q, k_cache, v_cache, md.cu_seqlens_q, md.seq_lens, md.block_tables, out, scale=scale,
         max_seqlen_q=md.max_seqlen_q, max_seqlen_k=md.max_seqlen_k,
-        sliding_window=layer_window(module, kwargs), softcap=layer_softcap(module, kwargs))
+        sliding_window=layer_window(module, kwargs), softcap=layer_softcap(module, kwargs),
+        **scales)
     return out[None], None
 
 

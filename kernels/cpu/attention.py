@@ -19,9 +19,13 @@ import ctypes
 import torch
 
 from pagedserve.kernels.cpu.build import load, omp_threads
+from pagedserve.kernels.cpu.kv_write import KINDS
 from pagedserve.kernels.reference.attention import attend_spans
 
-_FUNCTIONS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
+# (q and out, cache) dtype pairs the C kernel reads: the same dtype, or a narrower cache
+_PAIRS = {(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+          (torch.float32, torch.bfloat16), (torch.float32, torch.float8_e4m3fn),
+          (torch.bfloat16, torch.float8_e4m3fn)}
 
 
 class _DecodeShape(ctypes.Structure):
@@ -29,7 +33,9 @@ class _DecodeShape(ctypes.Structure):
                 ("head_dim", ctypes.c_int), ("block_size", ctypes.c_int),
                 ("q_row_stride", ctypes.c_int64), ("out_row_stride", ctypes.c_int64),
                 ("block_table_stride", ctypes.c_int64), ("scale", ctypes.c_float),
-                ("softcap", ctypes.c_float), ("sliding_window", ctypes.c_int)]
+                ("softcap", ctypes.c_float), ("sliding_window", ctypes.c_int),
+                ("q_kind", ctypes.c_int), ("cache_kind", ctypes.c_int),
+                ("k_scale", ctypes.c_float), ("v_scale", ctypes.c_float)]
 
 
 def available() -> tuple[bool, str]:
@@ -80,25 +86,25 @@ def _decode_rows(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
 def _supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                out: torch.Tensor, *index: torch.Tensor) -> bool:
     d = q.shape[2]
-    return (q.device.type == "cpu" and q.dtype in _FUNCTIONS
-            and q.dtype == k_cache.dtype == v_cache.dtype == out.dtype
+    return (q.device.type == "cpu" and (q.dtype, k_cache.dtype) in _PAIRS
+            and q.dtype == out.dtype and k_cache.dtype == v_cache.dtype
             and k_cache.is_contiguous() and v_cache.is_contiguous()
             and q.stride()[1:] == (d, 1) and out.stride()[1:] == (d, 1)
             and all(t.dtype == torch.int32 and t.is_contiguous() for t in index))
 
 
 def _run_decode(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, *, scale,
-                sliding_window, softcap) -> None:
+                sliding_window, softcap, k_scale, v_scale) -> None:
     lib, _ = load("paged_decode")
-    fn = getattr(lib, _FUNCTIONS[q.dtype])
     seqs, q_rows, lens, tables = _decode_rows(cu_seqlens_q, seq_lens, block_tables)
     if not len(seqs):
         return
     shape = _DecodeShape(q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], q.stride(0),
-                         out.stride(0), tables.stride(0), scale, softcap, sliding_window)
+                         out.stride(0), tables.stride(0), scale, softcap, sliding_window,
+                         KINDS[q.dtype], KINDS[k_cache.dtype], k_scale, v_scale)
     ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (q, k_cache, v_cache, out, seqs,
                                                     q_rows, lens, tables)]
-    if fn(*ptrs, len(seqs), min(omp_threads(), len(seqs)), ctypes.byref(shape)):
+    if lib.paged_decode(*ptrs, len(seqs), min(omp_threads(), len(seqs)), ctypes.byref(shape)):
         raise MemoryError("paged_decode: could not allocate its scratch buffer")
 
 
@@ -116,19 +122,19 @@ def paged_attention(
     max_seqlen_k: int,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """kernels.reference.paged_attention, with decode rows computed by the C kernel when it is
     built and the tensors are in a layout it takes (otherwise the reference does everything)."""
     index = (cu_seqlens_q, seq_lens, block_tables)
+    kw = {"scale": scale, "sliding_window": sliding_window, "softcap": softcap,
+          "k_scale": k_scale, "v_scale": v_scale}
     in_c = load("paged_decode")[0] is not None and _supported(q, k_cache, v_cache, out, *index)
     if in_c and max_seqlen_q > 1:
-        attend_spans(q, k_cache, v_cache, *index, out, scale=scale,
-                     sliding_window=sliding_window, softcap=softcap,
-                     skip_query_rows=SHORT_QUERY_ROWS)
+        attend_spans(q, k_cache, v_cache, *index, out, skip_query_rows=SHORT_QUERY_ROWS, **kw)
     elif not in_c:
-        attend_spans(q, k_cache, v_cache, *index, out, scale=scale,
-                     sliding_window=sliding_window, softcap=softcap)
+        attend_spans(q, k_cache, v_cache, *index, out, **kw)
         return out
-    _run_decode(q, k_cache, v_cache, out, *index, scale=scale, sliding_window=sliding_window,
-                softcap=softcap)
+    _run_decode(q, k_cache, v_cache, out, *index, **kw)
     return out

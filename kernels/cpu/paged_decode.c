@@ -12,6 +12,12 @@
  * after each of torch's parallel regions; threads of our own would compete with them for the cores
  * (measured: decode attention twice as slow between matmuls). The compiler's target picks the path: AVX-512 (16 lanes), else AVX2 with FMA (8 lanes), else a
  * portable loop; all three compute the same thing and are tested against the same reference.
+ *
+ * The cache may be narrower than q and out (--kv-cache-dtype): bf16 under float32 queries, or fp8
+ * e4m3 whose stored values mean stored * k_scale (v_scale). Each K/V row is widened to float32 as
+ * it is loaded (simd.h; the SIMD paths read e4m3 divided by 2^8); k_scale (and that 2^8) is
+ * folded into the query scale, v_scale into the output, so the inner loops are those of a
+ * float32 or bf16 cache.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,60 +31,57 @@ typedef struct {
     int64_t q_row_stride, out_row_stride, block_table_stride;
     float scale, softcap;
     int sliding_window;
+    int q_kind, cache_kind; /* simd.h's KIND_*: q and out, the K/V cache */
+    float k_scale, v_scale;
 } decode_shape;
 
-/* One sequence: scores for every key of its window (all query heads), softmax, then P.V.
+/* One sequence: scores for every key of its window (all query heads), softmax, then P.V, with
+ * every element loaded through its kind (the portable path: no SIMD, or a head_dim it lacks).
  * scratch holds num_q_heads * window floats of scores and (num_q_heads + 1) * head_dim more. */
-#define DEFINE_DECODE_ONE(NAME, T, LOAD, STORE)                                                   \
-static void NAME(const T *q, const T *k_cache, const T *v_cache, T *out, const int32_t *table,  \
-                 int seq_len, const decode_shape *s, float *scratch) {                        \
-    const int H = s->num_q_heads, HK = s->num_kv_heads, D = s->head_dim, G = H / HK;          \
-    const int start = (s->sliding_window > 0 && seq_len > s->sliding_window)                  \
-                          ? seq_len - s->sliding_window : 0;                                  \
-    const int W = seq_len - start;                                                            \
-    float *scores = scratch, *qf = scratch + (int64_t)H * W, *row = qf + (int64_t)H * D;      \
-    for (int i = 0; i < H * D; i++) qf[i] = LOAD(q + i) * s->scale;                           \
-    for (int t = start; t < seq_len; t++) {                                                   \
-        int64_t slot = (int64_t)table[t / s->block_size] * s->block_size + t % s->block_size; \
-        const T *k = k_cache + slot * HK * D;                                                 \
-        for (int kh = 0; kh < HK; kh++) {                                                     \
-            for (int d = 0; d < D; d++) row[d] = LOAD(k + kh * D + d);                        \
-            for (int g = 0; g < G; g++) {                                                     \
-                const float *qh = qf + (int64_t)(kh * G + g) * D;                             \
-                float acc = 0.0f;                                                             \
-                for (int d = 0; d < D; d++) acc += qh[d] * row[d];                            \
-                scores[(int64_t)(kh * G + g) * W + (t - start)] = acc;                        \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
-    for (int h = 0; h < H; h++) {                                                             \
-        float *sc = scores + (int64_t)h * W, m = -INFINITY, sum = 0.0f;                       \
-        if (s->softcap > 0.0f)                                                                \
-            for (int t = 0; t < W; t++) sc[t] = s->softcap * tanhf(sc[t] / s->softcap);       \
-        for (int t = 0; t < W; t++) m = sc[t] > m ? sc[t] : m;                                \
-        for (int t = 0; t < W; t++) { sc[t] = expf(sc[t] - m); sum += sc[t]; }                \
-        for (int t = 0; t < W; t++) sc[t] /= sum;                                             \
-    }                                                                                         \
-    float *acc = qf; /* the scaled queries are no longer needed */                           \
-    memset(acc, 0, sizeof(float) * H * D);                                                    \
-    for (int t = start; t < seq_len; t++) {                                                   \
-        int64_t slot = (int64_t)table[t / s->block_size] * s->block_size + t % s->block_size; \
-        const T *v = v_cache + slot * HK * D;                                                 \
-        for (int kh = 0; kh < HK; kh++) {                                                     \
-            for (int d = 0; d < D; d++) row[d] = LOAD(v + kh * D + d);                        \
-            for (int g = 0; g < G; g++) {                                                     \
-                const int h = kh * G + g;                                                     \
-                const float p = scores[(int64_t)h * W + (t - start)];                         \
-                float *ah = acc + (int64_t)h * D;                                             \
-                for (int d = 0; d < D; d++) ah[d] += p * row[d];                              \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
-    for (int i = 0; i < H * D; i++) STORE(out + i, acc[i]);                                   \
+static void decode_one(const void *q, const void *k_cache, const void *v_cache, void *out,
+                       const int32_t *table, int seq_len, const decode_shape *s, float *scratch) {
+    const int H = s->num_q_heads, HK = s->num_kv_heads, D = s->head_dim, G = H / HK;
+    const int start = (s->sliding_window > 0 && seq_len > s->sliding_window)
+                          ? seq_len - s->sliding_window : 0;
+    const int W = seq_len - start, ck = s->cache_kind;
+    float *scores = scratch, *qf = scratch + (int64_t)H * W, *row = qf + (int64_t)H * D;
+    for (int i = 0; i < H * D; i++) qf[i] = load_kind(q, i, s->q_kind) * (s->scale * s->k_scale);
+    for (int t = start; t < seq_len; t++) {
+        int64_t slot = (int64_t)table[t / s->block_size] * s->block_size + t % s->block_size;
+        for (int kh = 0; kh < HK; kh++) {
+            for (int d = 0; d < D; d++) row[d] = load_kind(k_cache, (slot * HK + kh) * D + d, ck);
+            for (int g = 0; g < G; g++) {
+                const float *qh = qf + (int64_t)(kh * G + g) * D;
+                float acc = 0.0f;
+                for (int d = 0; d < D; d++) acc += qh[d] * row[d];
+                scores[(int64_t)(kh * G + g) * W + (t - start)] = acc;
+            }
+        }
+    }
+    for (int h = 0; h < H; h++) {
+        float *sc = scores + (int64_t)h * W, m = -INFINITY, sum = 0.0f;
+        if (s->softcap > 0.0f)
+            for (int t = 0; t < W; t++) sc[t] = s->softcap * tanhf(sc[t] / s->softcap);
+        for (int t = 0; t < W; t++) m = sc[t] > m ? sc[t] : m;
+        for (int t = 0; t < W; t++) { sc[t] = expf(sc[t] - m); sum += sc[t]; }
+        for (int t = 0; t < W; t++) sc[t] /= sum;
+    }
+    float *acc = qf; /* the scaled queries are no longer needed */
+    memset(acc, 0, sizeof(float) * H * D);
+    for (int t = start; t < seq_len; t++) {
+        int64_t slot = (int64_t)table[t / s->block_size] * s->block_size + t % s->block_size;
+        for (int kh = 0; kh < HK; kh++) {
+            for (int d = 0; d < D; d++) row[d] = load_kind(v_cache, (slot * HK + kh) * D + d, ck);
+            for (int g = 0; g < G; g++) {
+                const int h = kh * G + g;
+                const float p = scores[(int64_t)h * W + (t - start)];
+                float *ah = acc + (int64_t)h * D;
+                for (int d = 0; d < D; d++) ah[d] += p * row[d];
+            }
+        }
+    }
+    for (int i = 0; i < H * D; i++) store_kind(out, i, s->q_kind, acc[i] * s->v_scale);
 }
-
-DEFINE_DECODE_ONE(decode_one_f32, float, load_f32, store_f32)
-DEFINE_DECODE_ONE(decode_one_bf16, uint16_t, load_bf16, store_bf16)
 
 #ifdef PAGEDSERVE_AVX512
 /* The AVX-512 path, for head_dim a multiple of 16 up to 256. A few query heads of one KV head (a
@@ -122,17 +125,19 @@ static void softmax_rows(float *scores, int gc, int w, float softcap) {
 }
 
 /* Keys t0 .. t1-1, all in one page, in slots slot0 .. slot0 + t1-t0-1,
- * for query heads h0 .. h0+GC-1 of KV head kh. The K instance writes their scores (row g of
+ * for query heads h0 .. h0+GC-1 of KV head kh, whose scaled float32 queries are rows of q
+ * (T is the cache's element). The K instance writes their scores (row g of
  * `scores` has w entries, key t at t - start); the V instance adds p * v into `acc` ([H, D]). */
 #define DEFINE_HEAD_GROUP(T, VLOAD, VSTORE, NV, GC)                                             \
-static void hk_##T##_##NV##_##GC(const T *q, const T *k_cache, int64_t slot0, int t0, int t1,  \
+static void hk_##T##_##NV##_##GC(const float *q, const T *k_cache, int64_t slot0, int t0,      \
+                                 int t1,                                                       \
                                  int start, int w, int kh, int h0, const decode_shape *s,      \
                                  float *scores) {                                              \
     const int HK = s->num_kv_heads, D = NV * 16;                                                \
     __m512 qv[GC][NV], row[NV];                                                                 \
     for (int g = 0; g < GC; g++)                                                                \
         for (int j = 0; j < NV; j++)                                                            \
-            qv[g][j] = _mm512_mul_ps(VLOAD(q + (h0 + g) * D + j * 16), _mm512_set1_ps(s->scale)); \
+            qv[g][j] = _mm512_loadu_ps(q + (h0 + g) * D + j * 16);                              \
     for (int t = t0; t < t1; t++) {                                                             \
         const T *k = k_cache + ((slot0 + (t - t0)) * HK + kh) * D;                               \
         for (int j = 0; j < NV; j++) row[j] = VLOAD(k + j * 16);                               \
@@ -164,6 +169,7 @@ static void hv_##T##_##NV##_##GC(const T *v_cache, int64_t slot0, int t0, int t1
 
 typedef float f32;
 typedef uint16_t bf16;
+typedef uint8_t fp8;
 typedef void (*k_group_fn)(const void *, const void *, int64_t, int, int, int, int, int, int,
                            const decode_shape *, float *);
 typedef void (*v_group_fn)(const void *, int64_t, int, int, int, int, int, int,
@@ -184,6 +190,7 @@ typedef void (*v_group_fn)(const void *, int64_t, int, int, int, int, int, int,
     DEFINE_HEAD_GROUP(T, VL, VS, 16, 1)
 DEFINE_ALL(f32, vload_f32, vstore_f32)
 DEFINE_ALL(bf16, vload_bf16, vstore_bf16)
+DEFINE_ALL(fp8, vload_fp8_div256, vstore_fp8)
 
 #define ROW4(P, F, T, NV) {(F)P##_##T##_##NV##_1, (F)P##_##T##_##NV##_2,                        \
                            (F)P##_##T##_##NV##_3, (F)P##_##T##_##NV##_4}
@@ -193,8 +200,11 @@ DEFINE_ALL(bf16, vload_bf16, vstore_bf16)
                         ROW4(P, F, T, 4), ROW2(P, F, T, 5), ROW2(P, F, T, 6), ROW2(P, F, T, 7),   \
                         ROW2(P, F, T, 8), NONE, NONE, NONE, NONE, NONE, NONE, NONE,               \
                         {(F)P##_##T##_16_1, 0, 0, 0}}
-static const k_group_fn K_GROUPS[2][17][4] = {TABLE(hk, k_group_fn, f32), TABLE(hk, k_group_fn, bf16)};
-static const v_group_fn V_GROUPS[2][17][4] = {TABLE(hv, v_group_fn, f32), TABLE(hv, v_group_fn, bf16)};
+/* indexed by the cache's KIND_* */
+static const k_group_fn K_GROUPS[3][17][4] = {TABLE(hk, k_group_fn, f32), TABLE(hk, k_group_fn, bf16),
+                                              TABLE(hk, k_group_fn, fp8)};
+static const v_group_fn V_GROUPS[3][17][4] = {TABLE(hv, v_group_fn, f32), TABLE(hv, v_group_fn, bf16),
+                                              TABLE(hv, v_group_fn, fp8)};
 
 /* Every line of the page into L2, so the next page is on its way while this one is used (into
  * L2 rather than L1: measured faster, the L1 miss buffers are few). */
@@ -207,16 +217,19 @@ static inline void prefetch_page(const char *page, int64_t bytes) {
  * instance (the caller falls back to the portable loop). */
 static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
                              const int32_t *table, int seq_len, const decode_shape *s,
-                             float *scratch, int is_bf16) {
+                             float *scratch) {
     const int D = s->head_dim, nv = D / 16, H = s->num_q_heads, HK = s->num_kv_heads;
-    const int G = H / HK, bs = s->block_size, esize = is_bf16 ? 2 : 4;
-    if (D % 16 != 0 || nv > 16 || K_GROUPS[is_bf16][nv][0] == 0) return 0;
-    const int most = K_GROUPS[is_bf16][nv][3] ? 4 : K_GROUPS[is_bf16][nv][1] ? 2 : 1;
+    const int G = H / HK, bs = s->block_size, ck = s->cache_kind;
+    if (D % 16 != 0 || nv > 16 || K_GROUPS[ck][nv][0] == 0) return 0;
+    const int most = K_GROUPS[ck][nv][3] ? 4 : K_GROUPS[ck][nv][1] ? 2 : 1;
     const int start = (s->sliding_window > 0 && seq_len > s->sliding_window)
                           ? seq_len - s->sliding_window : 0;
     const int w = seq_len - start, last = (seq_len - 1) / bs;
-    const int64_t page_bytes = (int64_t)bs * HK * D * esize;
-    float *scores = scratch, *acc = scratch + (int64_t)H * w;
+    const int64_t page_bytes = (int64_t)bs * HK * D * kind_size(ck);
+    float *scores = scratch, *acc = scratch + (int64_t)H * w, *qf = acc + (int64_t)H * D;
+    const float unit = ck == KIND_FP8 ? 256.0f : 1.0f; /* vload_fp8_div256's 2^-8, undone */
+    for (int i = 0; i < H * D; i++)
+        qf[i] = load_kind(q, i, s->q_kind) * (s->scale * s->k_scale * unit);
     for (int pass = 0; pass < 2; pass++) {
         const char *cache = pass == 0 ? k_cache : v_cache;
         if (pass == 1) {
@@ -232,18 +245,20 @@ static int decode_one_simd(const void *q, const void *k_cache, const void *v_cac
                 for (int h0 = kh * G; h0 < (kh + 1) * G;) {
                     const int gc = (kh + 1) * G - h0 < most ? (kh + 1) * G - h0 : most;
                     if (pass == 0)
-                        K_GROUPS[is_bf16][nv][gc - 1](q, k_cache, slot0, t0, t1, start, w, kh, h0,
-                                                      s, scores);
+                        K_GROUPS[ck][nv][gc - 1](qf, k_cache, slot0, t0, t1, start, w, kh, h0, s,
+                                                 scores);
                     else
-                        V_GROUPS[is_bf16][nv][gc - 1](v_cache, slot0, t0, t1, start, w, kh, h0,
-                                                      s, scores, acc);
+                        V_GROUPS[ck][nv][gc - 1](v_cache, slot0, t0, t1, start, w, kh, h0, s,
+                                                 scores, acc);
                     h0 += gc;
                 }
         }
     }
+    const __m512 vs = _mm512_set1_ps(s->v_scale * unit);
     for (int i = 0; i < H * D; i += 16) {
-        if (is_bf16) vstore_bf16((uint16_t *)out + i, _mm512_loadu_ps(acc + i));
-        else vstore_f32((float *)out + i, _mm512_loadu_ps(acc + i));
+        const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + i), vs);
+        if (s->q_kind == KIND_BF16) vstore_bf16((uint16_t *)out + i, o);
+        else vstore_f32((float *)out + i, o);
     }
     return 1;
 }
@@ -336,8 +351,10 @@ static void page_##T(int pass, const float *qf, const T *cache, int64_t slot0, i
 }
 typedef float f32;
 typedef uint16_t bf16;
+typedef uint8_t fp8;
 DEFINE_AVX2_CHUNKS(f32, v8load_f32)
 DEFINE_AVX2_CHUNKS(bf16, v8load_bf16)
+DEFINE_AVX2_CHUNKS(fp8, v8load_fp8_div256)
 
 /* sc[t] = cap * tanh(sc[t] / cap), 8 at a time (as the AVX-512 path's softcap_row). */
 static void softcap_row(float *sc, int w, float softcap) {
@@ -378,16 +395,18 @@ static void softmax_rows(float *scores, int rows, int w, float softcap) {
  * (the caller falls back to the portable loop). */
 static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
                            const int32_t *table, int seq_len, const decode_shape *s,
-                           float *scratch, int is_bf16) {
+                           float *scratch) {
     const int D = s->head_dim, H = s->num_q_heads, HK = s->num_kv_heads, bs = s->block_size;
+    const int ck = s->cache_kind;
     if (D % 8 != 0) return 0;
     const int start = (s->sliding_window > 0 && seq_len > s->sliding_window)
                           ? seq_len - s->sliding_window : 0;
     const int w = seq_len - start, last = (seq_len - 1) / bs;
-    const int64_t page_bytes = (int64_t)bs * HK * D * (is_bf16 ? 2 : 4);
+    const int64_t page_bytes = (int64_t)bs * HK * D * kind_size(ck);
     float *scores = scratch, *qf = scratch + (int64_t)H * w, *acc = qf + (int64_t)H * D;
+    const float unit = ck == KIND_FP8 ? 256.0f : 1.0f; /* v8load_fp8_div256's 2^-8, undone */
     for (int i = 0; i < H * D; i++)
-        qf[i] = (is_bf16 ? load_bf16((const uint16_t *)q + i) : ((const float *)q)[i]) * s->scale;
+        qf[i] = load_kind(q, i, s->q_kind) * (s->scale * s->k_scale * unit);
     memset(acc, 0, sizeof(float) * H * D);
     for (int pass = 0; pass < 2; pass++) {
         const char *cache = pass == 0 ? k_cache : v_cache;
@@ -397,61 +416,61 @@ static int decode_one_simd(const void *q, const void *k_cache, const void *v_cac
             const int t0 = blk * bs > start ? blk * bs : start;
             const int64_t slot0 = (int64_t)table[blk] * bs + (t0 - (int64_t)blk * bs);
             const int t1 = (blk + 1) * bs < seq_len ? (blk + 1) * bs : seq_len;
-            if (is_bf16) page_bf16(pass, qf, (const uint16_t *)cache, slot0, t0, t1, start, w, s,
-                                   scores, acc, next, page_bytes);
+            if (ck == KIND_BF16) page_bf16(pass, qf, (const uint16_t *)cache, slot0, t0, t1, start,
+                                           w, s, scores, acc, next, page_bytes);
+            else if (ck == KIND_FP8) page_fp8(pass, qf, (const uint8_t *)cache, slot0, t0, t1,
+                                              start, w, s, scores, acc, next, page_bytes);
             else page_f32(pass, qf, (const float *)cache, slot0, t0, t1, start, w, s, scores, acc,
                           next, page_bytes);
         }
     }
+    const __m256 vs = _mm256_set1_ps(s->v_scale * unit);
     for (int i = 0; i < H * D; i += 8) {
-        if (is_bf16) v8store_bf16((uint16_t *)out + i, _mm256_loadu_ps(acc + i));
-        else v8store_f32((float *)out + i, _mm256_loadu_ps(acc + i));
+        const __m256 o = _mm256_mul_ps(_mm256_loadu_ps(acc + i), vs);
+        if (s->q_kind == KIND_BF16) v8store_bf16((uint16_t *)out + i, o);
+        else v8store_f32((float *)out + i, o);
     }
     return 1;
 }
 #else
 static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
                              const int32_t *table, int seq_len, const decode_shape *s,
-                             float *scratch, int is_bf16) {
+                             float *scratch) {
     (void)q, (void)k_cache, (void)v_cache, (void)out, (void)table, (void)seq_len, (void)s;
-    (void)scratch, (void)is_bf16;
+    (void)scratch;
     return 0;
 }
 #endif
 
 /* The decode rows seqs[0:count) of the batch, longest context first: sequence i's query is row
  * q_rows[i] of q and out, its context seq_lens[i] tokens long, its pages row i of block_tables.
+ * q and out hold s->q_kind elements (float32 or bf16), the caches s->cache_kind ones.
  * Sequences are handed to up to num_threads threads one at a time, longest first, so the threads
  * finish together. Returns 0, or -1 when a thread could not allocate its scratch buffer (its
  * sequences are not written then). */
-#define DEFINE_DECODE_BATCH(NAME, ONE, T, IS_BF16)                                               \
-int NAME(const T *q, const T *k_cache, const T *v_cache, T *out, const int32_t *seqs,          \
-         const int32_t *q_rows, const int32_t *seq_lens, const int32_t *block_tables,          \
-         int count, int num_threads, const decode_shape *s) {                                  \
-    int longest = 1, failed = 0;                                                              \
-    for (int i = 0; i < count; i++)                                                           \
-        longest = seq_lens[seqs[i]] > longest ? seq_lens[seqs[i]] : longest;                  \
-    const int64_t H = s->num_q_heads, D = s->head_dim;                                        \
-    (void)num_threads;                                                                        \
-    _Pragma("omp parallel num_threads(num_threads) reduction(|: failed)")                     \
-    {                                                                                         \
-        float *scratch = malloc(sizeof(float) * (H * longest + (2 * H + 1) * D));             \
-        failed = scratch == NULL;                                                             \
-        _Pragma("omp for schedule(dynamic, 1)")                                               \
-        for (int i = 0; i < count; i++) {                                                     \
-            if (!scratch) continue;                                                           \
-            const int seq = seqs[i];                                                          \
-            const T *qs = q + q_rows[seq] * s->q_row_stride;                                  \
-            T *os = out + q_rows[seq] * s->out_row_stride;                                    \
-            const int32_t *table = block_tables + seq * s->block_table_stride;                \
-            if (!decode_one_simd(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch,  \
-                                 IS_BF16))                                                    \
-                ONE(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch);              \
-        }                                                                                     \
-        free(scratch);                                                                        \
-    }                                                                                         \
-    return failed ? -1 : 0;                                                                   \
+int paged_decode(const char *q, const void *k_cache, const void *v_cache, char *out,
+                 const int32_t *seqs, const int32_t *q_rows, const int32_t *seq_lens,
+                 const int32_t *block_tables, int count, int num_threads, const decode_shape *s) {
+    int longest = 1, failed = 0;
+    for (int i = 0; i < count; i++)
+        longest = seq_lens[seqs[i]] > longest ? seq_lens[seqs[i]] : longest;
+    const int64_t H = s->num_q_heads, D = s->head_dim, qsize = kind_size(s->q_kind);
+    (void)num_threads;
+    #pragma omp parallel num_threads(num_threads) reduction(|: failed)
+    {
+        float *scratch = malloc(sizeof(float) * (H * longest + (2 * H + 1) * D));
+        failed = scratch == NULL;
+        #pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < count; i++) {
+            if (!scratch) continue;
+            const int seq = seqs[i];
+            const char *qs = q + q_rows[seq] * s->q_row_stride * qsize;
+            char *os = out + q_rows[seq] * s->out_row_stride * qsize;
+            const int32_t *table = block_tables + seq * s->block_table_stride;
+            if (!decode_one_simd(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch))
+                decode_one(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch);
+        }
+        free(scratch);
+    }
+    return failed ? -1 : 0;
 }
-
-DEFINE_DECODE_BATCH(paged_decode_f32, decode_one_f32, float, 0)
-DEFINE_DECODE_BATCH(paged_decode_bf16, decode_one_bf16, uint16_t, 1)

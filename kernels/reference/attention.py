@@ -11,9 +11,11 @@ A query at position p attends to keys at positions k with k <= p (causal) and, w
 window W > 0, k > p - W. Prompt chunks and single decode tokens mix freely in one batch. Slots
 outside every context may hold anything (NaN included) and must not affect the result.
 
-Precision: scores, softmax and accumulation are float32. A bf16 cache is attended in bf16 by torch's
-fused attention, which (like the Triton kernel) rounds the probabilities P to bf16 before P.V;
-any other dtype is upcast to float32 first. The output is cast to `out`'s dtype.
+Precision: scores, softmax and accumulation are float32. A bf16 cache under bf16 queries is
+attended in bf16 by torch's fused attention, which (like the Triton kernel) rounds the
+probabilities P to bf16 before P.V; any other pairing (a bf16 cache under float32 queries, an
+fp8 cache) is upcast to float32 first. An fp8 cache's values are multiplied by k_scale / v_scale
+as they are upcast. The output is cast to `out`'s dtype.
 
 How the CPU gets speed from plain torch ops (the semantics above do not depend on it):
   - decode rows (one query) are grouped by context length, longest first, each group padded only
@@ -42,9 +44,10 @@ import torch.nn.functional as F
 DECODE_GROUP_BYTES = 4 << 20
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """bf16 stays bf16 (fused attention accumulates in float32); anything else: float32."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+def _compute_dtype(cache: torch.dtype, q: torch.dtype) -> torch.dtype:
+    """bf16 queries on a bf16 cache stay bf16 (fused attention accumulates in float32);
+    anything else: float32 (a float32 model keeps its queries exact over a narrower cache)."""
+    return torch.bfloat16 if cache == q == torch.bfloat16 else torch.float32
 
 
 def _context_slots(seq_lens: torch.Tensor, block_tables: torch.Tensor,
@@ -60,11 +63,20 @@ def _context_slots(seq_lens: torch.Tensor, block_tables: torch.Tensor,
     return pages.gather(1, pos // block_size) * block_size + pos % block_size, inside
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[S, L] slots -> [S, Hkv, L, D] in dtype (the cache is contiguous: a view, never a copy)."""
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype,
+            scale: float = 1.0) -> torch.Tensor:
+    """[S, L] slots -> [S, Hkv, L, D] in dtype, times scale when it is not 1 (the cache is
+    contiguous: a view, never a copy)."""
     num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
-    rows = cache.view(-1, num_kv_heads, head_dim).index_select(0, slots.flatten())
-    return rows.view(*slots.shape, num_kv_heads, head_dim).to(dtype).transpose(1, 2)
+    flat = cache.view(-1, num_kv_heads, head_dim)
+    if cache.element_size() == 1:  # fp8: torch's CPU index_select has no float8 kernel
+        rows = flat.view(torch.uint8).index_select(0, slots.flatten()).view(cache.dtype)
+    else:
+        rows = flat.index_select(0, slots.flatten())
+    rows = rows.to(dtype)
+    if scale != 1.0:
+        rows = rows.mul_(scale)
+    return rows.view(*slots.shape, num_kv_heads, head_dim).transpose(1, 2)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
@@ -167,36 +179,39 @@ def _step_plan(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables:
 
 
 def _attend_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: _Span,
-                 scale: float, sliding_window: int, softcap: float) -> torch.Tensor:
+                 scale: float, sliding_window: int, softcap: float,
+                 kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """q [rows, Hq, D] -> [rows, Hq, D]. A decode group's query heads sharing KV head j are j's
     query rows (q viewed [G, Hkv, Hq / Hkv, D]); a prompt chunk is [1, Hq, Q, D]."""
     allowed = span.allowed
     if sliding_window > 0:
         k_pos = torch.arange(span.slots.shape[1], device=q.device)
         allowed = allowed & (k_pos > span.q_pos - sliding_window)
-    dtype = _compute_dtype(k_cache.dtype)
+    dtype = _compute_dtype(k_cache.dtype, q.dtype)
     if span.is_decode:
         qs = q.to(dtype).view(q.shape[0], k_cache.shape[2], -1, q.shape[2])
     else:
         qs = q.to(dtype).transpose(0, 1)[None]
-    out = _attention(qs, _gather(k_cache, span.slots, dtype), _gather(v_cache, span.slots, dtype),
-                     allowed, scale, softcap)
+    k = _gather(k_cache, span.slots, dtype, kv_scales[0])
+    out = _attention(qs, k, _gather(v_cache, span.slots, dtype, kv_scales[1]), allowed, scale,
+                     softcap)
     return out.reshape(q.shape) if span.is_decode else out[0].transpose(0, 1)
 
 
 def attend_spans(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                  out: torch.Tensor, *, scale: float, sliding_window: int, softcap: float,
-                 skip_query_rows: int = 0) -> None:
+                 skip_query_rows: int = 0, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """paged_attention's work; sequences with at most skip_query_rows query rows are left to the
     caller (the CPU backend attends those in C)."""
-    token_bytes = k_cache.shape[2] * k_cache.shape[3] * _compute_dtype(k_cache.dtype).itemsize
+    token_bytes = (k_cache.shape[2] * k_cache.shape[3]
+                   * _compute_dtype(k_cache.dtype, q.dtype).itemsize)
     group_tokens = 0 if skip_query_rows else max(1, DECODE_GROUP_BYTES // token_bytes)
     spans = _step_plan(cu_seqlens_q, seq_lens, block_tables, k_cache.shape[1], group_tokens,
                        max(skip_query_rows, 1))
     for span in spans:
         out[span.rows] = _attend_span(q[span.rows], k_cache, v_cache, span, scale,
-                                      sliding_window, softcap).to(out.dtype)
+                                      sliding_window, softcap, (k_scale, v_scale)).to(out.dtype)
 
 
 def paged_attention(
@@ -213,6 +228,8 @@ def paged_attention(
     max_seqlen_k: int,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    k_scale: float = 1.0,  # an fp8 cache's keys are stored / k_scale: read back times it
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Write attention outputs for every query row into `out` and return it.
 
@@ -220,5 +237,5 @@ def paged_attention(
     the reference does not need them.
     """
     attend_spans(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, scale=scale,
-                 sliding_window=sliding_window, softcap=softcap)
+                 sliding_window=sliding_window, softcap=softcap, k_scale=k_scale, v_scale=v_scale)
     return out

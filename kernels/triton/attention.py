@@ -17,6 +17,10 @@ Flash-decoding: with NUM_SPLITS > 1 the key tiles of each (query tile, KV head) 
 NUM_SPLITS programs, which write unnormalised partial outputs with their running max and sum into
 reused workspaces; a second kernel (attention_reduce.py) merges them. attention_tiles.py picks
 the tiling and the split count (a function of the batch-size bucket only).
+
+A cache narrower than q (bf16 under float32 queries, or fp8 e4m3, passed as its bytes) is widened
+to q's dtype as each tile is loaded (fp8 exactly: e4m3 values are bf16 and fp16 values); an fp8
+cache's k_scale is folded into the score scale and v_scale into the output.
 """
 
 from __future__ import annotations
@@ -60,6 +64,24 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
     else:
         c = tl.dot(a, b)
     return c
+
+
+@triton.jit
+def e4m3_to_f32(x):
+    """e4m3 bits (uint8) -> fp32: rearranged into fp16's bits (exponent bias 15, 8 more than
+    e4m3's; fp16 holds e4m3's subnormals as its own), widened, times 2^8; 0x7f / 0xff are NaN."""
+    h = x.to(tl.uint16)
+    h = ((h & 0x80) << 8) | ((h & 0x7F) << 7)
+    f = h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+    return tl.where((x & 0x7F) == 0x7F, float("nan"), f)
+
+
+@triton.jit
+def _widen(x, dtype, KV_FP8: tl.constexpr):
+    """A loaded K/V tile in q's dtype."""
+    if KV_FP8:
+        x = e4m3_to_f32(x)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -136,7 +158,8 @@ def _tile_runs(ctx_len, q_tile_start, q_len, sliding_window, split, BLOCK_Q: tl.
 def _attend_tile(acc, m_i, l_i, q, t, table, seq_len, q_pos, dims, dim_ok, k_head, v_head,
                  scale, softcap, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr):
+                 USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+                 KV_FP8: tl.constexpr):
     """Key tile t into the online softmax; -> (acc, m_i, l_i). k_head / v_head: the caches
     offset to this KV head. Unless MASKED, every key of the tile is inside the context and
     visible to every row: loads and logits go unmasked."""
@@ -152,7 +175,8 @@ def _attend_tile(acc, m_i, l_i, q, t, table, seq_len, q_pos, dims, dim_ok, k_hea
         v_mask = dim_ok[None, :]
     k_off = page * stride_kb + (k_pos % BLOCK_SIZE) * stride_kt
     v_off = page * stride_vb + (k_pos % BLOCK_SIZE) * stride_vt
-    k = tl.load(k_head + k_off[None, :] + dims[:, None], mask=k_mask, other=0.0)
+    k = _widen(tl.load(k_head + k_off[None, :] + dims[:, None], mask=k_mask, other=0), q.dtype,
+               KV_FP8)
     s = _scores(q, k, k_pos, q_pos, seq_len, scale, softcap, sliding_window, MASKED,
                 USE_SOFTCAP, USE_WINDOW, DOT_FP32)
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -160,28 +184,32 @@ def _attend_tile(acc, m_i, l_i, q, t, table, seq_len, q_pos, dims, dim_ok, k_hea
     p = tl.exp2(s - m_sub[:, None])
     alpha = tl.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_head + v_off[:, None] + dims[None, :], mask=v_mask, other=0.0)
+    v = _widen(tl.load(v_head + v_off[:, None] + dims[None, :], mask=v_mask, other=0), q.dtype,
+               KV_FP8)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _store_partials(part_acc_ptr, part_ml_ptr, acc, m_i, l_i, tok, head, row_ok, split,
-                    GROUP: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """One split's unnormalised output, running max and sum, for attention_reduce.py."""
+                    v_scale, GROUP: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr):
+    """One split's unnormalised output (times v_scale: the merge is linear in it), running max
+    and sum, for attention_reduce.py."""
     num_q_heads = tl.num_programs(1) * GROUP
     part = (tok * num_q_heads + head) * NUM_SPLITS + split
-    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_P + tl.arange(0, HEAD_DIM_P)[None, :], acc,
-             mask=row_ok[:, None])
+    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_P + tl.arange(0, HEAD_DIM_P)[None, :],
+             acc * v_scale, mask=row_ok[:, None])
     tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
     tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
 
 
 @triton.jit
-def _store_out(out_ptr, acc, l_i, tok, head, row_ok, dims, dim_ok, stride_ot, stride_oh):
+def _store_out(out_ptr, acc, l_i, tok, head, row_ok, dims, dim_ok, stride_ot, stride_oh,
+               v_scale):
     o_ptr = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only: every real row sees a key
-    tl.store(o_ptr, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+    tl.store(o_ptr, (acc / l_i[:, None] * v_scale).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
 
 
@@ -198,7 +226,7 @@ STEP_POINTERS = ["cu_seqlens_q_ptr", "seq_lens_ptr", "block_tables_ptr"]
 @triton.jit(do_not_specialize=STEP_INTS, do_not_specialize_on_alignment=STEP_POINTERS)
 def _paged_attention_kernel(
     q_ptr,  # [num_tokens, num_q_heads, head_dim]
-    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]; uint8 bits when KV_FP8
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
@@ -206,13 +234,13 @@ def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_q_heads, head_dim]; written when NUM_SPLITS == 1
     part_acc_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS, HEAD_DIM_P] fp32; NUM_SPLITS > 1
     part_ml_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS, 2] fp32 (max in log2 units, sum)
-    scale, softcap, sliding_window, num_seqs,
+    scale, softcap, sliding_window, num_seqs, v_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -252,23 +280,24 @@ def _paged_attention_kernel(
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, t, table, seq_len, q_pos, dims, dim_ok, k_head, v_head, scale,
                 softcap, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE,
-                BLOCK_N, True, USE_SOFTCAP, USE_WINDOW, DOT_FP32)
+                BLOCK_N, True, USE_SOFTCAP, USE_WINDOW, DOT_FP32, KV_FP8)
     for t in range(a, b):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, t, table, seq_len, q_pos, dims, dim_ok, k_head, v_head, scale,
             softcap, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE,
-            BLOCK_N, False, USE_SOFTCAP, USE_WINDOW, DOT_FP32)
+            BLOCK_N, False, USE_SOFTCAP, USE_WINDOW, DOT_FP32, KV_FP8)
     for t in range(b, hi):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, t, table, seq_len, q_pos, dims, dim_ok, k_head, v_head, scale,
             softcap, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE,
-            BLOCK_N, True, USE_SOFTCAP, USE_WINDOW, DOT_FP32)
+            BLOCK_N, True, USE_SOFTCAP, USE_WINDOW, DOT_FP32, KV_FP8)
 
     if NUM_SPLITS == 1:
-        _store_out(out_ptr, acc, l_i, tok, head, row_ok, dims, dim_ok, stride_ot, stride_oh)
+        _store_out(out_ptr, acc, l_i, tok, head, row_ok, dims, dim_ok, stride_ot, stride_oh,
+                   v_scale)
     else:
         _store_partials(part_acc_ptr, part_ml_ptr, acc, m_i, l_i, tok, head, row_ok, split,
-                        GROUP, HEAD_DIM_P, NUM_SPLITS)
+                        v_scale, GROUP, HEAD_DIM_P, NUM_SPLITS)
 
 
 @functools.cache
@@ -330,6 +359,8 @@ def paged_attention(
     max_seqlen_k: int,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Same contract as kernels.reference.paged_attention; launches without a device sync.
     max_seqlen_k is not needed: split counts follow the batch-size bucket alone."""
@@ -337,7 +368,8 @@ def paged_attention(
                               q.dtype, max_seqlen_q, q.device)
     return paged_attention_launch(
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, scale=scale,
-        sliding_window=sliding_window, softcap=softcap, num_splits=splits, **cfg,
+        sliding_window=sliding_window, softcap=softcap, num_splits=splits, k_scale=k_scale,
+        v_scale=v_scale, **cfg,
     )
 
 
@@ -345,7 +377,7 @@ def paged_attention_launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor, block_tables: torch.Tensor, out: torch.Tensor, *, scale: float,
     sliding_window: int, softcap: float, num_splits: int, BLOCK_M: int, BLOCK_N: int,
-    num_warps: int = 4, num_stages: int = 2,
+    num_warps: int = 4, num_stages: int = 2, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """paged_attention with the tiling and the number of KV splits chosen by the caller."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -368,16 +400,20 @@ def paged_attention_launch(
         part_acc, part_ml = split_partials(q.device, num_tokens, num_q_heads, num_splits,
                                            head_dim_p)
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if kv_fp8:  # read as bytes and widened in the kernel (the interpreter has no fp8 type)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, part_acc, part_ml,
-        float(scale), float(softcap), int(sliding_window), num_seqs,
+        float(scale * k_scale), float(softcap), int(sliding_window), num_seqs, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, GROUP=group,
         BLOCK_M=BLOCK_M, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits,
         USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0,
-        DOT_FP32=dot_in_fp32(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_FP32=dot_in_fp32(q.dtype), KV_FP8=kv_fp8, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         reduce_splits(part_acc, part_ml, out)

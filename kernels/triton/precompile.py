@@ -126,6 +126,8 @@ def warmup(k_cache: torch.Tensor, v_cache: torch.Tensor, *, num_q_heads: int,
     Under the interpreter the launches compile nothing (tests record them instead).
     """
     t0 = time.perf_counter()
+    if dtype is None and k_cache.element_size() == 1:
+        raise ValueError("dtype: an fp8 cache's queries have another dtype; pass q's")
     dtype = dtype or k_cache.dtype
     num_kv_heads, head_dim, device = k_cache.shape[2], k_cache.shape[3], k_cache.device
     variants = attention_variants(num_q_heads, num_kv_heads, max_num_seqs, device)

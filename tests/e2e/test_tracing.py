@@ -58,7 +58,7 @@ def test_each_request_is_one_trace_across_the_three_processes(llama_dir: Path,
     threading.Thread(target=collector.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{collector.server_address[1]}/v1/traces"
     args = [str(llama_dir), "--dtype", "float32", "--num-kv-blocks", "64",
-            "--max-model-len", "256", "--otlp-traces-endpoint", endpoint]
+            "--max-model-len", "256", "--grpc-port", "-1", "--otlp-traces-endpoint", endpoint]
     try:
         with running_serve(args, tmp_path / "serve.log", llama_dir,
                            env={"OTEL_BSP_SCHEDULE_DELAY": "100"}) as serve:

@@ -14,11 +14,11 @@ from pagedserve.executor.sampler import (
     apply_penalties_and_bias,
     apply_top_k_top_p,
     build_sampling_metadata,
-    check_sampling_params,
     counter_uniform,
     inverse_cdf,
 )
 from pagedserve.protos import executor_pb2
+from pagedserve.protos.request_checks import check_sampling_params
 
 V = 64
 EOS = (1, 3)

@@ -75,3 +75,15 @@ def _decode(model: Path, ids: list[int]) -> str:
     from pagedserve.llm import load_tokenizer
 
     return load_tokenizer(str(model)).decode(ids, skip_special_tokens=True)
+
+
+def test_offline_draft_model_is_exact_and_accepted(smollm2: Path,
+                                                   plain_outputs: list[list[int]]) -> None:
+    """The model as its own draft (a GGUF draft, the vocabularies compared from its metadata):
+    every proposal is accepted, and the outputs are those without speculation."""
+    spec = {"method": "draft_model", "model": str(smollm2), "num_speculative_tokens": 4}
+    llm = LLM(smollm2, dtype="float32", max_model_len=1024, speculative_config=spec)
+    outputs = [llm.chat(chat, GREEDY)[0].outputs[0].token_ids for chat in CHATS]
+    assert outputs == plain_outputs
+    stats = llm.scheduler.stats()
+    assert 0 < stats.spec_accepted_tokens == stats.spec_draft_tokens, stats

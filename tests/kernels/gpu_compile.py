@@ -14,7 +14,7 @@ import sys
 import time
 
 MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
-FLOAT_ARGS = {"scale", "softcap", "eps"}
+FLOAT_ARGS = {"scale", "softcap", "eps", "k_scale", "v_scale"}
 
 
 def _signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -48,17 +48,19 @@ def _attention_variants() -> list[tuple]:
     ints = {"cu_seqlens_q_ptr": "i32", "seq_lens_ptr": "i32", "block_tables_ptr": "i32",
             "part_acc_ptr": "fp32", "part_ml_ptr": "fp32"}
     out = []
-    for head_dim, max_q, splits, window, cap in [(64, 1, 1, False, False), (64, 1, 8, True, True),
-                                                  (64, 4096, 1, False, False),
-                                                  (128, 4096, 1, True, False),
-                                                  (256, 1, 1, False, False)]:
+    fp8 = {**ints, "k_cache_ptr": "u8", "v_cache_ptr": "u8"}  # --kv-cache-dtype fp8: bytes
+    for head_dim, max_q, splits, window, cap, kv_fp8 in [
+            (64, 1, 1, False, False, False), (64, 1, 8, True, True, False),
+            (64, 4096, 1, False, False, False), (128, 4096, 1, True, False, False),
+            (256, 1, 1, False, False, False), (128, 1, 8, False, False, True),
+            (128, 4096, 1, False, False, True)]:
         cfg = attention_tiles.tile_config(head_dim, 4, max_q, torch.bfloat16)
         const = {"HEAD_DIM": head_dim, "HEAD_DIM_P": head_dim, "BLOCK_SIZE": 16, "GROUP": 4,
                  "BLOCK_M": cfg["BLOCK_M"], "BLOCK_Q": cfg["BLOCK_M"] // 4,
                  "BLOCK_N": cfg["BLOCK_N"], "NUM_SPLITS": splits, "USE_SOFTCAP": cap,
-                 "USE_WINDOW": window, "DOT_FP32": False}
+                 "USE_WINDOW": window, "DOT_FP32": False, "KV_FP8": kv_fp8}
         opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        out.append((attention._paged_attention_kernel, ints, const, opts))
+        out.append((attention._paged_attention_kernel, fp8 if kv_fp8 else ints, const, opts))
     out.append((attention_reduce._reduce_splits_kernel, {"part_acc_ptr": "fp32",
                 "part_ml_ptr": "fp32"}, {"HEAD_DIM": 64, "HEAD_DIM_P": 64, "NUM_SPLITS": 8}, {}))
     return out
@@ -68,8 +70,11 @@ def _elementwise_variants() -> list[tuple]:
     from pagedserve.kernels.triton import activation, kv_write, norm, rotary
 
     return [
-        (kv_write._write_kv_kernel, {"slot_mapping_ptr": "i64"},
-         {"BLOCK_SIZE": 16, "NUM_HEADS": 8, "HEAD_DIM": 128, "HEADS_P": 8, "HEAD_DIM_P": 128}, {}),
+        *[(kv_write._write_kv_kernel,
+           {"slot_mapping_ptr": "i64", **({"k_cache_ptr": "u8", "v_cache_ptr": "u8"}
+                                          if kv_fp8 else {})},
+           {"BLOCK_SIZE": 16, "NUM_HEADS": 8, "HEAD_DIM": 128, "HEADS_P": 8, "HEAD_DIM_P": 128,
+            "KV_FP8": kv_fp8}, {}) for kv_fp8 in (False, True)],
         (norm._rms_norm_kernel, {}, {"HIDDEN": 2048, "BLOCK": 2048}, {"num_warps": 8}),
         (norm._fused_add_rms_norm_kernel, {}, {"HIDDEN": 2048, "BLOCK": 2048}, {"num_warps": 8}),
         (rotary._rotary_kernel, {"positions_ptr": "i64", "cos_sin_ptr": "fp32"},

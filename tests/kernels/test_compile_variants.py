@@ -13,7 +13,7 @@ from tests.kernels.common import DEVICE, ON_GPU
 
 pytestmark = pytest.mark.triton
 
-FLOATS = {"scale", "softcap", "eps"}
+FLOATS = {"scale", "softcap", "eps", "k_scale", "v_scale"}  # floats never specialise
 # Slices of the step's metadata buffers: their offsets may change per step (packed uploads).
 STEP_POINTERS = {"cu_seqlens_q_ptr", "seq_lens_ptr", "block_tables_ptr", "slot_mapping_ptr",
                  "positions_ptr"}
@@ -48,10 +48,11 @@ class Step:
 
     HEADS, KV_HEADS, HEAD_DIM, BLOCK, HIDDEN, INTER = 8, 2, 32, 16, 64, 96
 
-    def __init__(self, max_seqs: int = 16, max_blocks: int = 12) -> None:
+    def __init__(self, max_seqs: int = 16, max_blocks: int = 12,
+                 cache_dtype: torch.dtype = torch.float16) -> None:
         shape = (max_seqs * max_blocks, self.BLOCK, self.KV_HEADS, self.HEAD_DIM)
-        self.k_cache = torch.zeros(shape, dtype=torch.float16, device=DEVICE)
-        self.v_cache = torch.zeros(shape, dtype=torch.float16, device=DEVICE)
+        self.k_cache = torch.zeros(shape, dtype=cache_dtype, device=DEVICE)
+        self.v_cache = torch.zeros(shape, dtype=cache_dtype, device=DEVICE)
         self.meta = torch.zeros(4096, dtype=torch.int32, device=DEVICE)
         self.slots = torch.zeros(512, dtype=torch.int64, device=DEVICE)
         self.cos_sin = torch.zeros(512, self.HEAD_DIM, device=DEVICE)
@@ -96,12 +97,14 @@ STEPS = [([1] * n, [5 + 13 * i for i in range(n)]) for n in range(1, 13)] + [
 ]
 
 
-def test_served_steps_launch_only_warmed_variants(tk) -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float8_e4m3fn])  # --kv-cache-dtype
+def test_served_steps_launch_only_warmed_variants(tk, cache_dtype) -> None:
     from pagedserve.kernels.triton.variants import record_launch_keys
 
-    step = Step()
+    step = Step(cache_dtype=cache_dtype)
     with record_launch_keys(execute=False) as warmed:
-        tk.warmup(step.k_cache, step.v_cache, num_q_heads=Step.HEADS, max_num_seqs=12)
+        tk.warmup(step.k_cache, step.v_cache, num_q_heads=Step.HEADS, max_num_seqs=12,
+                  dtype=torch.float16)
     assert {key[0] for key in warmed} == {"_paged_attention_kernel", "_reduce_splits_kernel"}
     with record_launch_keys(execute=False) as seen:
         for i, (q_lens, seq_lens) in enumerate(STEPS):

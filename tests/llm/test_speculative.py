@@ -141,7 +141,8 @@ def test_bad_speculative_config_is_a_value_error_naming_the_field() -> None:
     cases = [({"method": "eagle"}, "method"), ({"num_speculative_tokens": 0},
                                                "num_speculative_tokens"),
              ({"prompt_lookup_min": 5, "prompt_lookup_max": 3}, "prompt_lookup_min"),
-             ({"model": "x"}, "unknown field"), ("{not json", "not valid JSON")]
+             ({"model": "x"}, r"speculative_config\.model"), ({"draft": "x"}, "unknown field"),
+             ("{not json", "not valid JSON")]
     for value, needle in cases:
         with pytest.raises(ValueError, match=needle):
             SpeculativeConfig.parse(value)

@@ -1,0 +1,128 @@
+"""The real model (SmolLM2-135M-Instruct, Q4_1 GGUF) run quantized against the same file
+dequantized at load, both in float32: greedy answers on the real-model prompts (tests/gguf/
+test_real_model.py's questions and plain prompts).
+
+Per prompt the two runs agree up to a first divergence (or to the end). The agreement rate is the
+share of generated tokens before the first divergences, and must be at least MIN_AGREEMENT. Every
+divergence must be a near-tie within the error the quantized kernels make, measured, not assumed:
+
+    E = the largest |logprob_quantized - logprob_dense| over the tokens both runs list (top 5) at
+        every position where they agreed (same context on both sides, so the same values but for
+        the kernels' arithmetic); E itself is capped a priori by MAX_ERROR.
+    At a divergence (dense chose a, quantized b, from the same context) both tokens are among
+    each run's two best and the dense run's gap logprob[a] - logprob[b] is at most 2E: two
+    logprobs each off by at most E can swap only when they are within 2E.
+
+The divergence position itself is left out of E: there the swap already implies an error of half
+the gap, and counting it would let any divergence excuse itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.outputs import CompletionOutput
+from tests.gguf.test_real_model import PLAIN, QUESTIONS
+
+pytestmark = [pytest.mark.real_model, pytest.mark.timeout(300)]
+
+N = 12  # generated tokens per prompt
+TOP = 5
+GREEDY = SamplingParams(temperature=0.0, max_tokens=N, min_tokens=N, logprobs=TOP)
+MIN_AGREEMENT = 0.95
+MAX_ERROR = 0.05  # logprob error allowed where the runs agree (float32 reference kernels: ~1e-5)
+
+
+def _engine(path: Path, quantized: bool) -> LLM:
+    """The file's engine, its GGUF weights run quantized or dense (expanded at load)."""
+    return LLM(path, dtype="float32", max_model_len=256, num_kv_blocks=64,
+               quantization="auto" if quantized else "dequantize")
+
+
+def _prompts(llm: LLM) -> list[dict]:
+    tok = llm.get_tokenizer()
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                     add_generation_prompt=True) for q in QUESTIONS]
+    return ([{"prompt_token_ids": tok(c, add_special_tokens=False).input_ids} for c in chats]
+            + [{"prompt_token_ids": tok(p).input_ids} for p in PLAIN])
+
+
+def _quantized_layers(llm: LLM) -> int:
+    return sum(getattr(m, "quant", None) is not None for m in llm.executor.model.modules())
+
+
+@pytest.fixture(scope="module")
+def runs(smollm2: Path) -> tuple[list[CompletionOutput], list[CompletionOutput]]:
+    """(dense, quantized) greedy completions of every prompt."""
+    outs = []
+    prompts = None
+    for quantized in (False, True):
+        llm = _engine(smollm2, quantized)
+        # quantized: every projection and the LM head (tied to the Q8_0 embedding) run quantized
+        assert _quantized_layers(llm) == (4 * llm.executor.model_config.num_layers + 1
+                                          if quantized else 0)
+        prompts = prompts or _prompts(llm)
+        outs.append([o.outputs[0] for o in llm.generate(prompts, GREEDY, use_tqdm=False)])
+        del llm
+    return outs[0], outs[1]
+
+
+@dataclass
+class Comparison:
+    agreed: int  # tokens before the first divergences, all prompts
+    total: int
+    error: float  # E: the largest logprob error where the runs agreed
+    divergences: list[tuple[int, int, CompletionOutput, CompletionOutput]]  # prompt, position
+
+    @property
+    def rate(self) -> float:
+        return self.agreed / self.total
+
+
+def _error(dense: dict[int, float], quantized: dict[int, float]) -> float:
+    return max(abs(dense[t] - quantized[t]) for t in dense.keys() & quantized.keys())
+
+
+def _compare(dense: list[CompletionOutput], quantized: list[CompletionOutput]) -> Comparison:
+    result = Comparison(0, 0, 0.0, [])
+    for i, (d, q) in enumerate(zip(dense, quantized)):
+        assert len(d.token_ids) == len(q.token_ids) == N
+        first = next((t for t in range(N) if d.token_ids[t] != q.token_ids[t]), N)
+        result.agreed += first
+        result.total += N
+        for t in range(first):
+            result.error = max(result.error, _error(d.logprobs[t], q.logprobs[t]))
+        if first < N:
+            result.divergences.append((i, first, d, q))
+    return result
+
+
+def _best(top: dict[int, float], k: int = 2) -> list[int]:
+    return sorted(top, key=top.get, reverse=True)[:k]
+
+
+def test_quantized_agrees_with_dequantized(runs) -> None:
+    comparison = _compare(*runs)
+    print(f"\nagreement {comparison.agreed}/{comparison.total} tokens "
+          f"({comparison.rate:.1%}); E = {comparison.error:.2e}; first divergences "
+          f"(prompt, position): {[(i, t) for i, t, _, _ in comparison.divergences]}")
+    assert comparison.error <= MAX_ERROR, f"logprob error {comparison.error:.3f} where they agree"
+    assert comparison.rate >= MIN_AGREEMENT
+    for i, t, d, q in comparison.divergences:
+        a, b = d.token_ids[t], q.token_ids[t]
+        dense, quant = d.logprobs[t], q.logprobs[t]
+        gap = dense[a] - dense.get(b, float("-inf"))
+        assert b in _best(dense) and a in _best(quant) and gap <= 2 * comparison.error, (
+            f"prompt {i}, token {t}: dense {a}, quantized {b}, dense logprob gap {gap:.4f} over "
+            f"2E = {2 * comparison.error:.4f}: not a near-tie")
+
+
+def test_paris_stays_paris(runs) -> None:
+    dense, quantized = runs
+    assert QUESTIONS[0] == "What is the capital of France?"
+    assert "Paris" in dense[0].text
+    assert "Paris" in quantized[0].text, quantized[0].text
