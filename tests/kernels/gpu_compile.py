@@ -66,6 +66,26 @@ def _attention_variants() -> list[tuple]:
     return out
 
 
+def _quant_linear_variants() -> list[tuple]:
+    """W8A16 and W4A16 (kernels/triton/quant_linear.py) for a decode-sized and a prompt-sized
+    block of rows, with and without offsets."""
+    import importlib
+
+    # the module, not the function kernels.triton exports under the same name
+    quant_linear = importlib.import_module("pagedserve.kernels.triton.quant_linear")
+
+    out = []
+    for bits, group, offset, block_m in ((8, 128, False, 16), (8, 32, False, 64),
+                                         (4, 128, True, 16), (4, 32, True, 64)):
+        pointers = {"q_ptr": "i8" if bits == 8 else "u8", "s_ptr": "fp32", "o_ptr": "fp32",
+                    "b_ptr": "fp32"}
+        const = {"N": 2048, "K": 2048, "GROUP": group, "BITS": bits, "HAS_OFFSET": offset,
+                 "HAS_BIAS": False, "BLOCK_M": block_m, "BLOCK_N": 64,
+                 "BLOCK_K": quant_linear._block_k(group, bits), "DOT_FP32": False}
+        out.append((quant_linear._quant_linear_kernel, pointers, const, {}))
+    return out
+
+
 def _elementwise_variants() -> list[tuple]:
     from pagedserve.kernels.triton import activation, kv_write, norm, rotary
 
@@ -94,7 +114,8 @@ def main() -> int:
 
     target = GPUTarget("cuda", 90, 32)
     failed = 0
-    for kernel, pointers, const, opts in _attention_variants() + _elementwise_variants():
+    for kernel, pointers, const, opts in (_attention_variants() + _elementwise_variants()
+                                          + _quant_linear_variants()):
         t0 = time.perf_counter()
         sig = _signature(kernel, pointers, const)
         src = ASTSource(kernel, sig, constexprs=const, attrs=_attrs(kernel, sig))
