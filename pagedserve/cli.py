@@ -240,7 +240,8 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER_ADDR,
                    help="the scheduler's address, or several comma-separated: data-parallel "
                         "replicas, each request sent to one by prefix affinity within a load "
-                        "bound (router/replicas.py)")
+                        "bound (router/replicas.py); or dns:///NAME:PORT: every address the "
+                        "name resolves to, resolved again every 30 s")
     p.add_argument("--replica-policy", default="prefix", choices=("prefix", "round_robin"),
                    help="how requests are spread over several schedulers")
     p.add_argument("--model", required=True,

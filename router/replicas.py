@@ -28,7 +28,9 @@ import grpc
 import numpy as np
 
 from pagedserve.protos import executor_pb2, scheduler_pb2
+from pagedserve.router import replica_dns
 from pagedserve.router.metrics import Metric, labelled
+from pagedserve.router.replica_dns import DnsRefresh
 from pagedserve.router.scheduler_client import SchedulerClient
 
 AFFINITY_BLOCK = 16  # tokens hashed together (a typical KV block)
@@ -104,9 +106,18 @@ class SchedulerReplicas:
         self.load_slack = load_slack
         self.counts = AffinityCounts()
         self.address = ",".join(addresses)
+        self.refresh: DnsRefresh | None = None  # set when the set is a DNS name's
+
+    def set_addresses(self, addresses: Sequence[str]) -> None:
+        """The replicas are now these: those kept keep their state (load, back-off); streams
+        on a dropped one go on to their end."""
+        known = {r.address: r for r in self.replicas}
+        self.replicas = [known.get(a) or Replica(a, SchedulerClient(a)) for a in addresses]
 
     async def generate(self, request: scheduler_pb2.ScheduleRequest
                        ) -> AsyncIterator[scheduler_pb2.TokenOutput]:
+        if self.refresh is not None and (found := await self.refresh.addresses()):
+            self.set_addresses(found)
         key = affinity_key(request.prompt_token_ids) if self.policy == "prefix" else None
         self.counts.keyed += key is not None
         tried: list[Replica] = []
@@ -226,7 +237,13 @@ def _unavailable(tried: list[Replica]) -> grpc.aio.AioRpcError:
 
 
 def connect(address: str, policy: str = "prefix") -> SchedulerClient | SchedulerReplicas:
-    """One client for one address; a replica set for several, comma-separated."""
+    """One client for one address; a replica set for several, comma-separated, or for every
+    address a DNS name resolves to (dns:///NAME:PORT, router/replica_dns.py)."""
+    if address.startswith(replica_dns.PREFIX):
+        host, port = replica_dns.parse(address)
+        replicas = SchedulerReplicas(replica_dns.resolve(host, port), policy=policy)
+        replicas.refresh, replicas.address = replica_dns.DnsRefresh(host, port), address
+        return replicas
     addresses = [a.strip() for a in address.split(",") if a.strip()]
     if len(addresses) == 1:
         return SchedulerClient(addresses[0])
