@@ -32,7 +32,11 @@ from pagedserve.executor.request_state import RequestState
 from pagedserve.executor.sampler import HostSamplerOutput, Sampler, upload
 from pagedserve.executor.structured import StructuredOutputs, check_structured
 from pagedserve.protos import executor_pb2
-from pagedserve.protos.request_checks import check_sampling_params, check_token_ids
+from pagedserve.protos.request_checks import (
+    RequestRefused,
+    check_sampling_params,
+    check_token_ids,
+)
 
 log = structlog.get_logger("pagedserve.executor")
 CUDA_KV_CACHE_FRACTION = 0.9  # of the memory free after loading weights, when no budget is given
@@ -263,7 +267,12 @@ class Executor:
             if rid in held or rid in seen:
                 raise ValueError(f"request {rid!r}: request_id is already held by the executor")
             seen.add(rid)
-            self._check_new(new)
+            try:
+                self._check_new(new)
+            except RequestRefused:
+                raise
+            except ValueError as e:  # all of it is about this request: refuse it alone
+                raise RequestRefused(rid, str(e)) from None
             total += new.num_scheduled_tokens
         for cont in plan.continuing_requests:
             rid = cont.request_id

@@ -26,6 +26,7 @@ from pagedserve.executor.compute_thread import ComputeThread
 from pagedserve.executor.step_trace import StepTracer
 from pagedserve.protos import executor_pb2, executor_pb2_grpc, grpc_options, tls
 from pagedserve.protos.parse_guard import ParseGuard
+from pagedserve.protos.request_checks import REFUSED_REQUEST_KEY, RequestRefused
 
 log = structlog.get_logger("pagedserve.executor.server")
 
@@ -102,6 +103,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
                 # It may have taken in its new requests before failing: the next stream must
                 # forget them too, or their ids stay held and every resend is refused.
                 self._live.update(r.request_id for r in plan.new_requests)
+                if isinstance(e, RequestRefused):  # the scheduler fails this request alone
+                    context.set_trailing_metadata(
+                        ((REFUSED_REQUEST_KEY, e.request_id.encode()),))
                 log.exception("step failed", step_id=plan.step_id)
                 code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError)
                         else grpc.StatusCode.INTERNAL)

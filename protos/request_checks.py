@@ -10,11 +10,25 @@ from collections.abc import Iterable
 
 from pagedserve.protos import executor_pb2
 
+# gRPC trailing metadata of an Execute stream the executor ended over one request: its id (bytes)
+REFUSED_REQUEST_KEY = "pagedserve-refused-request-bin"
+
+
+class RequestRefused(ValueError):
+    """A check failed for one request. The executor ends the plan's stream naming it
+    (REFUSED_REQUEST_KEY), so the scheduler fails that request alone instead of resending it, and
+    every plan that carries it, for ever."""
+
+    def __init__(self, request_id: str, message: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
 
 def check_token_ids(request_id: str, field: str, token_ids: Iterable[int],
                     vocab_size: int) -> None:
     if any(not 0 <= t < vocab_size for t in token_ids):
-        raise ValueError(f"request {request_id!r}: {field} holds an id outside [0, {vocab_size})")
+        raise RequestRefused(request_id, f"request {request_id!r}: {field} holds an id outside "
+                                         f"[0, {vocab_size})")
 
 
 def check_sampling_params(request_id: str, p: executor_pb2.SamplingParams,
@@ -22,7 +36,7 @@ def check_sampling_params(request_id: str, p: executor_pb2.SamplingParams,
     """Parameters the sampler cannot honour."""
 
     def bad(field: str, why: str) -> ValueError:
-        return ValueError(f"request {request_id!r}: sampling.{field} {why}")
+        return RequestRefused(request_id, f"request {request_id!r}: sampling.{field} {why}")
 
     checks = [
         ("temperature", math.isfinite(p.temperature) and p.temperature >= 0, "must be >= 0"),

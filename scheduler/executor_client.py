@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import grpc
 
 from pagedserve.protos import executor_pb2, executor_pb2_grpc, grpc_options, tls
+from pagedserve.protos.request_checks import REFUSED_REQUEST_KEY
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -28,7 +29,19 @@ def channel_options() -> list[tuple[str, int]]:
 
 
 class ExecutorGone(Exception):
-    """The executor is unreachable, or its Execute stream ended or failed."""
+    """The executor is unreachable, or its Execute stream ended or failed; refused_request_id:
+    the request it ended the stream over (protos/request_checks.py), if it named one."""
+
+    def __init__(self, message: str, refused_request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.refused_request_id = refused_request_id
+
+
+def _refused(e: Exception) -> str | None:
+    """The request an executor's refusal names in its trailing metadata."""
+    metadata = e.trailing_metadata() if isinstance(e, grpc.aio.AioRpcError | grpc.Call) else None
+    value = dict(metadata or ()).get(REFUSED_REQUEST_KEY)
+    return value.decode(errors="replace") if isinstance(value, bytes) else None
 
 
 def _check_step(plan: executor_pb2.StepPlan, result: executor_pb2.StepResult) -> None:
@@ -65,7 +78,7 @@ class GrpcExecutorClient:
             result = next(self._results)
         except (grpc.RpcError, StopIteration) as e:
             self._drop_stream()
-            raise ExecutorGone(f"Execute stream broke: {e}") from e
+            raise ExecutorGone(f"Execute stream broke: {e}", _refused(e)) from e
         _check_step(plan, result)
         return result
 
@@ -106,7 +119,7 @@ class AsyncExecutorConnection:
             result = await self._call.read()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
             self.drop_stream()
-            raise ExecutorGone(f"Execute stream broke: {e}") from e
+            raise ExecutorGone(f"Execute stream broke: {e}", _refused(e)) from e
         if result is grpc.aio.EOF:
             self.drop_stream()
             raise ExecutorGone("Execute stream ended")

@@ -133,6 +133,10 @@ class StepLoop:
         try:
             return await asyncio.wait_for(self._conn.execute(plan), self._step_timeout or None)
         except ExecutorGone as e:
+            if e.refused_request_id is not None:  # it would be refused again, in every plan
+                log.warning("executor refused a request; aborting it",
+                            request_id=e.refused_request_id, reason=str(e))
+                self.abort(e.refused_request_id)
             self._lost_executor(str(e))
             return None
         except asyncio.TimeoutError:

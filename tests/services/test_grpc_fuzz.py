@@ -91,3 +91,31 @@ def test_a_request_the_executor_would_refuse_is_refused_alone(served: dict, fiel
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in refused.value.details()
     assert len(generate_through_scheduler(scheduler_address)) == 2
+
+
+def test_a_request_only_the_executor_refuses_is_aborted_alone(llama_dir, tmp_path) -> None:
+    """Defence in depth behind the scheduler's checks: the executor names the request it ended a
+    plan's stream over (trailing metadata), and the scheduler aborts that request instead of
+    resending it with every later plan; the others are recomputed and complete. Here: a
+    constrained request on a model directory with no tokenizer to build its grammar from."""
+    from tests.services.conftest import executor_and_scheduler
+
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for f in llama_dir.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            (bare / f.name).symlink_to(f)
+    sock = tmp_path / "s"
+    sock.mkdir()
+    with executor_and_scheduler(bare, sock) as _:
+        address = f"unix://{sock}/scheduler.sock"
+        constrained = scheduler_pb2.ScheduleRequest(
+            request_id="constrained", prompt_token_ids=[64, 65], max_tokens=8,
+            sampling=executor_pb2.SamplingParams(
+                structured=executor_pb2.StructuredOutput(grammar='start: "a"')))
+        with grpc.insecure_channel(address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            outs = list(stub.Generate(constrained, timeout=60))
+            assert outs and outs[-1].finished and outs[-1].finish_reason == "abort"
+            assert not [t for o in outs for t in o.token_ids]
+        assert len(generate_through_scheduler(address)) == 2
