@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import resource
 import time
 from collections import Counter
@@ -25,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pagedserve.bench.results import write_results
-from pagedserve.bench.serve import launched_server
-from pagedserve.bench.sse_client import HTTPStatusError, stream_events
+from pagedserve.bench.serve import RequestResult, launched_server, send_request
 
 
 @dataclass
@@ -40,23 +38,17 @@ class Outcomes:
 async def _one(url: str, payload: dict, out: Outcomes) -> None:
     out.open_now += 1
     out.open_peak = max(out.open_peak, out.open_now)
-    tokens = 0
     try:
-        async for event in stream_events(url, payload):
-            if event == "[DONE]":
-                break
-            chunk = json.loads(event)
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"].get("message", "error event"))
-            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
-        kind = "completed" if tokens == payload["max_tokens"] else f"error:{tokens} tokens"
-    except HTTPStatusError as e:
-        kind = "refused_429" if e.status == 429 else f"error:HTTP {e.status}"
-        out.retry_after_missing += e.status == 429 and "retry-after" not in e.headers
-    except (OSError, RuntimeError, asyncio.IncompleteReadError) as e:
-        kind = f"error:{type(e).__name__}: {str(e)[:80]}"
+        r = await send_request(url, payload, RequestResult(0, payload["max_tokens"]))
     finally:
         out.open_now -= 1
+    if r.http_status == 429:
+        kind = "refused_429"
+        out.retry_after_missing += r.retry_after is None
+    elif r.ok and r.completion_tokens == payload["max_tokens"]:
+        kind = "completed"
+    else:
+        kind = f"error:{r.error[:80] or f'{r.completion_tokens} tokens'}"
     out.kinds[kind] += 1
 
 

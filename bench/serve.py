@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from pagedserve.bench.results import write_results
-from pagedserve.bench.sse_client import stream_events
+from pagedserve.bench.sse_client import HTTPStatusError, stream_events
 from pagedserve.bench.workload import BenchRequest, sharegpt_like
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +57,8 @@ class RequestResult:
     ttft_s: float = 0.0
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
+    http_status: int = 200  # a refusal's status (bench.connections counts 429s)
+    retry_after: str | None = None  # a refusal's Retry-After header
 
     @property
     def tpot_s(self) -> float | None:
@@ -97,6 +99,9 @@ async def send_request(url: str, payload: dict, result: RequestResult) -> Reques
         result.ok = result.completion_tokens > 0
         if not result.ok:
             result.error = "no usage chunk"
+    except HTTPStatusError as e:
+        result.error, result.http_status = f"HTTPStatusError: {e}", e.status
+        result.retry_after = e.headers.get("retry-after")
     except Exception as e:  # a failed request is counted, not fatal
         result.error = f"{type(e).__name__}: {e}"
     return result
