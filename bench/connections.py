@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pagedserve.bench.results import write_results
 from pagedserve.bench.serve import RequestResult, launched_server, send_request
+from pagedserve.bench.server_processes import process_figures, process_names, server_processes
 
 
 @dataclass
@@ -62,44 +63,15 @@ async def hold(base_url: str, connections: int, max_tokens: int) -> tuple[Outcom
     return out, time.perf_counter() - start
 
 
-def _server_processes(base_url: str) -> list[int]:
-    """The pids of the processes listening under the server's port, with their children."""
-    port = base_url.rsplit(":", 1)[-1].split("/")[0]
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "pagedserve.cli serve" in cmd and f"--port {port}" in cmd:
-            return [int(pid_dir.name), *_children(int(pid_dir.name))]
-    return []
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        kids += [int(k) for k in task.read_text().split()]
-    return kids + [g for k in kids for g in _children(k)]
-
-
-def _resources(pids: list[int]) -> dict[str, dict[str, int]]:
-    """Per process: open file descriptors and threads."""
-    out = {}
-    for pid in pids:
-        try:
-            name = (Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3].decode()
-                    if pid != pids[0] else "serve")
-            out[f"{name}:{pid}"] = {"fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),
-                                    "threads": len(list(Path(f"/proc/{pid}/task").iterdir()))}
-        except (OSError, IndexError):
-            continue
-    return out
+def _resources(pids: list[int]) -> dict[str, dict[str, float]]:
+    """Per process ("name:pid"): resident MB, open file descriptors and threads."""
+    names = process_names(pids)
+    figures = {pid: process_figures(pid) for pid in names}
+    return {f"{names[pid]}:{pid}": f for pid, f in figures.items() if f is not None}
 
 
 def run(base_url: str, args: argparse.Namespace) -> dict:
-    pids = _server_processes(base_url)
+    pids = server_processes(base_url)
     before = _resources(pids)
     out, seconds = asyncio.run(hold(base_url, args.connections, args.max_tokens))
     time.sleep(2.0)  # let the server close what the run left

@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pagedserve.bench.connections import _server_processes
 from pagedserve.bench.results import write_results
 from pagedserve.bench.serve import (
     RequestResult,
@@ -31,34 +30,16 @@ from pagedserve.bench.serve import (
     run_rate,
     send_request,
 )
+from pagedserve.bench.server_processes import process_figures, process_names, server_processes
 from pagedserve.bench.workload import sharegpt_like
 
 
-def _proc_figures(pid: int) -> dict[str, float] | None:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        rss_kb = next(int(line.split()[1]) for line in status.splitlines()
-                      if line.startswith("VmRSS:"))
-        return {"rss_mb": rss_kb / 1024, "fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),
-                "threads": len(list(Path(f"/proc/{pid}/task").iterdir()))}
-    except (OSError, StopIteration):
-        return None
-
-
-def _names(pids: list[int]) -> dict[int, str]:
-    names = {}
-    for pid in pids:
-        parts = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        names[pid] = parts[3].decode() if len(parts) > 3 and pid != pids[0] else "serve"
-    return names
-
-
 async def _sample(pids: list[int], every_s: float, until: float, out: list[dict]) -> None:
-    names = _names(pids)
+    names = process_names(pids)
     while time.monotonic() < until:
         row = {"t": time.monotonic()}
         for pid in pids:
-            figures = _proc_figures(pid)
+            figures = process_figures(pid)
             if figures is not None:
                 row[names[pid]] = figures
         out.append(row)
@@ -141,7 +122,7 @@ async def _soak(base_url: str, prompts: list, requests: list, rate: float,
     samples: list[dict] = []
     done: list[tuple[float, RequestResult]] = []
     await asyncio.gather(
-        _sample(_server_processes(base_url), args.sample_s, until, samples),
+        _sample(server_processes(base_url), args.sample_s, until, samples),
         _load(f"{base_url}/v1/completions", prompts, requests, rate, until, done))
     return samples, done, start
 
