@@ -15,7 +15,6 @@ from pagedserve import tracing
 from pagedserve.protos import executor_pb2
 from pagedserve.scheduler.request import RequestStatus
 from pagedserve.scheduler.scheduler import Scheduler
-from pagedserve.scheduler.step_history import request_split
 
 
 @dataclass
@@ -46,9 +45,10 @@ class RequestTracer:
         t.queued = self._child(t, "queued")
         self.traced[request_id] = t
 
-    def planned(self, scheduler: Scheduler, plan: executor_pb2.StepPlan) -> None:
-        """After schedule(): new requests carry their span to the executor; chunks and decode
-        spans open; preemptions are marked."""
+    def planned(self, scheduler: Scheduler, plan: executor_pb2.StepPlan,
+                split: list[tuple[str, int, int]]) -> None:
+        """After schedule(), with the plan's request_split: new requests carry their span to the
+        executor; chunks and decode spans open; preemptions are marked."""
         for rid in plan.forget_request_ids:
             t, req = self.traced.get(rid), scheduler.requests.get(rid)
             if t is not None and req is not None and req.status == RequestStatus.PREEMPTED:
@@ -59,7 +59,7 @@ class RequestTracer:
             t = self.traced.get(new.request_id)
             if t is not None:
                 new.traceparent = tracing.traceparent_of(t.span)
-        for rid, prefill, decode in request_split(scheduler, plan):
+        for rid, prefill, decode in split:
             t = self.traced.get(rid)
             if t is None:
                 continue

@@ -31,7 +31,7 @@ from pagedserve.scheduler.outputs import RequestOutputDelta
 from pagedserve.scheduler.request_spec import RequestSpec
 from pagedserve.scheduler.request_trace import RequestTracer
 from pagedserve.scheduler.scheduler import Scheduler
-from pagedserve.scheduler.step_history import StepHistory, prefill_decode_split
+from pagedserve.scheduler.step_history import StepHistory, request_split
 from pagedserve.scheduler.step_timing import StepTimings
 
 log = structlog.get_logger("pagedserve.scheduler.step_loop")
@@ -99,9 +99,9 @@ class StepLoop:
         if not (plan.new_requests or plan.continuing_requests or plan.forget_request_ids):
             await self._nothing_scheduled(plan)
             return
-        split = prefill_decode_split(self.scheduler, plan)
+        split = request_split(self.scheduler, plan)  # once, for the history and the trace
         if self.trace is not None:
-            self.trace.planned(self.scheduler, plan)
+            self.trace.planned(self.scheduler, plan, split)
         sent = time.perf_counter()
         result = await self._execute(plan)
         if result is None:
@@ -116,7 +116,8 @@ class StepLoop:
         running = len(plan.new_requests) + len(plan.continuing_requests)
         self.timings.add(schedule=sent - start, rpc=received - sent,
                          execute=result.execute_seconds, apply=done - received, running=running)
-        self.history.record(seconds=done - start, prefill=split[0], decode=split[1],
+        self.history.record(seconds=done - start, prefill=sum(p for _, p, _ in split),
+                            decode=sum(d for _, _, d in split),
                             outputs=sum(len(d.new_token_ids) for d in deltas), requests=running)
 
     async def _nothing_scheduled(self, plan: executor_pb2.StepPlan) -> None:
