@@ -43,6 +43,9 @@ class ExecutorConfig:
     # speculative decoding's draft model (speculative_config.model of method draft_model): a
     # model directory or GGUF file with the target's vocabulary (executor/draft_model.py)
     draft_model: str | None = None
+    # every token's logits independent of what shares its step and how its prompt was chunked,
+    # so a recomputed request ends as the undisturbed one did (executor/batch_invariance.py)
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Path):
@@ -74,6 +77,10 @@ class ExecutorConfig:
                                              or not self.draft_model):
             raise ValueError(f"draft_model: must be a non-empty path or None, "
                              f"got {self.draft_model!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant: must be a bool, got {self.batch_invariant!r}")
+        if self.batch_invariant and not self.device.startswith("cpu"):
+            raise ValueError(f"batch_invariant: supported on the CPU only, not {self.device!r}")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
 

@@ -19,6 +19,7 @@ import time
 import structlog
 import torch
 
+from pagedserve.executor.batch_invariance import make_batch_invariant
 from pagedserve.executor.config import DEFAULT_CPU_KV_CACHE_BYTES, ExecutorConfig
 from pagedserve.executor.draft_model import DraftModel
 from pagedserve.executor.draft_rows import SampleRows, num_accepted, sample_rows
@@ -53,6 +54,8 @@ class Executor:
             trust_remote_code=config.trust_remote_code, quantization=config.quantization)
         mc = self.model_config
         self.dtype = next(self.model.parameters()).dtype
+        if config.batch_invariant:
+            make_batch_invariant(self.model, getattr(self.model, "backend", None), self.dtype)
         # speculative decoding's draft model (executor/draft_model.py), before the pool is sized
         self.draft = (DraftModel(config.draft_model, config.model, mc, self.dtype, self.device)
                       if config.draft_model else None)

@@ -112,6 +112,10 @@ def _add_executor_options(p: argparse.ArgumentParser, *, defaults: bool) -> None
                         "types, run quantized), the format the checkpoint must be in: awq, gptq, "
                         "compressed-tensors or fp8, or dequantize (a GGUF file expanded to the "
                         "compute dtype at load)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="every token computed the same whatever shares its step and however its "
+                        "prompt is chunked (CPU only; prompt attention costs more): a request "
+                        "recomputed after a restart ends exactly as it would have")
 
 
 def _add_batching_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -141,7 +145,8 @@ def _run_executor(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, seed=args.seed, model_impl=args.model_impl,
         trust_remote_code=args.trust_remote_code, quantization=args.quantization,
-        draft_model=args.speculative_config.draft_model if args.speculative_config else None)
+        draft_model=args.speculative_config.draft_model if args.speculative_config else None,
+        batch_invariant=args.batch_invariant)
     return run_executor(config, args.listen, reflection=args.reflection)
 
 
@@ -327,7 +332,8 @@ BENCHES = {"throughput": "pagedserve.bench.throughput", "serve": "pagedserve.ben
            "llamacpp": "pagedserve.bench.llamacpp", "speculative": "pagedserve.bench.speculative",
            "quant-gemm": "pagedserve.bench.quant_gemm", "gguf-decode": "pagedserve.bench.gguf_decode",
            "kv-cache-dtype": "pagedserve.bench.kv_cache_dtype",
-           "connections": "pagedserve.bench.connections", "soak": "pagedserve.bench.soak"}
+           "connections": "pagedserve.bench.connections", "soak": "pagedserve.bench.soak",
+           "batch-invariance": "pagedserve.bench.batch_invariance"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

@@ -57,7 +57,8 @@ class LLM:
                  num_kv_blocks: int | None = None, seed: int = 0, device: str = "cpu",
                  model_impl: str = "auto", trust_remote_code: bool = False,
                  speculative_config: str | dict | None = None,
-                 kv_cache_dtype: str = "auto", quantization: str = "auto") -> None:
+                 kv_cache_dtype: str = "auto", quantization: str = "auto",
+                 batch_invariant: bool = False) -> None:
         """model_impl: auto (native class when there is one, else transformers' code on
         pagedserve's attention), native or transformers; trust_remote_code: run modeling code
         that ships with the checkpoint; speculative_config: speculative decoding, as vLLM spells
@@ -66,7 +67,9 @@ class LLM:
         "num_speculative_tokens": 4}; kv_cache_dtype: auto (the model's dtype), bfloat16 or fp8
         (executor/kv_cache.py); quantization: auto (the checkpoint's own quantized format, if
         any) or the format it must be in: awq, gptq, compressed-tensors, fp8, or dequantize (a
-        GGUF file's tensors expanded at load) (executor/quantization/)."""
+        GGUF file's tensors expanded at load) (executor/quantization/); batch_invariant: each
+        token's logits independent of the batch and of prompt chunking, CPU only
+        (executor/batch_invariance.py)."""
         from pagedserve.executor.config import ExecutorConfig
         from pagedserve.executor.executor import Executor
         from pagedserve.scheduler.config import SchedulerConfig
@@ -84,6 +87,7 @@ class LLM:
             max_model_len=max_model_len, seed=seed, model_impl=model_impl,
             trust_remote_code=trust_remote_code, quantization=quantization,
             draft_model=speculative.draft_model if speculative is not None else None,
+            batch_invariant=batch_invariant,
         ))
         desc = self.executor.describe()
         capacity = desc.num_kv_blocks * desc.block_size

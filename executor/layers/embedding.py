@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.executor.batch_invariance import at_least_rows
 from pagedserve.executor.layers.cpu_gemm import (
     PackedWeight,
     check_loadable,
@@ -87,6 +88,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     tied: bool = False
     quant = None  # the backend's packed quantized weight, set by finish_quantized
     quant_backend = None
+    min_rows = 1
 
     def finish_quantized(self, backend) -> bool:
         """Pack the codes the weight was loaded from (this head's, or the tied embedding's) for
@@ -109,13 +111,21 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.weight = shape_only(self.weight)
         return self.packed is not None
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def row_product(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's logits for hidden [N, d], through whichever form the weight is in."""
         if self.quant is not None:
-            logits = self.quant_backend.quant_linear(hidden, self.quant, None)
-        elif self.packed is not None:  # hidden is [N, d]: the packed GEMM takes matrices
-            logits = packed_linear(hidden, self.packed, None)
-        else:
-            logits = F.linear(hidden, self.weight)
+            return self.quant_backend.quant_linear(hidden, self.quant, None)
+        if self.packed is not None:  # hidden is [N, d]: the packed GEMM takes matrices
+            return packed_linear(hidden, self.packed, None)
+        return F.linear(hidden, self.weight)
+
+    def product_key(self) -> tuple[str, int, int]:
+        kind = "quantized" if self.quant is not None else "packed" if self.packed is not None else "dense"
+        return kind, self.weight.shape[1], self.per_rank
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # min_rows: fewer rows are padded to this many (executor/batch_invariance.py)
+        logits = at_least_rows(self.row_product, hidden, self.min_rows)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.executor.batch_invariance import at_least_rows
 from pagedserve.executor.layers.cpu_gemm import (
     PackedWeight,
     check_loadable,
@@ -99,6 +100,7 @@ class LinearBase(nn.Module):
         self.quant_parts: dict[object, QuantizedWeight] = {}  # this rank's shards, until finish
         self.input_perm: torch.Tensor | None = None  # act-order weights: x's columns reordered
         self.dense_shards: set[object] = set()
+        self.min_rows = 1  # fewer rows are padded to this many (executor/batch_invariance.py)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         """A dense checkpoint tensor, or a QuantizedWeight for the weight (never for the bias)."""
@@ -164,14 +166,31 @@ class LinearBase(nn.Module):
         return self.packed is not None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is None and self.packed is None and self.min_rows == 1:
+            return F.linear(x, self.weight, bias)
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] < self.min_rows:  # batch-invariant mode (executor/batch_invariance.py)
+            rows = at_least_rows(lambda r: self._product(r, bias), flat, self.min_rows)
+        else:
+            rows = self._product(flat, bias)
+        return rows.view(*x.shape[:-1], rows.shape[-1])
+
+    def _product(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """rows [N, input_size] -> [N, output_size], through whichever form the weight is in."""
         if self.quant is not None:
-            x = x if self.input_perm is None else x.index_select(-1, self.input_perm)
-            rows = self.quant_backend.quant_linear(x.reshape(-1, x.shape[-1]), self.quant, bias)
-            return rows.view(*x.shape[:-1], rows.shape[-1])
+            rows = rows if self.input_perm is None else rows.index_select(-1, self.input_perm)
+            return self.quant_backend.quant_linear(rows, self.quant, bias)
         if self.packed is not None:
-            rows = packed_linear(x.reshape(-1, x.shape[-1]), self.packed, bias)
-            return rows.view(*x.shape[:-1], rows.shape[-1])
-        return F.linear(x, self.weight, bias)
+            return packed_linear(rows, self.packed, bias)
+        return F.linear(rows, self.weight, bias)
+
+    def row_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's product with its bias, for executor/batch_invariance.py's probe."""
+        return self._product(rows, self.bias)
+
+    def product_key(self) -> tuple[str, int, int]:
+        kind = "quantized" if self.quant is not None else "packed" if self.packed is not None else "dense"
+        return kind, self.input_size, self.output_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)

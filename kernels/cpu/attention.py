@@ -50,24 +50,25 @@ def available() -> tuple[bool, str]:
 SHORT_QUERY_ROWS = 8  # sequences with at most this many query rows attend in C, row by row
 
 DecodeRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-_last: tuple[tuple[torch.Tensor, ...], DecodeRows] | None = None
+_last: tuple[tuple, DecodeRows] | None = None  # ((max_rows, *inputs), what they gave)
 
 
 def _decode_rows(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                 block_tables: torch.Tensor) -> DecodeRows:
+                 block_tables: torch.Tensor, max_rows: int = SHORT_QUERY_ROWS) -> DecodeRows:
     """What the C kernel runs: (order, q_rows, seq_lens, block_tables), one entry per decode row,
     order longest context first (the C side hands rows out in it, so short ones fill in at the
     end). With one-query sequences only, the step's own tensors; with short multi-query ones,
     each of their rows as a decode row of its own. Made once per step: every layer of a step
-    passes equal tensors (compared by content)."""
+    passes equal tensors (compared by content). Sequences with more than max_rows query rows
+    are left out (the reference attends those)."""
     global _last
     inputs = (cu_seqlens_q, seq_lens, block_tables)
-    if _last is not None and all(a.shape == b.shape and torch.equal(a, b)
-                                 for a, b in zip(_last[0], inputs)):
+    if _last is not None and _last[0][0] == max_rows and all(
+            a.shape == b.shape and torch.equal(a, b) for a, b in zip(_last[0][1:], inputs)):
         return _last[1]
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
     spans = [(i, cu[i + 1] - cu[i]) for i in range(len(lens))
-             if 1 <= cu[i + 1] - cu[i] <= SHORT_QUERY_ROWS]
+             if 1 <= cu[i + 1] - cu[i] <= max_rows]
     if all(n == 1 for _, n in spans):
         rows = (cu_seqlens_q, seq_lens, block_tables)
         order = sorted((i for i, _ in spans), key=lambda i: -lens[i])
@@ -79,7 +80,7 @@ def _decode_rows(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                 block_tables[torch.tensor(seq_of, dtype=torch.int64)].contiguous())
         order = sorted(range(len(ctx)), key=lambda r: -ctx[r])
     result = (torch.tensor(order, dtype=torch.int32), *rows)
-    _last = (tuple(t.clone() for t in inputs), result)
+    _last = ((max_rows, *(t.clone() for t in inputs)), result)
     return result
 
 
@@ -94,9 +95,9 @@ def _supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def _run_decode(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, *, scale,
-                sliding_window, softcap, k_scale, v_scale) -> None:
+                sliding_window, softcap, k_scale, v_scale, max_rows=SHORT_QUERY_ROWS) -> None:
     lib, _ = load("paged_decode")
-    seqs, q_rows, lens, tables = _decode_rows(cu_seqlens_q, seq_lens, block_tables)
+    seqs, q_rows, lens, tables = _decode_rows(cu_seqlens_q, seq_lens, block_tables, max_rows)
     if not len(seqs):
         return
     shape = _DecodeShape(q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], q.stride(0),
@@ -124,13 +125,24 @@ def paged_attention(
     softcap: float = 0.0,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    rowwise: bool = False,
 ) -> torch.Tensor:
     """kernels.reference.paged_attention, with decode rows computed by the C kernel when it is
-    built and the tensors are in a layout it takes (otherwise the reference does everything)."""
+    built and the tensors are in a layout it takes (otherwise the reference does everything).
+
+    rowwise: every query row goes to the C kernel as a decode row of its causal context, so each
+    row's result is the same however the rows are grouped into chunks and batches (prompt
+    chunks are slower so: executor/batch_invariance.py). ValueError where C cannot take them."""
     index = (cu_seqlens_q, seq_lens, block_tables)
     kw = {"scale": scale, "sliding_window": sliding_window, "softcap": softcap,
           "k_scale": k_scale, "v_scale": v_scale}
     in_c = load("paged_decode")[0] is not None and _supported(q, k_cache, v_cache, out, *index)
+    if rowwise:
+        if not in_c:
+            raise ValueError("rowwise: the C decode kernel is not built or cannot take these "
+                             f"tensors (q {q.dtype}, cache {k_cache.dtype})")
+        _run_decode(q, k_cache, v_cache, out, *index, max_rows=1 << 30, **kw)
+        return out
     if in_c and max_seqlen_q > 1:
         attend_spans(q, k_cache, v_cache, *index, out, skip_query_rows=SHORT_QUERY_ROWS, **kw)
     elif not in_c:

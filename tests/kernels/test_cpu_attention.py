@@ -29,14 +29,15 @@ def _on_cpu(batch):
 
 
 def _check(q_lens, seq_lens, *, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
-           dtype=torch.bfloat16, window=0, softcap=0.0, scale=0.3, tol=None) -> torch.Tensor:
+           dtype=torch.bfloat16, window=0, softcap=0.0, scale=0.3, tol=None,
+           rowwise=False) -> torch.Tensor:
     batch = _on_cpu(make_batch(q_lens, seq_lens, num_q_heads=num_q_heads,
                                num_kv_heads=num_kv_heads, head_dim=head_dim,
                                block_size=block_size, dtype=dtype,
                                shared_blocks=min(seq_lens[0], seq_lens[1]) // block_size))
     out = poisoned(batch.q.shape, dtype, CPU)
     cpu.paged_attention(*batch.args(), out, scale=scale, sliding_window=window, softcap=softcap,
-                        **batch.bounds())
+                        rowwise=rowwise, **batch.bounds())
     assert rel_err(out, dense_attention(batch, scale, window, softcap)) < (tol or TOL[dtype])
     return out
 
@@ -98,6 +99,42 @@ def test_short_multi_query_rows_reach_the_c_kernel(monkeypatch) -> None:
     _check([2, 1, 4, 8], [40, 33, 20, 64], dtype=torch.float32)
     with pytest.raises(ZeroDivisionError):
         _check([9, 1], [40, 33], dtype=torch.float32)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (6, 0.0), (0, 30.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rowwise_attends_every_row_in_c_causally(monkeypatch, dtype, window, softcap) -> None:
+    """--batch-invariant's attention: prompt chunks of any length (here up to 40 rows, after a
+    cached prefix too) are decode rows of their causal contexts, right with the reference's
+    prompt path broken."""
+    from pagedserve.kernels.reference import attention as ref
+
+    monkeypatch.setattr(ref, "_prompt_span", lambda *a, **k: 1 / 0)
+    _check([40, 1, 12, 0, 9, 1], [40, 33, 20, 7, 30, 1], dtype=dtype, window=window,
+           softcap=softcap, rowwise=True)
+
+
+@pytest.mark.parametrize("rowwise", [True, False])
+def test_a_rowwise_row_does_not_depend_on_its_chunk(rowwise: bool) -> None:
+    """A 30-token prompt's last 5 rows attended within the whole prompt, as a chunk of their own,
+    and one by one as decode rows: bit for bit the same when rowwise; not so the usual path (so
+    the comparison can fail)."""
+    b = _on_cpu(make_batch([30], [30], num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                           dtype=torch.bfloat16))
+
+    def attend(first: int, last: int) -> torch.Tensor:  # rows first..last-1, context up to last
+        out = torch.empty(last - first, 8, 64, dtype=torch.bfloat16)
+        cpu.paged_attention(b.q[first:last], b.k_cache, b.v_cache,
+                            torch.tensor([0, last - first], dtype=torch.int32),
+                            torch.tensor([last], dtype=torch.int32), b.block_tables, out,
+                            scale=0.3, max_seqlen_q=last - first, max_seqlen_k=last,
+                            rowwise=rowwise)
+        return out
+
+    whole, chunk = attend(0, 30)[25:], attend(25, 30)
+    alone = torch.cat([attend(i, i + 1) for i in range(25, 30)])
+    same = torch.equal(chunk, whole) and torch.equal(alone, whole)
+    assert same == rowwise
 
 
 def test_large_scores_stay_finite() -> None:

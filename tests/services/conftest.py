@@ -85,10 +85,11 @@ def sock_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def executor_argv(model: Path, address: str) -> list[str]:
+def executor_argv(model: Path, address: str, *options: str) -> list[str]:
+    """float32 unless options say otherwise (a later --dtype wins)."""
     return ["executor", str(model), "--listen", address, "--block-size", str(BLOCK_SIZE),
             "--num-kv-blocks", str(NUM_KV_BLOCKS), "--max-model-len", str(MAX_MODEL_LEN),
-            "--dtype", "float32"]
+            "--dtype", "float32", *options]
 
 
 def scheduler_argv(executor_address: str, address: str) -> list[str]:
