@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
+import torch
 
 from pagedserve import LLM, SamplingParams
 from tests.conftest import model_dir
+
+LOGPROB_TOL = 1e-4  # float32 on both sides
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +41,32 @@ def test_token_id_prompts_and_per_prompt_params(llm: LLM) -> None:
     assert outs[0].prompt is None and outs[0].prompt_token_ids == [0, 5, 6, 7]
 
 
+def _hf_logprobs(prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """log_softmax of transformers' logits (float32, same weights) at each generated position,
+    with our tokens fed in: [len(tokens), V]."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir("llama"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + tokens])).logits[0].float()
+    return logits[len(prompt) - 1:-1].log_softmax(-1)
+
+
 def test_logprobs_and_cumulative_logprob(llm: LLM) -> None:
+    """Each token's top-3 are transformers' three best tokens with their logprobs (greedy: the
+    sampled token is the best), and cumulative_logprob is the sum of the sampled ones."""
     (out,) = llm.generate("def f(x):", SamplingParams(temperature=0, max_tokens=6, logprobs=3,
                                                       ignore_eos=True))
     c = out.outputs[0]
-    assert len(c.logprobs) == 6
-    for tok, entry in zip(c.token_ids, c.logprobs):
-        assert tok in entry and len(entry) == 3  # greedy: the sampled token is the top one
-        assert entry[tok] == max(entry.values())
-    assert math.isclose(c.cumulative_logprob, sum(e[t] for t, e in zip(c.token_ids, c.logprobs)),
-                        rel_tol=1e-5)
+    ref = _hf_logprobs(out.prompt_token_ids, c.token_ids)
+    assert len(c.logprobs) == len(c.token_ids) == 6
+    for tok, entry, row in zip(c.token_ids, c.logprobs, ref):
+        best = row.topk(3)
+        assert tok == best.indices[0] and entry.keys() == set(best.indices.tolist())
+        assert [entry[i] for i in best.indices.tolist()] == pytest.approx(best.values.tolist(),
+                                                                          abs=LOGPROB_TOL)
+    sampled = ref[torch.arange(6), torch.tensor(c.token_ids)]
+    assert c.cumulative_logprob == pytest.approx(float(sampled.sum()), abs=6 * LOGPROB_TOL)
 
 
 def test_n_completions_share_the_prompt(llm: LLM) -> None:

@@ -105,9 +105,12 @@ def test_echo_with_logprobs_has_null_prompt_entries(client: openai.OpenAI,
     assert lp.tokens[:len(ids)] == [tokenizer.token_text(t) for t in ids]
     assert lp.token_logprobs[:len(ids)] == [None] * len(ids)
     assert lp.top_logprobs[:len(ids)] == [None] * len(ids)
-    assert len(lp.tokens) == len(ids) + 2 and all(x is not None for x in lp.token_logprobs[-2:])
+    out = tokens(ids, 3, 2)
+    assert lp.tokens[len(ids):] == [tokenizer.token_text(t) for t in out]
+    assert lp.token_logprobs[len(ids):] == pytest.approx([FakeScheduler.logprob_of(t) for t in out])
     assert lp.text_offset[len(ids)] == len(PROMPT)
-    assert all(len(top) == 1 for top in lp.top_logprobs[-2:])  # logprobs=0: the sampled one
+    for t, top in zip(out, lp.top_logprobs[len(ids):], strict=True):  # logprobs=0: the sampled one
+        assert top == pytest.approx({tokenizer.token_text(t): FakeScheduler.logprob_of(t)})
 
 
 def test_best_of_ranks_by_cumulative_logprob(client: openai.OpenAI, fake: FakeScheduler,

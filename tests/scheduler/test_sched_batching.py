@@ -106,8 +106,12 @@ def test_logprobs_reach_the_delta() -> None:
     sched.add_request("b", [1, 2, 3], GREEDY, max_tokens=2)
     out = run(sched)
     a = [d for d in out.deltas if d.request_id == "a"]
-    assert all(d.new_logprobs is not None and len(d.new_logprobs) == 1 for d in a)
-    assert all(d.new_top_logprobs is not None and len(d.new_top_logprobs[0].token_ids) == 2 for d in a)
+    assert sum(len(d.new_token_ids) for d in a) == 2
+    for d in a:  # the fake executor's values for each token (sched_fakes._add_logprobs)
+        assert d.new_logprobs == pytest.approx([-(t % 7) / 10 for t in d.new_token_ids])
+        assert [list(top.token_ids) for top in d.new_top_logprobs] == [
+            [t, (t + 1) % 1000] for t in d.new_token_ids]
+        assert all(list(top.logprobs) == pytest.approx([0.0, -0.1]) for top in d.new_top_logprobs)
     b = [d for d in out.deltas if d.request_id == "b"]
     assert all(d.new_logprobs is None and d.new_top_logprobs is None for d in b)
     assert all(d.num_prompt_tokens == 3 for d in out.deltas)

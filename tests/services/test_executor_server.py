@@ -93,11 +93,14 @@ def test_execute_stream_gives_the_in_process_results_in_order(executor, llama_di
     assert [r.step_id for r in remote] == list(range(6))
     assert [[o.token_ids for o in r.outputs] for r in remote] == \
         [[o.token_ids for o in r.outputs] for r in expected]
-    assert remote[0].outputs[1].top_logprobs[0].token_ids  # logprobs travel too
+    assert len(remote[0].outputs[1].top_logprobs[0].token_ids) == 3  # logprobs travel too
     assert all(r.execute_seconds > 0 for r in remote + expected)  # timed in-process and remote
     for got, want in zip(remote, expected):
         for g, w in zip(got.outputs, want.outputs):
             assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+            assert [t.token_ids for t in g.top_logprobs] == [t.token_ids for t in w.top_logprobs]
+            assert [v for t in g.top_logprobs for v in t.logprobs] == pytest.approx(
+                [v for t in w.top_logprobs for v in t.logprobs], abs=1e-4)
 
 
 def test_a_new_stream_supersedes_the_old_one_and_starts_clean(executor) -> None:
