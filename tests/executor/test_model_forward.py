@@ -9,6 +9,8 @@ prompts past 64 tokens check the window, also across chunks.
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,6 +242,33 @@ def test_rotary_table_equals_transformers(scaling) -> None:
     cos, sin = LlamaRotaryEmbedding(hf_cfg)(torch.zeros(1, dtype=torch.float32), pos[None])
     ours = build_cos_sin_cache(64, 1024, 500000.0, scaling)
     assert torch.equal(ours, torch.cat((cos[0, :, :32], sin[0, :, :32]), dim=-1))
+
+
+def _with_rope(src: Path, out: Path, rope: dict) -> Path:
+    """src's model (its files linked) with config.json's rope_parameters replaced by `rope`."""
+    out.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f)
+    config = json.loads((src / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    return out
+
+
+def test_linear_rope_scaling_forward_equals_transformers(tmp_path: Path) -> None:
+    """The tiny llama with linear scaling (positions / 2) read from its config.json: log-probs
+    over a 200-token prompt, in two chunks, against transformers' forward on the same files."""
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}
+    path = _with_rope(model_dir("llama"), tmp_path / "linear", rope)
+    model, cfg = load_model(path, dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert hf.config.rope_parameters["rope_type"] == "linear"
+    prompt = torch.randint(0, cfg.vocab_size, (200,), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = hf(prompt[None]).logits[0].float().log_softmax(-1)
+    pages = Pages(cfg, 16)
+    for a, b in [(0, 120), (120, 200)]:
+        assert max_diff(run_step(model, pages, [(0, prompt[a:b], a)]), ref[a:b]) < TOL
 
 
 def test_unsupported_rope_scaling_names_it() -> None:

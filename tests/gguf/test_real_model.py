@@ -1,5 +1,6 @@
 """The real model (SmolLM2-135M-Instruct, Q4_1 GGUF) through the offline LLM against transformers'
-greedy generate on the same file, both in float32.
+greedy generate on the same file, both in float32. The engine is given no model: what LLM() loads
+by default is what these tests check.
 
 30 prompts (chat and plain, 3 to 500 tokens, the longest ending at max_model_len) served all
 together by an engine whose 64-token budget chunks every longer prompt and whose 48-block pool
@@ -77,7 +78,9 @@ def llm(smollm2: Path) -> LLM:
     # One engine for every condition at once (loading one costs ~15 s): 48 blocks of 16 hold the
     # longest request (32 blocks) but not the whole batch, so requests are preempted and
     # recomputed; a 64-token budget cuts every longer prompt into chunks; prefix caching is on.
-    return LLM(smollm2, dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=48,
+    # No model given: the default one, found where `smollm2` found it (the same cache), so every
+    # test here checks what LLM() loads against transformers on the file.
+    return LLM(dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=48,
                max_num_batched_tokens=64)
 
 
@@ -139,7 +142,6 @@ def test_knows_the_capital_of_france(llm: LLM) -> None:
     assert "Paris" in out.text and out.text.rstrip().endswith("."), out.text
 
 
-def test_llm_without_a_model_serves_the_real_one(smollm2: Path) -> None:
-    from pagedserve.llm import demo_model_dir
-
-    assert demo_model_dir() == smollm2
+def test_llm_without_a_model_serves_the_real_one(llm: LLM, smollm2: Path) -> None:
+    assert llm.executor.config.model == str(smollm2)
+    assert llm.executor.describe().architecture == "LlamaForCausalLM"

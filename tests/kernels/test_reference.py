@@ -58,6 +58,29 @@ def test_reference_rotary_matches_transformers_llama3() -> None:
     torch.testing.assert_close(k, k_hf[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gptj_rotary_matches_transformers(backend: str) -> None:
+    """gpt-j pairing (is_neox=False: dimensions 2j and 2j + 1 turn together) against transformers'
+    GPT-J code: its sinusoid table (sin | cos) as our cos | sin cache, its apply_rotary_pos_emb on
+    the rotary part of each head and the rest untouched, as GPT-J rotates 64 of 256. Both the
+    reference and the CPU backend's entry point (which hands this pairing to the reference)."""
+    from transformers.models.gptj import modeling_gptj as gptj
+
+    from pagedserve.kernels import cpu
+
+    rotary = {"reference": reference.rotary_embedding, "cpu": cpu.rotary_embedding}[backend]
+    head_dim, rot, tokens = 64, 32, 37
+    sin, cos = gptj.create_sinusoidal_positions(2048, rot).chunk(2, dim=-1)
+    positions = torch.randint(0, 2048, (tokens,))
+    q, k = torch.randn(tokens, 4, head_dim), torch.randn(tokens, 2, head_dim)
+    want = [torch.cat((gptj.apply_rotary_pos_emb(t[None, ..., :rot], sin[positions][None],
+                                                 cos[positions][None])[0], t[..., rot:]), dim=-1)
+            for t in (q, k)]
+    rotary(positions, q, k, torch.cat((cos, sin), dim=-1), is_neox=False)
+    torch.testing.assert_close(q, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, want[1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_rms_norm_matches_transformers(dtype) -> None:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
