@@ -1,4 +1,4 @@
-"""Which kernels run: Triton on CUDA; on the CPU, the reference kernels with decode attention in C
+"""Which kernels run: Triton on CUDA; on the CPU, the reference kernels with attention and more in C
 (kernels/cpu, built on first use; the reference does everything where no compiler is found).
 
 PAGEDSERVE_ATTENTION_BACKEND=triton|reference|cpu forces one; with TRITON_INTERPRET=1 set before

@@ -9,11 +9,11 @@ SmolLM2's logprobs moved by up to 0.04 and the text changed within a few tokens.
 recomputed request ends with exactly the undisturbed run's tokens.
 
 What varies with the batch on the CPU, and what this mode does about it:
-  - attention: prompt chunks go through torch's fused attention, whose tiling (and so each row's
-    sums) depends on the chunk's query and key counts; decode rows go through the C kernel.
-    Here every query row is attended by the C kernel, as a decode row of its causal context
-    (kernels/cpu/attention.py, `rowwise`). A prompt's attention then costs more (see
-    docs/benchmarks.md); everything else runs as usual.
+  - attention: the CPU backend attends every query row in C as a decode row of its causal
+    context (kernels/cpu/attention.py), the same whatever chunk or batch it comes in; torch's
+    fused attention, which the reference runs, tiles by the chunk's query and key counts. This
+    mode checks at load that the C kernel is built and takes the model's dtype (float32, bf16),
+    so the reference never runs.
   - GEMMs: oneDNN multiplies a single row with another kernel than two or more (K = 1536, bf16:
     23 of 147k outputs differ), while 2 to 4096 rows agree row for row; the AVX2 int4/int8 tiles
     differ below their tile height. Each layer's product is probed at load (`min_rows`), and a
@@ -69,18 +69,16 @@ def probe_min_rows(product: RowProduct, in_features: int, dtype: torch.dtype) ->
 def make_batch_invariant(model: nn.Module, backend: ModuleType | None, dtype: torch.dtype) -> None:
     """Switch every layer of a loaded model to its batch-invariant form, or raise ValueError
     naming `batch_invariant` and what cannot be."""
-    from pagedserve.executor.layers.attention import PagedAttention
-
     name = getattr(backend, "__name__", "none")
     ok, why = backend.available() if backend is not None else (False, "")
     if name != "pagedserve.kernels.cpu" or not ok:
         raise ValueError("batch_invariant: needs a native model on the CPU backend with its C "
                          f"kernels built (backend {name}{': ' + why if why else ''})")
+    if dtype not in (torch.float32, torch.bfloat16):  # what the C attention kernel takes
+        raise ValueError(f"batch_invariant: needs float32 or bfloat16, not {dtype}")
     floors: dict[tuple, int] = {}  # the probe's answer per kind of product and shape
     for name, module in model.named_modules():
-        if isinstance(module, PagedAttention):
-            module.rowwise = True
-        elif hasattr(module, "row_product"):
+        if hasattr(module, "row_product"):
             module.min_rows = _floor(name, module, dtype, floors)
         elif isinstance(module, nn.Linear) or type(module).__name__ in ("FusedMoE", "PackedLinear"):
             raise ValueError(f"batch_invariant: {type(module).__name__} layers ({name}) are not "

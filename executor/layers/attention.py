@@ -26,9 +26,6 @@ class PagedAttention(nn.Module):
         # what a stored fp8 K / V is multiplied by when read (1.0 for other cache dtypes); the
         # executor sets them from its KV cache (executor/kv_cache.py)
         self.k_scale = self.v_scale = 1.0
-        # every query row attended as a decode row (the CPU backend's `rowwise`), so a row's
-        # result does not depend on its chunk: executor/batch_invariance.py sets it
-        self.rowwise = False
 
     def forward(
         self,
@@ -59,6 +56,5 @@ class PagedAttention(nn.Module):
             softcap=self.softcap,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
-            **({"rowwise": True} if self.rowwise else {}),
         )
         return out.view(q.shape[0], self.num_heads * self.head_dim)

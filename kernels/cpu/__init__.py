@@ -1,6 +1,5 @@
-"""The CPU backend: decode attention, RMSNorm, rotary embedding, SiLU-and-mul and KV writes in C
-(built on first use by kernels/cpu/build.py); prompt attention and every fallback from
-kernels.reference."""
+"""The CPU backend: attention (every query row), RMSNorm, rotary embedding, SiLU-and-mul and KV
+writes in C (built on first use by kernels/cpu/build.py); every fallback from kernels.reference."""
 
 from pagedserve.kernels.cpu.activation import gelu_tanh_and_mul, silu_and_mul
 from pagedserve.kernels.cpu.attention import available, paged_attention

@@ -1,15 +1,20 @@
-"""Paged attention on the CPU: decode rows in C (paged_decode.c), prompt chunks through the
-reference's fused attention. Same signature and semantics as kernels.reference.paged_attention.
+"""Paged attention on the CPU: every query row in C (paged_decode.c), as a decode row of its causal
+context. Same signature and semantics as kernels.reference.paged_attention.
 
 A decode row reads its whole context for three multiply-adds per element, so it is bound by memory:
 the reference gathers each context into a copy and runs torch's fused attention on queries of a
 few rows, where that kernel's fixed costs dominate. The C kernel reads K and V once from the pages.
-Prompt chunks have many query rows per key and stay with the reference (matrix multiplies).
 
-A sequence with a few query rows (speculative decoding's verification: the last token and its
-drafts) is a few decode rows: row j of n, in a context of L tokens, is a decode row whose context
-is its first L - (n - 1 - j) tokens (causality), over the same pages. Those go to C row by row, not
-through the reference's per-sequence span, whose fixed costs per layer would multiply by the batch.
+A sequence with several query rows (a prompt chunk; speculative decoding's verification: the last
+token and its drafts) is that many decode rows: row j of n, in a context of L tokens, is a decode
+row whose context is its first L - (n - 1 - j) tokens (causality), over the same pages. Prompt
+chunks went through the reference's gather and fused attention before; row by row in C was
+faster at every size measured (0.4-0.6x the time, 128 to 4096 tokens, SmolLM2's and an 8B model's
+head shapes: docs/benchmarks.md), and it makes each row's result independent of the chunk and
+batch it comes in (the reference's tiling depends on both), which --batch-invariant needs
+(executor/batch_invariance.py). Each row still reads its context itself: a tiled variant that
+shares each page among several rows, with every row's sums in the same order, is the next step.
+Where C cannot take the tensors (float16, no compiler) the reference does everything.
 """
 
 from __future__ import annotations
@@ -47,28 +52,24 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-SHORT_QUERY_ROWS = 8  # sequences with at most this many query rows attend in C, row by row
-
 DecodeRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-_last: tuple[tuple, DecodeRows] | None = None  # ((max_rows, *inputs), what they gave)
+_last: tuple[tuple[torch.Tensor, ...], DecodeRows] | None = None
 
 
 def _decode_rows(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                 block_tables: torch.Tensor, max_rows: int = SHORT_QUERY_ROWS) -> DecodeRows:
+                 block_tables: torch.Tensor) -> DecodeRows:
     """What the C kernel runs: (order, q_rows, seq_lens, block_tables), one entry per decode row,
     order longest context first (the C side hands rows out in it, so short ones fill in at the
     end). With one-query sequences only, the step's own tensors; with short multi-query ones,
     each of their rows as a decode row of its own. Made once per step: every layer of a step
-    passes equal tensors (compared by content). Sequences with more than max_rows query rows
-    are left out (the reference attends those)."""
+    passes equal tensors (compared by content)."""
     global _last
     inputs = (cu_seqlens_q, seq_lens, block_tables)
-    if _last is not None and _last[0][0] == max_rows and all(
-            a.shape == b.shape and torch.equal(a, b) for a, b in zip(_last[0][1:], inputs)):
+    if _last is not None and all(a.shape == b.shape and torch.equal(a, b)
+                                 for a, b in zip(_last[0], inputs)):
         return _last[1]
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    spans = [(i, cu[i + 1] - cu[i]) for i in range(len(lens))
-             if 1 <= cu[i + 1] - cu[i] <= max_rows]
+    spans = [(i, cu[i + 1] - cu[i]) for i in range(len(lens)) if cu[i + 1] > cu[i]]
     if all(n == 1 for _, n in spans):
         rows = (cu_seqlens_q, seq_lens, block_tables)
         order = sorted((i for i, _ in spans), key=lambda i: -lens[i])
@@ -80,7 +81,7 @@ def _decode_rows(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                 block_tables[torch.tensor(seq_of, dtype=torch.int64)].contiguous())
         order = sorted(range(len(ctx)), key=lambda r: -ctx[r])
     result = (torch.tensor(order, dtype=torch.int32), *rows)
-    _last = ((max_rows, *(t.clone() for t in inputs)), result)
+    _last = (tuple(t.clone() for t in inputs), result)
     return result
 
 
@@ -95,9 +96,9 @@ def _supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def _run_decode(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, *, scale,
-                sliding_window, softcap, k_scale, v_scale, max_rows=SHORT_QUERY_ROWS) -> None:
+                sliding_window, softcap, k_scale, v_scale) -> None:
     lib, _ = load("paged_decode")
-    seqs, q_rows, lens, tables = _decode_rows(cu_seqlens_q, seq_lens, block_tables, max_rows)
+    seqs, q_rows, lens, tables = _decode_rows(cu_seqlens_q, seq_lens, block_tables)
     if not len(seqs):
         return
     shape = _DecodeShape(q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], q.stride(0),
@@ -125,27 +126,14 @@ def paged_attention(
     softcap: float = 0.0,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
-    rowwise: bool = False,
 ) -> torch.Tensor:
-    """kernels.reference.paged_attention, with decode rows computed by the C kernel when it is
-    built and the tensors are in a layout it takes (otherwise the reference does everything).
-
-    rowwise: every query row goes to the C kernel as a decode row of its causal context, so each
-    row's result is the same however the rows are grouped into chunks and batches (prompt
-    chunks are slower so: executor/batch_invariance.py). ValueError where C cannot take them."""
+    """kernels.reference.paged_attention, every row computed by the C kernel when it is built
+    and the tensors are in a layout it takes (otherwise the reference does everything, whose rows
+    depend on their chunk: --batch-invariant checks at load that C takes the model's dtypes)."""
     index = (cu_seqlens_q, seq_lens, block_tables)
     kw = {"scale": scale, "sliding_window": sliding_window, "softcap": softcap,
           "k_scale": k_scale, "v_scale": v_scale}
-    in_c = load("paged_decode")[0] is not None and _supported(q, k_cache, v_cache, out, *index)
-    if rowwise:
-        if not in_c:
-            raise ValueError("rowwise: the C decode kernel is not built or cannot take these "
-                             f"tensors (q {q.dtype}, cache {k_cache.dtype})")
-        _run_decode(q, k_cache, v_cache, out, *index, max_rows=1 << 30, **kw)
-        return out
-    if in_c and max_seqlen_q > 1:
-        attend_spans(q, k_cache, v_cache, *index, out, skip_query_rows=SHORT_QUERY_ROWS, **kw)
-    elif not in_c:
+    if load("paged_decode")[0] is None or not _supported(q, k_cache, v_cache, out, *index):
         attend_spans(q, k_cache, v_cache, *index, out, **kw)
         return out
     _run_decode(q, k_cache, v_cache, out, *index, **kw)

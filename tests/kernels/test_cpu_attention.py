@@ -29,15 +29,14 @@ def _on_cpu(batch):
 
 
 def _check(q_lens, seq_lens, *, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
-           dtype=torch.bfloat16, window=0, softcap=0.0, scale=0.3, tol=None,
-           rowwise=False) -> torch.Tensor:
+           dtype=torch.bfloat16, window=0, softcap=0.0, scale=0.3, tol=None) -> torch.Tensor:
     batch = _on_cpu(make_batch(q_lens, seq_lens, num_q_heads=num_q_heads,
                                num_kv_heads=num_kv_heads, head_dim=head_dim,
                                block_size=block_size, dtype=dtype,
                                shared_blocks=min(seq_lens[0], seq_lens[1]) // block_size))
     out = poisoned(batch.q.shape, dtype, CPU)
     cpu.paged_attention(*batch.args(), out, scale=scale, sliding_window=window, softcap=softcap,
-                        rowwise=rowwise, **batch.bounds())
+                        **batch.bounds())
     assert rel_err(out, dense_attention(batch, scale, window, softcap)) < (tol or TOL[dtype])
     return out
 
@@ -82,59 +81,40 @@ def test_sliding_window_and_softcap(dtype, window, softcap) -> None:
 
 @pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (6, 0.0), (0, 30.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_short_multi_query_rows_attend_causally_in_c(dtype, window, softcap) -> None:
-    """Speculative verification's spans (2 to SHORT_QUERY_ROWS query rows) beside decode rows and
-    a longer chunk (9 rows: the reference's), each row in its own causal context."""
-    assert cpu_attention.SHORT_QUERY_ROWS == 8
-    _check([2, 1, 5, 8, 9, 1, 3], [40, 33, 20, 64, 30, 5, 3], dtype=dtype, window=window,
-           softcap=softcap)
-
-
-def test_short_multi_query_rows_reach_the_c_kernel(monkeypatch) -> None:
-    """They are C's, not the reference's: with the reference's prompt path broken they still
-    come out right, and a 9-row chunk does not."""
+def test_every_row_attends_causally_in_c(monkeypatch, dtype, window, softcap) -> None:
+    """Prompt chunks of any length (here up to 40 rows, after a cached prefix too) and
+    speculative verification's few-row spans beside decode rows: each row a decode row of its
+    causal context, right with the reference's paths broken (so they are C's)."""
     from pagedserve.kernels.reference import attention as ref
 
-    monkeypatch.setattr(ref, "_prompt_span", lambda *a, **k: 1 / 0)
-    _check([2, 1, 4, 8], [40, 33, 20, 64], dtype=torch.float32)
-    with pytest.raises(ZeroDivisionError):
-        _check([9, 1], [40, 33], dtype=torch.float32)
+    monkeypatch.setattr(ref, "attend_spans", lambda *a, **k: 1 / 0)
+    _check([40, 1, 12, 0, 9, 1, 2, 5, 8], [40, 33, 20, 7, 30, 1, 40, 20, 64], dtype=dtype,
+           window=window, softcap=softcap)
 
 
-@pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (6, 0.0), (0, 30.0)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rowwise_attends_every_row_in_c_causally(monkeypatch, dtype, window, softcap) -> None:
-    """--batch-invariant's attention: prompt chunks of any length (here up to 40 rows, after a
-    cached prefix too) are decode rows of their causal contexts, right with the reference's
-    prompt path broken."""
-    from pagedserve.kernels.reference import attention as ref
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_row_does_not_depend_on_its_chunk(backend: str) -> None:
+    """A 100-token prompt's last 40 rows attended within the whole prompt, as a chunk of their
+    own, and one by one as decode rows: bit for bit the same in C; not so in the reference (torch's
+    fused attention tiles by the chunk), so the comparison can fail."""
+    from pagedserve.kernels import reference
 
-    monkeypatch.setattr(ref, "_prompt_span", lambda *a, **k: 1 / 0)
-    _check([40, 1, 12, 0, 9, 1], [40, 33, 20, 7, 30, 1], dtype=dtype, window=window,
-           softcap=softcap, rowwise=True)
-
-
-@pytest.mark.parametrize("rowwise", [True, False])
-def test_a_rowwise_row_does_not_depend_on_its_chunk(rowwise: bool) -> None:
-    """A 30-token prompt's last 5 rows attended within the whole prompt, as a chunk of their own,
-    and one by one as decode rows: bit for bit the same when rowwise; not so the usual path (so
-    the comparison can fail)."""
-    b = _on_cpu(make_batch([30], [30], num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
-                           dtype=torch.bfloat16))
+    attention = {"cpu": cpu, "reference": reference}[backend].paged_attention
+    b = _on_cpu(make_batch([100], [100], num_q_heads=8, num_kv_heads=2, head_dim=64,
+                           block_size=16, dtype=torch.bfloat16))
 
     def attend(first: int, last: int) -> torch.Tensor:  # rows first..last-1, context up to last
         out = torch.empty(last - first, 8, 64, dtype=torch.bfloat16)
-        cpu.paged_attention(b.q[first:last], b.k_cache, b.v_cache,
-                            torch.tensor([0, last - first], dtype=torch.int32),
-                            torch.tensor([last], dtype=torch.int32), b.block_tables, out,
-                            scale=0.3, max_seqlen_q=last - first, max_seqlen_k=last,
-                            rowwise=rowwise)
+        attention(b.q[first:last], b.k_cache, b.v_cache,
+                  torch.tensor([0, last - first], dtype=torch.int32),
+                  torch.tensor([last], dtype=torch.int32), b.block_tables, out, scale=0.3,
+                  max_seqlen_q=last - first, max_seqlen_k=last)
         return out
 
-    whole, chunk = attend(0, 30)[25:], attend(25, 30)
-    alone = torch.cat([attend(i, i + 1) for i in range(25, 30)])
+    whole, chunk = attend(0, 100)[60:], attend(60, 100)
+    alone = torch.cat([attend(i, i + 1) for i in range(60, 100)])
     same = torch.equal(chunk, whole) and torch.equal(alone, whole)
-    assert same == rowwise
+    assert same == (backend == "cpu")
 
 
 def test_large_scores_stay_finite() -> None:
