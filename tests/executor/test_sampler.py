@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -355,3 +356,232 @@ def test_an_all_greedy_batch_takes_each_rows_argmax():
     logits = random_logits(5, seed=13)
     out = sample(logits, [req(), req(logprobs=2), req(), req(repetition_penalty=1.0), req()])
     assert out.token_ids.tolist() == logits.argmax(dim=-1).tolist()
+
+
+# The refusal reaches the client as INVALID_ARGUMENT: it names the request, the field and the
+# accepted range, written out here as the contract (V = 64).
+@pytest.mark.parametrize("field,value,why", [
+    ("temperature", -0.5, "must be >= 0"),
+    ("temperature", math.nan, "must be >= 0"),
+    ("temperature", math.inf, "must be >= 0"),
+    ("top_p", -0.25, "must be in [0, 1] (0 reads as 1)"),
+    ("top_p", 1.25, "must be in [0, 1] (0 reads as 1)"),
+    ("top_k", -2, "must be -1, 0 (disabled) or positive"),
+    ("min_p", -0.5, "must be in [0, 1]"),
+    ("min_p", 1.5, "must be in [0, 1]"),
+    ("repetition_penalty", -0.5, "must be > 0 (0 reads as 1)"),
+    ("repetition_penalty", math.inf, "must be > 0 (0 reads as 1)"),
+    ("presence_penalty", math.inf, "must be finite"),
+    ("presence_penalty", math.nan, "must be finite"),
+    ("frequency_penalty", -math.inf, "must be finite"),
+    ("frequency_penalty", math.nan, "must be finite"),
+    ("min_tokens", -1, "must be >= 0"),
+    ("logprobs", -1, "must be in [0, 64]"),
+    ("logprobs", 65, "must be in [0, 64]"),
+    ("logit_bias", {64: 1.0}, "ids must be in [0, 64)"),
+    ("logit_bias", {-1: 1.0}, "ids must be in [0, 64)"),
+    ("logit_bias", {3: math.nan}, "values must not be NaN"),
+    ("stop_token_ids", [5, 64], "must be in [0, 64)"),
+    ("stop_token_ids", [-1], "must be in [0, 64)"),
+])
+def test_bad_sampling_params_are_refused_with_the_accepted_range(field, value, why):
+    from pagedserve.protos.request_checks import RequestRefused
+
+    p = executor_pb2.SamplingParams(**{field: value})
+    with pytest.raises(RequestRefused) as refused:
+        check_sampling_params("req-7", p, V)
+    assert str(refused.value) == f"request 'req-7': sampling.{field} {why}"
+    assert refused.value.request_id == "req-7"
+
+
+def test_sampling_params_at_the_edges_of_each_range_pass():
+    for fields in [dict(temperature=0.0), dict(top_p=0.0), dict(top_p=1.0), dict(top_k=-1),
+                   dict(top_k=0), dict(top_k=V), dict(min_p=0.0), dict(min_p=1.0),
+                   dict(repetition_penalty=0.0), dict(presence_penalty=-1e30),
+                   dict(frequency_penalty=1e30), dict(min_tokens=0), dict(logprobs=0),
+                   dict(logprobs=V), dict(logit_bias={0: -math.inf, V - 1: math.inf}),
+                   dict(stop_token_ids=[0, V - 1])]:
+        check_sampling_params("r", executor_pb2.SamplingParams(**fields), V)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_naming_the_field():
+    from pagedserve.protos.request_checks import RequestRefused, check_token_ids
+
+    check_token_ids("r", "prompt_token_ids", [0, V - 1], V)
+    check_token_ids("r", "prompt_token_ids", [], V)
+    for bad in ([V], [0, -1]):
+        with pytest.raises(RequestRefused) as refused:
+            check_token_ids("req-2", "output_token_ids", bad, V)
+        assert str(refused.value) == "request 'req-2': output_token_ids holds an id outside [0, 64)"
+        assert refused.value.request_id == "req-2"
+
+
+# ---- reading the output back (one transfer per step) ----------------------------------------------
+
+
+def test_to_host_without_logprobs_is_the_token_list():
+    from pagedserve.executor.sampler import SamplerOutput
+
+    host = SamplerOutput(torch.tensor([7, 0, 2**31 - 1]), None, None, None).to_host()
+    assert host.token_ids == [7, 0, 2**31 - 1]
+    assert all(type(t) is int for t in host.token_ids)
+    assert host.logprobs is None and host.top_token_ids is None and host.top_logprobs is None
+
+
+def test_to_host_with_logprobs_keeps_ids_and_float32_values_exactly():
+    from pagedserve.executor.sampler import SamplerOutput
+
+    ids = torch.tensor([151935, 3])  # a token id past float32's exact integers (2**24)
+    lps = torch.tensor([-0.1, -2.5], dtype=torch.float32)
+    host = SamplerOutput(ids, lps, None, None).to_host()
+    assert host.token_ids == [151935, 3] and all(type(t) is int for t in host.token_ids)
+    assert host.logprobs == [float(np.float32(-0.1)), -2.5]
+    assert host.top_token_ids is None and host.top_logprobs is None
+
+    top_ids = torch.tensor([[151935, 17, 4], [3, 2**24 + 1, 0]])
+    top_lps = torch.tensor([[-0.1, -1.0, -3.0], [-2.5, -2.75, -9.0]])
+    host = SamplerOutput(ids, lps, top_ids, top_lps).to_host()
+    assert host.token_ids == [151935, 3]
+    assert host.logprobs == [float(np.float32(-0.1)), -2.5]
+    assert host.top_token_ids == [[151935, 17, 4], [3, 2**24 + 1, 0]]
+    assert all(type(t) is int for row in host.top_token_ids for t in row)
+    assert host.top_logprobs == [[float(np.float32(-0.1)), -1.0, -3.0], [-2.5, -2.75, -9.0]]
+
+
+def test_upload_is_the_list_as_a_tensor_of_that_dtype():
+    from pagedserve.executor.sampler import upload
+
+    t = upload([3, -1, 2**40], torch.int64, torch.device("cpu"))
+    assert t.dtype == torch.int64 and t.device.type == "cpu" and t.tolist() == [3, -1, 2**40]
+    f = upload([0.5, 2.0], torch.float32, torch.device("cpu"))
+    assert f.dtype == torch.float32 and f.tolist() == [0.5, 2.0]
+
+
+def test_upload_gives_the_dtype_and_device_asked():
+    from pagedserve.executor.sampler import upload
+
+    assert upload([1, 2], torch.float32, torch.device("cpu")).dtype == torch.float32  # ints in
+    assert upload([0.5], torch.float64, torch.device("cpu")).dtype == torch.float64
+    # A device other than the CPU: "meta" tensors carry shape, dtype and device, no values.
+    t = upload([1, 2, 3], torch.int64, torch.device("meta"))
+    assert t.device.type == "meta" and t.shape == (3,) and t.dtype == torch.int64
+
+
+# ---- the host's choices and the one upload (SamplingMetadata's field comments) --------------------
+
+
+def test_row_sets_index_some_rows_and_not_all():
+    from pagedserve.executor.sampler import RowSet
+
+    cpu = torch.device("cpu")
+    every = RowSet.of([0, 1, 2], 3, cpu)
+    assert every.rows == [0, 1, 2] and every.index is None
+    some = RowSet.of([0, 2], 3, cpu)
+    assert some.index.dtype == torch.int64 and some.index.tolist() == [0, 2]
+    t = torch.arange(6.0).reshape(3, 2)
+    assert some.take(t).tolist() == [[0.0, 1.0], [4.0, 5.0]]
+    assert some.put(t.clone(), torch.tensor([[9.0, 9.0], [8.0, 8.0]])).tolist() == \
+        [[9.0, 9.0], [2.0, 3.0], [8.0, 8.0]]
+    assert RowSet.of([1], 3, torch.device("meta")).index.device.type == "meta"
+
+
+def test_host_pack_slots_keep_their_shape_and_the_pack_dtype():
+    from pagedserve.executor.sampler import _HostPack
+
+    floats = _HostPack(torch.float32)
+    floats.add("a", [1, 2])  # ints in a float pack
+    out = floats.upload(torch.device("cpu"))
+    assert out["a"].dtype == torch.float32 and out["a"].tolist() == [1.0, 2.0]
+    assert _HostPack(torch.int64).upload(torch.device("cpu")) == {}
+
+    ints = _HostPack(torch.int64)
+    ints.add("seeds", [1, 2, 3, 4, 5, 6], (3, 2))
+    table32 = torch.tensor([[7, 8, 9], [10, 11, 12]], dtype=torch.int32)
+    table64 = torch.tensor([13, 14, 15, 16])
+    ints.add_table("t32", table32)
+    ints.add("after", [17])
+    ints.add_table("t64", table64)
+    out = ints.upload(torch.device("cpu"))
+    assert out["seeds"].tolist() == [[1, 2], [3, 4], [5, 6]]
+    assert out["t32"].dtype == torch.int64 and out["t32"].tolist() == table32.tolist()
+    assert out["after"].tolist() == [17]
+    # On the CPU a table is the host tensor itself: nothing is copied.
+    assert out["t64"].data_ptr() == table64.data_ptr()
+
+    only_tables = _HostPack(torch.int64)
+    only_tables.add_table("t", table64)
+    assert only_tables.upload(torch.device("cpu"))["t"].tolist() == [13, 14, 15, 16]
+
+    # Elsewhere every slot is a view of the one copy on that device, tables included.
+    on_device = ints.upload(torch.device("meta"))
+    for name, shape in [("seeds", (3, 2)), ("t32", (2, 3)), ("after", (1,)), ("t64", (4,))]:
+        t = on_device[name]
+        assert (t.device.type, tuple(t.shape), t.dtype) == ("meta", shape, torch.int64), name
+    # ... laid end to end in it: no two slots overlap, none is left out.
+    spans = sorted((t.storage_offset(), t.numel()) for t in on_device.values())
+    assert [start for start, _ in spans] == [0, *(s + n for s, n in spans[:-1])]
+    assert sum(n for _, n in spans) == 6 + 6 + 1 + 4
+
+
+def test_metadata_records_the_hosts_choices():
+    eps = float(np.float32(1e-5))  # sampler.GREEDY_EPS as the proto stores it
+    reqs = [
+        req(temperature=0.0, min_p=0.5, top_k=2),  # greedy: its parameters are not read
+        req(temperature=eps, top_k=V, top_p=0.0),  # the greedy bound is random; k = V and p = 0 are off
+        req(temperature=1.0, top_k=3, top_p=0.5, logprobs=3),
+        req(temperature=0.7, seed=9, top_p=1.0),
+    ]
+    md = build_sampling_metadata(reqs, vocab_size=V, eos_token_ids=EOS)
+    assert md.random.rows == [1, 2, 3] and md.random.index.tolist() == [1, 2, 3]
+    assert md.top_k.tolist() == [V, 3, V]  # vocab_size when disabled
+    assert md.top_p.tolist() == [1.0, 0.5, 1.0]  # 1 when disabled
+    assert md.top_k_rows.rows == [1] and md.top_k_rows.index.tolist() == [1]
+    assert md.top_p_rows.rows == [1] and md.max_top_k == 3
+    assert md.use_min_p is False  # only the greedy row has min_p
+    assert md.num_logprobs == [-1, -1, 3, -1]
+    assert md.unseeded == [0, 1]
+    assert Sampler(5).metadata(reqs, vocab_size=V, eos_token_ids=EOS).unseeded == []
+
+    every = build_sampling_metadata([req(temperature=1.0, top_k=4, min_p=0.1),
+                                     req(temperature=0.5, top_k=5)], vocab_size=V, eos_token_ids=EOS)
+    assert every.random.index is None and every.top_k_rows.index is None
+    assert every.use_min_p is True and every.max_top_k == 5
+
+
+def test_a_token_table_passed_in_is_the_one_read():
+    """The executor passes its persistent table (wider than the requests' tokens), or a function
+    returning it; the metadata carries that table, not one rebuilt from the requests."""
+    reqs = [req(prompt=(5, 6), output=(7,), presence_penalty=1.0), req(prompt=(1,))]
+    table = torch.tensor([[5, 6, 7, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+    md = build_sampling_metadata(reqs, vocab_size=V, eos_token_ids=EOS, token_ids=table)
+    assert md.token_ids.tolist() == table.tolist()
+    calls = []
+    md = build_sampling_metadata(reqs, vocab_size=V, eos_token_ids=EOS,
+                                 token_ids=lambda: calls.append(1) or table)
+    assert md.token_ids.tolist() == table.tolist() and calls == [1]
+    built = build_sampling_metadata(reqs, vocab_size=V, eos_token_ids=EOS)
+    assert built.token_ids.shape == (2, 3)  # without one: the requests' tokens, padded
+
+
+def test_the_executor_seed_defaults_to_zero():
+    logits = torch.zeros(32, 1000)
+    reqs = [req(temperature=1.0) for _ in range(32)]
+
+    def draw(sampler):
+        return sampler(logits, build_sampling_metadata(reqs, vocab_size=1000, eos_token_ids=EOS)
+                       ).token_ids.tolist()
+
+    assert draw(Sampler()) == draw(Sampler(0)) != draw(Sampler(1))
+
+
+def test_apply_top_k_top_p_touches_only_the_rows_that_ask():
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.03, 0.02])
+    x = probs.log().expand(3, -1).contiguous()
+    inf = float("-inf")
+    got = apply_top_k_top_p(x.clone(), torch.tensor([2, 4, 6]), torch.tensor([1.0, 1.0, 0.6]))
+    lp = probs.log().tolist()
+    assert got.tolist() == [
+        lp[:2] + [inf] * 4,  # top-k 2
+        lp[:4] + [inf] * 2,  # top-k 4: more than the 3 rows, fewer than the 6 tokens
+        lp[:2] + [inf] * 4,  # top-p 0.6: 0.5 is short of it, 0.5 + 0.3 reaches it
+    ]

@@ -92,3 +92,45 @@ def test_sentencepiece_leading_space_follows_context() -> None:
     ids = tok.encode("hello world", add_special_tokens=False)
     assert tok.decode(ids[1:]) == "world"  # decoded alone, the leading space is stripped
     assert "".join(_stream(tok, ids[1:], ids[:1])) == " world"
+
+
+# ---- found by mutation testing (make mutation; docs/testing.md) -----------------------------------
+
+
+def _byte(tok: Tokenizer, b: int) -> int:
+    return tok.hf.token_to_id(f"<0x{b:02X}>")
+
+
+def test_each_token_that_ends_a_character_is_emitted_at_once(tok: Tokenizer) -> None:
+    """Text is final as soon as its token ends a character: ASCII comes out token by token, each
+    delta what decoding one more token adds."""
+    ids = tok.encode("hello world hello", add_special_tokens=False)
+    assert len(ids) >= 3
+    deltas = _stream(tok, ids)
+    assert deltas[-1] == ""  # nothing held back for flush
+    for i, delta in enumerate(deltas[:-1]):
+        assert delta == tok.decode(ids[: i + 1])[len(tok.decode(ids[:i])):] != "", (i, deltas)
+
+
+@pytest.mark.parametrize("context", ["", "a", "ab", "abc"])
+def test_a_character_split_between_prompt_and_output(context: str) -> None:
+    """The prompt ends with the first byte of "€" (E2 82 AC): it is read again with the output's
+    two bytes, and the whole characters before it are not emitted again."""
+    tok = byte_fallback_tokenizer()
+    ctx = tok.encode(context, add_special_tokens=False) if context else []
+    e2, b82, bac = (_byte(tok, b) for b in (0xE2, 0x82, 0xAC))
+    assert "".join(_stream(tok, [b82, bac], [*ctx, e2])) == "€"
+    # Two of its bytes in the prompt, one in the output.
+    assert "".join(_stream(tok, [bac], [*ctx, e2, b82])) == "€"
+
+
+def test_special_tokens_are_skipped_by_default_and_keep_the_space_after_them() -> None:
+    tok = byte_fallback_tokenizer()
+    hello, world = (tok.encode(w, add_special_tokens=False) for w in ("hello", "world"))
+    eos = tok.eos_token_id
+    detok = IncrementalDetokenizer(tok)  # skip_special_tokens defaults to True
+    deltas = [detok.push(i) for i in [*hello, eos, *world]] + [detok.flush()]
+    # A skipped token decodes to nothing: the window must not restart at it, or SentencePiece's
+    # Strip would drop the space before "world".
+    assert "".join(deltas) == "hello world"
+    assert "".join(_stream(tok, [*hello, eos, *world], skip=False)) == "hello</s> world"
