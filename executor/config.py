@@ -24,7 +24,7 @@ class ExecutorConfig:
     block_size: int = 16  # tokens per KV block: a power of two in [8, 128]
     num_kv_blocks: int | None = None  # an explicit count overrides kv_cache_memory_bytes
     # KV cache budget. None: 1 GiB on the CPU; on CUDA 90% of the memory free after loading weights
-    # (not yet a measured activation profile).
+    # (not yet a measured activation profile). With tensor_parallel_size N: all N ranks' together.
     kv_cache_memory_bytes: int | None = None
     # auto: the model's dtype; bfloat16 (a float32 model on a CPU without native bf16: half the
     # bytes) or fp8 (e4m3 with per-layer scales: a quarter of float32's); executor/kv_cache.py
@@ -46,6 +46,9 @@ class ExecutorConfig:
     # every token's logits independent of what shares its step and how its prompt was chunked,
     # so a recomputed request ends as the undisturbed one did (executor/batch_invariance.py)
     batch_invariant: bool = False
+    # ranks the model is split over (executor/tensor_parallel.py): heads, MLP and vocabulary
+    # sharded, one process per rank on this machine, gloo between them (CPU only)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Path):
@@ -81,8 +84,25 @@ class ExecutorConfig:
             raise ValueError(f"batch_invariant: must be a bool, got {self.batch_invariant!r}")
         if self.batch_invariant and not self.device.startswith("cpu"):
             raise ValueError(f"batch_invariant: supported on the CPU only, not {self.device!r}")
+        _check_positive("tensor_parallel_size", self.tensor_parallel_size)
+        if self.tensor_parallel_size > 1:
+            self._check_tensor_parallel()
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
+
+    def _check_tensor_parallel(self) -> None:
+        tp = self.tensor_parallel_size
+        if self.device != "cpu":
+            raise ValueError(f"tensor_parallel_size: {tp} ranks run on the CPU (gloo) only, "
+                             f"not on {self.device!r}")
+        if self.draft_model is not None:
+            raise ValueError(f"tensor_parallel_size: {tp} with a draft model is not supported "
+                             "(speculative_config.method draft_model needs tensor_parallel_size 1)")
+        if self.batch_invariant:
+            raise ValueError(f"tensor_parallel_size: {tp} with batch_invariant is not supported")
+        if self.quantization not in ("auto", "dequantize"):
+            raise ValueError(f"tensor_parallel_size: {tp} with quantization "
+                             f"{self.quantization!r} is not supported (dense weights only)")
 
 
 def _is_int(value: object) -> bool:

@@ -28,10 +28,11 @@ from pagedserve.executor.input_batch import InputBatch, StepInputs
 from pagedserve.executor.kv_cache import KVCache, resolve_kv_dtype
 from pagedserve.executor.kv_scales import read_kv_scales
 from pagedserve.executor.layers.attention import PagedAttention
-from pagedserve.executor.loader import load_model
+from pagedserve.executor.loader import check_tensor_parallel, load_model
 from pagedserve.executor.request_state import RequestState
 from pagedserve.executor.sampler import HostSamplerOutput, Sampler, upload
 from pagedserve.executor.structured import StructuredOutputs, check_structured
+from pagedserve.executor.tensor_parallel import RankGroup, weight_bytes
 from pagedserve.protos import executor_pb2
 from pagedserve.protos.request_checks import (
     RequestRefused,
@@ -44,15 +45,36 @@ CUDA_KV_CACHE_FRACTION = 0.9  # of the memory free after loading weights, when n
 
 
 class Executor:
-    def __init__(self, config: ExecutorConfig):
-        self.config = config
+    def __init__(self, config: ExecutorConfig, *, tp_rank: int = 0):
+        """tp_rank: this process's rank of config.tensor_parallel_size; rank 0 (the executor the
+        scheduler talks to) starts the others (executor/tensor_parallel.py), which build theirs
+        with their rank."""
+        self.config, self.tp_rank, self.ranks = config, tp_rank, None
+        if config.tensor_parallel_size > 1 and tp_rank == 0:
+            check_tensor_parallel(config.model, config.tensor_parallel_size,
+                                  model_impl=config.model_impl,
+                                  trust_remote_code=config.trust_remote_code,
+                                  quantization=config.quantization)
+            self.ranks = RankGroup(config)  # they load while this rank does
+        try:
+            self._build(config)
+            if self.ranks is not None:
+                self.ranks.join(weight_bytes(self.model))
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: ExecutorConfig) -> None:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.model, self.model_config = load_model(
             config.model, dtype=config.dtype, device=self.device, model_impl=config.model_impl,
-            trust_remote_code=config.trust_remote_code, quantization=config.quantization)
+            trust_remote_code=config.trust_remote_code, quantization=config.quantization,
+            tp_rank=self.tp_rank, tp_size=config.tensor_parallel_size)
         mc = self.model_config
+        # this rank's KV heads: a 1/N share, or one replicated head when fewer heads than ranks
+        self.num_kv_heads = mc.num_kv_heads // min(config.tensor_parallel_size, mc.num_kv_heads)
         self.dtype = next(self.model.parameters()).dtype
         if config.batch_invariant:
             make_batch_invariant(self.model, getattr(self.model, "backend", None), self.dtype)
@@ -69,7 +91,7 @@ class Executor:
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = self._fit_max_model_len()
         scales = read_kv_scales(config.model, mc.num_layers) if self.kv_dtype.itemsize == 1 else None
-        self.kv_cache = KVCache(mc.num_layers, self.num_kv_blocks, config.block_size, mc.num_kv_heads,
+        self.kv_cache = KVCache(mc.num_layers, self.num_kv_blocks, config.block_size, self.num_kv_heads,
                                 mc.head_dim, self.kv_dtype, self.device, *(scales or (None, None)))
         self._give_layers_kv_scales()
         if self.draft is not None:
@@ -135,10 +157,13 @@ class Executor:
                 budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_KV_CACHE_FRACTION)
             else:
                 budget = DEFAULT_CPU_KV_CACHE_BYTES
-        per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
+        per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, self.num_kv_heads,
                                             mc.head_dim, self.kv_dtype)
         if self.draft is not None:  # the draft's pools hold the same blocks
             per_block += self.draft.bytes_per_block(config.block_size)
+        # The budget is for all tensor-parallel ranks together (on the CPU they share the
+        # machine's memory): every rank holds the same blocks, each with its own heads.
+        per_block *= config.tensor_parallel_size
         if budget < per_block:
             raise ValueError(f"kv_cache_memory_bytes: {budget} is less than one block ({per_block} bytes)")
         return budget // per_block
@@ -154,12 +179,48 @@ class Executor:
             device=str(self.device), draft_model=self.config.draft_model or "",
         )
 
+    def weight_bytes_per_rank(self) -> list[int]:
+        """Bytes of weights each tensor-parallel rank holds (rank 0 first; one entry at size 1)."""
+        if self.ranks is not None:
+            return list(self.ranks.rank_weight_bytes)
+        return [weight_bytes(self.model)]
+
+    def rank_failure(self) -> str | None:
+        """Why the tensor-parallel group can no longer step (a rank died), or None."""
+        return self.ranks.failure() if self.ranks is not None else None
+
+    def close(self) -> None:
+        """Stops the other tensor-parallel ranks (nothing to do at size 1); idempotent."""
+        ranks, self.ranks = getattr(self, "ranks", None), None
+        if ranks is not None:
+            ranks.close()
+
     # ---- one step -----------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
-        start = time.perf_counter()  # the result's execute_seconds: this whole method
+        if self.ranks is None:
+            if self.config.tensor_parallel_size > 1 and self.tp_rank == 0:
+                raise RuntimeError("the tensor-parallel executor is closed (its ranks stopped)")
+            return self.execute_local(plan)
+        # A plan refused here never reaches the other ranks; one that passes runs on every rank.
+        self.ranks.check_alive()
         self._check_plan(plan)
+        try:
+            self.ranks.broadcast_plan(plan.SerializeToString())
+            return self.execute_local(plan, checked=True)
+        except RuntimeError as e:
+            if self.ranks.collective_failed(e):
+                raise self.ranks.dead_rank_error(e) from e
+            raise
+
+    @torch.inference_mode()
+    def execute_local(self, plan: executor_pb2.StepPlan, *,
+                      checked: bool = False) -> executor_pb2.StepResult:
+        """The step on this rank alone (every rank runs it on the same plan); checked: the plan
+        was checked already."""
+        start = time.perf_counter()  # the result's execute_seconds: this whole method
+        if not checked:
+            self._check_plan(plan)
         for request_id in plan.forget_request_ids:  # unknown ids: nothing to forget
             state = self.requests.pop(request_id, None)
             if state is not None:

@@ -28,8 +28,11 @@ from pagedserve.executor.models import get_model_class
 from pagedserve.executor.models.impl import choose_model_impl, config_dtype, read_config
 from pagedserve.executor.models.transformers_loader import load_transformers_model
 from pagedserve.executor.models.transformers_probe import UnsupportedModel
+from pagedserve.executor.parallel_state import tensor_parallel
 from pagedserve.executor.quantization import QuantSpec, quantized_reader, read_quantization
 from pagedserve.executor.quantization.config import DEQUANTIZE, method_name
+from pagedserve.executor.tensor_parallel import check_model
+from pagedserve.kernels.quantized import QuantizedWeight
 
 DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -151,6 +154,47 @@ def _open_checkpoint(model_dir: Path, gguf_file: Path | None, device: torch.devi
     return reader, ModelConfig.from_dir(model_dir), model_dir / "config.json", files
 
 
+def check_tensor_parallel(model_dir: str | Path, tp_size: int, *, model_impl: str = "auto",
+                          trust_remote_code: bool = False, quantization: str | None = None) -> None:
+    """ValueError naming tensor_parallel_size for a model that cannot run sharded, read from its
+    config alone, so rank 0 refuses it before starting the other ranks. A GGUF file's shapes are
+    checked by load_model (its header takes seconds to read)."""
+    model_dir = Path(model_dir)
+    gguf_file = find_gguf(model_dir)
+    if gguf_file is not None:
+        if method_name(quantization) != DEQUANTIZE:
+            raise ValueError(f"tensor_parallel_size: {tp_size} runs dense weights only: a GGUF "
+                             "file loads dense with quantization='dequantize'")
+        return
+    raw = read_config(model_dir)
+    spec = read_quantization(model_dir, raw, quantization)
+    if spec is not None:
+        raise ValueError(f"tensor_parallel_size: {tp_size} with a quantized checkpoint "
+                         f"({spec.method}) is not supported (dense weights only)")
+    if choose_model_impl(raw, model_impl, trust_remote_code) == "transformers":
+        raise ValueError(f"tensor_parallel_size: {tp_size}: the transformers implementation "
+                         "runs on one rank only (tensor parallelism needs a native model)")
+    config = ModelConfig.from_dir(model_dir)
+    _check_shardable(get_model_class(config.architecture), config, tp_size)
+
+
+def _check_shardable(model_cls: type, config: ModelConfig, tp_size: int) -> None:
+    if not getattr(model_cls, "tensor_parallel", False):
+        raise ValueError(f"tensor_parallel_size: {tp_size}: {config.architecture}'s experts are "
+                         "not sharded yet; it runs with tensor_parallel_size 1 only")
+    check_model(config.architecture, config.num_heads, config.num_kv_heads,
+                config.intermediate_size, tp_size)
+
+
+def _dense_only(reader, tp_size: int):
+    """The reader's tensors, refusing a quantized one (tensor parallelism runs dense weights)."""
+    for name, tensor in reader:
+        if isinstance(tensor, QuantizedWeight):
+            raise ValueError(f"tensor_parallel_size: {tp_size} with quantized weights is not "
+                             f"supported (tensor {name!r} is quantized)")
+        yield name, tensor
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     """Parameters are created directly in the target dtype (no float32 copy first)."""
@@ -170,12 +214,18 @@ def load_model(
     model_impl: str = "auto",
     trust_remote_code: bool = False,
     quantization: str | None = None,
+    tp_rank: int = 0,
+    tp_size: int = 1,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model a directory (or a GGUF file) describes and fill its weights: (model in
     eval mode, config). model_impl: auto, native or transformers (executor/models/impl.py);
     quantization: None/auto (the checkpoint's own format) or the format it must be in
-    (executor/quantization/config.py)."""
+    (executor/quantization/config.py); tp_rank of tp_size: this rank's shard of every layer,
+    each checkpoint tensor sliced as it is read (executor/tensor_parallel.py)."""
     model_dir, device = Path(model_dir), torch.device(device)
+    if tp_size > 1:
+        check_tensor_parallel(model_dir, tp_size, model_impl=model_impl,
+                              trust_remote_code=trust_remote_code, quantization=quantization)
     gguf_file, spec = find_gguf(model_dir), None
     if gguf_file is None:  # native or transformers' code: executor/models/impl.py
         raw = read_config(model_dir)
@@ -202,15 +252,18 @@ def load_model(
         model_cls = get_model_class(config.architecture)
     except ValueError as e:
         raise ValueError(f"{config_file}: {e}") from None
+    if tp_size > 1:  # a GGUF file's config is known only now
+        _check_shardable(model_cls, config, tp_size)
     torch_dtype = resolve_dtype(config.torch_dtype, dtype, device)
     try:
         backend = select_backend(device)
-        with torch.device(device), _default_dtype(torch_dtype):
+        with torch.device(device), _default_dtype(torch_dtype), \
+                tensor_parallel(tp_rank, tp_size):
             model = model_cls(config, backend)
     except ValueError as e:  # a config value the model cannot run (rope type, activation, ...)
         raise ValueError(f"{config_file}: {e}") from None
     try:
-        model.load_weights(reader)
+        model.load_weights(_dense_only(reader, tp_size) if tp_size > 1 else reader)
     except ValueError as e:
         where = reader.current or ", ".join(str(f) for f in files)
         raise ValueError(f"{e} (in {where})") from None

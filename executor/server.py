@@ -61,6 +61,14 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         """Builds the executor on the compute thread (its weights, KV cache and OpenMP team)."""
         self._executor = self._compute.run(factory)
 
+    def close_executor(self) -> None:
+        """Stops what the executor started (its tensor-parallel ranks), on the compute thread."""
+        close = getattr(self._executor, "close", None)
+        if close is not None:  # not waited on for ever: a step stuck in a collective holds it
+            closer = threading.Thread(target=self._compute.run, args=(close,), daemon=True)
+            closer.start()
+            closer.join(30.0)
+
     def Describe(self, request: executor_pb2.DescribeRequest,
                  context: grpc.ServicerContext) -> executor_pb2.DescribeResponse:
         return self._require(context).describe()
@@ -162,12 +170,25 @@ def run_executor(config: Any, listen: str, *, reflection: bool = False,
                  max_model_len=desc.max_model_len)
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        stop.wait()
+        rc = _serve_until_stopped(stop, service._executor)
         log.info("executor stopping", grace_s=grace)
         health_servicer.enter_graceful_shutdown()
     finally:
         server.stop(grace).wait()
         service.end_traces()
+        service.close_executor()
+    return rc
+
+
+def _serve_until_stopped(stop: threading.Event, executor: Any) -> int:
+    """Waits for a stop signal: 0. A tensor-parallel rank that dies ends the executor with 1
+    (it cannot step without it); `serve`'s supervisor restarts it, as any executor that exits."""
+    failure = getattr(executor, "rank_failure", None)
+    while not stop.wait(1.0 if failure is not None else None):
+        reason = failure()
+        if reason is not None:
+            log.error("executor cannot continue", reason=reason)
+            return 1
     return 0
 
 

@@ -112,6 +112,10 @@ def _add_executor_options(p: argparse.ArgumentParser, *, defaults: bool) -> None
                         "types, run quantized), the format the checkpoint must be in: awq, gptq, "
                         "compressed-tensors or fp8, or dequantize (a GGUF file expanded to the "
                         "compute dtype at load)")
+    p.add_argument("--tensor-parallel-size", type=int, default=d(1),
+                   help="ranks the model is split over (heads, MLP and vocabulary), one process "
+                        "each on this machine, joined by torch.distributed's gloo (CPU only); "
+                        "the KV cache budget is for all of them together")
     p.add_argument("--batch-invariant", action="store_true",
                    help="every token computed the same whatever shares its step and however its "
                         "prompt is chunked (CPU only): a request "
@@ -146,7 +150,7 @@ def _run_executor(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, seed=args.seed, model_impl=args.model_impl,
         trust_remote_code=args.trust_remote_code, quantization=args.quantization,
         draft_model=args.speculative_config.draft_model if args.speculative_config else None,
-        batch_invariant=args.batch_invariant)
+        batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size)
     return run_executor(config, args.listen, reflection=args.reflection)
 
 
@@ -334,7 +338,8 @@ BENCHES = {"throughput": "pagedserve.bench.throughput", "serve": "pagedserve.ben
            "kv-cache-dtype": "pagedserve.bench.kv_cache_dtype",
            "connections": "pagedserve.bench.connections", "soak": "pagedserve.bench.soak",
            "batch-invariance": "pagedserve.bench.batch_invariance",
-           "prompt-attention": "pagedserve.bench.prompt_attention"}
+           "prompt-attention": "pagedserve.bench.prompt_attention",
+           "tensor-parallel": "pagedserve.bench.tensor_parallel"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,7 @@ same protobuf messages the services exchange, so this path exercises the real co
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 from collections.abc import Sequence
@@ -58,7 +59,7 @@ class LLM:
                  model_impl: str = "auto", trust_remote_code: bool = False,
                  speculative_config: str | dict | None = None,
                  kv_cache_dtype: str = "auto", quantization: str = "auto",
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, tensor_parallel_size: int = 1) -> None:
         """model_impl: auto (native class when there is one, else transformers' code on
         pagedserve's attention), native or transformers; trust_remote_code: run modeling code
         that ships with the checkpoint; speculative_config: speculative decoding, as vLLM spells
@@ -69,12 +70,11 @@ class LLM:
         any) or the format it must be in: awq, gptq, compressed-tensors, fp8, or dequantize (a
         GGUF file's tensors expanded at load) (executor/quantization/); batch_invariant: each
         token's logits independent of the batch and of prompt chunking, CPU only
-        (executor/batch_invariance.py)."""
+        (executor/batch_invariance.py); tensor_parallel_size: ranks the model is split over, one
+        process each on this machine (this one is rank 0; executor/tensor_parallel.py), CPU only;
+        close() (or a with block) stops them."""
         from pagedserve.executor.config import ExecutorConfig
         from pagedserve.executor.executor import Executor
-        from pagedserve.scheduler.config import SchedulerConfig
-        from pagedserve.scheduler.driver import StepDriver
-        from pagedserve.scheduler.scheduler import Scheduler
         from pagedserve.scheduler.speculative_config import SpeculativeConfig
 
         speculative = SpeculativeConfig.parse(speculative_config)  # checked before loading
@@ -87,8 +87,21 @@ class LLM:
             max_model_len=max_model_len, seed=seed, model_impl=model_impl,
             trust_remote_code=trust_remote_code, quantization=quantization,
             draft_model=speculative.draft_model if speculative is not None else None,
-            batch_invariant=batch_invariant,
+            batch_invariant=batch_invariant, tensor_parallel_size=tensor_parallel_size,
         ))
+        try:
+            self._start(model, max_model_len, max_num_seqs, batched, enable_prefix_caching,
+                        speculative)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, model: str, max_model_len: int | None, max_num_seqs: int, batched: int,
+               enable_prefix_caching: bool, speculative) -> None:
+        from pagedserve.scheduler.config import SchedulerConfig
+        from pagedserve.scheduler.driver import StepDriver
+        from pagedserve.scheduler.scheduler import Scheduler
+
         desc = self.executor.describe()
         capacity = desc.num_kv_blocks * desc.block_size
         if max_model_len is None:  # one request must fit the pool alone
@@ -104,6 +117,23 @@ class LLM:
         self.kv_usage = KVUsage(block_size=desc.block_size)
         self._ids = itertools.count()
         self._grammars = None  # router/grammar_check.py's checker, at the first constraint
+
+    def close(self) -> None:
+        """Stops the executor's other tensor-parallel ranks (if any); idempotent."""
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # at interpreter shutdown close() may fail; the ranks then exit with this process
+        with contextlib.suppress(Exception):
+            self.close()
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -231,6 +231,7 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
         "--max-num-batched-tokens": a["max_num_batched_tokens"], "--seed": a["seed"],
         "--model-impl": a["model_impl"], "--trust-remote-code": a["trust_remote_code"],
         "--quantization": a.get("quantization"), "--batch-invariant": a.get("batch_invariant"),
+        "--tensor-parallel-size": a.get("tensor_parallel_size"),
         "--speculative-config": _spec_json(a.get("speculative_config"))}))
     scheduler = _child("scheduler", "--executor", executor_addr, "--listen", scheduler_addr,
                        *log_level, *_flags({

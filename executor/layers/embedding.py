@@ -31,12 +31,15 @@ from pagedserve.executor.layers.quant_weights import (
     narrow_rows,
     release_storage,
 )
+from pagedserve.executor.parallel_state import resolve as resolve_tp
 from pagedserve.kernels.quantized import QuantizedWeight
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int | None = None,
+                 tp_size: int | None = None):
         super().__init__()
+        tp_rank, tp_size = resolve_tp(tp_rank, tp_size)  # this process's (parallel_state.py)
         self.num_embeddings, self.tp_rank, self.tp_size = num_embeddings, tp_rank, tp_size
         self.per_rank = -(-num_embeddings // tp_size)
         self.start = tp_rank * self.per_rank

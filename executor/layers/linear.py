@@ -39,6 +39,7 @@ from pagedserve.executor.layers.quant_weights import (
     owned,
     release_storage,
 )
+from pagedserve.executor.parallel_state import resolve as resolve_tp
 from pagedserve.kernels.quantized import QuantizedWeight
 
 
@@ -84,8 +85,10 @@ class LinearBase(nn.Module):
     """y = x @ weight.T + bias, with weight [output_size, input_size] as this rank stores it."""
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool, tp_rank: int = 0, tp_size: int = 1
+        self, input_size: int, output_size: int, bias: bool, tp_rank: int | None = None,
+        tp_size: int | None = None,
     ):
+        tp_rank, tp_size = resolve_tp(tp_rank, tp_size)
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.input_size, self.output_size = input_size, output_size
@@ -204,8 +207,10 @@ class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; each rank's output is its slice (no gather)."""
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool, tp_rank: int = 0, tp_size: int = 1
+        self, input_size: int, output_size: int, bias: bool, tp_rank: int | None = None,
+        tp_size: int | None = None,
     ):
+        tp_rank, tp_size = resolve_tp(tp_rank, tp_size)
         super().__init__(
             input_size, _divide(output_size, tp_size, "output size"), bias, tp_rank, tp_size
         )
@@ -221,8 +226,10 @@ class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs are summed with an all-reduce."""
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool, tp_rank: int = 0, tp_size: int = 1
+        self, input_size: int, output_size: int, bias: bool, tp_rank: int | None = None,
+        tp_size: int | None = None,
     ):
+        tp_rank, tp_size = resolve_tp(tp_rank, tp_size)
         super().__init__(
             _divide(input_size, tp_size, "input size"), output_size, bias, tp_rank, tp_size
         )
@@ -259,9 +266,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         input_size: int,
         output_sizes: list[int],
         bias: bool,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        tp_rank: int | None = None,
+        tp_size: int | None = None,
     ):
+        tp_rank, tp_size = resolve_tp(tp_rank, tp_size)
         self.local_sizes = [_divide(s, tp_size, "output size") for s in output_sizes]
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
         for p in (self.weight, self.bias):
@@ -287,9 +295,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         num_heads: int,
         num_kv_heads: int,
         bias: bool,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        tp_rank: int | None = None,
+        tp_size: int | None = None,
     ):
+        tp_rank, tp_size = resolve_tp(tp_rank, tp_size)
         self.num_heads = _divide(num_heads, tp_size, "num_heads")
         self.kv_shards = min(tp_size, num_kv_heads)  # distinct KV slices across ranks
         self.num_kv_heads = _divide(num_kv_heads, self.kv_shards, "num_kv_heads")

@@ -156,6 +156,7 @@ class LlamaModel(nn.Module):
 
 class LlamaFamilyForCausalLM(nn.Module):
     make_mlp: MLPFactory = staticmethod(dense_mlp)  # a subclass's hook: models/moe.py
+    tensor_parallel = True  # every layer shards (executor/tensor_parallel.py)
 
     def __init__(self, config: ModelConfig, backend: ModuleType):
         super().__init__()

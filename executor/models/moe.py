@@ -71,6 +71,7 @@ class MoEForCausalLM(LlamaFamilyForCausalLM):
     """MixtralForCausalLM and Qwen3MoeForCausalLM."""
 
     make_mlp = staticmethod(sparse_or_dense_mlp)
+    tensor_parallel = False  # the experts are not sharded: tensor_parallel_size 1 only
 
     def param_name(self, checkpoint_name: str) -> tuple[str, object]:
         match = _EXPERT.match(checkpoint_name)

@@ -1,0 +1,42 @@
+"""This process's place in a tensor-parallel group: (rank, size), read by the layers at construction.
+
+Model files build their layers without naming a rank (layers/linear.py, layers/embedding.py take
+tp_rank / tp_size = None and read them here), so a model class runs sharded unchanged: the loader
+builds it inside `tensor_parallel(rank, size)` (executor/loader.py). Outside it, (0, 1): one rank.
+The group itself is torch.distributed's default process group (executor/tensor_parallel.py starts
+it), which the row-parallel layers' all-reduce and the LM head's all-gather use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+_rank, _size = 0, 1
+
+
+def tp_rank() -> int:
+    return _rank
+
+
+def tp_size() -> int:
+    return _size
+
+
+def resolve(rank: int | None, size: int | None) -> tuple[int, int]:
+    """A layer's (tp_rank, tp_size): the ones given, else this process's."""
+    return (_rank if rank is None else rank), (_size if size is None else size)
+
+
+@contextlib.contextmanager
+def tensor_parallel(rank: int, size: int) -> Iterator[None]:
+    """Layers built inside take rank `rank` of `size`."""
+    global _rank, _size
+    if not 0 <= rank < size:
+        raise ValueError(f"tensor-parallel rank {rank} is outside [0, {size})")
+    old = _rank, _size
+    _rank, _size = rank, size
+    try:
+        yield
+    finally:
+        _rank, _size = old

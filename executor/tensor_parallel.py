@@ -1,0 +1,303 @@
+"""Tensor parallelism over torch.distributed (gloo, on the CPU): N executor ranks, one per process.
+
+    LLM / ExecutorService --StepPlan--> rank 0 (the Executor the scheduler talks to)
+                                          | broadcast of the serialized plan (gloo)
+                                          v
+                                        ranks 1..N-1 (python -m pagedserve.executor.tensor_parallel)
+
+Rank 0 starts the other ranks as child processes of its own (`subprocess`, so a user's script is
+never re-imported), each with the same ExecutorConfig and its rank. Every rank builds the same
+Executor on its shard (executor/parallel_state.py: the layers split heads, MLP columns/rows and the
+vocabulary, and each checkpoint tensor is sliced by its weight_loader as it is read), with its own
+paged KV cache of the same blocks and its own heads. Rank 0 checks each plan, then broadcasts it;
+every rank runs the same step (one all-reduce after each row-parallel layer, an all-gather of the
+logits), and since the gathered logits are the same bytes on every rank, every rank samples the same
+tokens and keeps the same per-request state; only rank 0's StepResult is used. One step costs one
+plan whatever N is.
+
+The rendezvous is a TCPStore that rank 0 binds to a free localhost port (port 0). A rank reports
+"ready" (with the bytes of its weights) or its load error over a pipe before joining the group, so a
+rank that cannot load fails rank 0's constructor with that rank's message. Rank 0 broadcasts a stop
+message at close() and waits for the ranks to exit; a rank that dies makes rank 0's next step fail
+with a RuntimeError naming it, and every step after it. A rank whose parent dies exits when its next
+collective fails (gloo's connection to rank 0 closes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+
+import structlog
+import torch
+import torch.distributed as dist
+
+from pagedserve.executor.config import ExecutorConfig
+
+log = structlog.get_logger("pagedserve.executor.tensor_parallel")
+
+HEADER_BYTES = 1 << 14  # one broadcast carries a plan up to this size; a larger one takes two
+STOP = -1
+READY_TIMEOUT_S = 600.0  # a rank's model load
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # one collective, at most
+
+
+def check_model(architecture: str, num_heads: int, num_kv_heads: int, intermediate_size: int,
+                tp_size: int) -> None:
+    """ValueError naming tensor_parallel_size when this model's heads or MLP cannot be split."""
+    if tp_size == 1:
+        return
+    if num_heads % tp_size:
+        raise ValueError(f"tensor_parallel_size: {tp_size} does not divide {architecture}'s "
+                         f"num_attention_heads ({num_heads})")
+    if (num_kv_heads % tp_size) if tp_size <= num_kv_heads else (tp_size % num_kv_heads):
+        raise ValueError(f"tensor_parallel_size: {tp_size} and {architecture}'s "
+                         f"num_key_value_heads ({num_kv_heads}): one must divide the other "
+                         "(fewer KV heads than ranks are replicated)")
+    if intermediate_size % tp_size:
+        raise ValueError(f"tensor_parallel_size: {tp_size} does not divide {architecture}'s "
+                         f"intermediate_size ({intermediate_size})")
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes this rank's weights take: parameters with storage (a tied one once) plus the packed
+    copies that replaced them (layers/cpu_gemm.py) and quantized layers' packed codes."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: torch.Tensor | None) -> None:
+        nonlocal total
+        if not isinstance(t, torch.Tensor) or t.is_meta:
+            return
+        if t.is_mkldnn:  # oneDNN's opaque blocked layout: no storage to ask, about numel's bytes
+            total += t.numel() * t.element_size()
+        elif t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.untyped_storage().nbytes()
+
+    for p in model.parameters():
+        add(p)
+    for m in model.modules():
+        packed = getattr(m, "packed", None)
+        if packed is not None:
+            add(packed.onednn)
+            add(packed.panels)
+    return total
+
+
+def _threads_per_rank(tp_size: int) -> int:
+    return max(1, len(os.sched_getaffinity(0)) // tp_size)
+
+
+class RankGroup:
+    """Rank 0's side: the other ranks' processes, the process group, the plan broadcast."""
+
+    def __init__(self, config: ExecutorConfig):
+        self.size = config.tensor_parallel_size
+        if dist.is_initialized():
+            raise RuntimeError("tensor_parallel_size: this process already holds a "
+                               "torch.distributed group (one tensor-parallel executor per "
+                               "process: close the other first)")
+        self.procs: list[subprocess.Popen] = []
+        self._pipes: list[int] = []  # read ends, one per rank 1..N-1
+        self._header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+        self.joined = False
+        self.broken: str | None = None
+        self.rank_weight_bytes: list[int] = []
+        self._threads = 0
+        self.store = dist.TCPStore("127.0.0.1", 0, self.size, is_master=True,
+                                   wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT)
+        cfg = json.dumps(dataclasses.asdict(config))
+        try:
+            for rank in range(1, self.size):
+                read, write = os.pipe()
+                self._pipes.append(read)
+                cmd = [sys.executable, "-m", "pagedserve.executor.tensor_parallel",
+                       "--rank", str(rank), "--port", str(self.store.port),
+                       "--status-fd", str(write), "--config", cfg]
+                env = {**os.environ, "OMP_NUM_THREADS": str(_threads_per_rank(self.size))}
+                self.procs.append(subprocess.Popen(cmd, pass_fds=(write,), env=env,
+                                                   stdin=subprocess.DEVNULL))
+                os.close(write)
+        except BaseException:
+            self.close()
+            raise
+        self._threads = torch.get_num_threads()  # restored at close
+        torch.set_num_threads(_threads_per_rank(self.size))  # the ranks share this machine's CPUs
+
+    def join(self, own_weight_bytes: int) -> None:
+        """Waits for every rank's load (raising its error if it failed), then forms the group."""
+        reports = [self._read_status(rank) for rank in range(1, self.size)]
+        self.rank_weight_bytes = [own_weight_bytes] + [r["weight_bytes"] for r in reports]
+        dist.init_process_group("gloo", store=self.store, rank=0, world_size=self.size,
+                                timeout=COLLECTIVE_TIMEOUT)
+        self.joined = True
+        log.info("tensor-parallel ranks joined", size=self.size,
+                 weight_bytes=self.rank_weight_bytes)
+
+    def _read_status(self, rank: int) -> dict:
+        fd, proc = self._pipes[rank - 1], self.procs[rank - 1]
+        deadline, data = time.monotonic() + READY_TIMEOUT_S, b""
+        while b"\n" not in data:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel rank {rank} did not load the model in "
+                                   f"{READY_TIMEOUT_S:.0f} s")
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            chunk = os.read(fd, 1 << 16) if ready else b""
+            if ready and not chunk:  # closed: the rank exited
+                proc.wait(5)
+                raise RuntimeError(f"tensor-parallel rank {rank} exited while loading "
+                                   f"(exit code {proc.returncode})")
+            data += chunk
+        status = json.loads(data.split(b"\n", 1)[0])
+        if "error" in status:
+            raise ValueError(status["error"]) if status.get("type") == "ValueError" else \
+                RuntimeError(f"tensor-parallel rank {rank}: {status['error']}")
+        return status
+
+    def failure(self) -> str | None:
+        """What broke the group (a rank that died, a failed collective), or None."""
+        if self.broken is None:
+            for rank, proc in enumerate(self.procs, start=1):
+                if proc.poll() is not None:
+                    self.broken = (f"tensor-parallel rank {rank} died (exit code "
+                                   f"{proc.returncode})")
+                    break
+        return self.broken
+
+    def check_alive(self) -> None:
+        if self.failure() is not None:
+            raise RuntimeError(f"{self.broken}: the executor cannot step; restart it")
+
+    def collective_failed(self, error: BaseException) -> bool:
+        """Whether `error` (raised by a step) came from the group: a rank died, or gloo failed."""
+        if isinstance(error, getattr(dist, "DistError", ())):
+            return True
+        time.sleep(0.1)  # a rank that died takes a moment to be reaped
+        return any(proc.poll() is not None for proc in self.procs)
+
+    def dead_rank_error(self, error: BaseException) -> RuntimeError:
+        """The error to raise for a collective that failed: which rank died, if one did."""
+        time.sleep(0.1)  # a rank that died takes a moment to be reaped
+        try:
+            self.check_alive()
+        except RuntimeError as dead:
+            return dead
+        self.broken = f"a tensor-parallel collective failed ({error})"
+        return RuntimeError(f"{self.broken}: the executor cannot step; restart it")
+
+    def broadcast_plan(self, payload: bytes) -> None:
+        send_message(self._header, payload)
+
+    def close(self) -> None:
+        """Stops the ranks: a broadcast stop once they have joined (SIGKILL for one that does
+        not exit in 10 s), SIGKILL while they load (rank 0 failed; they cannot finish)."""
+        stopped = False
+        if self.joined and self.broken is None:
+            try:
+                send_message(self._header, None)
+                stopped = True
+            except RuntimeError:
+                pass
+        for proc in self.procs:
+            if not stopped:
+                proc.kill()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for fd in self._pipes:
+            os.close(fd)
+        self._pipes, self.procs = [], []
+        if self.joined:
+            dist.destroy_process_group()
+            self.joined = False
+        if self._threads:
+            torch.set_num_threads(self._threads)
+            self._threads = 0
+
+
+def send_message(header: torch.Tensor, payload: bytes | None) -> None:
+    """Rank 0: one broadcast of [int64 length | the first bytes], a second for the rest."""
+    length = STOP if payload is None else len(payload)
+    header[:8] = torch.tensor([length], dtype=torch.int64).view(torch.uint8)
+    head = 0 if payload is None else min(length, HEADER_BYTES - 8)
+    if head:
+        header[8 : 8 + head] = torch.frombuffer(bytearray(payload[:head]), dtype=torch.uint8)
+    dist.broadcast(header, src=0)
+    if payload is not None and length > head:
+        dist.broadcast(torch.frombuffer(bytearray(payload[head:]), dtype=torch.uint8), src=0)
+
+
+def receive_message(header: torch.Tensor) -> bytes | None:
+    """Ranks 1..N-1: the next message (None: stop)."""
+    dist.broadcast(header, src=0)
+    length = int(header[:8].view(torch.int64).item())
+    if length == STOP:
+        return None
+    head = min(length, HEADER_BYTES - 8)
+    data = header[8 : 8 + head].numpy().tobytes()
+    if length > head:
+        rest = torch.empty(length - head, dtype=torch.uint8)
+        dist.broadcast(rest, src=0)
+        data += rest.numpy().tobytes()
+    return data
+
+
+def _rank_main(rank: int, port: int, status_fd: int, config: ExecutorConfig) -> int:
+    """One rank of 1..N-1: load, report, join, then run every plan rank 0 broadcasts."""
+    from pagedserve.executor.executor import Executor
+    from pagedserve.protos import executor_pb2
+
+    status = os.fdopen(status_fd, "w")
+    try:
+        executor = Executor(config, tp_rank=rank)
+    except Exception as e:  # rank 0 raises it (it most likely failed the same way)
+        status.write(json.dumps({"error": str(e), "type": type(e).__name__}) + "\n")
+        status.close()
+        return 1
+    status.write(json.dumps({"ready": True, "weight_bytes": weight_bytes(executor.model)}) + "\n")
+    status.close()
+    store = dist.TCPStore("127.0.0.1", port, config.tensor_parallel_size, is_master=False,
+                          timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank,
+                            world_size=config.tensor_parallel_size, timeout=COLLECTIVE_TIMEOUT)
+    header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+    while True:
+        try:
+            message = receive_message(header)
+        except RuntimeError:  # rank 0 is gone
+            log.warning("tensor-parallel rank 0 is gone; exiting", rank=rank)
+            return 1
+        if message is None:
+            break
+        try:
+            executor.execute_local(executor_pb2.StepPlan.FromString(message))
+        except Exception:  # rank 0 ran the same step: it raised the same, or the group breaks
+            log.exception("step failed", rank=rank)
+    dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="one tensor-parallel executor rank (started by rank 0)")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--status-fd", type=int, required=True)
+    p.add_argument("--config", required=True, help="the ExecutorConfig as JSON")
+    args = p.parse_args(argv)
+    config = ExecutorConfig(**json.loads(args.config))
+    torch.set_num_threads(_threads_per_rank(config.tensor_parallel_size))
+    return _rank_main(args.rank, args.port, args.status_fd, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""`pagedserve serve --tensor-parallel-size 2` (executor/tensor_parallel.py): the same greedy
+completions as one rank in-process, and a rank killed with SIGKILL ends its executor, which the
+supervisor restarts; the scheduler resends what was running and every request completes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from pagedserve import LLM, SamplingParams
+from tests.e2e.conftest import children_of, running_serve
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPTS = ["def hello(x):", "import os\nimport sys\n", "class Foo:\n    def __init__(self"]
+MAX_TOKENS = 24
+
+
+def _ranks(serve_pid: int) -> list[int]:
+    """The executor's tensor-parallel rank processes (its children), by pid."""
+    executor = [pid for pid, cmd in children_of(serve_pid).items() if "cli executor" in cmd]
+    return [pid for e in executor for pid, cmd in children_of(e).items()
+            if "executor.tensor_parallel" in cmd]
+
+
+def test_serve_tensor_parallel_matches_one_rank_and_survives_a_killed_rank(
+        llama_dir: Path, tmp_path: Path) -> None:
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    with LLM(str(llama_dir), dtype="float32", num_kv_blocks=64) as llm:
+        want = [o.outputs[0].text for o in llm.generate(PROMPTS, params)]
+    args = [str(llama_dir), "--grpc-port", "-1", "--num-kv-blocks", "64", "--dtype", "float32",
+            "--drain-timeout", "5", "--tensor-parallel-size", "2"]
+    with running_serve(args, tmp_path / "serve.log", llama_dir) as server:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0,
+                               timeout=120)
+
+        def complete(prompt: str) -> str:
+            return client.completions.create(
+                model="", prompt=prompt, temperature=0, max_tokens=MAX_TOKENS,
+                extra_body={"ignore_eos": True}).choices[0].text
+
+        assert [complete(p) for p in PROMPTS] == want
+        (rank,) = _ranks(server.proc.pid)
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            pending = [pool.submit(complete, p) for p in PROMPTS * 2]
+            time.sleep(0.3)
+            os.kill(rank, signal.SIGKILL)
+            got = [f.result() for f in pending]
+        assert got == want * 2, server.log()
+        log = server.log_path.read_text(errors="replace")
+        assert "tensor-parallel rank 1 died" in log, log[-20000:]
+        assert _ranks(server.proc.pid) not in ([], [rank])  # the restarted executor's own rank
