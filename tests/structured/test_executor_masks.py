@@ -3,6 +3,9 @@ preemption equal to step-by-step advance, the compile cache, rows without a cons
 
 from __future__ import annotations
 
+import os
+import threading
+
 import llguidance
 import pytest
 import torch
@@ -113,3 +116,18 @@ def test_device_unpacking_matches_the_host_one() -> None:
     words = rng.integers(-(2**31), 2**31, size=(3, 5), dtype=np.int64).astype(np.int32)
     host = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :150] == 0
     assert torch.equal(unpack_forbidden(torch.from_numpy(words), 150), torch.from_numpy(host))
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no thread priorities here")
+def test_masks_are_filled_below_the_forward_pass_priority(outputs: StructuredOutputs) -> None:
+    """On a CPU the mask thread runs MASK_THREAD_NICE below the thread that runs the forward pass
+    (so torch's OpenMP team keeps its cores); the masks it fills are still right."""
+    from pagedserve.executor.structured import MASK_THREAD_NICE
+
+    def nice_here() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    main = nice_here()
+    assert outputs._pool.submit(nice_here).result() == min(19, main + MASK_THREAD_NICE)
+    outputs.add("r", _sampling(choice(["yes", "no"], "x").grammar), [])
+    assert _allowed(outputs, ["r"])[0] and len(_allowed(outputs, ["r"])[0]) < VOCAB
