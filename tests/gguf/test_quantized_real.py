@@ -1,6 +1,8 @@
-"""The real model (SmolLM2-135M-Instruct, Q4_1 GGUF) run quantized against the same file
-dequantized at load, both in float32: greedy answers on the real-model prompts (tests/gguf/
-test_real_model.py's questions and plain prompts).
+"""The real model (SmolLM2-135M-Instruct) run quantized against the same file dequantized at load,
+both in float32: greedy answers on the real-model prompts (tests/gguf/test_real_model.py's
+questions and plain prompts). Twice: the Q4_1 file as it ships (int4 kernels, its Q8_0 embedding
+as the LM head), and that file with every quantized tensor re-encoded as Q8_0 by gguf's own
+quantize (tests/gguf/requantize.py: the int8 kernels end to end on a real model).
 
 Per prompt the two runs agree up to a first divergence (or to the end). The agreement rate is the
 share of generated tokens before the first divergences, and must be at least MIN_AGREEMENT. Every
@@ -26,6 +28,7 @@ import pytest
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.outputs import CompletionOutput
+from tests.gguf.requantize import requantize
 from tests.gguf.test_real_model import PLAIN, QUESTIONS
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(300)]
@@ -55,13 +58,16 @@ def _quantized_layers(llm: LLM) -> int:
     return sum(getattr(m, "quant", None) is not None for m in llm.executor.model.modules())
 
 
-@pytest.fixture(scope="module")
-def runs(smollm2: Path) -> tuple[list[CompletionOutput], list[CompletionOutput]]:
-    """(dense, quantized) greedy completions of every prompt."""
+@pytest.fixture(scope="module", params=["Q4_1", "Q8_0"])
+def runs(request, smollm2: Path,
+         tmp_path_factory) -> tuple[list[CompletionOutput], list[CompletionOutput]]:
+    """(dense, quantized) greedy completions of every prompt, from the file in request.param."""
+    path = smollm2 if request.param == "Q4_1" else requantize(
+        smollm2, tmp_path_factory.mktemp("gguf") / f"smollm2-{request.param}.gguf", request.param)
     outs = []
     prompts = None
     for quantized in (False, True):
-        llm = _engine(smollm2, quantized)
+        llm = _engine(path, quantized)
         # quantized: every projection and the LM head (tied to the Q8_0 embedding) run quantized
         assert _quantized_layers(llm) == (4 * llm.executor.model_config.num_layers + 1
                                           if quantized else 0)
