@@ -47,7 +47,9 @@ def test_the_dashboard_follows_requests_as_they_run_and_finish(serve: Serve,
         assert int(idle["free"]) + int(idle["cached"]) == 256  # the e2e server's NUM_KV_BLOCKS
 
         done: list[int] = []
-        threads = _load(serve, n=4, max_tokens=200, done=done)
+        # long enough to span several of the page's 0.5 s polls (200 tokens could finish within
+        # one on the tiny model); 4 x (prompt + 800) tokens fit the 256 blocks of 16
+        threads = _load(serve, n=4, max_tokens=800, done=done)
         # (a snapshot taken while the first step is in flight has no finished step to show yet)
         page.wait_for(f"Number({BLOCKS}.held) > 0 && {ROWS}.length >= 2 && {LAST_STEP} > 0")
         busy = page.evaluate(f"({{...{BLOCKS}}})")
@@ -59,7 +61,7 @@ def test_the_dashboard_follows_requests_as_they_run_and_finish(serve: Serve,
         page.screenshot(tmp_path / "dashboard.png")
         for t in threads:
             t.join(timeout=300)
-        assert done == [200] * 4
+        assert done == [800] * 4
 
         page.wait_for(f"Number({BLOCKS}.held) === 0 && {ROWS}.length === 0")
         after = page.evaluate(f"({{...{BLOCKS}}})")
