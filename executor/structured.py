@@ -203,9 +203,9 @@ def _yield_to_compute() -> None:
     team has every core, and its barriers stall whenever the scheduler preempts one of its threads
     for the mask work; at a lower priority the masks fill the moments a core is idle (Python
     between kernels) instead. Measured, 64 requests on the `small` model, 2 cores: constrained
-    throughput 90.6-91.6% of unconstrained (87.4-91.1% without), unconstrained requests in a mixed
-    batch 92.8-93.3% (90.5-91.2%): docs/benchmarks.md. Computing the masks before the forward
-    instead, with no overlap, gave 85.5% and 83.9%."""
+    throughput 89.3-91.9% of unconstrained (87.4-91.1% without), unconstrained requests in a mixed
+    batch 91.8-93.3% (90.5-91.2%): docs/benchmarks.md. Computing the masks before the forward
+    instead, with no overlap, gave 85.5% and 83.9%; SCHED_IDLE, no better than this."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
                        os.getpriority(os.PRIO_PROCESS, 0) + MASK_THREAD_NICE)
