@@ -9,7 +9,7 @@ A sequence with several query rows (a prompt chunk; speculative decoding's verif
 token and its drafts) is that many decode rows: row j of n, in a context of L tokens, is a decode
 row whose context is its first L - (n - 1 - j) tokens (causality), over the same pages. Prompt
 chunks went through the reference's gather and fused attention before; row by row in C was
-faster at every size measured (0.4-0.6x the time, 128 to 4096 tokens, SmolLM2's and an 8B model's
+faster at every size measured (0.45-0.69x the time, 128 to 2048 tokens, SmolLM2's and an 8B model's
 head shapes: docs/benchmarks.md), and it makes each row's result independent of the chunk and
 batch it comes in (the reference's tiling depends on both), which --batch-invariant needs
 (executor/batch_invariance.py). Each row still reads its context itself: a tiled variant that
