@@ -148,18 +148,14 @@ def test_bad_speculative_config_is_a_value_error_naming_the_field() -> None:
             SpeculativeConfig.parse(value)
 
 
-def test_exact_across_an_executor_restart() -> None:
-    """Speculating requests that lose their executor mid-generation (the scheduler requeues them
-    with their outputs, a fresh executor recomputes them) end with the tokens of a run with no
-    restart and no speculation."""
+def tokens_across_an_executor_restart(engine: LLM, plain: list, sps: list,
+                                      stat: str) -> list[list[int]]:
+    """Each of plain's prompts run on `engine` step by step, its executor replaced by a fresh one
+    after 6 steps (the scheduler requeues every request with its outputs, as when the executor
+    is lost); the stats counter `stat` must be positive by then. The tokens of each request."""
     from pagedserve.executor.executor import Executor
     from pagedserve.scheduler.driver import StepDriver
 
-    sps = params()[:3]
-    plain = llm().generate(PROMPTS[:3], sps)
-    runs = [o.prompt_token_ids + c.token_ids for o in plain for c in o.outputs]
-    engine = llm(speculative_config=SPEC)
-    engine.scheduler.speculator.propose = Oracle(runs, engine.executor.model_config.vocab_size)
     tokens: dict[str, list[int]] = {}
     for i, (out, sp) in enumerate(zip(plain, sps)):
         engine.scheduler.add_request(str(i), out.prompt_token_ids, sp.to_proto(),
@@ -168,11 +164,24 @@ def test_exact_across_an_executor_restart() -> None:
         tokens[str(i)] = []
     driver, steps = engine.driver, 0
     while engine.scheduler.has_unfinished():
-        if steps == 6:  # mid-generation, with drafts accepted already
-            assert engine.scheduler.stats().spec_accepted_tokens > 0
+        if steps == 6:  # mid-generation, with speculation under way
+            assert getattr(engine.scheduler.stats(), stat) > 0, stat
             engine.scheduler.reset_executor_state()
             driver = StepDriver(engine.scheduler, Executor(engine.executor.config))
         for delta in driver.step():
             tokens[delta.request_id] += delta.new_token_ids
         steps += 1
-    assert [tokens[str(i)] for i in range(3)] == [o.outputs[0].token_ids for o in plain]
+    return [tokens[str(i)] for i in range(len(plain))]
+
+
+def test_exact_across_an_executor_restart() -> None:
+    """Speculating requests that lose their executor mid-generation (the scheduler requeues them
+    with their outputs, a fresh executor recomputes them) end with the tokens of a run with no
+    restart and no speculation."""
+    sps = params()[:3]
+    plain = llm().generate(PROMPTS[:3], sps)
+    runs = [o.prompt_token_ids + c.token_ids for o in plain for c in o.outputs]
+    engine = llm(speculative_config=SPEC)
+    engine.scheduler.speculator.propose = Oracle(runs, engine.executor.model_config.vocab_size)
+    assert tokens_across_an_executor_restart(engine, plain, sps, "spec_accepted_tokens") == [
+        o.outputs[0].token_ids for o in plain]

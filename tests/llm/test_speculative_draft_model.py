@@ -21,7 +21,13 @@ from pagedserve import LLM, SamplingParams
 from pagedserve.protos import executor_pb2
 from pagedserve.scheduler.speculative_config import SpeculativeConfig
 from tests.conftest import model_dir
-from tests.llm.test_speculative import PROMPTS, assert_same, llm, params
+from tests.llm.test_speculative import (
+    PROMPTS,
+    assert_same,
+    llm,
+    params,
+    tokens_across_an_executor_restart,
+)
 
 SHARED = "A shared system prompt that fills more than one block of sixteen tokens. "
 GREEDY = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)
@@ -124,29 +130,11 @@ def test_a_draft_of_other_shapes_under_preemption_and_n_2(small_draft: Path) -> 
 def test_exact_across_an_executor_restart(noisy_draft: Path) -> None:
     """Requests that lose their executor mid-generation are recomputed by a fresh one, whose
     draft model starts with an empty cache, and end with the tokens of a run without either."""
-    from pagedserve.executor.executor import Executor
-    from pagedserve.scheduler.driver import StepDriver
-
     sps = params()[:3]
     plain = llm().generate(PROMPTS[:3], sps)
     engine = llm(speculative_config=spec(noisy_draft))
-    tokens: dict[str, list[int]] = {}
-    for i, (out, sp) in enumerate(zip(plain, sps)):
-        engine.scheduler.add_request(str(i), out.prompt_token_ids, sp.to_proto(),
-                                     max_tokens=sp.max_tokens, min_tokens=sp.min_tokens,
-                                     ignore_eos=sp.ignore_eos)
-        tokens[str(i)] = []
-    driver = engine.driver
-    for step in range(10_000):
-        if not engine.scheduler.has_unfinished():
-            break
-        if step == 6:
-            assert engine.scheduler.stats().spec_verifications > 0
-            engine.scheduler.reset_executor_state()
-            driver = StepDriver(engine.scheduler, Executor(engine.executor.config))
-        for delta in driver.step():
-            tokens[delta.request_id] += delta.new_token_ids
-    assert [tokens[str(i)] for i in range(3)] == [o.outputs[0].token_ids for o in plain]
+    assert tokens_across_an_executor_restart(engine, plain, sps, "spec_verifications") == [
+        o.outputs[0].token_ids for o in plain]
 
 
 def test_bad_draft_model_is_a_value_error_naming_the_field(target: Path, tmp_path: Path) -> None:
