@@ -103,19 +103,23 @@ def _write_all(backend, k, v, tables, shape, cache_dtype, scales):
     return k_cache, v_cache, slots
 
 
-def _dense(q, k, v, seqs, scale) -> torch.Tensor:
-    """float64 causal attention of each sequence's last q_len positions over its context."""
-    out, row = [], 0
+def _sequences(q, k, v, seqs):
+    """Per sequence, float64 [heads, rows, dim] queries (its last q_len positions), keys and
+    values with the KV heads repeated for their query heads, and the causal mask [rows, n]."""
+    row = 0
     for (ql, n), ki, vi in zip(seqs, k, v):
         qi = q[row:row + ql].double().transpose(0, 1)
         group = qi.shape[0] // ki.shape[1]
         kk = ki.double().repeat_interleave(group, 1).transpose(0, 1)
         vv = vi.double().repeat_interleave(group, 1).transpose(0, 1)
-        mask = torch.arange(n)[None, :] <= torch.arange(n - ql, n)[:, None]
-        out.append(F.scaled_dot_product_attention(qi, kk, vv, attn_mask=mask, scale=scale)
-                   .transpose(0, 1))
+        yield qi, kk, vv, torch.arange(n)[None, :] <= torch.arange(n - ql, n)[:, None]
         row += ql
-    return torch.cat(out)
+
+
+def _dense(q, k, v, seqs, scale) -> torch.Tensor:
+    """float64 causal attention of each sequence's last q_len positions over its context."""
+    return torch.cat([F.scaled_dot_product_attention(qi, kk, vv, attn_mask=mask, scale=scale)
+                      .transpose(0, 1) for qi, kk, vv, mask in _sequences(q, k, v, seqs)])
 
 
 def _attend(backend, q, k_cache, v_cache, tables, seqs, scale, scales) -> torch.Tensor:
@@ -165,18 +169,12 @@ def _e4m3_bound(q, k, v, seqs, scale, scales) -> torch.Tensor:
     2^-6 (subnormal steps of 2^-9); so |k' - k| <= ek = 2^-4 |k| + 2^-10 s_k, likewise ev. A score
     moves by at most d = scale * |q| . ek, so each probability by a factor within e^(+-2 dmax),
     and |out' - out| <= (e^(2 dmax) - 1) P.(|v| + ev) + P.ev."""
-    bounds, row = [], 0
-    for (ql, n), ki, vi in zip(seqs, k, v):
-        qi = q[row:row + ql].double().transpose(0, 1)
-        group = qi.shape[0] // ki.shape[1]
-        kk = ki.double().repeat_interleave(group, 1).transpose(0, 1)
-        vv = vi.double().repeat_interleave(group, 1).transpose(0, 1)
+    bounds = []
+    for qi, kk, vv, mask in _sequences(q, k, v, seqs):
         ek, ev = 2**-4 * kk.abs() + 2**-10 * scales[0], 2**-4 * vv.abs() + 2**-10 * scales[1]
-        mask = torch.arange(n)[None, :] <= torch.arange(n - ql, n)[:, None]
         p = torch.softmax((qi @ kk.transpose(1, 2) * scale).masked_fill(~mask, float("-inf")), -1)
         d = (scale * qi.abs() @ ek.transpose(1, 2)).masked_fill(~mask, 0).amax(-1, keepdim=True)
         bounds.append(((2 * d).expm1() * (p @ (vv.abs() + ev)) + p @ ev).transpose(0, 1))
-        row += ql
     return torch.cat(bounds)
 
 
