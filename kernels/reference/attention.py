@@ -147,15 +147,14 @@ def _decode_groups(seqs: list[int], lens: list[int], max_tokens: int) -> list[li
 
 
 def _plan(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-          block_size: int, group_tokens: int, min_prompt_rows: int = 1) -> list[_Span]:
-    """The spans of one batch: decode groups (none when group_tokens is 0), then each sequence
-    with more than min_prompt_rows queries."""
+          block_size: int, group_tokens: int) -> list[_Span]:
+    """The spans of one batch: decode groups, then each sequence with more than one query."""
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    decode = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1 and group_tokens > 0]
+    decode = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1]
     spans = [_decode_span([cu[i] for i in group], group, seq_lens, block_tables, block_size)
              for group in _decode_groups(decode, lens, group_tokens)]
     spans += [_prompt_span(cu[i], cu[i + 1], lens[i], block_tables[i], block_size)
-              for i in range(len(lens)) if cu[i + 1] - cu[i] > min_prompt_rows]
+              for i in range(len(lens)) if cu[i + 1] - cu[i] > 1]
     return spans
 
 
@@ -163,17 +162,17 @@ _last_plan: tuple[tuple, tuple[torch.Tensor, ...], list[_Span]] | None = None
 
 
 def _step_plan(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-               block_size: int, group_tokens: int, min_prompt_rows: int = 1) -> list[_Span]:
+               block_size: int, group_tokens: int) -> list[_Span]:
     """_plan, reused while the batch is unchanged (every layer of one step): the inputs are
     compared by content with a copy taken when the plan was made."""
     global _last_plan
-    key = (block_size, group_tokens, min_prompt_rows)
+    key = (block_size, group_tokens)
     inputs = (cu_seqlens_q, seq_lens, block_tables)
     if _last_plan is not None and _last_plan[0] == key and all(
             a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
             and torch.equal(a, b) for a, b in zip(_last_plan[1], inputs)):
         return _last_plan[2]
-    spans = _plan(*inputs, block_size, group_tokens, min_prompt_rows)
+    spans = _plan(*inputs, block_size, group_tokens)
     _last_plan = (key, tuple(t.clone() for t in inputs), spans)
     return spans
 
@@ -201,14 +200,12 @@ def _attend_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def attend_spans(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                  out: torch.Tensor, *, scale: float, sliding_window: int, softcap: float,
-                 skip_query_rows: int = 0, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    """paged_attention's work; sequences with at most skip_query_rows query rows are left to the
-    caller (the CPU backend attends those in C)."""
+                 k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """paged_attention's work (also the CPU backend's fallback where C cannot run)."""
     token_bytes = (k_cache.shape[2] * k_cache.shape[3]
                    * _compute_dtype(k_cache.dtype, q.dtype).itemsize)
-    group_tokens = 0 if skip_query_rows else max(1, DECODE_GROUP_BYTES // token_bytes)
-    spans = _step_plan(cu_seqlens_q, seq_lens, block_tables, k_cache.shape[1], group_tokens,
-                       max(skip_query_rows, 1))
+    group_tokens = max(1, DECODE_GROUP_BYTES // token_bytes)
+    spans = _step_plan(cu_seqlens_q, seq_lens, block_tables, k_cache.shape[1], group_tokens)
     for span in spans:
         out[span.rows] = _attend_span(q[span.rows], k_cache, v_cache, span, scale,
                                       sliding_window, softcap, (k_scale, v_scale)).to(out.dtype)
