@@ -31,6 +31,7 @@ from pagedserve.executor.layers.linear import (
 from pagedserve.executor.layers.norm import RMSNorm
 from pagedserve.executor.layers.rotary import RotaryEmbedding
 from pagedserve.executor.model_config import ModelConfig
+from pagedserve.executor.models.layer_loop import LayerLoopSlot
 from pagedserve.kernels.quantized import QuantizedWeight
 
 # Checkpoint projections that live inside one fused parameter: (checkpoint part, our part, shard).
@@ -167,6 +168,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
             self.lm_head.tied = True
+        self.layer_loop = LayerLoopSlot()  # every layer in one C call, where the model qualifies
 
     def forward(
         self,
@@ -179,6 +181,9 @@ class LlamaFamilyForCausalLM(nn.Module):
         """Flat tokens [T] (or their embeddings [T, hidden]) -> final-norm hidden [T, hidden]."""
         if inputs_embeds is None:
             hidden = self.model.embed_tokens(input_ids)
+            looped = self.layer_loop.run(self, hidden, positions, attn, kv_cache)
+            if looped is not None:
+                return looped
         else:  # copied: the residual stream is updated in place, and the caller's tensor is theirs
             hidden = inputs_embeds.clone()
         residual = None

@@ -56,7 +56,7 @@ DecodeRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 _last: tuple[tuple[torch.Tensor, ...], DecodeRows] | None = None
 
 
-def _decode_rows(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+def decode_rows(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                  block_tables: torch.Tensor) -> DecodeRows:
     """What the C kernel runs: (order, q_rows, seq_lens, block_tables), one entry per decode row,
     order longest context first (the C side hands rows out in it, so short ones fill in at the
@@ -98,7 +98,7 @@ def _supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def _run_decode(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, *, scale,
                 sliding_window, softcap, k_scale, v_scale) -> None:
     lib, _ = load("paged_decode")
-    seqs, q_rows, lens, tables = _decode_rows(cu_seqlens_q, seq_lens, block_tables)
+    seqs, q_rows, lens, tables = decode_rows(cu_seqlens_q, seq_lens, block_tables)
     if not len(seqs):
         return
     shape = _DecodeShape(q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], q.stride(0),

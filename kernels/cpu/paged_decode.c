@@ -26,14 +26,7 @@
 
 #include "simd.h"
 
-typedef struct {
-    int num_q_heads, num_kv_heads, head_dim, block_size;
-    int64_t q_row_stride, out_row_stride, block_table_stride;
-    float scale, softcap;
-    int sliding_window;
-    int q_kind, cache_kind; /* simd.h's KIND_*: q and out, the K/V cache */
-    float k_scale, v_scale;
-} decode_shape;
+#include "decode_shape.h"
 
 /* One sequence: scores for every key of its window (all query heads), softmax, then P.V, with
  * every element loaded through its kind (the portable path: no SIMD, or a head_dim it lacks).
