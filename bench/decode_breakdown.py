@@ -4,7 +4,9 @@
 
 One greedy request of 128 tokens in bf16, after a warm-up one; each piece's time per step and
 share of the wall time. The timers cost about a microsecond per wrapped call (some 300 a step on
-SmolLM2), so the shares of small pieces are a little high.
+SmolLM2 on the module path), so the shares of small pieces are a little high. A model the C layer
+loop takes (executor/models/layer_loop.py: a quantized one, as the default GGUF runs) shows its
+layers as one piece; PAGEDSERVE_DISABLE_LAYER_LOOP=1 shows them module by module.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pagedserve.executor.layers import linear as lin
 from pagedserve.executor.layers.attention import PagedAttention
 from pagedserve.executor.layers.norm import RMSNorm
 from pagedserve.executor.layers.rotary import RotaryEmbedding
+from pagedserve.kernels.cpu.layer_loop import LayerLoop
 
 T: collections.Counter = collections.Counter()
 N: collections.Counter = collections.Counter()
@@ -40,6 +43,7 @@ def instrument(llm: LLM) -> None:
     for cls, name in ((PagedAttention, "attention (KV write + paged decode)"),
                       (RMSNorm, "RMSNorm (+ residual add)"), (RotaryEmbedding, "rotary")):
         cls.forward = timed(name, cls.forward)
+    LayerLoop.run = timed("layer loop (every layer, one C call)", LayerLoop.run)
     for cname in ("QKVParallelLinear", "MergedColumnParallelLinear", "RowParallelLinear"):
         layer = getattr(lin, cname)
         layer.forward = timed("linear GEMMs (qkv, gate-up, o, down)", layer.forward)
@@ -70,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     llm.generate(["Hello there, how are you?"], sp)
     wall = time.perf_counter() - start
     steps = N["executor.execute (whole step)"]
-    print(f"{model}: {steps} steps, {128 / wall:.1f} tok/s, {1e3 * wall / steps:.2f} ms/step")
+    loop = getattr(llm.executor.model, "layer_loop", None)
+    print(f"{model}: {steps} steps, {128 / wall:.1f} tok/s, {1e3 * wall / steps:.2f} ms/step; "
+          f"layer loop: {'in use' if loop is not None and not loop.reason else loop and loop.reason}")
     for name, seconds in sorted(T.items(), key=lambda kv: -kv[1]):
         print(f"  {name:42s} {1e3 * seconds / steps:7.3f} ms/step  {100 * seconds / wall:5.1f}%  "
               f"({N[name] // steps} calls/step)")
