@@ -4,7 +4,7 @@ module by module, and the hand-over of its weights and KV pages to that loop.
 The loop calls the same kernels in the same order, so it changes no bit of any result; it only
 takes what it was written for: the CPU kernels, every projection quantized in the C GEMM's packed
 form (a GGUF or a quantized checkpoint as the engine runs it by default), no tensor parallelism,
-no batch-invariant row padding, plain RoPE, no per-head q/k norm, and a KV cache in the
+no batch-invariant row padding, plain RoPE, and a KV cache in the
 activations' dtype. Anything else keeps the module path, and `reason` says why.
 PAGEDSERVE_DISABLE_LAYER_LOOP=1 turns it off (benchmarks and tests compare the two paths).
 """
@@ -48,11 +48,12 @@ def _layer(model: nn.Module, i: int, kv_cache: KVCache, dtype: torch.dtype):
 
     layer = model.model.layers[i]
     attn, mlp = layer.self_attn, layer.mlp
-    if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP or attn.qk_norm:
+    if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP:
         return None, "a layer other than Llama's attention and SiLU MLP"
     if type(attn.rotary) is not RotaryEmbedding or type(attn.attn) is not PagedAttention:
         return None, "a rotary or attention variant"
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    heads = (attn.q_norm, attn.k_norm) if attn.qk_norm else ()
+    norms = (layer.input_layernorm, layer.post_attention_layernorm, *heads)
     if any(type(n) is not RMSNorm or n.weight.dtype != dtype for n in norms):
         return None, "a norm other than RMSNorm in the activations' dtype"
     k, v = kv_cache.k[i], kv_cache.v[i]
@@ -67,7 +68,8 @@ def _layer(model: nn.Module, i: int, kv_cache: KVCache, dtype: torch.dtype):
         linears.append(loop_linear)
     pa = attn.attn
     return LoopLayer(*linears, norms[0].weight.detach(), norms[1].weight.detach(), k, v,
-                     pa.scale, pa.softcap, pa.sliding_window, pa.k_scale, pa.v_scale), ""
+                     pa.scale, pa.softcap, pa.sliding_window, pa.k_scale, pa.v_scale,
+                     *(n.weight.detach() for n in heads)), ""
 
 
 def build_layer_loop(model: nn.Module, kv_cache: KVCache):

@@ -9,7 +9,7 @@
  *
  * Per layer, with the residual stream carried beside the hidden state as models/llama.py does:
  *   normed = rms_norm(residual) (layer 0) or add_rms_norm(proj, residual)  -> qkv GEMM
- *   -> rotary on q and k in place -> K/V written to the pages -> paged attention -> o GEMM
+ *   -> (Qwen3: q and k heads normed) -> rotary on q and k in place -> K/V written to the pages -> paged attention -> o GEMM
  *   -> add_rms_norm(proj, residual) -> gate-up GEMM -> SiLU-and-mul -> down GEMM (into proj)
  * and after the last: out = add_rms_norm(proj, residual) with the final norm's weight.
  */
@@ -23,6 +23,9 @@ typedef int (*quant_gemm_fn)(const void *x, int64_t x_stride, int x_bf16, const 
                              int64_t k, int64_t group, int bits, int num_threads);
 typedef void (*rms_norm_fn)(const void *x, int64_t x_stride, const void *w, void *out,
                             int64_t rows, int hidden, float eps);
+typedef void (*rms_norm_heads_fn)(const void *x, int64_t x_stride, const void *w, void *out,
+                                  int64_t out_stride, int64_t tokens, int heads, int head_dim,
+                                  float eps);
 typedef void (*add_rms_norm_fn)(const void *x, void *residual, const void *w, void *out,
                                 int64_t rows, int hidden, float eps);
 typedef void (*rotary_fn)(void *x, int64_t x_stride, int64_t rows, int heads, int head_dim,
@@ -48,6 +51,7 @@ typedef struct { /* a packed quantized weight (kernels/cpu/quant_linear.py's Pac
 typedef struct {
     gemm_weight qkv, o, gate_up, down;
     const void *input_norm, *post_norm;
+    const void *q_norm, *k_norm; /* per-head norms before rotary (Qwen3), or NULL */
     char *k_cache, *v_cache;
     float scale, softcap, k_scale, v_scale;
     int sliding_window;
@@ -56,6 +60,7 @@ typedef struct {
 typedef struct {
     quant_gemm_fn gemm;
     rms_norm_fn rms_norm;
+    rms_norm_heads_fn rms_norm_heads;
     add_rms_norm_fn add_rms_norm;
     rotary_fn rotary;
     write_kv_fn write_kv;
@@ -98,6 +103,10 @@ static int attention(const decoder *m, const layer_weights *l, const decode_step
     const int H = m->num_heads, KV = m->num_kv_heads, D = m->head_dim;
     const int64_t width = (int64_t)(H + 2 * KV) * D;
     char *k = row_at(s->qkv, (int64_t)H * D, m->bf16), *v = row_at(s->qkv, (int64_t)(H + KV) * D, m->bf16);
+    if (l->q_norm) { /* in place in the qkv rows, as the module path's new q and k hold them */
+        m->rms_norm_heads(s->qkv, width, l->q_norm, s->qkv, width, s->rows, H, D, m->eps);
+        m->rms_norm_heads(k, width, l->k_norm, k, width, s->rows, KV, D, m->eps);
+    }
     m->rotary(s->qkv, width, s->rows, H, D, m->cos_sin, m->rot, s->positions);
     m->rotary(k, width, s->rows, KV, D, m->cos_sin, m->rot, s->positions);
     const int bad = m->write_kv(k, width, v, width, l->k_cache, l->v_cache, s->slots, s->rows,

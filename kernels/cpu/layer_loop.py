@@ -28,13 +28,14 @@ class _Gemm(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("qkv", _Gemm), ("o", _Gemm), ("gate_up", _Gemm), ("down", _Gemm),
-                ("input_norm", _P), ("post_norm", _P), ("k_cache", _P), ("v_cache", _P),
+                ("input_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P),
+                ("k_cache", _P), ("v_cache", _P),
                 ("scale", _F), ("softcap", _F), ("k_scale", _F), ("v_scale", _F),
                 ("sliding_window", _I)]
 
 
 class _Decoder(ctypes.Structure):
-    _fields_ = [(name, _P) for name in ("gemm", "rms_norm", "add_rms_norm", "rotary", "write_kv",
+    _fields_ = [(name, _P) for name in ("gemm", "rms_norm", "rms_norm_heads", "add_rms_norm", "rotary", "write_kv",
                                         "paged_decode", "silu_and_mul", "layers", "final_norm",
                                         "cos_sin")] + [
         (name, _I) for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim",
@@ -72,6 +73,8 @@ class LoopLayer:
     sliding_window: int
     k_scale: float
     v_scale: float
+    q_norm: torch.Tensor | None = None  # per-head norms before rotary (Qwen3)
+    k_norm: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,12 @@ def _gemm(linear: LoopLinear, keep: list[torch.Tensor]) -> _Gemm:
 
 
 def _layer(layer: LoopLayer, keep: list[torch.Tensor]) -> _Layer:
+    heads = (layer.q_norm, layer.k_norm)
     keep.extend((layer.input_norm, layer.post_norm, layer.k_cache, layer.v_cache))
+    keep.extend(t for t in heads if t is not None)
     return _Layer(*(_gemm(g, keep) for g in (layer.qkv, layer.o, layer.gate_up, layer.down)),
                   layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
+                  *(None if t is None else t.data_ptr() for t in heads),
                   layer.k_cache.data_ptr(), layer.v_cache.data_ptr(), layer.scale,
                   layer.softcap, layer.k_scale, layer.v_scale, layer.sliding_window)
 
@@ -145,7 +151,7 @@ class LayerLoop:
     @staticmethod
     def _functions(dtype: torch.dtype) -> list[int]:
         typed = [typed_function(lib, symbol, dtype) for lib, symbol in (
-            ("norm", "rms_norm"), ("norm", "add_rms_norm"), ("rotary", "rotary_neox"))]
+            ("norm", "rms_norm"), ("norm", "rms_norm_heads"), ("norm", "add_rms_norm"), ("rotary", "rotary_neox"))]
         return [_address(_kernel().gemm), *map(_address, typed),
                 _address(load("kv_write")[0].write_kv), _address(load("paged_decode")[0].paged_decode),
                 _address(typed_function("activation", "silu_and_mul", dtype))]

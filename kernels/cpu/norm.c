@@ -68,6 +68,16 @@ void rms_norm_##SUFFIX(const T *x, int64_t x_stride, const T *w, T *out, int64_t
             store_##SUFFIX(o + i, load_##SUFFIX(w + i) * round_##SUFFIX(load_##SUFFIX(xr + i) * inv)); \
     }                                                                                            \
 }                                                                                                \
+/* rms_norm of every head of x [tokens, heads, head_dim] (tokens x_stride elements apart, heads \
+ * contiguous) into out (tokens out_stride apart); out may be x: each row is read before it is   \
+ * written (Qwen3's per-head q/k norm, in place in the fused qkv rows). */                      \
+void rms_norm_heads_##SUFFIX(const T *x, int64_t x_stride, const T *w, T *out,                  \
+                             int64_t out_stride, int64_t tokens, int heads, int head_dim,       \
+                             float eps) {                                                       \
+    for (int64_t t = 0; t < tokens; t++)                                                        \
+        rms_norm_##SUFFIX(x + t * x_stride, head_dim, w, out + t * out_stride, heads, head_dim, \
+                          eps);                                                                  \
+}                                                                                                \
 /* residual = round(residual + x) in place, then out = rms_norm(residual); all contiguous. */   \
 void add_rms_norm_##SUFFIX(const T *x, T *residual, const T *w, T *out, int64_t rows,           \
                            int hidden, float eps) {                                              \

@@ -18,7 +18,28 @@ def _matrix_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.shape == (x.shape[1],))
 
 
+def _heads_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x [tokens, heads, head_dim], heads contiguous within a token (a view into fused qkv rows)."""
+    return (x.device.type == "cpu" and x.dim() == 3 and x.stride(2) == 1
+            and x.stride(1) == x.shape[2] and weight.dtype == x.dtype and weight.is_contiguous()
+            and weight.shape == (x.shape[2],))
+
+
+def _rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    fn = typed_function("norm", "rms_norm_heads", x.dtype)
+    if fn is None or not _heads_ok(x, weight):
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    fn(ptr(x), ctypes.c_int64(x.stride(0)), ptr(weight), ptr(out),
+       ctypes.c_int64(x.shape[1] * x.shape[2]), ctypes.c_int64(x.shape[0]), x.shape[1],
+       x.shape[2], ctypes.c_float(eps))
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dim() == 3:  # per head (Qwen3's q/k norm)
+        out = _rms_norm_heads(x, weight, eps)
+        return out if out is not None else reference.rms_norm(x, weight, eps)
     fn = typed_function("norm", "rms_norm", x.dtype)
     if fn is None or not _matrix_ok(x, weight):
         return reference.rms_norm(x, weight, eps)

@@ -21,16 +21,17 @@ PROMPT_LENGTHS = (3, 17, 40, 70)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12, logprobs=3)
 SEEDED = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=12, min_tokens=12, seed=7,
                         logprobs=3)
+MODELS = [("llama", "int4-awq-format"), ("qwen2", "int8"), ("qwen3", "int8"),
+          ("mistral", "int4-awq-format")]
 
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory) -> dict[tuple[str, str], Path]:
-    """make-model's tiny llama (int4, AWQ layout), qwen2 (q/k/v biases; int8) and mistral
-    (sliding window; int4), quantized by `pagedserve quantize`."""
+    """make-model's tiny llama (int4, AWQ layout), qwen2 (q/k/v biases; int8), qwen3 (per-head
+    q/k norms; int8) and mistral (sliding window; int4), quantized by `pagedserve quantize`."""
     root = tmp_path_factory.mktemp("quantized")
     out = {}
-    for arch, method in (("llama", "int4-awq-format"), ("qwen2", "int8"),
-                         ("mistral", "int4-awq-format")):
+    for arch, method in MODELS:
         out[arch, method] = root / f"{arch}-{method}"
         assert main(["quantize", str(model_dir(arch)), str(out[arch, method]),
                      "--method", method]) == 0
@@ -53,8 +54,7 @@ def _run(model: Path, dtype: str, params: SamplingParams) -> tuple[list, str]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("arch,method", [("llama", "int4-awq-format"), ("qwen2", "int8"),
-                                         ("mistral", "int4-awq-format")])
+@pytest.mark.parametrize("arch,method", MODELS)
 def test_loop_equals_the_modules_bit_for_bit(quantized, arch, method, dtype, monkeypatch) -> None:
     if unavailable(getattr(torch, dtype)):
         pytest.skip(f"the loop does not run here: {unavailable(getattr(torch, dtype))}")

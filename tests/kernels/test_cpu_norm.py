@@ -56,12 +56,22 @@ def test_fused_add_rms_norm_updates_the_residual_like_the_reference(dtype) -> No
     assert _ulps_apart(out, ref_out) <= ULPS[dtype]
 
 
-def test_three_dimensional_input_is_normed_per_head() -> None:
-    """Qwen3's q/k norm: [tokens, heads, head_dim], normed over the last dimension (a path the C
-    kernel leaves to the reference), checked against the formula in float64."""
-    x, w = torch.randn(5, 4, 32).bfloat16(), torch.randn(32).bfloat16()
-    xd = x.double()
-    want = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
-    got = rms_norm(x, w, 1e-6)
-    assert got.shape == x.shape and got.dtype == torch.bfloat16
-    assert torch.allclose(got.double(), want, rtol=2**-7, atol=2**-7)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [128, 64, 36])  # 36: the scalar loop everywhere
+def test_three_dimensional_input_is_normed_per_head(dtype, head_dim) -> None:
+    """Qwen3's q/k norm: [tokens, heads, head_dim] views into fused qkv rows (tokens further
+    apart than their heads), normed over the last dimension in C: within the last places of the
+    reference, equal to the 2-D kernel on the same heads, and within bf16 of float64's formula."""
+    qkv = (torch.randn(7, (4 + 2 * 2) * head_dim) * 3).to(dtype)
+    q = qkv[:, : 4 * head_dim].view(7, 4, head_dim)
+    k = qkv[:, 4 * head_dim: 6 * head_dim].view(7, 2, head_dim)
+    w = torch.randn(head_dim).to(dtype)
+    for x in (q, k):
+        got = rms_norm(x, w, 1e-6)
+        assert got.shape == x.shape and got.dtype == dtype and got.is_contiguous()
+        assert torch.equal(got, rms_norm(x.reshape(-1, head_dim), w, 1e-6).view(x.shape))
+        assert _ulps_apart(got, reference.rms_norm(x, w, 1e-6)) <= ULPS[dtype]
+        xd = x.double()
+        want = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+        assert torch.allclose(got.double(), want, rtol=2**-7, atol=2**-7)
+    assert torch.equal(qkv[:, : 4 * head_dim].view(7, 4, head_dim), q)  # the input is untouched
