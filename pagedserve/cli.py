@@ -161,6 +161,7 @@ def _add_scheduler(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", default=DEFAULT_SCHEDULER_ADDR, help="host:port or unix:///path")
     _add_batching_options(p, defaults=True)
     p.add_argument("--no-prefix-caching", action="store_true")
+    _add_async_option(p)
     _add_speculative_option(p)
     _add_step_timeout(p)
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -184,6 +185,12 @@ def _add_speculative_option(p: argparse.ArgumentParser) -> None:
                         '(a smaller model with the same vocabulary, run by the executor)')
 
 
+def _add_async_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="plan each step only after the previous result (by default the next "
+                        "decode step is planned and sent while one runs)")
+
+
 def _speculative_config(text: str):
     from pagedserve.scheduler.speculative_config import SpeculativeConfig
 
@@ -199,6 +206,7 @@ def _run_scheduler(args: argparse.Namespace) -> int:
     options = {"max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens,
                "enable_prefix_caching": not args.no_prefix_caching,
+               "async_scheduling": not args.no_async_scheduling,
                "speculative": args.speculative_config}
     return run_scheduler(args.executor, args.listen, scheduler_options=options,
                          reflection=args.reflection, drain_timeout=args.drain_timeout,
@@ -290,6 +298,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     _add_executor_options(p, defaults=False)
     _add_batching_options(p, defaults=False)
     p.add_argument("--no-prefix-caching", action="store_true")
+    _add_async_option(p)
     _add_speculative_option(p)
     _add_step_timeout(p)
     p.add_argument("--drain-timeout", type=float, default=30.0,

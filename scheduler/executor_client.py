@@ -112,10 +112,25 @@ class AsyncExecutorConnection:
 
     async def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
         """Sends one plan on the (lazily opened) Execute stream and awaits its result."""
+        await self.send(plan)
+        return await self.receive(plan)
+
+    async def send(self, plan: executor_pb2.StepPlan) -> None:
+        """Queues a plan on the Execute stream (the executor runs plans in the order sent, so
+        a plan sent before the previous result came back starts as soon as that step ends)."""
         if self._call is None:
             self._call = self._stub.Execute()
         try:
             await self._call.write(plan)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+            self.drop_stream()
+            raise ExecutorGone(f"Execute stream broke: {e}", _refused(e)) from e
+
+    async def receive(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
+        """The result of `plan`, the oldest plan sent and not answered yet."""
+        if self._call is None:
+            raise ExecutorGone("no Execute stream")
+        try:
             result = await self._call.read()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
             self.drop_stream()

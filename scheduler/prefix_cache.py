@@ -48,7 +48,9 @@ class PrefixCache:
 
     def register_computed(self, request: Request) -> None:
         """Offers the request's full computed blocks that were not offered yet to the cache."""
-        num_full = request.num_computed_tokens // self.block_size
+        # min: a step planned ahead counts the token the step before it samples as computed
+        # before the scheduler holds it (Scheduler.schedule_ahead)
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         if not self.enabled or num_full <= request.num_blocks_offered_to_cache:
             return
         hashes = self._hashes(request)

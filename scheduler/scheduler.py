@@ -16,7 +16,7 @@ from pagedserve.protos import executor_pb2
 from pagedserve.protos.choice_seed import choice_seed
 from pagedserve.scheduler.block_pool import BlockHash
 from pagedserve.scheduler.config import SchedulerConfig
-from pagedserve.scheduler.kv_cache_manager import KVCacheManager
+from pagedserve.scheduler.kv_cache_manager import KVCacheManager, blocks_for
 from pagedserve.scheduler.outputs import RequestOutputDelta, SchedulerStats
 from pagedserve.scheduler.request import Request, RequestStatus, StopParams
 from pagedserve.scheduler.request_spec import RequestSpec
@@ -47,7 +47,8 @@ class Scheduler:
         self.running: list[Request] = []  # admission order: the newest is last
         self._forget: list[str] = []  # ids for the next plan's forget_request_ids
         self._deltas: list[RequestOutputDelta] = []  # aborts, reported by the next apply_result
-        self._in_flight: _InFlight | None = None
+        # plans handed out by schedule() / schedule_ahead() and not yet answered, oldest first
+        self._in_flight: deque[_InFlight] = deque()
         self._next_step_id = 0
         self._num_arrivals = 0
         self.num_preemptions = 0
@@ -136,7 +137,7 @@ class Scheduler:
             self.waiting.appendleft(req)
         self.running.clear()
         self._forget.clear()
-        self._in_flight = None
+        self._in_flight.clear()
         self.kv.clear_prefix_cache()
 
     # ---- one step --------------------------------------------------------------------------------
@@ -154,11 +155,9 @@ class Scheduler:
         # executor forgets it, and it is later recomputed from its prompt and outputs so far.
         # Waiting requests are admitted only if their blocks can be allocated; they never preempt
         # running ones, and none are admitted in a step that preempted.
-        if self._in_flight is not None:
+        if self._in_flight:
             raise RuntimeError("schedule() called twice without apply_result()")
-        plan = executor_pb2.StepPlan(step_id=self._next_step_id)
-        self._in_flight = _InFlight(self._next_step_id)
-        self._next_step_id += 1
+        plan = self._new_plan()
         budget = self.config.max_num_batched_tokens
         preemptions_before = self.num_preemptions
         budget = self._schedule_running(plan, budget)
@@ -167,6 +166,50 @@ class Scheduler:
         plan.forget_request_ids.extend(self._forget)
         self._forget.clear()
         return plan
+
+    def _new_plan(self) -> executor_pb2.StepPlan:
+        self._in_flight.append(_InFlight(self._next_step_id))
+        self._next_step_id += 1
+        return executor_pb2.StepPlan(step_id=self._next_step_id - 1)
+
+    def schedule_ahead(self) -> executor_pb2.StepPlan | None:
+        """The step after the one in flight, planned before its result (async scheduling, so the
+        executor finds its next plan waiting): each running request computes the token the step in
+        flight samples for it, which the executor holds (a plan carries no ids of held tokens).
+
+        None, planning nothing, unless that is all a plan made after the result would do: exactly
+        one plan in flight, in which every running request samples (no prompt chunks, no drafts);
+        no request waits for a seat; the pool grows them all without preemption. A request that
+        the step in flight ends by length is left out; one it ends with a stop token has this
+        step's token computed in vain, and apply_result drops it."""
+        if len(self._in_flight) != 1 or self.speculator is not None or (
+                self.waiting and len(self.running) < self.config.max_num_seqs):
+            return None
+        last = self._in_flight[-1].scheduled
+        if not all(r.request_id in last and last[r.request_id][0] is r and last[r.request_id][1]
+                   and not last[r.request_id][2] for r in self.running):
+            return None
+        going_on = [r for r in self.running if not self._ends_by_length_next(r)]
+        needed = sum(blocks_for(r.num_computed_tokens + 1, self.config.block_size)
+                     - len(r.block_ids) for r in going_on)
+        if (not going_on or len(going_on) > self.config.max_num_batched_tokens
+                or needed > self.kv.num_free_blocks):
+            return None
+        plan = self._new_plan()
+        for req in going_on:
+            self.kv.grow(req, 1)
+            plan.continuing_requests.add(request_id=req.request_id, num_scheduled_tokens=1,
+                                         new_block_ids=self.kv.take_new_block_ids(req))
+            req.num_computed_tokens += 1  # one past the held tokens until the result appends
+            self._in_flight[-1].scheduled[req.request_id] = (req, True, [])
+        plan.forget_request_ids.extend(self._forget)
+        self._forget.clear()
+        return plan
+
+    def _ends_by_length_next(self, req: Request) -> bool:
+        """Whether the token being sampled for it ends the request by max_tokens or length."""
+        return (req.num_output_tokens + 1 >= req.stop.max_tokens
+                or req.num_tokens + 1 >= self.config.max_model_len)
 
     def _schedule_running(self, plan: executor_pb2.StepPlan, budget: int) -> int:
         """Gives tokens to running requests in order, preempting the newest when blocks run out."""
@@ -272,13 +315,13 @@ class Scheduler:
 
     def _mark_scheduled(self, req: Request, num_new: int, drafts: list[int] | None = None) -> None:
         """Counts num_new held tokens computed; drafts count once accepted (apply_result)."""
-        assert self._in_flight is not None and num_new > 0
+        assert self._in_flight and num_new > 0
         req.num_computed_tokens += num_new
         assert req.num_computed_tokens <= min(req.num_tokens, self.config.max_model_len)
         assert len(req.block_ids) * self.config.block_size \
             >= req.num_computed_tokens + len(drafts or ())
         samples = req.num_computed_tokens == req.num_tokens
-        self._in_flight.scheduled[req.request_id] = (req, samples, drafts or [])
+        self._in_flight[-1].scheduled[req.request_id] = (req, samples, drafts or [])
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -301,12 +344,12 @@ class Scheduler:
 
     def apply_result(self, result: executor_pb2.StepResult) -> list[RequestOutputDelta]:
         """Appends sampled tokens, applies stop rules, registers newly computed full blocks."""
-        in_flight = self._in_flight
-        if in_flight is None:
+        if not self._in_flight:
             raise RuntimeError("apply_result() without a scheduled step")
+        in_flight = self._in_flight[0]
         if result.step_id != in_flight.step_id:
             raise RuntimeError(f"result for step {result.step_id}, expected {in_flight.step_id}")
-        self._in_flight = None
+        self._in_flight.popleft()
         live = {rid: entry for rid, entry in in_flight.scheduled.items()
                 if self.requests.get(rid) is entry[0]}
         for req, _, _ in live.values():

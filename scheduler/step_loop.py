@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -41,6 +42,16 @@ class DeltaSink(Protocol):
     """Where a request's deltas go: its own asyncio.Queue, or a Session's shared batch."""
 
     def put_nowait(self, delta: RequestOutputDelta) -> None: ...
+
+
+@dataclass
+class _Sent:
+    """A plan on its way to the executor, and what was known of it when it was planned."""
+
+    plan: executor_pb2.StepPlan
+    split: list[tuple[str, int, int]]  # step_history.request_split, taken at planning time
+    planned_at: float
+    sent_at: float
 
 
 DEFAULT_STEP_TIMEOUT_S = 120.0
@@ -92,21 +103,58 @@ class StepLoop:
             await self._conn.close()
 
     async def _step_once(self) -> None:
-        """schedule -> Execute -> apply_result and fan-out, each phase timed (see StepTimings)."""
+        """schedule -> Execute -> apply_result and fan-out, each phase timed (see StepTimings).
+
+        With async scheduling (SchedulerConfig.async_scheduling), while a step runs the next one
+        is planned and sent when Scheduler.schedule_ahead can (decoding requests only), so the
+        executor finds it waiting and never idles for the round trip and the scheduling; this
+        repeats until a step's result comes back with nothing planned past it."""
         assert self.scheduler is not None
         start = time.perf_counter()
         plan = self.scheduler.schedule()
         if not (plan.new_requests or plan.continuing_requests or plan.forget_request_ids):
             await self._nothing_scheduled(plan)
             return
+        sent = [self._planned(plan, start)]
+        if not await self._send(plan):
+            return
+        last_received = 0.0
+        while sent:
+            ahead = self._plan_ahead()
+            if ahead is not None:
+                sent.append(ahead)
+                if not await self._send(ahead.plan):
+                    return
+            step = sent.pop(0)
+            result = await self._receive(step.plan)
+            if result is None:
+                return
+            received = time.perf_counter()
+            # a plan sent before the previous result came back started when that step ended
+            began = max(step.sent_at, last_received)
+            self._applied(step, result, rpc=received - began)
+            last_received = received
+
+    def _plan_ahead(self) -> _Sent | None:
+        assert self.scheduler is not None
+        if not self.scheduler.config.async_scheduling:
+            return None
+        start = time.perf_counter()
+        plan = self.scheduler.schedule_ahead()
+        return None if plan is None else self._planned(plan, start)
+
+    def _planned(self, plan: executor_pb2.StepPlan, start: float) -> _Sent:
+        assert self.scheduler is not None
         split = request_split(self.scheduler, plan)  # once, for the history and the trace
         if self.trace is not None:
             self.trace.planned(self.scheduler, plan, split)
-        sent = time.perf_counter()
-        result = await self._execute(plan)
-        if result is None:
-            return
-        received = time.perf_counter()
+        return _Sent(plan, split, start, time.perf_counter())
+
+    def _applied(self, step: _Sent, result: executor_pb2.StepResult, *, rpc: float) -> None:
+        """apply_result and fan-out of one step's result, and its timings and history."""
+        assert self.scheduler is not None
+        start = time.perf_counter()
+        plan, split, schedule = step.plan, step.split, step.sent_at - step.planned_at
         self._failures = 0
         deltas = self.scheduler.apply_result(result)
         self._trace_applied(deltas)
@@ -114,9 +162,10 @@ class StepLoop:
         self._apply_pending()
         done = time.perf_counter()
         running = len(plan.new_requests) + len(plan.continuing_requests)
-        self.timings.add(schedule=sent - start, rpc=received - sent,
-                         execute=result.execute_seconds, apply=done - received, running=running)
-        self.history.record(seconds=done - start, prefill=sum(p for _, p, _ in split),
+        self.timings.add(schedule=schedule, rpc=rpc, execute=result.execute_seconds,
+                         apply=done - start, running=running)
+        self.history.record(seconds=schedule + rpc + done - start,
+                            prefill=sum(p for _, p, _ in split),
                             decode=sum(d for _, _, d in split),
                             outputs=sum(len(d.new_token_ids) for d in deltas), requests=running)
 
@@ -128,23 +177,35 @@ class StepLoop:
         if self.scheduler.has_unfinished():
             await self._wait_for_work(0.05)  # nothing fits right now; don't spin
 
-    async def _execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult | None:
+    async def _send(self, plan: executor_pb2.StepPlan) -> bool:
+        """False when the executor went away (then handled here)."""
+        try:
+            await self._conn.send(plan)
+            return True
+        except ExecutorGone as e:
+            self._gone(e)
+            return False
+
+    async def _receive(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult | None:
         """The plan's result, or None when the executor went away (then handled here)."""
         self._in_step = True
         try:
-            return await asyncio.wait_for(self._conn.execute(plan), self._step_timeout or None)
+            return await asyncio.wait_for(self._conn.receive(plan), self._step_timeout or None)
         except ExecutorGone as e:
-            if e.refused_request_id is not None:  # it would be refused again, in every plan
-                log.warning("executor refused a request; aborting it",
-                            request_id=e.refused_request_id, reason=str(e))
-                self.abort(e.refused_request_id)
-            self._lost_executor(str(e))
+            self._gone(e)
             return None
         except asyncio.TimeoutError:
             self._lost_executor(f"no result within the step timeout ({self._step_timeout} s)")
             return None
         finally:
             self._in_step = False
+
+    def _gone(self, e: ExecutorGone) -> None:
+        if e.refused_request_id is not None:  # it would be refused again, in every plan
+            log.warning("executor refused a request; aborting it",
+                        request_id=e.refused_request_id, reason=str(e))
+            self.abort(e.refused_request_id)
+        self._lost_executor(str(e))
 
     async def _idle(self) -> None:
         """Waits for a request, and notices meanwhile when the executor's channel drops."""

@@ -199,6 +199,7 @@ class Outcome:
     reasons: dict[str, str | None] = field(default_factory=dict)
     cached: dict[str, int] = field(default_factory=dict)
     deltas: list[RequestOutputDelta] = field(default_factory=list)
+    ahead: int = 0  # plans made by schedule_ahead (sched_workload's async runs)
 
 
 def collect(outcome: Outcome, deltas: list[RequestOutputDelta]) -> None:

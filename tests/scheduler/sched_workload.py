@@ -7,9 +7,12 @@ any pool size, budget, seat count, caching setting, abort pattern and executor r
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
+from pagedserve.protos import executor_pb2
 from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.outputs import RequestOutputDelta
 from pagedserve.scheduler.scheduler import Scheduler
 from tests.scheduler.sched_fakes import (
     GREEDY,
@@ -86,12 +89,16 @@ def add(sched: Scheduler, s: Spec) -> None:
                       min_tokens=s.min_tokens, stop_token_ids=[STOP_ID], n=s.n)
 
 
-def run_workload(w: Workload, unconstrained: bool = False) -> Outcome:
+def run_workload(w: Workload, unconstrained: bool = False, ahead: bool = False) -> Outcome:
+    """ahead: async scheduling as the step loop runs it, with the executor computing each plan
+    the moment it is planned (as far ahead of apply_result as the scheduler lets it get);
+    the count of plans made by schedule_ahead is in the outcome's `ahead` field."""
     sched, fake = make_scheduler(w, unconstrained)
     out = Outcome()
     step = 0
+    results: deque[executor_pb2.StepResult] = deque()
     pending = sorted(w.specs, key=lambda s: s.arrival)
-    while pending or sched.has_unfinished():
+    while pending or sched.has_unfinished() or results:
         while pending and (unconstrained or pending[0].arrival <= step):
             add(sched, pending.pop(0))
         if not unconstrained:
@@ -100,7 +107,8 @@ def run_workload(w: Workload, unconstrained: bool = False) -> Outcome:
             if step in w.restarts:
                 fake.restart()
                 sched.reset_executor_state()
-        collect(out, sched.step())
+                results.clear()  # the results of plans in flight are lost with the executor
+        collect(out, _pipelined_step(sched, fake, results, out) if ahead else sched.step())
         check_invariants(sched)
         if not unconstrained:
             for rec in fake.records[-1:]:
@@ -113,9 +121,28 @@ def run_workload(w: Workload, unconstrained: bool = False) -> Outcome:
     return out
 
 
-def check_workload(w: Workload) -> None:
+def _execute(fake: FakeExecutor, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
+    if plan.new_requests or plan.continuing_requests or plan.forget_request_ids:
+        return fake.execute(plan)
+    return executor_pb2.StepResult(step_id=plan.step_id)
+
+
+def _pipelined_step(sched: Scheduler, fake: FakeExecutor, results: deque, out: Outcome
+                    ) -> list[RequestOutputDelta]:
+    """One result applied; a plan made (and run) before it when nothing is in flight, and one
+    past it when schedule_ahead can."""
+    if not results:
+        results.append(_execute(fake, sched.schedule()))
+    ahead = sched.schedule_ahead()
+    if ahead is not None:
+        out.ahead += 1
+        results.append(_execute(fake, ahead))
+    return sched.apply_result(results.popleft())
+
+
+def check_workload(w: Workload, ahead: bool = False) -> Outcome:
     expected = run_workload(w, unconstrained=True)
-    got = run_workload(w)
+    got = run_workload(w, ahead=ahead)
     for rid, reason in got.reasons.items():
         if reason == "abort":
             # an aborted request's tokens are a prefix of what it would have produced
@@ -124,3 +151,4 @@ def check_workload(w: Workload) -> None:
             assert got.tokens[rid] == expected.tokens[rid], rid
             assert reason == expected.reasons[rid]
     assert set(got.reasons) == set(expected.reasons)
+    return got
