@@ -3,7 +3,8 @@ module by module, and the hand-over of its weights and KV pages to that loop.
 
 The loop calls the same kernels in the same order, so it changes no bit of any result; it only
 takes what it was written for: the CPU kernels, every projection quantized in the C GEMM's packed
-form (a GGUF or a quantized checkpoint as the engine runs it by default), no tensor parallelism,
+form (a GGUF or a quantized checkpoint as the engine runs it by default) or, for a float32 model on
+a CPU with AVX2 and no AVX-512, in panel_gemm's panels; no tensor parallelism,
 no batch-invariant row padding, plain RoPE, and a KV cache in the
 activations' dtype. Anything else keeps the module path, and `reason` says why.
 PAGEDSERVE_DISABLE_LAYER_LOOP=1 turns it off (benchmarks and tests compare the two paths).
@@ -25,20 +26,26 @@ from pagedserve.executor.layers.rotary import RotaryEmbedding
 ENV_DISABLE = "PAGEDSERVE_DISABLE_LAYER_LOOP"
 
 
-def _linear(layer: nn.Module, name: str):
+def _linear(layer: nn.Module, name: str, dtype: torch.dtype):
     """(LoopLinear, "") or (None, why not) for one projection."""
-    from pagedserve.kernels.cpu.layer_loop import LoopLinear
+    from pagedserve.kernels.cpu.layer_loop import LoopLinear, takes
     from pagedserve.kernels.cpu.quant_linear import PackedQuantWeight
 
     if getattr(layer, "tp_size", 1) != 1:
         return None, "tensor parallelism"
     if getattr(layer, "min_rows", 1) != 1:
         return None, "batch-invariant row padding"
-    if not isinstance(getattr(layer, "quant", None), PackedQuantWeight):
-        return None, f"{name} is not a packed quantized weight"
     if layer.input_perm is not None:
         return None, f"{name} reorders its inputs (act-order)"
-    return LoopLinear(layer.quant, layer.bias), ""
+    packed = getattr(layer, "packed", None)
+    if isinstance(layer.quant, PackedQuantWeight):
+        loop_linear = LoopLinear(layer.quant, layer.bias, layer.quant.out_features)
+    elif packed is not None and packed.panels is not None:
+        loop_linear = LoopLinear(packed.panels, layer.bias, packed.out_features)
+    else:
+        return None, f"{name} is neither a packed quantized weight nor in panels"
+    why = takes(loop_linear, dtype)
+    return (None, f"{name}: {why}") if why else (loop_linear, "")
 
 
 def _layer(model: nn.Module, i: int, kv_cache: KVCache, dtype: torch.dtype):
@@ -62,7 +69,7 @@ def _layer(model: nn.Module, i: int, kv_cache: KVCache, dtype: torch.dtype):
     linears = []
     for name, lin in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj),
                       ("gate_up_proj", mlp.gate_up_proj), ("down_proj", mlp.down_proj)):
-        loop_linear, why = _linear(lin, name)
+        loop_linear, why = _linear(lin, name, dtype)
         if loop_linear is None:
             return None, why
         linears.append(loop_linear)

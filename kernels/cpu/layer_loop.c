@@ -39,13 +39,19 @@ typedef int (*paged_decode_fn)(const char *q, const void *k_cache, const void *v
                                const int32_t *seq_lens, const int32_t *block_tables, int count,
                                int num_threads, const decode_shape *s);
 typedef void (*act_and_mul_fn)(const void *x, int64_t x_stride, void *out, int64_t rows, int d);
+typedef void (*panel_gemm_fn)(const float *x, int64_t x_stride, const void *packed,
+                              const float *bias, float *out, int64_t m, int64_t n, int64_t k,
+                              int num_threads);
 
-typedef struct { /* a packed quantized weight (kernels/cpu/quant_linear.py's PackedQuantWeight) */
+enum { GEMM_QUANT, GEMM_PANELS_F32, GEMM_PANELS_BF16 }; /* gemm_weight.kind */
+
+typedef struct { /* a packed quantized weight (kernels/cpu/quant_linear.py's PackedQuantWeight),
+                  * or a float32 model's dense weight in panel_gemm's panels (codes: the panels) */
     const uint8_t *codes;
     const void *scales, *offsets; /* offsets NULL: symmetric */
     const float *bias;            /* NULL: none */
     int64_t n, k, group;
-    int bits, half_scales;
+    int bits, half_scales, kind;
 } gemm_weight;
 
 typedef struct {
@@ -66,6 +72,7 @@ typedef struct {
     write_kv_fn write_kv;
     paged_decode_fn paged_decode;
     act_and_mul_fn silu_and_mul;
+    panel_gemm_fn panels_f32, panels_bf16; /* NULL where panel_gemm has no path */
     const layer_weights *layers;
     const void *final_norm;
     const float *cos_sin;
@@ -89,6 +96,11 @@ typedef struct { /* one step: T rows; buffers [T, width] contiguous, in the acti
 
 static int product(const decoder *m, const gemm_weight *w, const void *x, void *out,
                    const decode_step *s) {
+    if (w->kind != GEMM_QUANT) { /* float32 activations only */
+        (w->kind == GEMM_PANELS_BF16 ? m->panels_bf16 : m->panels_f32)(
+            x, w->k, w->codes, w->bias, out, s->rows, w->n, w->k, s->threads);
+        return 0;
+    }
     return m->gemm(x, w->k, m->x_bf16, w->codes, w->scales, w->offsets, w->half_scales, w->bias,
                    out, m->bf16, s->rows, w->n, w->k, w->group, w->bits, s->threads);
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedserve.kernels.cpu import panel_gemm
 from pagedserve.kernels.cpu.attention import decode_rows
 from pagedserve.kernels.cpu.build import load, omp_threads, typed_function
 from pagedserve.kernels.cpu.kv_write import KINDS
@@ -23,7 +24,10 @@ _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 class _Gemm(ctypes.Structure):
     _fields_ = [("codes", _P), ("scales", _P), ("offsets", _P), ("bias", _P), ("n", _I64),
-                ("k", _I64), ("group", _I64), ("bits", _I), ("half_scales", _I)]
+                ("k", _I64), ("group", _I64), ("bits", _I), ("half_scales", _I), ("kind", _I)]
+
+
+_QUANT, _PANELS_F32, _PANELS_BF16 = range(3)  # layer_loop.c's GEMM_*
 
 
 class _Layer(ctypes.Structure):
@@ -36,7 +40,8 @@ class _Layer(ctypes.Structure):
 
 class _Decoder(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("gemm", "rms_norm", "rms_norm_heads", "add_rms_norm", "rotary", "write_kv",
-                                        "paged_decode", "silu_and_mul", "layers", "final_norm",
+                                        "paged_decode", "silu_and_mul", "panels_f32",
+                                        "panels_bf16", "layers", "final_norm",
                                         "cos_sin")] + [
         (name, _I) for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim",
                                 "intermediate", "rot", "bf16", "x_bf16", "block_size", "kind")
@@ -52,8 +57,12 @@ class _Step(ctypes.Structure):
 
 @dataclass
 class LoopLinear:
-    weight: PackedQuantWeight
+    """A projection as the loop multiplies it: quantized in quant_gemm's packed form, or (a
+    float32 model's dense weight) in panel_gemm's panels."""
+
+    weight: PackedQuantWeight | torch.Tensor  # the panels: [panels, in, 16] float32 or bf16
     bias: torch.Tensor | None
+    out_features: int
 
 
 @dataclass
@@ -95,6 +104,15 @@ def unavailable(dtype: torch.dtype) -> str:
         lib, why = load(name)
         if lib is None:
             return why
+    return ""
+
+
+def takes(linear: LoopLinear, dtype: torch.dtype) -> str:
+    """Why the loop cannot multiply through `linear` with activations of `dtype` ("" if it can)."""
+    if isinstance(linear.weight, torch.Tensor):
+        if dtype != torch.float32 or not panel_gemm.available():
+            return "panels multiply float32 activations, on CPUs with AVX2 and no AVX-512"
+        return ""
     kernel = _kernel()
     if kernel is None:
         return "the quantized GEMM did not build"
@@ -110,11 +128,17 @@ def _address(fn) -> int:
 def _gemm(linear: LoopLinear, keep: list[torch.Tensor]) -> _Gemm:
     w = linear.weight
     bias = None if linear.bias is None else linear.bias.to(torch.float32).contiguous()
-    keep.extend(t for t in (w.codes, w.scales, w.offsets, bias) if t is not None)
+    keep.extend(t for t in (bias,) if t is not None)
+    bias_ptr = None if bias is None else bias.data_ptr()
+    if isinstance(w, torch.Tensor):  # panels
+        keep.append(w)
+        kind = _PANELS_BF16 if w.dtype == torch.bfloat16 else _PANELS_F32
+        return _Gemm(w.data_ptr(), None, None, bias_ptr, linear.out_features, w.shape[1], 0, 0,
+                     0, kind)
+    keep.extend(t for t in (w.codes, w.scales, w.offsets) if t is not None)
     return _Gemm(w.codes.data_ptr(), w.scales.data_ptr(),
-                 None if w.offsets is None else w.offsets.data_ptr(),
-                 None if bias is None else bias.data_ptr(), w.out_features, w.in_features,
-                 w.group, w.bits, int(w.scales.dtype == torch.float16))
+                 None if w.offsets is None else w.offsets.data_ptr(), bias_ptr, w.out_features,
+                 w.in_features, w.group, w.bits, int(w.scales.dtype == torch.float16), _QUANT)
 
 
 def _layer(layer: LoopLayer, keep: list[torch.Tensor]) -> _Layer:
@@ -152,9 +176,12 @@ class LayerLoop:
     def _functions(dtype: torch.dtype) -> list[int]:
         typed = [typed_function(lib, symbol, dtype) for lib, symbol in (
             ("norm", "rms_norm"), ("norm", "rms_norm_heads"), ("norm", "add_rms_norm"), ("rotary", "rotary_neox"))]
-        return [_address(_kernel().gemm), *map(_address, typed),
+        kernel, panels = _kernel(), panel_gemm._lib() if panel_gemm.available() else None
+        return [kernel and _address(kernel.gemm), *map(_address, typed),
                 _address(load("kv_write")[0].write_kv), _address(load("paged_decode")[0].paged_decode),
-                _address(typed_function("activation", "silu_and_mul", dtype))]
+                _address(typed_function("activation", "silu_and_mul", dtype)),
+                *(panels and _address(getattr(panels, name))
+                  for name in ("panel_gemm_f32", "panel_gemm_f32_bf16_panels"))]
 
     def run(self, residual: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,

@@ -69,10 +69,27 @@ def test_loop_equals_the_modules_bit_for_bit(quantized, arch, method, dtype, mon
         assert looped == modules
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_dense_float32_through_panels_equals_the_modules(arch, panel_gemm_path,
+                                                         monkeypatch) -> None:
+    """A dense float32 model on panel_gemm's AVX2 path (the default float32 GEMM of CPUs with AVX2
+    and no AVX-512; here the AVX2 build): the loop multiplies through the same panels."""
+    looped, reason = _run(model_dir(arch), "float32", SEEDED)
+    assert reason == ""
+    monkeypatch.setenv(ENV_DISABLE, "1")
+    modules, _ = _run(model_dir(arch), "float32", SEEDED)
+    assert looped == modules
+
+
 def test_dense_and_batch_invariant_models_keep_the_modules(quantized) -> None:
-    with LLM(model_dir("llama"), dtype="float32", num_kv_blocks=16) as llm:
-        llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)
-        assert "not a packed quantized weight" in llm.executor.model.layer_loop.reason
+    from pagedserve.kernels.cpu import panel_gemm
+
+    for dtype in ("float32", "bfloat16"):
+        with LLM(model_dir("llama"), dtype=dtype, num_kv_blocks=16) as llm:
+            llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+            if dtype == "bfloat16" or not panel_gemm.available():  # oneDNN's dense GEMMs
+                assert "neither a packed quantized weight nor in panels" in \
+                    llm.executor.model.layer_loop.reason
     with LLM(quantized["llama", "int4-awq-format"], dtype="float32", num_kv_blocks=16) as llm:
         model = llm.executor.model
         model.model.layers[3].mlp.down_proj.min_rows = 2  # as batch_invariance pads a GEMM
