@@ -5,9 +5,10 @@ N=1 on the same requests and the same machine.
 
 With no --model, the `small` llama preset (bench/throughput.py's default_model). Each size runs in
 a fresh process (rank 0, which starts its ranks), so no run's memory or threads carry into the
-next. The ranks split the machine's cores (each gets cores / N threads) and add one gloo all-reduce
-per row-parallel layer, one after the embedding, a logits all-gather and a plan broadcast per step,
-so on an idle machine TP=N cannot be faster than TP=1. On one shared with other work it can be:
+next. The ranks split the machine's cores (each gets cores / N threads) and add one all-reduce per
+row-parallel layer, one after the embedding, a logits all-gather (over shared memory:
+executor/shm_allreduce.py; over gloo with PAGEDSERVE_DISABLE_SHM_ALLREDUCE=1) and a gloo plan
+broadcast per step, so on an idle machine TP=N cannot be faster than TP=1. On one shared with other work it can be:
 TP=1's single OpenMP team over all cores stalls at every barrier where one of its threads was
 preempted, where each rank's one-thread team does not. The issue's target: TP=2 reaches at least
 85% of TP=1's output tokens/s on the `small` model. Also reported: each rank's weight bytes and

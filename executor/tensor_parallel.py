@@ -11,16 +11,19 @@ Executor on its shard (executor/parallel_state.py: the layers split heads, MLP c
 vocabulary, and each checkpoint tensor is sliced by its weight_loader as it is read), with its own
 paged KV cache of the same blocks and its own heads. Rank 0 checks each plan, then broadcasts it;
 every rank runs the same step (one all-reduce after each row-parallel layer, an all-gather of the
-logits), and since the gathered logits are the same bytes on every rank, every rank samples the same
-tokens and keeps the same per-request state; only rank 0's StepResult is used. One step costs one
-plan whatever N is.
+logits; over a shared-memory segment, executor/shm_allreduce.py, else gloo), and since the gathered
+logits are the same bytes on every rank, every rank samples the same tokens and keeps the same
+per-request state; only rank 0's StepResult is used. One step costs one plan whatever N is.
 
 The rendezvous is a TCPStore that rank 0 binds to a free localhost port (port 0). A rank reports
 "ready" (with the bytes of its weights) or its load error over a pipe before joining the group, so a
-rank that cannot load fails rank 0's constructor with that rank's message. Rank 0 broadcasts a stop
-message at close() and waits for the ranks to exit; a rank that dies makes rank 0's next step fail
-with a RuntimeError naming it, and every step after it. A rank whose parent dies exits when its next
-collective fails (gloo's connection to rank 0 closes).
+rank that cannot load fails rank 0's constructor with that rank's message. Once all are ready,
+rank 0 creates the shared-memory segment and puts its path in the store (empty: gloo only); each
+rank maps it before joining the group, so once the group has formed rank 0 unlinks the file, and
+no file outlives the ranks however they end. Rank 0 broadcasts a stop message at close() and waits for the
+ranks to exit; a rank that dies makes rank 0's next step fail with a RuntimeError naming it, and
+every step after it. A rank whose parent dies exits when its next collective fails (the
+shared-memory wait finds rank 0's pid gone, gloo's connection to rank 0 closes).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ import structlog
 import torch
 import torch.distributed as dist
 
+from pagedserve.executor import parallel_state, shm_allreduce
 from pagedserve.executor.config import ExecutorConfig
+from pagedserve.executor.shm_allreduce import CollectiveError, ShmCommunicator
 
 log = structlog.get_logger("pagedserve.executor.tensor_parallel")
 
@@ -47,6 +52,8 @@ HEADER_BYTES = 1 << 14  # one broadcast carries a plan up to this size; a larger
 STOP = -1
 READY_TIMEOUT_S = 600.0  # a rank's model load
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # one collective, at most
+SEGMENT_KEY = "shm_segment"  # the store's key for the segment's path ("": gloo only)
+ENV_DISABLE_SHM = "PAGEDSERVE_DISABLE_SHM_ALLREDUCE"  # set: gloo for everything (benchmarks)
 
 
 def check_model(architecture: str, num_heads: int, num_kv_heads: int, intermediate_size: int,
@@ -112,6 +119,8 @@ class RankGroup:
         self.broken: str | None = None
         self.rank_weight_bytes: list[int] = []
         self._threads = 0
+        self.shm: ShmCommunicator | None = None
+        self._segment: str | None = None  # the file, until every rank has it mapped
         self.store = dist.TCPStore("127.0.0.1", 0, self.size, is_master=True,
                                    wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT)
         cfg = json.dumps(dataclasses.asdict(config))
@@ -136,11 +145,42 @@ class RankGroup:
         """Waits for every rank's load (raising its error if it failed), then forms the group."""
         reports = [self._read_status(rank) for rank in range(1, self.size)]
         self.rank_weight_bytes = [own_weight_bytes] + [r["weight_bytes"] for r in reports]
+        self._open_segment()
         dist.init_process_group("gloo", store=self.store, rank=0, world_size=self.size,
                                 timeout=COLLECTIVE_TIMEOUT)
         self.joined = True
+        if self.shm is not None:  # every rank mapped it before joining: the file can go
+            assert self.shm.peers_attached(), "a rank joined without mapping the segment"
+            shm_allreduce.unlink_segment(self._segment)
+            self._segment = None
+            parallel_state.use_collectives(self.shm)
         log.info("tensor-parallel ranks joined", size=self.size,
-                 weight_bytes=self.rank_weight_bytes)
+                 weight_bytes=self.rank_weight_bytes, shared_memory=self.shm is not None)
+
+    def _open_segment(self) -> None:
+        """The shared-memory segment for the collectives, its path in the store for the ranks;
+        an empty path (gloo) where it is turned off, unsupported or cannot be made."""
+        path = ""
+        if shm_allreduce.supported() and os.environ.get(ENV_DISABLE_SHM, "") in ("", "0"):
+            try:
+                path = self._segment = shm_allreduce.create_segment(self.size)
+                self.shm = ShmCommunicator(path, 0, self.size,
+                                           COLLECTIVE_TIMEOUT.total_seconds())
+            except OSError as e:
+                log.warning("no shared-memory segment for the all-reduce; using gloo",
+                            error=str(e))
+                self._close_segment()
+                path = ""
+        self.store.set(SEGMENT_KEY, path)
+
+    def _close_segment(self) -> None:
+        parallel_state.use_collectives(None)
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+        if self._segment is not None:
+            shm_allreduce.unlink_segment(self._segment)
+            self._segment = None
 
     def _read_status(self, rank: int) -> dict:
         fd, proc = self._pipes[rank - 1], self.procs[rank - 1]
@@ -178,7 +218,7 @@ class RankGroup:
 
     def collective_failed(self, error: BaseException) -> bool:
         """Whether `error` (raised by a step) came from the group: a rank died, or gloo failed."""
-        if isinstance(error, getattr(dist, "DistError", ())):
+        if isinstance(error, (CollectiveError, getattr(dist, "DistError", ()))):
             return True
         time.sleep(0.1)  # a rank that died takes a moment to be reaped
         return any(proc.poll() is not None for proc in self.procs)
@@ -217,6 +257,7 @@ class RankGroup:
         for fd in self._pipes:
             os.close(fd)
         self._pipes, self.procs = [], []
+        self._close_segment()
         if self.joined:
             dist.destroy_process_group()
             self.joined = False
@@ -268,8 +309,12 @@ def _rank_main(rank: int, port: int, status_fd: int, config: ExecutorConfig) -> 
     status.close()
     store = dist.TCPStore("127.0.0.1", port, config.tensor_parallel_size, is_master=False,
                           timeout=COLLECTIVE_TIMEOUT)
+    segment = store.get(SEGMENT_KEY).decode()  # mapped before joining: rank 0 then unlinks it
+    shm = (ShmCommunicator(segment, rank, config.tensor_parallel_size,
+                           COLLECTIVE_TIMEOUT.total_seconds()) if segment else None)
     dist.init_process_group("gloo", store=store, rank=rank,
                             world_size=config.tensor_parallel_size, timeout=COLLECTIVE_TIMEOUT)
+    parallel_state.use_collectives(shm)
     header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
     while True:
         try:
@@ -284,6 +329,8 @@ def _rank_main(rank: int, port: int, status_fd: int, config: ExecutorConfig) -> 
         except Exception:  # rank 0 ran the same step: it raised the same, or the group breaks
             log.exception("step failed", rank=rank)
     dist.destroy_process_group()
+    if shm is not None:
+        shm.close()
     return 0
 
 

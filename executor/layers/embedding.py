@@ -12,7 +12,6 @@ LM head given a QuantizedWeight runs quantized too (finish_quantized, as the lin
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,6 +30,7 @@ from pagedserve.executor.layers.quant_weights import (
     narrow_rows,
     release_storage,
 )
+from pagedserve.executor.parallel_state import all_gather, all_reduce
 from pagedserve.executor.parallel_state import resolve as resolve_tp
 from pagedserve.kernels.quantized import QuantizedWeight
 
@@ -79,7 +79,7 @@ class VocabParallelEmbedding(nn.Module):
         # Ids outside this rank's rows look up row 0 and are zeroed; the all-reduce fills them in.
         mine = (input_ids >= self.start) & (input_ids < self.start + self.per_rank)
         out = F.embedding((input_ids - self.start) * mine, self.weight) * mine[:, None]
-        dist.all_reduce(out)
+        all_reduce(out)
         return out
 
 
@@ -130,7 +130,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         # min_rows: fewer rows are padded to this many (executor/batch_invariance.py)
         logits = at_least_rows(self.row_product, hidden, self.min_rows)
         if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            dist.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
+            logits = torch.cat(all_gather(logits), dim=-1)
         return logits[:, : self.num_embeddings]

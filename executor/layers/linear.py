@@ -16,7 +16,6 @@ and packed once for the kernel backend by finish_quantized (layers/quant_weights
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -39,6 +38,7 @@ from pagedserve.executor.layers.quant_weights import (
     owned,
     release_storage,
 )
+from pagedserve.executor.parallel_state import all_reduce
 from pagedserve.executor.parallel_state import resolve as resolve_tp
 from pagedserve.kernels.quantized import QuantizedWeight
 
@@ -253,7 +253,7 @@ class RowParallelLinear(LinearBase):
             return self._matmul(x, self.bias)
         # Only rank 0 adds the bias, so the all-reduce adds it exactly once.
         out = self._matmul(x, self.bias if self.tp_rank == 0 else None)
-        dist.all_reduce(out)
+        all_reduce(out)
         return out
 
 

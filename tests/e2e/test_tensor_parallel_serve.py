@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,10 +48,16 @@ def test_serve_tensor_parallel_matches_one_rank_and_survives_a_killed_rank(
         (rank,) = _ranks(server.proc.pid)
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             pending = [pool.submit(complete, p) for p in PROMPTS * 2]
-            time.sleep(0.3)
+            # killed once a streamed request has its first token: mid-generation, however fast
+            chunks = iter(client.completions.create(
+                model="", prompt=PROMPTS[0], temperature=0, max_tokens=MAX_TOKENS, stream=True,
+                extra_body={"ignore_eos": True}))
+            streamed = next(chunks).choices[0].text
             os.kill(rank, signal.SIGKILL)
+            streamed += "".join(c.choices[0].text for c in chunks)
             got = [f.result() for f in pending]
         assert got == want * 2, server.log()
+        assert streamed == want[0]
         log = server.log_path.read_text(errors="replace")
         assert "tensor-parallel rank 1 died" in log, log[-20000:]
         assert _ranks(server.proc.pid) not in ([], [rank])  # the restarted executor's own rank
