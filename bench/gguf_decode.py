@@ -2,18 +2,22 @@
 other model, e.g. the BF16 GGUF of the same weights), side by side in one process.
 
     python -m pagedserve.bench.gguf_decode [--model Q4_1.gguf] [--also BF16.gguf]
-        [--batch-sizes 1,16] [--tokens 33] [--rounds 5] [--dtype auto]
+        [--batch-sizes 1,16] [--tokens 33] [--rounds 5] [--dtype auto] [--act float,int8]
+        [--prefill 512]
 
 Per engine and batch size B: B greedy requests of 16 distinct prompt tokens and --tokens output
 tokens, each decode step's time taken around the executor's step (inputs, forward, sampling; no
 scheduler); decode tokens/s = B over the QUANTILE-th percentile of those times. Engines and batch
 sizes alternate round by round. `x` is the cell over the same file dequantized at load (the last
-engine).
+engine). The file runs quantized once per --act (kernels/cpu/quant_linear.py's ACT: float or
+int8 x; default: ACT as the environment sets it). With --prefill N, each round also times one
+request's prompt of N tokens (all its steps; prompt tokens/s over the QUANTILE-th percentile).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 from pathlib import Path
 
@@ -26,22 +30,28 @@ ROOT = Path(__file__).resolve().parent.parent
 QUANTILE = 20
 
 
-def _engine(path: Path, quantized: bool, dtype: str):
+def _engine(path: Path, quantized: bool, dtype: str, max_model_len: int = 256):
     """The offline engine, its GGUF weights loaded quantized or dense (gguf_loader's switch)."""
     from pagedserve import LLM
 
-    return LLM(path, dtype=dtype, max_model_len=256, max_num_seqs=64,
+    return LLM(path, dtype=dtype, max_model_len=max_model_len, max_num_seqs=64,
                quantization="auto" if quantized else "dequantize")
 
 
-def _decode_steps(llm, batch: int, tokens: int, salt: int) -> list[float]:
-    """Seconds of each decode step of `batch` greedy requests of 16 distinct prompt tokens (the
-    executor's whole step: inputs, forward, sampling); the first step, the prompts', is left out."""
+def _set_act(act: str | None) -> None:
+    """The quantized GEMM's activation path for what runs next (None: leave it)."""
+    if act is not None:
+        importlib.import_module("pagedserve.kernels.cpu.quant_linear").ACT = act
+
+
+def _step_times(llm, batch: int, prompt: int, tokens: int, salt: int) -> list[float]:
+    """Seconds of each step of `batch` greedy requests of `prompt` distinct prompt tokens and
+    `tokens` output tokens (the executor's whole step: inputs, forward, sampling)."""
     from pagedserve import SamplingParams
 
     vocab = llm.executor.describe().vocab_size
     prompts = [{"prompt_token_ids": [(salt * 7919 + i * 131 + j * 17) % (vocab - 100) + 100
-                                     for j in range(16)]} for i in range(batch)]
+                                     for j in range(prompt)]} for i in range(batch)]
     times: list[float] = []
     execute = llm.executor.execute
 
@@ -58,33 +68,61 @@ def _decode_steps(llm, batch: int, tokens: int, salt: int) -> list[float]:
                      use_tqdm=False)
     finally:
         del llm.executor.execute  # the class's method again
-    return times[1:]
+    return times
 
 
-def measure(engines: dict, batches: list[int], tokens: int, rounds: int) -> dict:
+def _decode_steps(llm, batch: int, tokens: int, salt: int) -> list[float]:
+    """_step_times of 16-token prompts without the first step, the prompts'."""
+    return _step_times(llm, batch, 16, tokens, salt)[1:]
+
+
+def _prefill_seconds(llm, prompt: int, salt: int) -> float:
+    """Seconds of one request's prompt of `prompt` tokens: every step before its first output
+    token (one, or the chunks of a chunked prompt)."""
+    return sum(_step_times(llm, 1, prompt, 1, salt))
+
+
+def measure(engines: dict, batches: list[int], tokens: int, rounds: int,
+            acts: dict | None = None, prefill: int = 0) -> dict:
     """{engine: {batch: decode tokens/s}}: batch over the QUANTILE-th percentile of its decode
-    steps' times in all rounds, the engines alternating within each round."""
+    steps' times in all rounds, the engines alternating within each round (each with its
+    activation path from `acts`). With `prefill`, also {"prefill": prompt tokens/s}, over the
+    QUANTILE-th percentile of the rounds' prompt times."""
+    acts = acts or {}
     steps = {name: {b: [] for b in batches} for name in engines}
-    for llm in engines.values():
+    prompts = {name: [] for name in engines}
+    for name, llm in engines.items():
+        _set_act(acts.get(name))
         _decode_steps(llm, max(batches), 4, salt=0)  # warm-up: kernels built, buffers sized
     for r in range(rounds):
         for b in batches:
             for name, llm in engines.items():
+                _set_act(acts.get(name))
                 steps[name][b] += _decode_steps(llm, b, tokens, salt=r + 1)
-    return {name: {b: b / _percentile(t, QUANTILE) for b, t in cells.items()}
-            for name, cells in steps.items()}
+        for name, llm in engines.items():
+            if prefill:
+                _set_act(acts.get(name))
+                prompts[name].append(_prefill_seconds(llm, prefill, salt=r + 1))
+    rates = {name: {b: b / _percentile(t, QUANTILE) for b, t in cells.items()}
+             for name, cells in steps.items()}
+    for name, times in prompts.items():
+        if times:
+            rates[name]["prefill"] = prefill / _percentile(times, QUANTILE)
+    return rates
 
 
 def _percentile(values: list[float], percent: int) -> float:
     return sorted(values)[len(values) * percent // 100]
 
 
-def print_table(rates: dict, batches: list[int]) -> None:
+def print_table(rates: dict, batches: list) -> None:
     reference = rates[list(rates)[-1]]
-    print("| engine | " + " | ".join(f"batch {b} tok/s | x" for b in batches) + " |")
-    print("|---|" + "---|---|" * len(batches))
+    cols = [*batches, *(["prefill"] if "prefill" in reference else [])]
+    print("| engine | " + " | ".join(f"batch {b} tok/s | x" if b != "prefill"
+                                     else "prefill tok/s | x" for b in cols) + " |")
+    print("|---|" + "---|---|" * len(cols))
     for name, cells in rates.items():
-        row = [f"{cells[b]:.1f} | {cells[b] / reference[b]:.2f}" for b in batches]
+        row = [f"{cells[b]:.1f} | {cells[b] / reference[b]:.2f}" for b in cols]
         print(f"| {name} | " + " | ".join(row) + " |")
 
 
@@ -98,18 +136,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=33)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--act", default=None,
+                   help="the quantized GEMM's activation paths, comma-separated (float, int8): "
+                        "one quantized engine each (default: the environment's)")
+    p.add_argument("--prefill", type=int, default=0, help="also time a prompt of this many tokens")
     p.add_argument("--out", default=str(ROOT / "results" / "gguf_decode.json"))
     args = p.parse_args(argv)
     model = Path(args.model) if args.model else real_model_path()
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    engines = {f"{model.name} quantized": _engine(model, True, args.dtype)}
+    length = max(256, args.prefill + 8)
+    engines, acts = {}, {}
+    for act in args.act.split(",") if args.act else [None]:
+        name = f"{model.name} quantized" + (f" ({act} x)" if act else "")
+        _set_act(act)  # before the engine is built: the layer loop takes the GEMM in use then
+        engines[name], acts[name] = _engine(model, True, args.dtype, length), act
     for other in args.also:
-        engines[f"{Path(other).name}"] = _engine(Path(other), False, args.dtype)
-    engines[f"{model.name} dequantized at load"] = _engine(model, False, args.dtype)
-    rates = measure(engines, batches, args.tokens, args.rounds)
+        engines[f"{Path(other).name}"] = _engine(Path(other), False, args.dtype, length)
+    engines[f"{model.name} dequantized at load"] = _engine(model, False, args.dtype, length)
+    rates = measure(engines, batches, args.tokens, args.rounds, acts, args.prefill)
     print_table(rates, batches)
     write_results(args.out, {"machine": machine_description(), "dtype": args.dtype,
-                             "tokens": args.tokens, "quantile": QUANTILE,
+                             "tokens": args.tokens, "quantile": QUANTILE, "prefill": args.prefill,
                              "rates": {n: {str(b): r for b, r in c.items()}
                                        for n, c in rates.items()}})
     return 0

@@ -2,7 +2,7 @@
 engine runs today (oneDNN with pre-packed weights, executor/layers/cpu_gemm.py), side by side.
 
     python -m pagedserve.bench.quant_gemm [--rows 1,16,64,512] [--repeats 5] [--threads N]
-                                          [--avx2] [--shapes NAMES] [--out PATH]
+                                          [--avx2] [--shapes NAMES] [--act float,int8] [--out PATH]
     pagedserve bench quant-gemm ...
 
 Shapes: SmolLM2-135M's (hidden 576, intermediate 1536, 49152-token LM head) and a 2048 x 5632
@@ -10,7 +10,9 @@ layer of a 'small' model. Each format cycles through enough copies of its weight
 96 MiB per pass, more than the last-level cache holds, as a forward pass through a whole model
 does; a cell is the median time of a multiply over all calls of `--repeats` passes. GB/s counts
 the weight's bytes (codes, scales and offsets) over that time; `x bf16` is the bf16 time over the
-format's. --avx2 runs what an AVX2-only CPU would: float32 x, the AVX2 builds, against
+format's. --act picks the quantized GEMM's activation paths (kernels/cpu/quant_linear.py's ACT):
+float x (quant_gemm) and int8 x (quant_gemm_x8, the columns marked x8), each format through
+both by default. --avx2 runs what an AVX2-only CPU would: float32 x, the AVX2 builds, against
 panel_gemm's bf16 panels. The machine is shared, so only ratios measured in the same run mean
 much; JSON goes to results/quant_gemm.json unless --out says otherwise.
 """
@@ -38,6 +40,7 @@ SHAPES = (("smollm2 qkv", 960, 576), ("smollm2 o", 576, 576), ("smollm2 gate_up"
 # where the inputs (576) do not divide by 128
 FORMATS = (("int8 g32", 8, 32, True, True), ("int4 g32", 4, 32, False, True),
            ("int4 g128", 4, 128, False, False))
+ACTS = {"float": "", "int8": " x8"}  # activation path -> its columns' suffix
 STREAM_BYTES = 96 << 20
 MAX_MACS_PER_PASS = 4e8  # compute-bound cells need no copies beyond this much work per pass
 
@@ -48,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", default=None, help="comma-separated shape names (default all)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per cell (median)")
     p.add_argument("--threads", type=int, default=None, help="torch (and OpenMP) threads")
+    p.add_argument("--act", default="float,int8",
+                   help="activation paths of the quantized GEMM, comma-separated: float, int8")
     p.add_argument("--avx2", action="store_true",
                    help="the AVX2 builds (-mno-avx512f) with float32 x, against panel_gemm's "
                         "bf16 panels: what an AVX2-only CPU runs")
@@ -111,7 +116,7 @@ def weight_bytes(packed) -> int:
 
 
 def bench_shape(name: str, out_f: int, in_f: int, rows: list[int], repeats: int,
-                x_dtype: torch.dtype) -> list[dict]:
+                x_dtype: torch.dtype, acts: list[str]) -> list[dict]:
     from pagedserve.executor.layers.cpu_gemm import pack_weight, packed_linear
     ql = importlib.import_module("pagedserve.kernels.cpu.quant_linear")
     w = torch.randn(out_f, in_f) / in_f**0.5
@@ -133,20 +138,25 @@ def bench_shape(name: str, out_f: int, in_f: int, rows: list[int], repeats: int,
         for f, packed in quant.items():
             nbytes = weight_bytes(packed)
             ws = packed_copies(packed, copies_for(nbytes, macs))
-            t, best = call_seconds(ql.quant_linear, x, ws, repeats)
-            row.update({f"{f}_us": t * 1e6, f"{f}_best_us": best * 1e6,
-                        f"{f}_GBps": nbytes / t / 1e9,
-                        f"{f}_x_bf16": t_bf16 / t})
+            for act in acts:
+                ql.ACT, col = act, f + ACTS[act]
+                t, best = call_seconds(ql.quant_linear, x, ws, repeats)
+                row.update({f"{col}_us": t * 1e6, f"{col}_best_us": best * 1e6,
+                            f"{col}_GBps": nbytes / t / 1e9, f"{col}_x_bf16": t_bf16 / t})
         results.append(row)
-        print(format_row(row), flush=True)
+        print(format_row(row, columns(acts)), flush=True)
     return results
 
 
-def format_row(row: dict) -> str:
+def columns(acts: list[str]) -> list[str]:
+    return [f + ACTS[act] for f, *_ in FORMATS for act in acts]
+
+
+def format_row(row: dict, cols: list[str]) -> str:
     cells = [f"{row['shape']:<17} {row['out']:>5}x{row['in']:<5} m={row['rows']:<4}",
              f"bf16 {row['bf16_us']:9.1f}us {row['bf16_GBps']:5.1f}GB/s"]
-    cells += [f"{f} {row[f + '_us']:9.1f}us {row[f + '_GBps']:5.1f}GB/s x{row[f + '_x_bf16']:.2f}"
-              for f, *_ in FORMATS]
+    cells += [f"{c} {row[c + '_us']:9.1f}us {row[c + '_GBps']:5.1f}GB/s x{row[c + '_x_bf16']:.2f}"
+              for c in cols]
     return " | ".join(cells)
 
 
@@ -160,14 +170,21 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
+    acts = args.act.split(",")
+    if set(acts) - set(ACTS):
+        raise SystemExit(f"--act: expected some of {', '.join(ACTS)}, got {args.act}")
     wanted = None if args.shapes is None else set(args.shapes.split(","))
-    print(f"{machine_description()}; quant_gemm path: {ql.path()}; x {x_dtype}; the 'bf16' "
+    paths = {}
+    for act in acts:
+        ql.ACT = act
+        paths[act] = ql.path()
+    print(f"{machine_description()}; quant_gemm paths: {paths}; x {x_dtype}; the 'bf16' "
           f"column: {'panel_gemm bf16 panels' if args.avx2 else 'oneDNN packed bf16'}")
     table = []
     for name, out_f, in_f in SHAPES:
         if wanted is None or name in wanted:
-            table += bench_shape(name, out_f, in_f, rows, args.repeats, x_dtype)
-    return {"machine": machine_description(), "path": ql.path(), "x": str(x_dtype),
+            table += bench_shape(name, out_f, in_f, rows, args.repeats, x_dtype, acts)
+    return {"machine": machine_description(), "path": paths, "x": str(x_dtype),
             "baseline": "panel_gemm bf16 panels" if args.avx2 else "oneDNN packed bf16",
             "repeats": args.repeats,
             "stream_bytes": STREAM_BYTES, "results": table}

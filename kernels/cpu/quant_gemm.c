@@ -26,7 +26,14 @@
  * int8 and int4 read their bytes about as fast as oneDNN's bf16 GEMM reads its own (1.7-2.3x and
  * 2.1-3.4x less time); at 16 rows 1.05-1.45x faster, both bound by the vdpbf16ps rate by then;
  * from 64 rows 0.6-0.95x of its speed (oneDNN's bf16 tiles are the better ones there).
+ *
+ * quant_gemm_x8 (same arguments, same layout) quantizes x to int8 instead and sums exactly in int32
+ * with vpdpbusd: see "int8 activations" below. Zen 5, one thread: 1.1-1.8x quant_gemm's speed
+ * from 16 to 512 rows (int8 weights 1.4-1.8x), near vpdpbusd's peak; at 1 row 1.5-2x where the
+ * weights are in cache, about the same (memory-bound, 35-43 GB/s) where they stream from memory.
  */
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +50,13 @@
 #define OUT_BLOCK_BYTES (256 << 10) /* outputs of one block of rows (see quant_gemm) */
 #define ROW_BLOCK_MIN 64
 
+/* one block of a row of int8 x (the x8 path): its scale, sum(q) (for the offsets) and -128 sum(q)
+ * (see quads_512) */
+typedef struct {
+    float scale, qsum;
+    int32_t corr, pad;
+} xblock_t;
+
 /* what one call multiplies, shared by every path */
 typedef struct {
     const void *x;
@@ -52,6 +66,10 @@ typedef struct {
     const float *xsum, *bias;
     void *out;
     int out_bf16, bits, half_scales;
+    /* the x8 path: x as int8 [m][k] and its blocks [m][nb] (NULL: the float path) */
+    int64_t xb, nb;
+    const int8_t *xq;
+    const xblock_t *xblocks;
 } job_t;
 
 /* one chunk of a panel: k in [k0, k0 + len), with the row tile's group sums in accm and its
@@ -590,6 +608,425 @@ static void store_outputs(const job_t *j, int64_t p, const float *ym) {
 #endif
 }
 
+/* ================================================================ int8 activations (x8)
+ *
+ * quant_gemm_x8 multiplies int8 x, as llama.cpp does: each row of x is quantized once per call,
+ * per block of xb inputs (the largest multiple of 4 up to 32 that divides the group, so a block
+ * lies within one group), symmetric: sx = amax / 127, q = round(x * (127 / amax)). A block's
+ * products q x code are summed exactly in int32 (vpdpbusd: 4 u8 x s8 products a lane, against
+ * the float path's 2 per vdpbf16ps after converting every code), then added in float32 as
+ *     y = fma(dot, scale_g * sx, y)                                  (no offsets)
+ *     y = fma(fma(scale_g, dot, offset_g * sum(q)), sx, y)           (offsets)
+ * on every path (AVX-512 VNNI, AVX-VNNI, AVX2, portable), so they give the same bits, and a row's
+ * bits depend on nothing but its own x (no tile shape, no other row).
+ */
+#define X8_TINY 0x1p-100f /* a block whose amax is below quantizes to 0 (127 / amax overflows) */
+
+static int64_t x_block(int64_t group) {
+    int64_t b = 32;
+    while (group % b) b -= 4;
+    return b;
+}
+
+/* 127 / amax, or 0 where the block quantizes to 0 (tiny, or holding an inf or NaN) */
+static float block_inv(float amax, int bad) { return bad || amax < X8_TINY ? 0.0f : 127.0f / amax; }
+
+static void finish_block(xblock_t *b, float amax, int bad, int32_t qsum) {
+    b->scale = bad ? NAN : amax < X8_TINY ? 0.0f : amax / 127.0f; /* NaN: the outputs are NaN */
+    b->qsum = (float)qsum;
+    b->corr = -128 * qsum;
+    b->pad = 0;
+}
+
+/* row r of x -> q [k] and its blocks (portable) */
+static __attribute__((unused)) void quantize_row_scalar(const job_t *j, int64_t r, int x_bf16,
+                                                         int8_t *q, xblock_t *b) {
+    for (int64_t i0 = 0; i0 < j->k; i0 += j->xb, b++) {
+        float amax = 0.0f;
+        int bad = 0;
+        for (int64_t i = i0; i < i0 + j->xb; i++) {
+            const float a = fabsf(x_at(j, r, i, x_bf16));
+            bad |= !(a <= FLT_MAX);
+            amax = a > amax ? a : amax;
+        }
+        const float inv = block_inv(amax, bad);
+        int32_t qsum = 0;
+        for (int64_t i = i0; i < i0 + j->xb; i++) {
+            q[i] = bad ? 0 : (int8_t)nearbyintf(x_at(j, r, i, x_bf16) * inv);
+            qsum += q[i];
+        }
+        finish_block(b, amax, bad, qsum);
+    }
+}
+
+/* where a panel's blocks find their scales (offsets): the index advances every group / xb
+ * blocks, with no division per block (at one row a few divisions a chunk cost a fifth) */
+typedef struct {
+    int64_t at, left, per_group;
+} tables_t;
+
+static inline void next_block(tables_t *t) {
+    if (--t->left == 0) {
+        t->left = t->per_group;
+        t->at += NR;
+    }
+}
+
+/* one chunk of a panel on the x8 path: k in [k0, k0 + len), the rows from r0 (their outputs in
+ * ym); blk: the chunk's first block, t: where its tables start */
+typedef struct {
+    int64_t p, k0, len, r0, blk;
+    tables_t t;
+    float *ym;
+} xchunk_t;
+
+static int code_int(const uint8_t *panel, int bits, int64_t kk, int jj) {
+    if (bits == 8) return (int8_t)panel[(kk / 2) * 32 + 2 * jj + (kk & 1)];
+    const uint8_t b = panel[(kk / 4) * 32 + 2 * jj + (kk & 1)];
+    return (kk & 2) ? b >> 4 : b & 15;
+}
+
+/* a block's sums of one row into its outputs y (portable) */
+static void close_x8_scalar(const job_t *j, int64_t at, const xblock_t *b, const int32_t *dot,
+                            float *y) {
+    for (int jj = 0; jj < NR; jj++) {
+        const float scale = table_at(j, j->scales, at + jj);
+        if (!j->offsets) {
+            y[jj] = fmaf((float)dot[jj], scale * b->scale, y[jj]);
+            continue;
+        }
+        const float t = fmaf(scale, (float)dot[jj], table_at(j, j->offsets, at + jj) * b->qsum);
+        y[jj] = fmaf(t, b->scale, y[jj]);
+    }
+}
+
+static __attribute__((unused)) void tile_x8_scalar(const job_t *j, const xchunk_t *c, int rows) {
+    const uint8_t *panel = j->codes + c->p * panel_bytes(j);
+    for (int r = 0; r < rows; r++) {
+        const int8_t *x = j->xq + (c->r0 + r) * j->k;
+        const xblock_t *b = j->xblocks + (c->r0 + r) * j->nb + c->blk;
+        tables_t t = c->t;
+        for (int64_t s = c->k0; s < c->k0 + c->len; s += j->xb, b++, next_block(&t)) {
+            int32_t dot[NR] = {0};
+            for (int64_t kk = s; kk < s + j->xb; kk++)
+                for (int jj = 0; jj < NR; jj++) dot[jj] += x[kk] * code_int(panel, j->bits, kk, jj);
+            close_x8_scalar(j, t.at, b, dot, c->ym + r * NR);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- x8: AVX-512 VNNI */
+#if defined(PAGEDSERVE_AVX512) && defined(__AVX512VNNI__)
+#define X8_MR 8
+#define X8_PATH "avx512-vnni"
+
+ALWAYS_INLINE __m512 load_x16(const job_t *j, int64_t r, int64_t i, __mmask16 mask, int x_bf16) {
+    const int64_t at = r * j->x_stride + i;
+    if (!x_bf16) return _mm512_maskz_loadu_ps(mask, (const float *)j->x + at);
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)j->x + at);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* quantize_row_scalar's values, a block (up to 32) in two masked vectors */
+static void quantize_row(const job_t *j, int64_t r, int x_bf16, int8_t *q, xblock_t *b) {
+    const int n0 = j->xb < 16 ? (int)j->xb : 16;
+    const __mmask16 m0 = (__mmask16)((1u << n0) - 1), m1 = (__mmask16)((1u << (j->xb - n0)) - 1);
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    for (int64_t i0 = 0; i0 < j->k; i0 += j->xb, b++) {
+        const __m512 v0 = load_x16(j, r, i0, m0, x_bf16), v1 = load_x16(j, r, i0 + 16, m1, x_bf16);
+        const __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1);
+        const int bad = (_mm512_cmp_ps_mask(a0, big, _CMP_NLE_UQ)
+                         | _mm512_cmp_ps_mask(a1, big, _CMP_NLE_UQ)) != 0;
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+        const __m512 inv = _mm512_set1_ps(block_inv(amax, bad));
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)); /* to nearest even */
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+        _mm_mask_storeu_epi8(q + i0, m0, _mm512_cvtsepi32_epi8(q0));
+        _mm_mask_storeu_epi8(q + i0 + 16, m1, _mm512_cvtsepi32_epi8(q1));
+        finish_block(b, amax, bad, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    }
+}
+
+/* vpermw: word 2j of a quad vector is word j of the k-pair block 2c, word 2j + 1 that of 2c + 1 */
+static const uint16_t QUAD_WORDS[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+/* 4 k of a panel (src: their codes) as 16 lanes of 4 unsigned bytes, lane j output j's codes.
+ * int8 codes become code + 128 (an xor): the block's sum starts at -128 sum(q) (its corr). int4:
+ * lane j's word holds k, k + 1 in its low nibbles, k + 2, k + 3 in its high ones. */
+ALWAYS_INLINE __m512i quads_512(const uint8_t *src, const int bits, __m512i words) {
+    if (bits == 8) {
+        const __m512i v = _mm512_permutexvar_epi16(words, _mm512_loadu_si512(src));
+        return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
+    }
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
+    /* (w | w << 12) & 0x0f0f0f0f */
+    return _mm512_ternarylogic_epi32(w, _mm512_slli_epi32(w, 12), _mm512_set1_epi32(0x0f0f0f0f), 0xa8);
+}
+
+ALWAYS_INLINE __m512i x_quad(const int8_t *q) {
+    int32_t four;
+    memcpy(&four, q, sizeof four);
+    return _mm512_set1_epi32(four);
+}
+
+/* the block's sums of the tile's rows (a[0] + .. + a[U - 1]; b: the first row's block) into
+ * their outputs y */
+ALWAYS_INLINE void close_x8_512(const job_t *j, int64_t at, const xblock_t *b,
+                                __m512i (*a)[X8_MR], __m512 *y, const int R, const int U) {
+    const __m512 scale = load16_table(j, j->scales, at);
+    const __m512 offset = j->offsets ? load16_table(j, j->offsets, at) : scale;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        __m512i sum = a[0][r];
+#pragma GCC unroll 4
+        for (int u = 1; u < U; u++) sum = _mm512_add_epi32(sum, a[u][r]);
+        const __m512 dot = _mm512_cvtepi32_ps(sum), sx = _mm512_set1_ps(b[r * j->nb].scale);
+        if (!j->offsets) {
+            y[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, sx), y[r]);
+            continue;
+        }
+        const __m512 qo = _mm512_mul_ps(offset, _mm512_set1_ps(b[r * j->nb].qsum));
+        y[r] = _mm512_fmadd_ps(_mm512_fmadd_ps(scale, dot, qo), sx, y[r]);
+    }
+}
+
+/* R rows of one chunk, the codes converted as they stream. A row sums U steps of 4 k apart
+ * (U = 4 at one row, 2 up to 4 rows), so that enough vpdpbusd are in flight. XB: the block size
+ * where it is a constant (32, GGUF's), else 0 */
+ALWAYS_INLINE void tile_x8_512(const job_t *j, const xchunk_t *c, const int R, const int bits,
+                               const int XB) {
+    const int U = R == 1 ? 4 : R <= 4 ? 2 : 1;
+    const int64_t xb = XB ? XB : j->xb, step = NR * bits / 2; /* code bytes per 4 k */
+    const uint8_t *w = j->codes + c->p * panel_bytes(j) + c->k0 * NR * bits / 8;
+    const int8_t *x = j->xq + c->r0 * j->k + c->k0;
+    const xblock_t *b = j->xblocks + c->r0 * j->nb + c->blk;
+    const __m512i words = _mm512_loadu_si512(QUAD_WORDS);
+    tables_t t = c->t;
+    __m512 y[X8_MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) y[r] = _mm512_loadu_ps(c->ym + r * NR);
+    for (int64_t s = 0; s < c->len; s += xb, b++, x += xb, next_block(&t)) {
+        __m512i a[4][X8_MR];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            a[0][r] = _mm512_set1_epi32(bits == 8 ? b[r * j->nb].corr : 0);
+#pragma GCC unroll 4
+            for (int u = 1; u < U; u++) a[u][r] = _mm512_setzero_si512();
+        }
+        int64_t kk = 0;
+        for (; kk + 4 * U <= xb; kk += 4 * U, w += U * step) {
+#pragma GCC unroll 4
+            for (int u = 0; u < U; u++) {
+                if (bits == 8 || u % 2 == 0) _mm_prefetch((const char *)w + u * step + AHEAD, _MM_HINT_T0);
+                const __m512i q = quads_512(w + u * step, bits, words);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; r++)
+                    a[u][r] = _mm512_dpbusd_epi32(a[u][r], q, x_quad(x + r * j->k + kk + 4 * u));
+            }
+        }
+        for (; kk < xb; kk += 4, w += step) { /* a block of 4 (8 ..) k past the last U steps */
+            _mm_prefetch((const char *)w + AHEAD, _MM_HINT_T0);
+            const __m512i q = quads_512(w, bits, words);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) a[0][r] = _mm512_dpbusd_epi32(a[0][r], q, x_quad(x + r * j->k + kk));
+        }
+        close_x8_512(j, t.at, b, a, y, R, U);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(c->ym + r * NR, y[r]);
+}
+
+static void tile_x8(const job_t *j, const xchunk_t *c, int rows) {
+#define X8(R) case R: if (j->bits == 8 && j->xb == 32) tile_x8_512(j, c, R, 8, 32);             \
+                      else if (j->bits == 8) tile_x8_512(j, c, R, 8, 0);                        \
+                      else if (j->xb == 32) tile_x8_512(j, c, R, 4, 32);                        \
+                      else tile_x8_512(j, c, R, 4, 0);                                          \
+                      return;
+    switch (rows) { X8(1) X8(2) X8(3) X8(4) X8(5) X8(6) X8(7) X8(8) }
+#undef X8
+}
+
+/* ---------------------------------------------------------------- x8: AVX2, AVX-VNNI */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define X8_MR 4 /* two sums a row, outputs 0-7 and 8-15; the outputs wait in memory */
+#ifdef __AVXVNNI__
+#define X8_PATH "avx-vnni"
+#else
+#define X8_PATH "avx2"
+#endif
+
+ALWAYS_INLINE __m256i x_quad8(const int8_t *q) {
+    int32_t four;
+    memcpy(&four, q, sizeof four);
+    return _mm256_set1_epi32(four);
+}
+
+ALWAYS_INLINE __m128 load_x4(const job_t *j, int64_t r, int64_t i, int x_bf16) {
+    const int64_t at = r * j->x_stride + i;
+    if (!x_bf16) return _mm_loadu_ps((const float *)j->x + at);
+    const __m128i h = _mm_loadl_epi64((const __m128i *)((const uint16_t *)j->x + at));
+    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+}
+
+/* quantize_row_scalar's values, 4 at a time */
+static void quantize_row(const job_t *j, int64_t r, int x_bf16, int8_t *q, xblock_t *b) {
+    const __m128 sign = _mm_set1_ps(-0.0f), big = _mm_set1_ps(FLT_MAX);
+    for (int64_t i0 = 0; i0 < j->k; i0 += j->xb, b++) {
+        __m128 m = _mm_setzero_ps();
+        int bad = 0;
+        for (int64_t i = i0; i < i0 + j->xb; i += 4) {
+            const __m128 a = _mm_andnot_ps(sign, load_x4(j, r, i, x_bf16));
+            bad |= _mm_movemask_ps(_mm_cmp_ps(a, big, _CMP_NLE_UQ));
+            m = _mm_max_ps(m, a);
+        }
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        const __m128 inv = _mm_set1_ps(block_inv(amax, bad));
+        __m128i sum = _mm_setzero_si128();
+        for (int64_t i = i0; i < i0 + j->xb; i += 4) {
+            const __m128i q4 = _mm_cvtps_epi32(_mm_mul_ps(load_x4(j, r, i, x_bf16), inv));
+            const int32_t four = _mm_cvtsi128_si32(_mm_packs_epi16(_mm_packs_epi32(q4, q4), q4));
+            memcpy(q + i, &four, sizeof four);
+            sum = _mm_add_epi32(sum, q4);
+        }
+        sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4e));
+        sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xb1));
+        finish_block(b, amax, bad, _mm_cvtsi128_si32(sum));
+    }
+}
+
+/* 4 k of a panel as outputs 0-7 (w[0]) and 8-15 (w[1]), a lane's 4 bytes its output's codes
+ * (int8: as they are, signed) */
+ALWAYS_INLINE void quads_avx2(const uint8_t *src, const int bits, __m256i *w) {
+    if (bits == 8) { /* the two k-pair blocks' words interleaved, as QUAD_WORDS */
+        const __m256i b0 = _mm256_loadu_si256((const __m256i *)src);
+        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(src + 32));
+        const __m256i lo = _mm256_unpacklo_epi16(b0, b1), hi = _mm256_unpackhi_epi16(b0, b1);
+        w[0] = _mm256_permute2x128_si256(lo, hi, 0x20);
+        w[1] = _mm256_permute2x128_si256(lo, hi, 0x31);
+        return;
+    }
+    const __m256i low = _mm256_set1_epi32(0x0f0f0f0f);
+    for (int h = 0; h < 2; h++) { /* as quads_512 */
+        const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * h)));
+        w[h] = _mm256_and_si256(_mm256_or_si256(v, _mm256_slli_epi32(v, 12)), low);
+    }
+}
+
+#ifdef __AVXVNNI__
+#define X8_CORR 1 /* int8 codes go in as code + 128, as on AVX-512 */
+/* the unsigned side of the products: int8 code + 128, int4 as it is */
+ALWAYS_INLINE __m256i unsigned_side(__m256i w, const int bits) {
+    return bits == 8 ? _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)) : w;
+}
+ALWAYS_INLINE __m256i dot_avx2(__m256i acc, __m256i w, __m256i u, __m256i xq, const int bits) {
+    (void)w, (void)bits;
+    return _mm256_dpbusd_avx_epi32(acc, u, xq);
+}
+#else
+#define X8_CORR 0
+/* vpmaddubsw saturates two products at 32767: int8 codes go in as |code| times q with the code's
+ * sign (128 x 127 x 2 fits), int4 as they are (15 x 127 x 2) */
+ALWAYS_INLINE __m256i unsigned_side(__m256i w, const int bits) {
+    return bits == 8 ? _mm256_abs_epi8(w) : w;
+}
+ALWAYS_INLINE __m256i dot_avx2(__m256i acc, __m256i w, __m256i u, __m256i xq, const int bits) {
+    const __m256i s = bits == 8 ? _mm256_sign_epi8(xq, w) : xq;
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#endif
+
+/* a block's sums of one row (acc: outputs 0-7, 8-15) into its outputs y, as close_x8_512 */
+ALWAYS_INLINE void close_x8_avx2(const job_t *j, int64_t at, const xblock_t *b,
+                                 const __m256i *acc, float *y) {
+    const __m256 sx = _mm256_set1_ps(b->scale);
+    for (int h = 0; h < 2; h++) {
+        const __m256 scale = load8_table(j, j->scales, at + 8 * h), dot = _mm256_cvtepi32_ps(acc[h]);
+        __m256 t;
+        if (j->offsets) {
+            const __m256 qo = _mm256_mul_ps(load8_table(j, j->offsets, at + 8 * h), _mm256_set1_ps(b->qsum));
+            t = _mm256_fmadd_ps(_mm256_fmadd_ps(scale, dot, qo), sx, _mm256_loadu_ps(y + 8 * h));
+        } else {
+            t = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, sx), _mm256_loadu_ps(y + 8 * h));
+        }
+        _mm256_storeu_ps(y + 8 * h, t);
+    }
+}
+
+ALWAYS_INLINE void tile_x8_avx2(const job_t *j, const xchunk_t *c, const int R, const int bits) {
+    const int64_t step = NR * bits / 2;
+    const uint8_t *w = j->codes + c->p * panel_bytes(j) + c->k0 * NR * bits / 8;
+    const int8_t *x = j->xq + c->r0 * j->k + c->k0;
+    const xblock_t *b = j->xblocks + c->r0 * j->nb + c->blk;
+    tables_t t = c->t;
+    for (int64_t s = 0; s < c->len; s += j->xb, b++, x += j->xb, next_block(&t)) {
+        __m256i acc[X8_MR][2];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+            acc[r][0] = acc[r][1] = _mm256_set1_epi32(X8_CORR && bits == 8 ? b[r * j->nb].corr : 0);
+        for (int64_t kk = 0; kk < j->xb; kk += 4, w += step) {
+            _mm_prefetch((const char *)w + AHEAD, _MM_HINT_T0);
+            __m256i q[2];
+            quads_avx2(w, bits, q);
+            const __m256i u0 = unsigned_side(q[0], bits), u1 = unsigned_side(q[1], bits);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const __m256i xq = x_quad8(x + r * j->k + kk);
+                acc[r][0] = dot_avx2(acc[r][0], q[0], u0, xq, bits);
+                acc[r][1] = dot_avx2(acc[r][1], q[1], u1, xq, bits);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) close_x8_avx2(j, t.at, b + r * j->nb, acc[r], c->ym + r * NR);
+    }
+}
+
+static void tile_x8(const job_t *j, const xchunk_t *c, int rows) {
+#define X8(R) case R: if (j->bits == 8) tile_x8_avx2(j, c, R, 8);                               \
+                      else tile_x8_avx2(j, c, R, 4);                                            \
+                      return;
+    switch (rows) { X8(1) X8(2) X8(3) X8(4) }
+#undef X8
+}
+
+/* ---------------------------------------------------------------- x8: portable */
+#else
+#define X8_MR 4
+#define X8_PATH "scalar"
+#define quantize_row quantize_row_scalar
+#define tile_x8 tile_x8_scalar
+#endif
+
+/* a panel in chunks of whole blocks, up to CHUNK of k, each through tiles of up to X8_MR rows */
+static void one_panel_x8(const job_t *j, int64_t p, float *ym) {
+    memset(ym, 0, j->m * NR * sizeof(float));
+    const int64_t per_group = j->group / j->xb, chunk_blocks = CHUNK / j->xb;
+    xchunk_t c = {p, 0, 0, 0, 0, {p * (j->k / j->group) * NR, per_group, per_group}, ym};
+    for (; c.k0 < j->k; c.k0 += c.len, c.blk += chunk_blocks) {
+        c.len = j->k - c.k0 < chunk_blocks * j->xb ? j->k - c.k0 : chunk_blocks * j->xb;
+        for (c.r0 = 0; c.r0 < j->m; c.r0 += X8_MR) {
+            c.ym = ym + c.r0 * NR;
+            tile_x8(j, &c, j->m - c.r0 < X8_MR ? (int)(j->m - c.r0) : X8_MR);
+        }
+        for (int64_t i = 0; i < chunk_blocks; i++) next_block(&c.t);
+    }
+    store_outputs(j, p, ym);
+}
+
+/* every row of x as int8 ([m][k], after its blocks [m][nb]): one allocation, NULL when out of
+ * memory */
+static xblock_t *quantize_x(job_t *j, int x_bf16, int threads) {
+    xblock_t *b = malloc(j->m * j->nb * sizeof(xblock_t) + j->m * j->k);
+    if (!b) return 0;
+    int8_t *q = (int8_t *)(b + j->m * j->nb);
+    _Pragma("omp parallel for if(j->m * j->k >= (1 << 18)) num_threads(threads)")
+    for (int64_t r = 0; r < j->m; r++) quantize_row(j, r, x_bf16, q + r * j->k, b + r * j->nb);
+    j->xq = q;
+    j->xblocks = b;
+    return b;
+}
+
 /* whether tiles read the codes themselves (see tile_bf16_512) rather than a decoded buffer */
 static int direct(const job_t *j, int x_bf16) {
     (void)j, (void)x_bf16;
@@ -662,6 +1099,9 @@ const char *quant_gemm_path(void) {
 #endif
 }
 
+/* which tiles quant_gemm_x8 runs: "avx512-vnni", "avx-vnni", "avx2" or "scalar" */
+const char *quant_gemm_x8_path(void) { return X8_PATH; }
+
 /* all panels times the job's rows, shared out over the threads; 0, or -1 when out of memory */
 static int all_panels(const job_t *j, int x_bf16, int num_threads) {
     const int64_t panels = (j->n + NR - 1) / NR, m = j->m;
@@ -678,42 +1118,66 @@ static int all_panels(const job_t *j, int x_bf16, int num_threads) {
            remaining ones to the others */
         _Pragma("omp for schedule(dynamic, run)")
         for (int64_t p = 0; p < panels; p++)
-            if (!failed) one_panel(j, p, buf, scratch, scratch + m * NR, x_bf16);
+            if (failed) continue;
+            else if (j->xq) one_panel_x8(j, p, scratch + m * NR);
+            else one_panel(j, p, buf, scratch, scratch + m * NR, x_bf16);
         free(buf);
         free(scratch);
     }
     return failed ? -1 : 0;
 }
 
-/* out [m, n] (float32, or bf16 when out_bf16) = x [m, k] (rows x_stride apart; bf16 only where
- * quant_gemm_features() says so) times the packed weight (scales and offsets float16 when
- * half_scales, else float32), + bias (NULL: none). k and group are multiples of 4, group divides
- * k. Returns 0, or -1 when out of memory.
+/* out [m, n] (float32, or bf16 when out_bf16) = x [m, k] (rows x_stride apart) times the packed
+ * weight (scales and offsets float16 when half_scales, else float32), + bias (NULL: none), through
+ * int8 x when x8 (see the x8 path), else float x (bf16 only where quant_gemm_features() says so).
+ * k and group are multiples of 4, group divides k. Returns 0, or -1 when out of memory.
  *
  * Many rows go through in blocks whose outputs stay in L2 (a panel writes a strip 16 outputs
  * wide down every row): unblocked, 512 rows x 3072 outputs ran at half the rate per multiply of
  * 512 x 576. Blocks keep at least ROW_BLOCK_MIN rows, so a decode batch streams the weights once. */
+static int gemm(job_t j, int x_bf16, int num_threads, int x8) {
+    if (x_bf16 && !x8 && !quant_gemm_features()) return -1;
+    if (j.m <= 0) return 0;
+    j.xb = x_block(j.group);
+    j.nb = j.k / j.xb;
+    void *held = x8 ? (void *)quantize_x(&j, x_bf16, num_threads)
+                    : j.offsets ? (void *)group_sums(&j, x_bf16, num_threads) : 0;
+    if (!held && (x8 || j.offsets)) return -1;
+    if (!x8) j.xsum = held;
+    const int64_t x_size = x_bf16 ? 2 : 4, out_size = j.out_bf16 ? 2 : 4;
+    const int64_t groups = j.k / j.group;
+    int64_t block = OUT_BLOCK_BYTES / (j.n * out_size);
+    block = block < ROW_BLOCK_MIN ? ROW_BLOCK_MIN : block - block % MR;
+    int failed = 0;
+    for (int64_t r = 0; r < j.m && !failed; r += block) {
+        job_t b = j;
+        b.x = (const char *)j.x + r * j.x_stride * x_size;
+        b.out = (char *)j.out + r * j.n * out_size;
+        b.xsum = j.xsum ? j.xsum + r * groups : 0;
+        b.xq = j.xq ? j.xq + r * j.k : 0;
+        b.xblocks = j.xblocks ? j.xblocks + r * j.nb : 0;
+        b.m = j.m - r < block ? j.m - r : block;
+        failed = all_panels(&b, x_bf16, num_threads);
+    }
+    free(held);
+    return failed;
+}
+
+#define JOB_OF_ARGS {x, x_stride, m, n, k, group, codes, scales, offsets, 0, bias, out, out_bf16,  \
+                     bits, half_scales, 0, 0, 0, 0}
+
+/* float x: sums of x times each code in float32 */
 int quant_gemm(const void *x, int64_t x_stride, int x_bf16, const uint8_t *codes,
                const void *scales, const void *offsets, int half_scales, const float *bias,
                void *out, int out_bf16, int64_t m, int64_t n, int64_t k, int64_t group, int bits,
                int num_threads) {
-    job_t j = {x, x_stride, m, n, k, group, codes, scales, offsets, 0, bias, out, out_bf16, bits,
-               half_scales};
-    if (x_bf16 && !quant_gemm_features()) return -1;
-    float *xsum = offsets ? group_sums(&j, x_bf16, num_threads) : 0;
-    if (offsets && !xsum) return -1;
-    const int64_t x_size = x_bf16 ? 2 : 4, out_size = out_bf16 ? 2 : 4, groups = k / group;
-    int64_t block = OUT_BLOCK_BYTES / (n * out_size);
-    block = block < ROW_BLOCK_MIN ? ROW_BLOCK_MIN : block - block % MR;
-    int failed = 0;
-    for (int64_t r = 0; r < m && !failed; r += block) {
-        job_t b = j;
-        b.x = (const char *)x + r * x_stride * x_size;
-        b.out = (char *)out + r * n * out_size;
-        b.xsum = xsum ? xsum + r * groups : 0;
-        b.m = m - r < block ? m - r : block;
-        failed = all_panels(&b, x_bf16, num_threads);
-    }
-    free(xsum);
-    return failed;
+    return gemm((job_t)JOB_OF_ARGS, x_bf16, num_threads, 0);
+}
+
+/* int8 x (the x8 path), bf16 x on any build: quant_gemm's arguments and layout */
+int quant_gemm_x8(const void *x, int64_t x_stride, int x_bf16, const uint8_t *codes,
+                  const void *scales, const void *offsets, int half_scales, const float *bias,
+                  void *out, int out_bf16, int64_t m, int64_t n, int64_t k, int64_t group,
+                  int bits, int num_threads) {
+    return gemm((job_t)JOB_OF_ARGS, x_bf16, num_threads, 1);
 }

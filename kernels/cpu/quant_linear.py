@@ -3,8 +3,10 @@
 `pack_quantized` puts a QuantizedWeight (kernels/quantized.py) into the kernel's layout once, at
 load: panels of 16 outputs whose codes stream along k, each k-pair's 16 x 2 codes interleaved
 (two int4 codes a byte), scales and offsets [panel][group][16], exactly the shared form's values
-(float16 where each of them is one, as GGUF's are, else float32). `quant_linear` multiplies x (float32 or bf16; other dtypes go through float32) by it with
-float32 sums, the result in x's dtype.
+(float16 where each of them is one, as GGUF's are, else float32). `quant_linear` multiplies x
+(float32 or bf16; other dtypes go through float32) by it, the result in x's dtype: with float32
+sums of x as given, or, with PAGEDSERVE_QUANT_ACT=int8 (ACT), x quantized to int8 per block of
+32 and summed exactly in int32 as llama.cpp does (faster, coarser).
 
 What the C path cannot take keeps the shared form itself, which `quant_linear` hands to the
 reference (a dense dequantise + F.linear): a group or input count not a multiple of 4, int4 codes
@@ -14,6 +16,7 @@ outside 0..15, a weight off the CPU, or no C compiler. Slower there, never wrong
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -28,6 +31,16 @@ PANEL = 16  # outputs per panel, as in quant_gemm.c
 # ("-mno-avx2",) to run the AVX-512, AVX2 and portable paths on a CPU that would pick a wider one
 # (see panel_gemm.py).
 BUILD_FLAGS: tuple[str, ...] = ()
+# How x is multiplied, one choice for the process (every call, every row count: a row's result
+# never depends on its batch, executor/batch_invariance.py). "float" (the default): as given, with
+# float32 sums (quant_gemm), weight-only numerics. "int8": each row quantized to int8 per block of
+# up to 32 inputs and multiplied with VNNI (quant_gemm_x8), llama.cpp's numerics: 1.1-1.8x faster
+# from 16 rows up, as fast at one row (memory-bound; docs/benchmarks.md), but on SmolLM2 its
+# logprobs move by up to 0.7 against the dequantized model (float: 5e-5), as llama.cpp's own do,
+# and its first answer loses "Paris".
+ENV_ACT = "PAGEDSERVE_QUANT_ACT"
+ACTIVATIONS = ("float", "int8")
+ACT: str = os.environ.get(ENV_ACT, "float").strip() or "float"
 
 
 @dataclass(frozen=True)
@@ -49,28 +62,34 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, cty
 
 @dataclass(frozen=True)
 class _Kernel:
-    gemm: ctypes._CFuncPtr  # quant_gemm, its argument types declared (plain ints convert fast)
+    gemm: ctypes._CFuncPtr  # quant_gemm or quant_gemm_x8 (ACT), its argument types declared
+    # (plain ints convert fast)
     bf16_x: bool  # multiplies bf16 x as it is (else x is widened to float32 first)
     path: str
 
 
 @cache
-def _build(flags: tuple[str, ...]) -> _Kernel | None:
+def _build(flags: tuple[str, ...], act: str) -> _Kernel | None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{ENV_ACT}={act!r}: expected one of {', '.join(ACTIVATIONS)}")
     lib = load("quant_gemm", flags)[0]
     if lib is None:
         return None
-    lib.quant_gemm.argtypes, lib.quant_gemm.restype = _ARGTYPES, ctypes.c_int
-    lib.quant_gemm_path.restype = ctypes.c_char_p
-    return _Kernel(lib.quant_gemm, bool(lib.quant_gemm_features() & 1),
-                   lib.quant_gemm_path().decode())
+    gemm = lib.quant_gemm_x8 if act == "int8" else lib.quant_gemm
+    gemm.argtypes, gemm.restype = _ARGTYPES, ctypes.c_int
+    names = lib.quant_gemm_x8_path if act == "int8" else lib.quant_gemm_path
+    names.restype = ctypes.c_char_p
+    # int8 x is quantized from bf16 as readily as from float32, on every build
+    return _Kernel(gemm, act == "int8" or bool(lib.quant_gemm_features() & 1), names().decode())
 
 
 def _kernel() -> _Kernel | None:
-    return _build(BUILD_FLAGS)
+    return _build(BUILD_FLAGS, ACT)
 
 
 def path() -> str | None:
-    """The tile the built library runs ('avx512-bf16', 'avx512', 'avx2', 'scalar'), or None."""
+    """The tiles the built library runs for ACT, or None: for "float" 'avx512-bf16', 'avx512',
+    'avx2' or 'scalar'; for "int8" 'avx512-vnni', 'avx-vnni', 'avx2' or 'scalar'."""
     kernel = _kernel()
     return None if kernel is None else kernel.path
 

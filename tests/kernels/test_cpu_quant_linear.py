@@ -1,6 +1,8 @@
 """kernels/cpu/quant_gemm.c (int8 / int4 weight-only GEMM) against kernels.reference.quant_linear,
 on every SIMD path this machine can run: AVX-512 with BF16 (native here), AVX-512 without it
 (-mno-avx512bf16: bf16 x widened to float32), AVX2 (-mno-avx512f) and the portable C (-mno-avx2).
+These are the float-x path (quant_linear.ACT = "float"); the int8-x path, the default, has its own
+tests (test_cpu_quant_int8_act.py).
 
 The bound: the kernel sums each product x q exactly (bf16 x) or rounded once (float32), over
 K terms in float32, then scales once and adds the offset term once per group; the reference
@@ -51,6 +53,7 @@ def build(request, monkeypatch) -> str:
         pytest.skip(f"this CPU has no {needs}")
     require_cpu_kernel("quant_gemm")
     monkeypatch.setattr(ql, "BUILD_FLAGS", flags)
+    monkeypatch.setattr(ql, "ACT", "float")
     got = ql.path()
     if flags == () and " avx512_bf16 " in cpu:
         want = "avx512-bf16"
