@@ -34,13 +34,9 @@ class ComputeThread:
         """fn(*args) on the compute thread; returns its result or raises its exception."""
         if threading.current_thread() is self._thread:
             return fn(*args)  # a call from a call: queueing it would wait on itself
-        return self.submit(fn, *args).result()
-
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future:
-        """Queues fn(*args) behind the calls queued so far; its Future holds the outcome."""
         done: Future = Future()
         self._calls.put((fn, args, done))
-        return done
+        return done.result()
 
     def close(self) -> None:
         """Lets the thread finish the calls queued so far and end."""

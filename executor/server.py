@@ -10,13 +10,11 @@ loaded and stepped on one thread whatever gRPC thread a call arrives on (see com
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from concurrent.futures import Future
 from typing import Any
 
 import grpc
@@ -47,12 +45,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
     def __init__(self) -> None:
         self._executor: Any = None
         self._compute = ComputeThread()
-        # the step trace (ended from another thread at shutdown) and the stream id; steps, the
-        # stream id and _live change on the compute thread only, one step at a time
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one step at a time, and guards the fields below
         self._stream = 0  # id of the stream that currently owns the executor
         self._live: set[str] = set()  # request ids the executor holds state for
-        self._failed_stream = 0  # a stream whose step failed: its queued plans are not run
         tracer = tracing.tracer()
         self._trace = StepTracer(tracer) if tracer is not None else None
 
@@ -80,30 +75,12 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
 
     def Execute(self, request_iterator: Iterator[executor_pb2.StepPlan],
                 context: grpc.ServicerContext) -> Iterator[executor_pb2.StepResult]:
-        """Plans are queued on the compute thread as they arrive, by a reader thread, not after
-        the previous result went out: with async scheduling the next plan arrives while a step
-        runs, and then starts the moment that step ends (no hand-off between threads in
-        between). Results go back in order."""
         self._require(context)
-        stream = self._compute.run(self._begin_stream)
+        stream = self._begin_stream()
         log.info("execute stream opened", stream=stream, peer=context.peer())
-        queued: queue.SimpleQueue[tuple[executor_pb2.StepPlan, Future] | None] = (
-            queue.SimpleQueue())
-        threading.Thread(target=self._read_plans, args=(stream, request_iterator, queued),
-                         name="execute-reader", daemon=True).start()
-        while (item := queued.get()) is not None:
-            yield self._result(*item, context)
+        for plan in request_iterator:
+            yield self._step(stream, plan, context)
         log.info("execute stream closed", stream=stream)
-
-    def _read_plans(self, stream: int, request_iterator: Iterator[executor_pb2.StepPlan],
-                    queued: queue.SimpleQueue) -> None:
-        try:
-            for plan in request_iterator:
-                queued.put((plan, self._compute.submit(self._step, stream, plan)))
-        except Exception as e:  # the stream broke (cancelled, the peer went away)
-            log.info("execute stream ended while reading", stream=stream, error=repr(e))
-        finally:
-            queued.put(None)
 
     def _require(self, context: grpc.ServicerContext) -> Any:
         if self._executor is None:
@@ -111,56 +88,41 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         return self._executor
 
     def _begin_stream(self) -> int:
-        """On the compute thread (after every step queued so far): the new stream takes over;
-        the requests held for earlier ones are forgotten first."""
         with self._lock:
             self._stream += 1
             if self._trace is not None:
                 self._trace.end_all()
-        if self._live:
-            log.info("forgetting requests of a previous stream", count=len(self._live))
-            self._executor.execute(executor_pb2.StepPlan(forget_request_ids=sorted(self._live)))
-            self._live.clear()
-        return self._stream
+            if self._live:
+                log.info("forgetting requests of a previous stream", count=len(self._live))
+                forget = executor_pb2.StepPlan(forget_request_ids=sorted(self._live))
+                self._compute.run(self._executor.execute, forget)
+                self._live.clear()
+            return self._stream
 
-    def _step(self, stream: int, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
-        """One plan, on the compute thread. A plan of a superseded stream, or queued behind a
-        step of its stream that failed, is not run (its stream is over)."""
-        if stream != self._stream or stream == self._failed_stream:
-            raise _Superseded()
-        start_ns = time.time_ns()
-        try:
-            result = self._executor.execute(plan)
-        except Exception:
-            # It may have taken in its new requests before failing: the next stream must
-            # forget them too, or their ids stay held and every resend is refused.
+    def _step(self, stream: int, plan: executor_pb2.StepPlan,
+              context: grpc.ServicerContext) -> executor_pb2.StepResult:
+        with self._lock:
+            if stream != self._stream:
+                context.abort(grpc.StatusCode.ABORTED, "superseded by a newer Execute stream")
+            start_ns = time.time_ns()
+            try:
+                result = self._compute.run(self._executor.execute, plan)
+            except Exception as e:
+                # It may have taken in its new requests before failing: the next stream must
+                # forget them too, or their ids stay held and every resend is refused.
+                self._live.update(r.request_id for r in plan.new_requests)
+                if isinstance(e, RequestRefused):  # the scheduler fails this request alone
+                    context.set_trailing_metadata(
+                        ((REFUSED_REQUEST_KEY, e.request_id.encode()),))
+                log.exception("step failed", step_id=plan.step_id)
+                code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError)
+                        else grpc.StatusCode.INTERNAL)
+                context.abort(code, f"step {plan.step_id} failed: {e!r}")
+            self._live.difference_update(plan.forget_request_ids)
             self._live.update(r.request_id for r in plan.new_requests)
-            self._failed_stream = stream
-            raise
-        self._live.difference_update(plan.forget_request_ids)
-        self._live.update(r.request_id for r in plan.new_requests)
-        if self._trace is not None:
-            with self._lock:
+            if self._trace is not None:
                 self._trace.step(plan, start_ns, time.time_ns())
-        return result
-
-    def _result(self, plan: executor_pb2.StepPlan, done: Future,
-                context: grpc.ServicerContext) -> executor_pb2.StepResult:
-        try:
-            return done.result()
-        except _Superseded:
-            context.abort(grpc.StatusCode.ABORTED, "superseded by a newer Execute stream")
-        except Exception as e:
-            if isinstance(e, RequestRefused):  # the scheduler fails this request alone
-                context.set_trailing_metadata(((REFUSED_REQUEST_KEY, e.request_id.encode()),))
-            log.error("step failed", step_id=plan.step_id, exc_info=e)
-            code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError)
-                    else grpc.StatusCode.INTERNAL)
-            context.abort(code, f"step {plan.step_id} failed: {e!r}")
-
-
-class _Superseded(Exception):
-    """A plan of an Execute stream that a newer stream (or its own failed step) ended."""
+            return result
 
 
 def build_server(service: ExecutorService, listen: str, *, reflection: bool = False,
