@@ -186,9 +186,9 @@ def _add_speculative_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_async_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-async-scheduling", action="store_true",
-                   help="plan each step only after the previous result (by default the next "
-                        "decode step is planned and sent while one runs)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="plan and send the next decode step while one runs (experimental; by "
+                        "default each step is planned after the previous result)")
 
 
 def _speculative_config(text: str):
@@ -206,7 +206,7 @@ def _run_scheduler(args: argparse.Namespace) -> int:
     options = {"max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens,
                "enable_prefix_caching": not args.no_prefix_caching,
-               "async_scheduling": not args.no_async_scheduling,
+               "async_scheduling": args.async_scheduling,
                "speculative": args.speculative_config}
     return run_scheduler(args.executor, args.listen, scheduler_options=options,
                          reflection=args.reflection, drain_timeout=args.drain_timeout,
