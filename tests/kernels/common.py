@@ -147,3 +147,11 @@ def require_cpu_kernel(name: str) -> None:
         pytest.skip("no C compiler: the CPU backend falls back to the reference kernels")
     lib, why = load(name)
     assert lib is not None, why
+
+
+def broken_packings(packed):
+    """Two wrong versions of a packed asymmetric int4 weight (kernels/cpu/quant_linear.py): its
+    nibbles swapped, and its offsets lost; a check of the C GEMM must reject both."""
+    swapped = (packed.codes >> 4) | ((packed.codes & 15) << 4)
+    return (packed.__class__(**{**vars(packed), "codes": swapped}),
+            packed.__class__(**{**vars(packed), "offsets": torch.zeros_like(packed.offsets)}))

@@ -21,7 +21,7 @@ import torch
 
 from pagedserve.kernels import reference
 from pagedserve.kernels.quantized import QuantizedWeight, quantize_rtn
-from tests.kernels.common import require_cpu_kernel
+from tests.kernels.common import broken_packings, require_cpu_kernel
 
 ql = importlib.import_module("pagedserve.kernels.cpu.quant_linear")  # the package's attribute
 # of that name is the function
@@ -152,9 +152,7 @@ def test_the_check_rejects_wrong_nibbles_or_a_lost_offset(build) -> None:
     weight = quantize_rtn(torch.randn(32, 64), 4, 32, symmetric=False)
     packed = ql.pack_quantized(weight)
     x = torch.randn(5, 64)
-    swapped = (packed.codes >> 4) | ((packed.codes & 15) << 4)
-    for wrong in (packed.__class__(**{**vars(packed), "codes": swapped}),
-                  packed.__class__(**{**vars(packed), "offsets": torch.zeros_like(packed.offsets)})):
+    for wrong in broken_packings(packed):
         with pytest.raises(AssertionError):
             check(x, weight, None, wrong)
 
