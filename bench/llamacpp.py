@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -254,6 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pagedserve's --quantization: dequantize (the default: bf16 weights, as "
                         "llama-server's BF16 file) or auto (the Q4_1 file run quantized; then "
                         "give llama-server the Q4_1 file too with --llama-model)")
+    p.add_argument("--serve-args", default="",
+                   help="more arguments for pagedserve serve, e.g. --serve-args=--async-scheduling")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
@@ -263,7 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--out", default=str(ROOT / "results" / "llamacpp.json"))
     args = p.parse_args(argv)
-    args.extra_serve_args = ["--quantization", args.quantization]
+    args.extra_serve_args = ["--quantization", args.quantization, *shlex.split(args.serve_args)]
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = set(args.cases) - set(CASES)
     if unknown:
