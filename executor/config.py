@@ -12,6 +12,7 @@ DTYPE_NAMES = ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16"
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 MODEL_IMPLS = ("auto", "native", "transformers")  # executor/models/impl.py says what each means
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8")  # executor/kv_cache.py says what each stores
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")  # executor/rank_launch.py says what each does
 _KV_DTYPE_ALIASES = {"bf16": "bfloat16", "fp8_e4m3": "fp8", "float8_e4m3fn": "fp8"}
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -49,6 +50,14 @@ class ExecutorConfig:
     # ranks the model is split over (executor/tensor_parallel.py): heads, MLP and vocabulary
     # sharded, one process per rank on this machine, gloo between them (CPU only)
     tensor_parallel_size: int = 1
+    # stages the layers are cut into (executor/pipeline_parallel.py), each tensor_parallel_size
+    # ranks: world size tp x pp, rank = stage * tensor_parallel_size + tensor-parallel rank
+    pipeline_parallel_size: int = 1
+    # how ranks 1..N-1 start (executor/rank_launch.py): mp, child processes on this machine; ray,
+    # Ray actors in a placement group on the existing cluster at ray_address ("auto": RAY_ADDRESS,
+    # else the local one, as ray.init finds it)
+    distributed_executor_backend: str = "mp"
+    ray_address: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Path):
@@ -86,22 +95,36 @@ class ExecutorConfig:
             raise ValueError(f"batch_invariant: supported on the CPU only, not {self.device!r}")
         _check_positive("tensor_parallel_size", self.tensor_parallel_size)
         if self.tensor_parallel_size > 1:
-            self._check_tensor_parallel()
+            self._check_ranks("tensor_parallel_size", self.tensor_parallel_size)
+        _check_positive("pipeline_parallel_size", self.pipeline_parallel_size)
+        if self.pipeline_parallel_size > 1:
+            self._check_ranks("pipeline_parallel_size", self.pipeline_parallel_size)
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
+        if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend: must be one of "
+                             f"{DISTRIBUTED_EXECUTOR_BACKENDS}, got "
+                             f"{self.distributed_executor_backend!r}")
+        if not isinstance(self.ray_address, str) or not self.ray_address:
+            raise ValueError(f"ray_address: must be 'auto' or host:port, got {self.ray_address!r}")
 
-    def _check_tensor_parallel(self) -> None:
-        tp = self.tensor_parallel_size
+    @property
+    def world_size(self) -> int:
+        """Executor ranks in all: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def _check_ranks(self, field: str, size: int) -> None:
+        """What several ranks (tensor_parallel_size or pipeline_parallel_size) cannot run."""
         if self.device != "cpu":
-            raise ValueError(f"tensor_parallel_size: {tp} ranks run on the CPU (gloo) only, "
+            raise ValueError(f"{field}: {size} ranks run on the CPU (gloo) only, "
                              f"not on {self.device!r}")
         if self.draft_model is not None:
-            raise ValueError(f"tensor_parallel_size: {tp} with a draft model is not supported "
-                             "(speculative_config.method draft_model needs tensor_parallel_size 1)")
+            raise ValueError(f"{field}: {size} with a draft model is not supported "
+                             f"(speculative_config.method draft_model needs {field} 1)")
         if self.batch_invariant:
-            raise ValueError(f"tensor_parallel_size: {tp} with batch_invariant is not supported")
+            raise ValueError(f"{field}: {size} with batch_invariant is not supported")
         if self.quantization not in ("auto", "dequantize"):
-            raise ValueError(f"tensor_parallel_size: {tp} with quantization "
+            raise ValueError(f"{field}: {size} with quantization "
                              f"{self.quantization!r} is not supported (dense weights only)")
 
 

@@ -28,9 +28,11 @@ from pagedserve.executor.input_batch import InputBatch, StepInputs
 from pagedserve.executor.kv_cache import KVCache, resolve_kv_dtype
 from pagedserve.executor.kv_scales import read_kv_scales
 from pagedserve.executor.layers.attention import PagedAttention
-from pagedserve.executor.loader import check_tensor_parallel, load_model
+from pagedserve.executor.loader import check_pipeline_parallel, check_tensor_parallel, load_model
+from pagedserve.executor.models.pipeline_stage import StageLayers
+from pagedserve.executor.pipeline_parallel import PipelineStage
 from pagedserve.executor.request_state import RequestState
-from pagedserve.executor.sampler import HostSamplerOutput, Sampler, upload
+from pagedserve.executor.sampler import HostSamplerOutput, Sampler, requested_logprobs, upload
 from pagedserve.executor.structured import StructuredOutputs, check_structured
 from pagedserve.executor.tensor_parallel import RankGroup, weight_bytes
 from pagedserve.protos import executor_pb2
@@ -45,24 +47,35 @@ CUDA_KV_CACHE_FRACTION = 0.9  # of the memory free after loading weights, when n
 
 
 class Executor:
-    def __init__(self, config: ExecutorConfig, *, tp_rank: int = 0):
-        """tp_rank: this process's rank of config.tensor_parallel_size; rank 0 (the executor the
-        scheduler talks to) starts the others (executor/tensor_parallel.py), which build theirs
-        with their rank."""
-        self.config, self.tp_rank, self.ranks = config, tp_rank, None
-        if config.tensor_parallel_size > 1 and tp_rank == 0:
-            check_tensor_parallel(config.model, config.tensor_parallel_size,
-                                  model_impl=config.model_impl,
-                                  trust_remote_code=config.trust_remote_code,
-                                  quantization=config.quantization)
+    def __init__(self, config: ExecutorConfig, *, rank: int = 0):
+        """rank: this process's of config.world_size (stage * tensor_parallel_size + tensor-
+        parallel rank: executor/pipeline_parallel.py); rank 0 (the executor the scheduler talks
+        to) starts the others (executor/tensor_parallel.py), which build theirs with their rank."""
+        tp = config.tensor_parallel_size
+        self.config, self.rank, self.ranks = config, rank, None
+        self.tp_rank, self.pp_rank = rank % tp, rank // tp
+        if config.world_size > 1 and rank == 0:
+            self._check_ranks(config)
             self.ranks = RankGroup(config)  # they load while this rank does
         try:
             self._build(config)
             if self.ranks is not None:
                 self.ranks.join(weight_bytes(self.model))
+                if self.pipeline is not None:  # a dead rank of any stage fails the wait
+                    self.pipeline.watch = self.ranks.failure
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _check_ranks(config: ExecutorConfig) -> None:
+        """What the model's config shows several ranks cannot run, before any rank starts."""
+        kw = {"model_impl": config.model_impl, "trust_remote_code": config.trust_remote_code,
+              "quantization": config.quantization}
+        if config.tensor_parallel_size > 1:
+            check_tensor_parallel(config.model, config.tensor_parallel_size, **kw)
+        if config.pipeline_parallel_size > 1:
+            check_pipeline_parallel(config.model, config.pipeline_parallel_size, **kw)
 
     def _build(self, config: ExecutorConfig) -> None:
         self.device = torch.device(config.device)
@@ -71,8 +84,11 @@ class Executor:
         self.model, self.model_config = load_model(
             config.model, dtype=config.dtype, device=self.device, model_impl=config.model_impl,
             trust_remote_code=config.trust_remote_code, quantization=config.quantization,
-            tp_rank=self.tp_rank, tp_size=config.tensor_parallel_size)
+            tp_rank=self.tp_rank, tp_size=config.tensor_parallel_size, pp_rank=self.pp_rank,
+            pp_size=config.pipeline_parallel_size)
         mc = self.model_config
+        # this rank's pipeline stage: its layers' KV cache only (all layers with one stage)
+        self.stage = StageLayers.of(mc.num_layers, self.pp_rank, config.pipeline_parallel_size)
         # this rank's KV heads: a 1/N share, or one replicated head when fewer heads than ranks
         self.num_kv_heads = mc.num_kv_heads // min(config.tensor_parallel_size, mc.num_kv_heads)
         self.dtype = next(self.model.parameters()).dtype
@@ -91,8 +107,10 @@ class Executor:
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = self._fit_max_model_len()
         scales = read_kv_scales(config.model, mc.num_layers) if self.kv_dtype.itemsize == 1 else None
-        self.kv_cache = KVCache(mc.num_layers, self.num_kv_blocks, config.block_size, self.num_kv_heads,
-                                mc.head_dim, self.kv_dtype, self.device, *(scales or (None, None)))
+        own = slice(self.stage.start, self.stage.end)
+        self.kv_cache = KVCache(len(self.stage.layers), self.num_kv_blocks, config.block_size,
+                                self.num_kv_heads, mc.head_dim, self.kv_dtype, self.device,
+                                *((scales[0][own], scales[1][own]) if scales else (None, None)))
         self._give_layers_kv_scales()
         if self.draft is not None:
             self.draft.check_max_model_len(self.max_model_len)
@@ -102,6 +120,9 @@ class Executor:
                                 max_model_len=self.max_model_len, block_size=config.block_size,
                                 device=self.device)
         self.sampler = Sampler(config.seed)
+        self.pipeline = (PipelineStage(self.stage, self.rank, config.tensor_parallel_size,
+                                       config.pipeline_parallel_size, mc.hidden_size, self.dtype)
+                         if config.pipeline_parallel_size > 1 else None)
         self.requests: dict[str, RequestState] = {}
         # grammar matchers of the constrained requests (executor/structured.py)
         self.structured = StructuredOutputs(config.model, mc.vocab_size, mc.eos_token_ids,
@@ -162,7 +183,9 @@ class Executor:
         if self.draft is not None:  # the draft's pools hold the same blocks
             per_block += self.draft.bytes_per_block(config.block_size)
         # The budget is for all tensor-parallel ranks together (on the CPU they share the
-        # machine's memory): every rank holds the same blocks, each with its own heads.
+        # machine's memory): every rank holds the same blocks, each with its own heads. Pipeline
+        # stages hold the same blocks too, each for its own layers: so one block costs all
+        # layers' bytes per tensor-parallel rank, and every stage finds the same count.
         per_block *= config.tensor_parallel_size
         if budget < per_block:
             raise ValueError(f"kv_cache_memory_bytes: {budget} is less than one block ({per_block} bytes)")
@@ -199,7 +222,7 @@ class Executor:
 
     def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
         if self.ranks is None:
-            if self.config.tensor_parallel_size > 1 and self.tp_rank == 0:
+            if self.config.world_size > 1 and self.rank == 0:
                 raise RuntimeError("the tensor-parallel executor is closed (its ranks stopped)")
             return self.execute_local(plan)
         # A plan refused here never reaches the other ranks; one that passes runs on every rank.
@@ -275,13 +298,18 @@ class Executor:
             i for i, (s, n) in enumerate(scheduled)
             if s.num_computed_tokens + n == s.num_tokens + len(drafts.get(s.request_id, ()))
         ], drafts)
+        samples_here = self.pipeline is None or self.stage.last  # else: the last stage's
         # constrained rows' token masks, computed on a thread while the forward pass runs
-        masks = self.structured.start(rows.request_ids)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_cache)
+        masks = self.structured.start(rows.request_ids) if samples_here else None
+        hidden = self._forward(inputs, scheduled)
         for state, n in scheduled:
             state.num_computed_tokens += n
         if not rows.states:
             return []
+        if not samples_here:  # a pipeline stage before the last: the samples come from there
+            num_logprobs = requested_logprobs(rows.views)
+            return self._take_tokens(rows, self.pipeline.share_samples(None, num_logprobs),
+                                     num_logprobs)
         logits = self.model.compute_logits(hidden[self._sampled_rows(inputs, scheduled, rows)])
         self.structured.apply(logits, masks)  # before every sampling rule and penalty
         views = rows.views
@@ -290,8 +318,18 @@ class Executor:
             eos_token_ids=self.model_config.eos_token_ids,
             token_ids=lambda: self.batch.token_table(views), device=logits.device,
         )
-        out = self.sampler(logits, md).to_host()  # the step's one read of the device
+        sampled = self.sampler(logits, md)
+        out = (sampled.to_host() if self.pipeline is None  # the step's one read of the device
+               else self.pipeline.share_samples(sampled, md.num_logprobs))  # to every stage
         return self._take_tokens(rows, out, md.num_logprobs)
+
+    def _forward(self, inputs: StepInputs,
+                 scheduled: list[tuple[RequestState, int]]) -> torch.Tensor | None:
+        """The step's final-norm hidden states; with pipeline stages, this stage's part of the
+        step (executor/pipeline_parallel.py), and None before the last stage."""
+        if self.pipeline is None:
+            return self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_cache)
+        return self.pipeline.forward(self.model, inputs, scheduled, self.kv_cache)
 
     def _take_tokens(self, rows: SampleRows, out: HostSamplerOutput,
                      num_logprobs: list[int]) -> list[executor_pb2.RequestOutput]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,9 +26,10 @@ from pagedserve.executor.layers.quant_weights import finish_quantized
 from pagedserve.executor.model_config import ModelConfig
 from pagedserve.executor.models import get_model_class
 from pagedserve.executor.models.impl import choose_model_impl, config_dtype, read_config
+from pagedserve.executor.models.pipeline_stage import StageLayers
 from pagedserve.executor.models.transformers_loader import load_transformers_model
 from pagedserve.executor.models.transformers_probe import UnsupportedModel
-from pagedserve.executor.parallel_state import tensor_parallel
+from pagedserve.executor.parallel_state import pipeline_parallel, tensor_parallel
 from pagedserve.executor.quantization import QuantSpec, quantized_reader, read_quantization
 from pagedserve.executor.quantization.config import DEQUANTIZE, method_name
 from pagedserve.executor.tensor_parallel import check_model
@@ -128,13 +129,16 @@ class _CheckpointReader:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device_name = str(device)
         self.current: Path | None = None
+        # which tensors to read (a pipeline stage's own): the others are never read from disk
+        self.keep: Callable[[str], bool] = lambda name: True
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for file in self.files:
             self.current = file
             with safe_open(file, framework="pt", device=self.device_name) as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    yield name, f.get_tensor(name)
+                    if self.keep(name):
+                        yield name, f.get_tensor(name)
         self.current = None
 
 
@@ -159,23 +163,41 @@ def check_tensor_parallel(model_dir: str | Path, tp_size: int, *, model_impl: st
     """ValueError naming tensor_parallel_size for a model that cannot run sharded, read from its
     config alone, so rank 0 refuses it before starting the other ranks. A GGUF file's shapes are
     checked by load_model (its header takes seconds to read)."""
-    model_dir = Path(model_dir)
-    gguf_file = find_gguf(model_dir)
-    if gguf_file is not None:
+    config = _dense_native_config(Path(model_dir), "tensor_parallel_size", tp_size, model_impl,
+                                  trust_remote_code, quantization)
+    if config is not None:
+        _check_shardable(get_model_class(config.architecture), config, tp_size)
+
+
+def check_pipeline_parallel(model_dir: str | Path, pp_size: int, *, model_impl: str = "auto",
+                            trust_remote_code: bool = False,
+                            quantization: str | None = None) -> None:
+    """ValueError naming pipeline_parallel_size for a model that cannot be cut into pp_size
+    stages (executor/pipeline_parallel.py), from its config alone, before any rank starts."""
+    config = _dense_native_config(Path(model_dir), "pipeline_parallel_size", pp_size, model_impl,
+                                  trust_remote_code, quantization)
+    if config is not None:
+        StageLayers.of(config.num_layers, 0, pp_size)  # every stage needs a layer
+
+
+def _dense_native_config(model_dir: Path, field: str, size: int, model_impl: str,
+                         trust_remote_code: bool, quantization: str | None) -> ModelConfig | None:
+    """The config of a dense checkpoint that runs natively (None for a GGUF file to be loaded
+    dense), else ValueError naming `field`: what several ranks need."""
+    if find_gguf(model_dir) is not None:
         if method_name(quantization) != DEQUANTIZE:
-            raise ValueError(f"tensor_parallel_size: {tp_size} runs dense weights only: a GGUF "
+            raise ValueError(f"{field}: {size} runs dense weights only: a GGUF "
                              "file loads dense with quantization='dequantize'")
-        return
+        return None
     raw = read_config(model_dir)
     spec = read_quantization(model_dir, raw, quantization)
     if spec is not None:
-        raise ValueError(f"tensor_parallel_size: {tp_size} with a quantized checkpoint "
+        raise ValueError(f"{field}: {size} with a quantized checkpoint "
                          f"({spec.method}) is not supported (dense weights only)")
     if choose_model_impl(raw, model_impl, trust_remote_code) == "transformers":
-        raise ValueError(f"tensor_parallel_size: {tp_size}: the transformers implementation "
-                         "runs on one rank only (tensor parallelism needs a native model)")
-    config = ModelConfig.from_dir(model_dir)
-    _check_shardable(get_model_class(config.architecture), config, tp_size)
+        raise ValueError(f"{field}: {size}: the transformers implementation "
+                         "runs on one rank only (several ranks need a native model)")
+    return ModelConfig.from_dir(model_dir)
 
 
 def _check_shardable(model_cls: type, config: ModelConfig, tp_size: int) -> None:
@@ -186,13 +208,26 @@ def _check_shardable(model_cls: type, config: ModelConfig, tp_size: int) -> None
                 config.intermediate_size, tp_size)
 
 
-def _dense_only(reader, tp_size: int):
-    """The reader's tensors, refusing a quantized one (tensor parallelism runs dense weights)."""
+def _dense_only(reader, field: str, size: int):
+    """The reader's tensors, refusing a quantized one (several ranks run dense weights)."""
     for name, tensor in reader:
         if isinstance(tensor, QuantizedWeight):
-            raise ValueError(f"tensor_parallel_size: {tp_size} with quantized weights is not "
+            raise ValueError(f"{field}: {size} with quantized weights is not "
                              f"supported (tensor {name!r} is quantized)")
         yield name, tensor
+
+
+def _ranks_reader(reader, model: nn.Module, config: ModelConfig, tp_size: int, pp_size: int):
+    """What a rank of several reads: dense tensors only, and a pipeline stage only its own
+    (the model's loader skips the others too; a safetensors reader never reads them)."""
+    if pp_size > 1 and isinstance(reader, _CheckpointReader):
+        stage, tied = model.stage, config.tie_word_embeddings
+        reader.keep = lambda name: stage.holds(name, tied)
+    if tp_size > 1:
+        return _dense_only(reader, "tensor_parallel_size", tp_size)
+    if pp_size > 1:
+        return _dense_only(reader, "pipeline_parallel_size", pp_size)
+    return reader
 
 
 @contextlib.contextmanager
@@ -216,16 +251,23 @@ def load_model(
     quantization: str | None = None,
     tp_rank: int = 0,
     tp_size: int = 1,
+    pp_rank: int = 0,
+    pp_size: int = 1,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model a directory (or a GGUF file) describes and fill its weights: (model in
     eval mode, config). model_impl: auto, native or transformers (executor/models/impl.py);
     quantization: None/auto (the checkpoint's own format) or the format it must be in
     (executor/quantization/config.py); tp_rank of tp_size: this rank's shard of every layer,
-    each checkpoint tensor sliced as it is read (executor/tensor_parallel.py)."""
+    each checkpoint tensor sliced as it is read (executor/tensor_parallel.py); pp_rank of
+    pp_size: the pipeline stage whose layers alone are built and read
+    (executor/models/pipeline_stage.py)."""
     model_dir, device = Path(model_dir), torch.device(device)
     if tp_size > 1:
         check_tensor_parallel(model_dir, tp_size, model_impl=model_impl,
                               trust_remote_code=trust_remote_code, quantization=quantization)
+    if pp_size > 1:
+        check_pipeline_parallel(model_dir, pp_size, model_impl=model_impl,
+                                trust_remote_code=trust_remote_code, quantization=quantization)
     gguf_file, spec = find_gguf(model_dir), None
     if gguf_file is None:  # native or transformers' code: executor/models/impl.py
         raw = read_config(model_dir)
@@ -258,12 +300,12 @@ def load_model(
     try:
         backend = select_backend(device)
         with torch.device(device), _default_dtype(torch_dtype), \
-                tensor_parallel(tp_rank, tp_size):
+                tensor_parallel(tp_rank, tp_size), pipeline_parallel(pp_rank, pp_size):
             model = model_cls(config, backend)
     except ValueError as e:  # a config value the model cannot run (rope type, activation, ...)
         raise ValueError(f"{config_file}: {e}") from None
     try:
-        model.load_weights(_dense_only(reader, tp_size) if tp_size > 1 else reader)
+        model.load_weights(_ranks_reader(reader, model, config, tp_size, pp_size))
     except ValueError as e:
         where = reader.current or ", ".join(str(f) for f in files)
         raise ValueError(f"{e} (in {where})") from None

@@ -6,7 +6,11 @@ builds it inside `tensor_parallel(rank, size)` (executor/loader.py). Outside it,
 The group itself is torch.distributed's default process group (executor/tensor_parallel.py starts
 it). The row-parallel layers' all-reduce and the LM head's all-gather go through all_reduce /
 all_gather here: over the ranks' shared-memory segment when tensor_parallel.py installed one
-(executor/shm_allreduce.py: ranks on one machine), else over the group (gloo).
+(executor/shm_allreduce.py: ranks on one machine), else over the group (gloo): the whole world, or
+with pipeline parallelism the tensor-parallel ranks of this rank's stage (use_tp_group).
+
+Likewise (pp_rank, pp_size): this process's pipeline stage, read by the model classes at
+construction (executor/models/pipeline_stage.py), which then build only that stage's layers.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 _rank, _size = 0, 1
+_pp_rank, _pp_size = 0, 1
 
 
 class Collectives(Protocol):
@@ -27,6 +32,9 @@ class Collectives(Protocol):
 
 
 _collectives: Collectives | None = None
+_tp_group: dist.ProcessGroup | None = None  # None: the default group (every rank)
+# with pipeline parallelism, the two-rank groups to the previous and next stage's rank
+_stage_links: tuple[dist.ProcessGroup | None, dist.ProcessGroup | None] = (None, None)
 
 
 def tp_rank() -> int:
@@ -35,6 +43,14 @@ def tp_rank() -> int:
 
 def tp_size() -> int:
     return _size
+
+
+def pp_rank() -> int:
+    return _pp_rank
+
+
+def pp_size() -> int:
+    return _pp_size
 
 
 def resolve(rank: int | None, size: int | None) -> tuple[int, int]:
@@ -56,6 +72,38 @@ def tensor_parallel(rank: int, size: int) -> Iterator[None]:
         _rank, _size = old
 
 
+@contextlib.contextmanager
+def pipeline_parallel(rank: int, size: int) -> Iterator[None]:
+    """Models built inside are stage `rank` of `size` (executor/models/pipeline_stage.py)."""
+    global _pp_rank, _pp_size
+    if not 0 <= rank < size:
+        raise ValueError(f"pipeline stage {rank} is outside [0, {size})")
+    old = _pp_rank, _pp_size
+    _pp_rank, _pp_size = rank, size
+    try:
+        yield
+    finally:
+        _pp_rank, _pp_size = old
+
+
+def use_tp_group(group: dist.ProcessGroup | None) -> None:
+    """The group the gloo collectives below run over (None: the default group): with pipeline
+    parallelism, the tensor-parallel ranks of this process's stage."""
+    global _tp_group
+    _tp_group = group
+
+
+def use_stage_links(prev: dist.ProcessGroup | None, next_: dist.ProcessGroup | None) -> None:
+    """The groups this rank receives from the previous stage over and sends to the next over
+    (executor/pipeline_parallel.py)."""
+    global _stage_links
+    _stage_links = (prev, next_)
+
+
+def stage_links() -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    return _stage_links
+
+
 def use_collectives(collectives: Collectives | None) -> None:
     """This process's collectives from now on (None: torch.distributed's group)."""
     global _collectives
@@ -67,13 +115,13 @@ def all_reduce(tensor: torch.Tensor) -> None:
     if _collectives is not None:
         _collectives.all_reduce(tensor)
     else:
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=_tp_group)
 
 
 def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's `tensor`, in rank order."""
     if _collectives is not None:
         return _collectives.all_gather(tensor)
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(_tp_group))]
+    dist.all_gather(parts, tensor, group=_tp_group)
     return parts

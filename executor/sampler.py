@@ -117,17 +117,19 @@ class SamplerOutput:
         """The same as Python lists, read back in one transfer (the step's one sync on CUDA)."""
         if self.logprobs is None:
             return HostSamplerOutput(self.token_ids.tolist(), None, None, None)
-        # float64 holds every token id (< 2**53) and float32 logprob exactly: one tensor, one read.
-        cols = [self.token_ids[:, None], self.logprobs[:, None]]
+        k = 0 if self.top_token_ids is None else self.top_token_ids.shape[1]
+        return HostSamplerOutput.from_packed(self.packed().tolist(), k)
+
+    def packed(self) -> torch.Tensor:
+        """[S, C] float64, per row: the token, then (when asked) its logprob and the top K ids
+        and logprobs. float64 holds every token id (< 2**53) and float32 logprob exactly: one
+        tensor, one read (or one message: executor/pipeline_parallel.py)."""
+        cols = [self.token_ids[:, None]]
+        if self.logprobs is not None:
+            cols.append(self.logprobs[:, None])
         if self.top_token_ids is not None:
             cols += [self.top_token_ids, self.top_logprobs]
-        rows = torch.cat([c.double() for c in cols], dim=1).tolist()
-        out = HostSamplerOutput([int(r[0]) for r in rows], [r[1] for r in rows], None, None)
-        if self.top_token_ids is not None:
-            k = self.top_token_ids.shape[1]
-            out.top_token_ids = [[int(t) for t in r[2 : 2 + k]] for r in rows]
-            out.top_logprobs = [r[2 + k :] for r in rows]
-        return out
+        return torch.cat([c.double() for c in cols], dim=1)
 
 
 @dataclass
@@ -138,6 +140,16 @@ class HostSamplerOutput:
     logprobs: list[float] | None
     top_token_ids: list[list[int]] | None  # K per row
     top_logprobs: list[list[float]] | None
+
+    @classmethod
+    def from_packed(cls, rows: list[list[float]], k: int) -> HostSamplerOutput:
+        """SamplerOutput.packed's rows read back; k: the step's largest num_logprobs (-1: none
+        asked, 0: only the sampled token's)."""
+        out = cls([int(r[0]) for r in rows], [r[1] for r in rows] if k >= 0 else None, None, None)
+        if k > 0:
+            out.top_token_ids = [[int(t) for t in r[2 : 2 + k]] for r in rows]
+            out.top_logprobs = [r[2 + k :] for r in rows]
+        return out
 
 
 def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -192,6 +204,11 @@ class _HostPack:
         return out
 
 
+def requested_logprobs(requests: Sequence[RequestState]) -> list[int]:
+    """Per row: -1 when no logprobs are asked, else the number of top logprobs wanted."""
+    return [r.sampling.logprobs if r.sampling.HasField("logprobs") else -1 for r in requests]
+
+
 def build_sampling_metadata(
     requests: Sequence[RequestState],
     *,
@@ -230,7 +247,7 @@ def build_sampling_metadata(
         top_k_rows=RowSet(k_rows, t.get("top_k_rows")), max_top_k=max_top_k,
         top_p_rows=RowSet(p_rows, t.get("top_p_rows")),
         use_min_p=any(ps[i].min_p > 0 for i in random), unseeded=unseeded,
-        num_logprobs=[p.logprobs if p.HasField("logprobs") else -1 for p in ps],
+        num_logprobs=requested_logprobs(requests),
         presence_penalty=t.get("presence_penalty"), frequency_penalty=t.get("frequency_penalty"),
         repetition_penalty=t.get("repetition_penalty"),
         token_ids=t.get("token_ids"),

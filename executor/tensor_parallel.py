@@ -5,8 +5,10 @@
                                           v
                                         ranks 1..N-1 (python -m pagedserve.executor.tensor_parallel)
 
-Rank 0 starts the other ranks as child processes of its own (`subprocess`, so a user's script is
-never re-imported), each with the same ExecutorConfig and its rank. Every rank builds the same
+Rank 0 starts the other ranks through executor/rank_launch.py: by default as child processes of
+its own (`subprocess`, so a user's script is never re-imported), with
+distributed_executor_backend "ray" as Ray actors placed on a cluster; each gets the same
+ExecutorConfig and its rank. Every rank builds the same
 Executor on its shard (executor/parallel_state.py: the layers split heads, MLP columns/rows and the
 vocabulary, and each checkpoint tensor is sliced by its weight_loader as it is read), with its own
 paged KV cache of the same blocks and its own heads. Rank 0 checks each plan, then broadcasts it;
@@ -15,8 +17,9 @@ logits; over a shared-memory segment, executor/shm_allreduce.py, else gloo), and
 logits are the same bytes on every rank, every rank samples the same tokens and keeps the same
 per-request state; only rank 0's StepResult is used. One step costs one plan whatever N is.
 
-The rendezvous is a TCPStore that rank 0 binds to a free localhost port (port 0). A rank reports
-"ready" (with the bytes of its weights) or its load error over a pipe before joining the group, so a
+The rendezvous is a TCPStore that rank 0 binds to a free port (port 0), reached at localhost (mp) or
+at rank 0's node IP (ray). A rank reports "ready" (with the bytes of its weights) or its load error
+(over a pipe, or as a Ray actor call's result) before joining the group, so a
 rank that cannot load fails rank 0's constructor with that rank's message. Once all are ready,
 rank 0 creates the shared-memory segment and puts its path in the store (empty: gloo only); each
 rank maps it before joining the group, so once the group has formed rank 0 unlinks the file, and
@@ -29,21 +32,22 @@ shared-memory wait finds rank 0's pid gone, gloo's connection to rank 0 closes).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
-import select
 import subprocess
 import sys
 import time
+from typing import Any
 
 import structlog
 import torch
 import torch.distributed as dist
 
-from pagedserve.executor import parallel_state, shm_allreduce
+from pagedserve.executor import parallel_state, rank_launch, shm_allreduce
 from pagedserve.executor.config import ExecutorConfig
+from pagedserve.executor.pipeline_parallel import join_stage_groups
+from pagedserve.executor.rank_launch import RankLauncher
 from pagedserve.executor.shm_allreduce import CollectiveError, ShmCommunicator
 
 log = structlog.get_logger("pagedserve.executor.tensor_parallel")
@@ -92,11 +96,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
     for p in model.parameters():
         add(p)
     for m in model.modules():
-        packed = getattr(m, "packed", None)
-        if packed is not None:
+        for packed in _packed_weights(m):
             add(packed.onednn)
             add(packed.panels)
     return total
+
+
+def _packed_weights(module: torch.nn.Module) -> list:
+    """A layer's packed weight, or each expert's pair (layers/fused_moe.py)."""
+    packed = getattr(module, "packed", None)
+    if isinstance(packed, list):
+        return [w for pair in packed for w in pair]
+    return [] if packed is None else [packed]
 
 
 def _threads_per_rank(tp_size: int) -> int:
@@ -107,13 +118,13 @@ class RankGroup:
     """Rank 0's side: the other ranks' processes, the process group, the plan broadcast."""
 
     def __init__(self, config: ExecutorConfig):
-        self.size = config.tensor_parallel_size
+        self.size = config.world_size  # tp x pp ranks (executor/pipeline_parallel.py)
+        self.config = config
         if dist.is_initialized():
             raise RuntimeError("tensor_parallel_size: this process already holds a "
                                "torch.distributed group (one tensor-parallel executor per "
                                "process: close the other first)")
-        self.procs: list[subprocess.Popen] = []
-        self._pipes: list[int] = []  # read ends, one per rank 1..N-1
+        self.launcher: RankLauncher | None = None  # starts ranks 1..N-1 (executor/rank_launch.py)
         self._header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
         self.joined = False
         self.broken: str | None = None
@@ -121,20 +132,12 @@ class RankGroup:
         self._threads = 0
         self.shm: ShmCommunicator | None = None
         self._segment: str | None = None  # the file, until every rank has it mapped
-        self.store = dist.TCPStore("127.0.0.1", 0, self.size, is_master=True,
-                                   wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT)
-        cfg = json.dumps(dataclasses.asdict(config))
         try:
-            for rank in range(1, self.size):
-                read, write = os.pipe()
-                self._pipes.append(read)
-                cmd = [sys.executable, "-m", "pagedserve.executor.tensor_parallel",
-                       "--rank", str(rank), "--port", str(self.store.port),
-                       "--status-fd", str(write), "--config", cfg]
-                env = {**os.environ, "OMP_NUM_THREADS": str(_threads_per_rank(self.size))}
-                self.procs.append(subprocess.Popen(cmd, pass_fds=(write,), env=env,
-                                                   stdin=subprocess.DEVNULL))
-                os.close(write)
+            self.launcher = rank_launch.launcher(config)  # ray: joins the cluster here
+            # the ranks reach the store at the launcher's host (loopback, or this node's IP)
+            self.store = dist.TCPStore(self.launcher.host, 0, self.size, is_master=True,
+                                       wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT)
+            self.launcher.start(config, self.size, self.store.port, _threads_per_rank(self.size))
         except BaseException:
             self.close()
             raise
@@ -143,11 +146,12 @@ class RankGroup:
 
     def join(self, own_weight_bytes: int) -> None:
         """Waits for every rank's load (raising its error if it failed), then forms the group."""
-        reports = [self._read_status(rank) for rank in range(1, self.size)]
+        reports = [self.launcher.wait_ready(rank, READY_TIMEOUT_S) for rank in range(1, self.size)]
         self.rank_weight_bytes = [own_weight_bytes] + [r["weight_bytes"] for r in reports]
         self._open_segment()
         dist.init_process_group("gloo", store=self.store, rank=0, world_size=self.size,
                                 timeout=COLLECTIVE_TIMEOUT)
+        join_stage_groups(self.config.tensor_parallel_size, self.config.pipeline_parallel_size, 0)
         self.joined = True
         if self.shm is not None:  # every rank mapped it before joining: the file can go
             assert self.shm.peers_attached(), "a rank joined without mapping the segment"
@@ -161,7 +165,11 @@ class RankGroup:
         """The shared-memory segment for the collectives, its path in the store for the ranks;
         an empty path (gloo) where it is turned off, unsupported or cannot be made."""
         path = ""
-        if shm_allreduce.supported() and os.environ.get(ENV_DISABLE_SHM, "") in ("", "0"):
+        one_stage = self.config.pipeline_parallel_size == 1  # the segment spans all ranks
+        if not self.launcher.all_on_this_node():  # Ray placed some ranks on other nodes
+            log.info("tensor-parallel ranks span several nodes: the all-reduce runs over gloo")
+        elif one_stage and shm_allreduce.supported() and \
+                os.environ.get(ENV_DISABLE_SHM, "") in ("", "0"):
             try:
                 path = self._segment = shm_allreduce.create_segment(self.size)
                 self.shm = ShmCommunicator(path, 0, self.size,
@@ -182,34 +190,15 @@ class RankGroup:
             shm_allreduce.unlink_segment(self._segment)
             self._segment = None
 
-    def _read_status(self, rank: int) -> dict:
-        fd, proc = self._pipes[rank - 1], self.procs[rank - 1]
-        deadline, data = time.monotonic() + READY_TIMEOUT_S, b""
-        while b"\n" not in data:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tensor-parallel rank {rank} did not load the model in "
-                                   f"{READY_TIMEOUT_S:.0f} s")
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            chunk = os.read(fd, 1 << 16) if ready else b""
-            if ready and not chunk:  # closed: the rank exited
-                proc.wait(5)
-                raise RuntimeError(f"tensor-parallel rank {rank} exited while loading "
-                                   f"(exit code {proc.returncode})")
-            data += chunk
-        status = json.loads(data.split(b"\n", 1)[0])
-        if "error" in status:
-            raise ValueError(status["error"]) if status.get("type") == "ValueError" else \
-                RuntimeError(f"tensor-parallel rank {rank}: {status['error']}")
-        return status
+    @property
+    def procs(self) -> list[subprocess.Popen]:
+        """The ranks' processes under the mp backend (none under ray: they are Ray actors)."""
+        return getattr(self.launcher, "procs", [])
 
     def failure(self) -> str | None:
         """What broke the group (a rank that died, a failed collective), or None."""
-        if self.broken is None:
-            for rank, proc in enumerate(self.procs, start=1):
-                if proc.poll() is not None:
-                    self.broken = (f"tensor-parallel rank {rank} died (exit code "
-                                   f"{proc.returncode})")
-                    break
+        if self.broken is None and self.launcher is not None:
+            self.broken = self.launcher.dead_rank()
         return self.broken
 
     def check_alive(self) -> None:
@@ -221,7 +210,7 @@ class RankGroup:
         if isinstance(error, (CollectiveError, getattr(dist, "DistError", ()))):
             return True
         time.sleep(0.1)  # a rank that died takes a moment to be reaped
-        return any(proc.poll() is not None for proc in self.procs)
+        return self.launcher.dead_rank() is not None
 
     def dead_rank_error(self, error: BaseException) -> RuntimeError:
         """The error to raise for a collective that failed: which rank died, if one did."""
@@ -246,17 +235,9 @@ class RankGroup:
                 stopped = True
             except RuntimeError:
                 pass
-        for proc in self.procs:
-            if not stopped:
-                proc.kill()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for fd in self._pipes:
-            os.close(fd)
-        self._pipes, self.procs = [], []
+        launcher, self.launcher = self.launcher, None
+        if launcher is not None:  # ray: kills the actors, removes the placement group
+            launcher.stop(graceful=stopped)
         self._close_segment()
         if self.joined:
             dist.destroy_process_group()
@@ -294,26 +275,38 @@ def receive_message(header: torch.Tensor) -> bytes | None:
 
 
 def _rank_main(rank: int, port: int, status_fd: int, config: ExecutorConfig) -> int:
-    """One rank of 1..N-1: load, report, join, then run every plan rank 0 broadcasts."""
+    """One rank of 1..N-1 started by the mp launcher: load, report over the pipe, join, run."""
+    executor, status = load_rank(rank, config)
+    with os.fdopen(status_fd, "w") as out:
+        out.write(json.dumps(status) + "\n")
+    return 1 if executor is None else run_rank(executor, rank, "127.0.0.1", port, config)
+
+
+def load_rank(rank: int, config: ExecutorConfig) -> tuple[Any, dict]:
+    """Rank `rank`'s Executor and its report for rank 0 (executor/rank_launch.py): ready with
+    its weights' bytes, or (None and) its load error."""
     from pagedserve.executor.executor import Executor
+
+    try:
+        executor = Executor(config, rank=rank)
+    except Exception as e:  # rank 0 raises it (it most likely failed the same way)
+        return None, {"error": str(e), "type": type(e).__name__}
+    return executor, {"ready": True, "weight_bytes": weight_bytes(executor.model)}
+
+
+def run_rank(executor: Any, rank: int, host: str, port: int, config: ExecutorConfig) -> int:
+    """Joins rank 0's group (its TCPStore at host:port), then runs every plan rank 0
+    broadcasts until a stop (0) or rank 0 is gone (1)."""
     from pagedserve.protos import executor_pb2
 
-    status = os.fdopen(status_fd, "w")
-    try:
-        executor = Executor(config, tp_rank=rank)
-    except Exception as e:  # rank 0 raises it (it most likely failed the same way)
-        status.write(json.dumps({"error": str(e), "type": type(e).__name__}) + "\n")
-        status.close()
-        return 1
-    status.write(json.dumps({"ready": True, "weight_bytes": weight_bytes(executor.model)}) + "\n")
-    status.close()
-    store = dist.TCPStore("127.0.0.1", port, config.tensor_parallel_size, is_master=False,
+    store = dist.TCPStore(host, port, config.world_size, is_master=False,
                           timeout=COLLECTIVE_TIMEOUT)
     segment = store.get(SEGMENT_KEY).decode()  # mapped before joining: rank 0 then unlinks it
-    shm = (ShmCommunicator(segment, rank, config.tensor_parallel_size,
+    shm = (ShmCommunicator(segment, rank, config.world_size,
                            COLLECTIVE_TIMEOUT.total_seconds()) if segment else None)
     dist.init_process_group("gloo", store=store, rank=rank,
-                            world_size=config.tensor_parallel_size, timeout=COLLECTIVE_TIMEOUT)
+                            world_size=config.world_size, timeout=COLLECTIVE_TIMEOUT)
+    join_stage_groups(config.tensor_parallel_size, config.pipeline_parallel_size, rank)
     parallel_state.use_collectives(shm)
     header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
     while True:
@@ -342,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="the ExecutorConfig as JSON")
     args = p.parse_args(argv)
     config = ExecutorConfig(**json.loads(args.config))
-    torch.set_num_threads(_threads_per_rank(config.tensor_parallel_size))
+    torch.set_num_threads(_threads_per_rank(config.world_size))
     return _rank_main(args.rank, args.port, args.status_fd, config)
 
 

@@ -24,7 +24,7 @@ import os
 import sys
 
 from pagedserve import tracing
-from pagedserve.executor.config import MODEL_IMPLS
+from pagedserve.executor.config import DISTRIBUTED_EXECUTOR_BACKENDS, MODEL_IMPLS
 from pagedserve.lifeline import die_with_supervisor
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
@@ -116,10 +116,22 @@ def _add_executor_options(p: argparse.ArgumentParser, *, defaults: bool) -> None
                    help="ranks the model is split over (heads, MLP and vocabulary), one process "
                         "each on this machine, joined by torch.distributed's gloo (CPU only); "
                         "the KV cache budget is for all of them together")
+    p.add_argument("--pipeline-parallel-size", type=int, default=d(1),
+                   help="stages the layers are cut into, each of --tensor-parallel-size ranks "
+                        "(one process each on this machine, gloo between them, CPU only); a "
+                        "step's requests flow through the stages in micro-batches")
     p.add_argument("--batch-invariant", action="store_true",
                    help="every token computed the same whatever shares its step and however its "
                         "prompt is chunked (CPU only): a request "
                         "recomputed after a restart ends exactly as it would have")
+    p.add_argument("--distributed-executor-backend", choices=DISTRIBUTED_EXECUTOR_BACKENDS,
+                   default=d("mp"),
+                   help="how ranks 1..N-1 start: mp, processes on this machine; ray, Ray actors "
+                        "in a placement group on an existing Ray cluster (`ray start --head`), "
+                        "possibly on several machines")
+    p.add_argument("--ray-address", default=d("auto"),
+                   help="the Ray cluster's address (host:port) for --distributed-executor-backend "
+                        "ray; auto: RAY_ADDRESS, else the cluster started on this machine")
 
 
 def _add_batching_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -150,7 +162,10 @@ def _run_executor(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, seed=args.seed, model_impl=args.model_impl,
         trust_remote_code=args.trust_remote_code, quantization=args.quantization,
         draft_model=args.speculative_config.draft_model if args.speculative_config else None,
-        batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size)
+        distributed_executor_backend=args.distributed_executor_backend,
+        ray_address=args.ray_address,
+        batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size)
     return run_executor(config, args.listen, reflection=args.reflection)
 
 

@@ -59,7 +59,9 @@ class LLM:
                  model_impl: str = "auto", trust_remote_code: bool = False,
                  speculative_config: str | dict | None = None,
                  kv_cache_dtype: str = "auto", quantization: str = "auto",
-                 batch_invariant: bool = False, tensor_parallel_size: int = 1) -> None:
+                 batch_invariant: bool = False, tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, distributed_executor_backend: str = "mp",
+                 ray_address: str = "auto") -> None:
         """model_impl: auto (native class when there is one, else transformers' code on
         pagedserve's attention), native or transformers; trust_remote_code: run modeling code
         that ships with the checkpoint; speculative_config: speculative decoding, as vLLM spells
@@ -72,7 +74,11 @@ class LLM:
         token's logits independent of the batch and of prompt chunking, CPU only
         (executor/batch_invariance.py); tensor_parallel_size: ranks the model is split over, one
         process each on this machine (this one is rank 0; executor/tensor_parallel.py), CPU only;
-        close() (or a with block) stops them."""
+        pipeline_parallel_size: stages the layers are cut into, each of tensor_parallel_size
+        ranks (executor/pipeline_parallel.py), CPU only; close() (or a with block) stops them;
+        distributed_executor_backend: how those ranks start, mp (processes on this machine) or
+        ray (actors on the Ray cluster at ray_address, "auto": RAY_ADDRESS or the local one;
+        executor/rank_launch.py)."""
         from pagedserve.executor.config import ExecutorConfig
         from pagedserve.executor.executor import Executor
         from pagedserve.scheduler.speculative_config import SpeculativeConfig
@@ -88,6 +94,8 @@ class LLM:
             trust_remote_code=trust_remote_code, quantization=quantization,
             draft_model=speculative.draft_model if speculative is not None else None,
             batch_invariant=batch_invariant, tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            distributed_executor_backend=distributed_executor_backend, ray_address=ray_address,
         ))
         try:
             self._start(model, max_model_len, max_num_seqs, batched, enable_prefix_caching,

@@ -232,6 +232,9 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
         "--model-impl": a["model_impl"], "--trust-remote-code": a["trust_remote_code"],
         "--quantization": a.get("quantization"), "--batch-invariant": a.get("batch_invariant"),
         "--tensor-parallel-size": a.get("tensor_parallel_size"),
+        "--pipeline-parallel-size": a.get("pipeline_parallel_size"),
+        "--distributed-executor-backend": a.get("distributed_executor_backend"),
+        "--ray-address": a.get("ray_address"),
         "--speculative-config": _spec_json(a.get("speculative_config"))}))
     scheduler = _child("scheduler", "--executor", executor_addr, "--listen", scheduler_addr,
                        *log_level, *_flags({

@@ -22,7 +22,7 @@ from torch import nn
 from pagedserve.executor.attention_metadata import AttentionMetadata
 from pagedserve.executor.kv_cache import KVCache
 from pagedserve.executor.layers.attention import PagedAttention
-from pagedserve.executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedserve.executor.layers.embedding import VocabParallelEmbedding
 from pagedserve.executor.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -32,7 +32,13 @@ from pagedserve.executor.layers.linear import (
 from pagedserve.executor.layers.norm import RMSNorm
 from pagedserve.executor.layers.rotary import RotaryEmbedding, make_rotary
 from pagedserve.executor.model_config import ModelConfig
-from pagedserve.executor.models.llama import LlamaFamilyForCausalLM
+from pagedserve.executor.models.llama import LlamaFamilyForCausalLM, tied_lm_head
+from pagedserve.executor.models.pipeline_stage import (
+    Carried,
+    StageLayers,
+    decoder_layers,
+    run_layers,
+)
 
 GELU_TANH = ("gelu_pytorch_tanh",)
 
@@ -132,13 +138,15 @@ class GemmaModel(nn.Module):
                  rotaries: list[RotaryEmbedding], qk_norm: bool = False):
         """rotaries[i]: layer i's rotary module (shared between layers of the same kind)."""
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.rotaries = nn.ModuleList(dict.fromkeys(rotaries))  # each distinct table once
-        self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, i, rotaries[i], backend, qk_norm)
-            for i in range(config.num_layers)
-        )
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.stage = stage = StageLayers.current(config.num_layers)  # models/pipeline_stage.py
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+                             if stage.holds_embedding(config.tie_word_embeddings) else None)
+        # each distinct table once, of the stage's layers
+        self.rotaries = nn.ModuleList(dict.fromkeys(rotaries[i] for i in stage.layers))
+        self.layers = decoder_layers(
+            stage, lambda i: GemmaDecoderLayer(config, i, rotaries[i], backend, qk_norm))
+        self.norm = (GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+                     if stage.last else None)
 
 
 class Gemma2ForCausalLM(LlamaFamilyForCausalLM):
@@ -151,10 +159,8 @@ class Gemma2ForCausalLM(LlamaFamilyForCausalLM):
         self.config, self.backend = config, backend
         self.model = GemmaModel(config, backend, self.layer_rotaries(config, backend),
                                 self.qk_norm)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-            self.lm_head.tied = True
+        self.stage = self.model.stage
+        self.lm_head = tied_lm_head(config, self.model) if self.stage.last else None
 
     @staticmethod
     def layer_rotaries(config: ModelConfig, backend: ModuleType) -> list[RotaryEmbedding]:
@@ -165,22 +171,22 @@ class Gemma2ForCausalLM(LlamaFamilyForCausalLM):
         return [rotary] * config.num_layers
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                kv_cache: KVCache, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache: KVCache, inputs_embeds: torch.Tensor | None = None,
+                carried: Carried | None = None) -> torch.Tensor | Carried:
         """Flat tokens [T] (or their embeddings [T, hidden], taken as they are) -> final-norm
-        hidden [T, hidden]."""
-        if inputs_embeds is None:
+        hidden [T, hidden]; a pipeline stage's part of it as in LlamaFamilyForCausalLM."""
+        residual = None
+        if carried is not None:
+            hidden, residual = carried.hidden, carried.residual
+        elif inputs_embeds is None:
             hidden = self.model.embed_tokens(input_ids)
             # sqrt(hidden) rounded to the model's dtype first, as transformers scales
             hidden *= torch.tensor(self.config.hidden_size**0.5).to(hidden.dtype)
         else:  # copied: the residual stream is updated in place, and the caller's tensor is theirs
             hidden = inputs_embeds.clone()
         rows = {r: r.table_rows(positions, attn) for r in self.model.rotaries}
-        residual = None
-        for i, layer in enumerate(self.model.layers):
-            hidden, residual = layer(rows[layer.self_attn.rotary], hidden, residual, attn,
-                                     kv_cache.k[i], kv_cache.v[i])
-        hidden, _ = self.model.norm(hidden, residual)
-        return hidden
+        return run_layers(self.stage, self.model.layers, self.model.norm, hidden, residual, attn,
+                          kv_cache, lambda layer: rows[layer.self_attn.rotary])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32, soft-capped in the model's dtype as transformers

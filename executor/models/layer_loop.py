@@ -4,9 +4,10 @@ module by module, and the hand-over of its weights and KV pages to that loop.
 The loop calls the same kernels in the same order, so it changes no bit of any result; it only
 takes what it was written for: the CPU kernels, every projection quantized in the C GEMM's packed
 form (a GGUF or a quantized checkpoint as the engine runs it by default) or, for a float32 model on
-a CPU with AVX2 and no AVX-512, in panel_gemm's panels; no tensor parallelism,
-no batch-invariant row padding, plain RoPE, and a KV cache in the
-activations' dtype. Anything else keeps the module path, and `reason` says why.
+a CPU with AVX2 and no AVX-512, in panel_gemm's panels; no tensor parallelism, no pipeline
+stage short of the whole model (the loop ends in the final norm), no batch-invariant row
+padding, plain RoPE, and a KV cache in the activations' dtype. Anything else keeps the module
+path, and `reason` says why.
 PAGEDSERVE_DISABLE_LAYER_LOOP=1 turns it off (benchmarks and tests compare the two paths).
 """
 
@@ -85,6 +86,9 @@ def build_layer_loop(model: nn.Module, kv_cache: KVCache):
         return None, f"{ENV_DISABLE} is set"
     if getattr(model.backend, "__name__", "") != "pagedserve.kernels.cpu":
         return None, "not the CPU kernels"
+    stage = getattr(model, "stage", None)
+    if stage is not None and not stage.whole:
+        return None, "pipeline parallelism (this stage holds only some of the layers)"
     from pagedserve.kernels.cpu.layer_loop import LayerLoop, LoopShape, unavailable
 
     config, dtype = model.config, model.model.norm.weight.dtype

@@ -32,6 +32,12 @@ from pagedserve.executor.layers.norm import RMSNorm
 from pagedserve.executor.layers.rotary import RotaryEmbedding
 from pagedserve.executor.model_config import ModelConfig
 from pagedserve.executor.models.layer_loop import LayerLoopSlot
+from pagedserve.executor.models.pipeline_stage import (
+    Carried,
+    StageLayers,
+    decoder_layers,
+    run_layers,
+)
 from pagedserve.kernels.quantized import QuantizedWeight
 
 # Checkpoint projections that live inside one fused parameter: (checkpoint part, our part, shard).
@@ -139,7 +145,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: ModuleType, make_mlp: MLPFactory = dense_mlp):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # this process's pipeline stage: its layers, the embedding and final norm where needed
+        self.stage = stage = StageLayers.current(config.num_layers)
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+                             if stage.holds_embedding(config.tie_word_embeddings) else None)
         # One cos/sin table shared by every layer.
         rotary = RotaryEmbedding(
             config.head_dim,
@@ -148,11 +157,9 @@ class LlamaModel(nn.Module):
             config.rope_scaling,
             backend,
         )
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary, backend, make_mlp)
-            for i in range(config.num_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.layers = decoder_layers(
+            stage, lambda i: LlamaDecoderLayer(config, i, rotary, backend, make_mlp))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend) if stage.last else None
 
 
 class LlamaFamilyForCausalLM(nn.Module):
@@ -164,10 +171,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         self.config = config
         self.backend = backend  # the kernels every layer calls (a KernelBackend)
         self.model = LlamaModel(config, backend, self.make_mlp)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-            self.lm_head.tied = True
+        self.stage = self.model.stage
+        self.lm_head = tied_lm_head(config, self.model) if self.stage.last else None
         self.layer_loop = LayerLoopSlot()  # every layer in one C call, where the model qualifies
 
     def forward(
@@ -177,22 +182,23 @@ class LlamaFamilyForCausalLM(nn.Module):
         attn: AttentionMetadata,
         kv_cache: KVCache,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Flat tokens [T] (or their embeddings [T, hidden]) -> final-norm hidden [T, hidden]."""
-        if inputs_embeds is None:
+        carried: Carried | None = None,
+    ) -> torch.Tensor | Carried:
+        """Flat tokens [T] (or their embeddings [T, hidden]) -> final-norm hidden [T, hidden].
+        A pipeline stage after the first starts from the previous one's `carried` instead; one
+        before the last returns what the next takes (models/pipeline_stage.py)."""
+        residual = None
+        if carried is not None:
+            hidden, residual = carried.hidden, carried.residual
+        elif inputs_embeds is None:
             hidden = self.model.embed_tokens(input_ids)
             looped = self.layer_loop.run(self, hidden, positions, attn, kv_cache)
             if looped is not None:
                 return looped
         else:  # copied: the residual stream is updated in place, and the caller's tensor is theirs
             hidden = inputs_embeds.clone()
-        residual = None
-        for i, layer in enumerate(self.model.layers):
-            hidden, residual = layer(
-                positions, hidden, residual, attn, kv_cache.k[i], kv_cache.v[i]
-            )
-        hidden, _ = self.model.norm(hidden, residual)
-        return hidden
+        return run_layers(self.stage, self.model.layers, self.model.norm, hidden, residual, attn,
+                          kv_cache, lambda layer: positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] (only the rows that sample) -> [N, vocab] float32."""
@@ -205,12 +211,14 @@ class LlamaFamilyForCausalLM(nn.Module):
         end."""
         params = dict(self.named_parameters())  # a tied lm_head appears once, as the embedding
         loaded: set[tuple[str, object]] = set()
+        tied = self.config.tie_word_embeddings
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or is_kv_scale(name) or (
-                name == "lm_head.weight" and self.config.tie_word_embeddings
-            ):
-                continue  # derived from the config, the same tensor as the embedding, or an fp8
-                # KV-cache scale (the executor reads those: executor/kv_scales.py)
+                name == "lm_head.weight" and tied
+            ) or not self.stage.holds(name, tied):
+                continue  # derived from the config, the same tensor as the embedding, an fp8
+                # KV-cache scale (the executor reads those: executor/kv_scales.py), or a weight
+                # of another pipeline stage
             param_name, shard_id = self.param_name(name)
             param = params.get(param_name)
             if param is None:
@@ -234,6 +242,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:6]) + (", ..." if len(missing) > 6 else "")
             raise ValueError(f"missing weights ({len(missing)}): {shown}")
+        if tied and not self.stage.first:  # the last stage embeds nothing: the LM head may keep
+            self.model.embed_tokens, self.lm_head.tied = None, False  # its packed copy alone
 
     def param_name(self, checkpoint_name: str) -> tuple[str, object]:
         """(our parameter's name, shard id) for a checkpoint tensor's name."""
@@ -242,6 +252,15 @@ class LlamaFamilyForCausalLM(nn.Module):
     def checkpoint_name(self, param_name: str, shard_id: object) -> str:
         """param_name's inverse, to name a missing tensor as the checkpoint would."""
         return _checkpoint_name(param_name, shard_id)
+
+
+def tied_lm_head(config: ModelConfig, model: nn.Module) -> ParallelLMHead:
+    """The LM head; with tied embeddings, the embedding's weight."""
+    lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+    if config.tie_word_embeddings:
+        lm_head.weight = model.embed_tokens.weight
+        lm_head.tied = True
+    return lm_head
 
 
 def _param_name(checkpoint_name: str) -> tuple[str, object]:

@@ -21,6 +21,7 @@ from pagedserve.executor.layers.quant_weights import split_rows
 from pagedserve.executor.layers.rotary import make_rotary
 from pagedserve.executor.model_config import ModelConfig
 from pagedserve.executor.models.llama import LlamaFamilyForCausalLM
+from pagedserve.executor.models.pipeline_stage import Carried
 from pagedserve.kernels.quantized import QuantizedWeight
 
 
@@ -32,14 +33,15 @@ class Phi3ForCausalLM(LlamaFamilyForCausalLM):
         self.rotary = make_rotary(int(config.head_dim * config.partial_rotary_factor),
                                   config.max_position_embeddings, config.rope_theta,
                                   config.rope_scaling, backend)
-        for layer in self.model.layers:
-            layer.self_attn.rotary = self.rotary
+        for i in self.stage.layers:  # this pipeline stage's layers (all, with one stage)
+            self.model.layers[i].self_attn.rotary = self.rotary
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                kv_cache: KVCache, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache: KVCache, inputs_embeds: torch.Tensor | None = None,
+                carried: Carried | None = None) -> torch.Tensor | Carried:
         # positions reach only the rotary: LongRoPE reads them as rows of its two tables
         rows = self.rotary.table_rows(positions, attn)
-        return super().forward(input_ids, rows, attn, kv_cache, inputs_embeds)
+        return super().forward(input_ids, rows, attn, kv_cache, inputs_embeds, carried)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(self._unfused(weights))
