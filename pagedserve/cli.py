@@ -201,9 +201,9 @@ def _add_speculative_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_async_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="plan and send the next decode step while one runs (experimental; by "
-                        "default each step is planned after the previous result)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan and send the next decode step while one runs (the default); "
+                        "--no-async-scheduling plans each step after the previous result")
 
 
 def _speculative_config(text: str):

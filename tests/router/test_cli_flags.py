@@ -59,3 +59,13 @@ def test_a_child_starts_with_its_niceness_added(tmp_path) -> None:
     child.start()
     assert child.proc is not None and child.proc.wait(timeout=30) == 0
     assert int(out.read_text()) == os.nice(0) + 3
+
+
+def test_async_scheduling_is_on_unless_serve_is_told_otherwise(tmp_path) -> None:
+    """serve's --no-async-scheduling reaches its scheduler child; nothing said keeps the default."""
+    for flags, expected in (([], True), (["--no-async-scheduling"], False),
+                            (["--async-scheduling"], True)):
+        args = build_parser().parse_args(["serve", "m", *flags])
+        spec = next(s for s in build_specs(args, "m", str(tmp_path)) if s.name == "scheduler")
+        child = build_parser().parse_args(spec.argv[spec.argv.index("scheduler"):])
+        assert child.async_scheduling is expected, flags
