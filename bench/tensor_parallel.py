@@ -3,6 +3,10 @@ LLM(tensor_parallel_size=N, pipeline_parallel_size=M) against N=M=1 on the same 
 same machine.
 
     pagedserve bench tensor-parallel [--model DIR] [--sizes 1,2,1x2] [--num-requests 32]
+                                     [--device cpu|cuda[:N]]
+
+With --device cuda each rank takes a GPU of its own (NCCL between them) and the baseline one GPU;
+the figures below are about the CPU.
 
 A size is N (tensor-parallel ranks) or NxM (N ranks in each of M pipeline stages).
 
@@ -62,7 +66,8 @@ def run(model: str, size: str, requests, args) -> dict:
               for r in requests]
     warm = warm_up_requests(requests)
     tp, pp = layout(size)
-    with LLM(model, dtype=args.dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+    with LLM(model, dtype=args.dtype, device=args.device, tensor_parallel_size=tp,
+             pipeline_parallel_size=pp,
              max_num_seqs=args.max_num_seqs,
              max_num_batched_tokens=args.max_num_batched_tokens,
              kv_cache_memory_bytes=args.kv_cache_memory_bytes) as llm:
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-median", type=float, default=120)
     p.add_argument("--output-median", type=float, default=100)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda[:N]: rank r on cuda:(N + r) (executor/rank_devices.py)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)

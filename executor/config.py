@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedserve.executor.quantization.config import method_name
+from pagedserve.executor.rank_devices import check_gpu_count, is_cuda
 
 DTYPE_NAMES = ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
@@ -48,7 +49,7 @@ class ExecutorConfig:
     # so a recomputed request ends as the undisturbed one did (executor/batch_invariance.py)
     batch_invariant: bool = False
     # ranks the model is split over (executor/tensor_parallel.py): heads, MLP and vocabulary
-    # sharded, one process per rank on this machine, gloo between them (CPU only)
+    # sharded, one process per rank; on CUDA one GPU each (executor/rank_devices.py)
     tensor_parallel_size: int = 1
     # stages the layers are cut into (executor/pipeline_parallel.py), each tensor_parallel_size
     # ranks: world size tp x pp, rank = stage * tensor_parallel_size + tensor-parallel rank
@@ -107,6 +108,7 @@ class ExecutorConfig:
                              f"{self.distributed_executor_backend!r}")
         if not isinstance(self.ray_address, str) or not self.ray_address:
             raise ValueError(f"ray_address: must be 'auto' or host:port, got {self.ray_address!r}")
+        self._check_gpus()
 
     @property
     def world_size(self) -> int:
@@ -115,9 +117,6 @@ class ExecutorConfig:
 
     def _check_ranks(self, field: str, size: int) -> None:
         """What several ranks (tensor_parallel_size or pipeline_parallel_size) cannot run."""
-        if self.device != "cpu":
-            raise ValueError(f"{field}: {size} ranks run on the CPU (gloo) only, "
-                             f"not on {self.device!r}")
         if self.draft_model is not None:
             raise ValueError(f"{field}: {size} with a draft model is not supported "
                              f"(speculative_config.method draft_model needs {field} 1)")
@@ -126,6 +125,15 @@ class ExecutorConfig:
         if self.quantization not in ("auto", "dequantize"):
             raise ValueError(f"{field}: {size} with quantization "
                              f"{self.quantization!r} is not supported (dense weights only)")
+
+    def _check_gpus(self) -> None:
+        """Under mp every rank runs on this machine, one GPU each: enough must be here. Under ray
+        the placement group finds them (on this node or others)."""
+        if self.world_size > 1 and is_cuda(self.device) and self.distributed_executor_backend == "mp":
+            import torch  # here: the config module itself loads without torch
+
+            check_gpu_count(self.device, self.tensor_parallel_size, self.pipeline_parallel_size,
+                            torch.cuda.device_count())
 
 
 def _is_int(value: object) -> bool:

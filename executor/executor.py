@@ -31,6 +31,7 @@ from pagedserve.executor.layers.attention import PagedAttention
 from pagedserve.executor.loader import check_pipeline_parallel, check_tensor_parallel, load_model
 from pagedserve.executor.models.pipeline_stage import StageLayers
 from pagedserve.executor.pipeline_parallel import PipelineStage
+from pagedserve.executor.rank_devices import rank_device
 from pagedserve.executor.request_state import RequestState
 from pagedserve.executor.sampler import HostSamplerOutput, Sampler, requested_logprobs, upload
 from pagedserve.executor.structured import StructuredOutputs, check_structured
@@ -47,12 +48,13 @@ CUDA_KV_CACHE_FRACTION = 0.9  # of the memory free after loading weights, when n
 
 
 class Executor:
-    def __init__(self, config: ExecutorConfig, *, rank: int = 0):
+    def __init__(self, config: ExecutorConfig, *, rank: int = 0, own_gpu: bool = False):
         """rank: this process's of config.world_size (stage * tensor_parallel_size + tensor-
         parallel rank: executor/pipeline_parallel.py); rank 0 (the executor the scheduler talks
-        to) starts the others (executor/tensor_parallel.py), which build theirs with their rank."""
+        to) starts the others (executor/tensor_parallel.py), which build theirs with their rank.
+        own_gpu: this process sees only its own GPU (a Ray actor; executor/rank_devices.py)."""
         tp = config.tensor_parallel_size
-        self.config, self.rank, self.ranks = config, rank, None
+        self.config, self.rank, self.ranks, self.own_gpu = config, rank, None, own_gpu
         self.tp_rank, self.pp_rank = rank % tp, rank // tp
         if config.world_size > 1 and rank == 0:
             self._check_ranks(config)
@@ -61,6 +63,7 @@ class Executor:
             self._build(config)
             if self.ranks is not None:
                 self.ranks.join(weight_bytes(self.model))
+                self._agree_kv_blocks(self.ranks.rank_kv_blocks)
                 if self.pipeline is not None:  # a dead rank of any stage fails the wait
                     self.pipeline.watch = self.ranks.failure
         except BaseException:
@@ -78,9 +81,12 @@ class Executor:
             check_pipeline_parallel(config.model, config.pipeline_parallel_size, **kw)
 
     def _build(self, config: ExecutorConfig) -> None:
-        self.device = torch.device(config.device)
+        self.device = torch.device(rank_device(config.device, self.rank, config.world_size,
+                                               own_gpu=self.own_gpu))
         if self.device.type == "cpu":
             keep_freed_memory()
+        elif config.world_size > 1:  # NCCL and the Triton launches use the current device
+            torch.cuda.set_device(self.device)
         self.model, self.model_config = load_model(
             config.model, dtype=config.dtype, device=self.device, model_impl=config.model_impl,
             trust_remote_code=config.trust_remote_code, quantization=config.quantization,
@@ -121,7 +127,8 @@ class Executor:
                                 device=self.device)
         self.sampler = Sampler(config.seed)
         self.pipeline = (PipelineStage(self.stage, self.rank, config.tensor_parallel_size,
-                                       config.pipeline_parallel_size, mc.hidden_size, self.dtype)
+                                       config.pipeline_parallel_size, mc.hidden_size, self.dtype,
+                                       self.device)
                          if config.pipeline_parallel_size > 1 else None)
         self.requests: dict[str, RequestState] = {}
         # grammar matchers of the constrained requests (executor/structured.py)
@@ -176,6 +183,8 @@ class Executor:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # blocks torch holds but no tensor uses count as free
                 budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_KV_CACHE_FRACTION)
+                # each tensor-parallel rank has a GPU of its own: this one's share, times the ranks
+                budget *= config.tensor_parallel_size
             else:
                 budget = DEFAULT_CPU_KV_CACHE_BYTES
         per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, self.num_kv_heads,
@@ -190,6 +199,16 @@ class Executor:
         if budget < per_block:
             raise ValueError(f"kv_cache_memory_bytes: {budget} is less than one block ({per_block} bytes)")
         return budget // per_block
+
+    def _agree_kv_blocks(self, others: list[int]) -> None:
+        """Rank 0 plans with the fewest blocks any rank holds: on CUDA each rank sized its pool
+        from its own GPU's free memory (on the CPU every rank finds the same count)."""
+        fewest = min([self.num_kv_blocks, *others])
+        if fewest < self.num_kv_blocks:
+            log.info("KV blocks cut to the smallest rank's pool", num_kv_blocks=fewest,
+                     own=self.num_kv_blocks)
+            self.num_kv_blocks = fewest
+            self.max_model_len = self._fit_max_model_len()
 
     def describe(self) -> executor_pb2.DescribeResponse:
         mc = self.model_config

@@ -6,8 +6,9 @@ builds it inside `tensor_parallel(rank, size)` (executor/loader.py). Outside it,
 The group itself is torch.distributed's default process group (executor/tensor_parallel.py starts
 it). The row-parallel layers' all-reduce and the LM head's all-gather go through all_reduce /
 all_gather here: over the ranks' shared-memory segment when tensor_parallel.py installed one
-(executor/shm_allreduce.py: ranks on one machine), else over the group (gloo): the whole world, or
-with pipeline parallelism the tensor-parallel ranks of this rank's stage (use_tp_group).
+(executor/shm_allreduce.py: ranks on one machine, CPU only), else over the group: the whole world
+(gloo), or the group use_tp_group installed: with pipeline parallelism the tensor-parallel ranks of
+this rank's stage, on CUDA an NCCL group (executor/rank_devices.py decides which backend).
 
 Likewise (pp_rank, pp_size): this process's pipeline stage, read by the model classes at
 construction (executor/models/pipeline_stage.py), which then build only that stage's layers.
@@ -87,8 +88,8 @@ def pipeline_parallel(rank: int, size: int) -> Iterator[None]:
 
 
 def use_tp_group(group: dist.ProcessGroup | None) -> None:
-    """The group the gloo collectives below run over (None: the default group): with pipeline
-    parallelism, the tensor-parallel ranks of this process's stage."""
+    """The group the collectives below run over (None: the default, gloo, group): with pipeline
+    parallelism the tensor-parallel ranks of this process's stage; on CUDA an NCCL group."""
     global _tp_group
     _tp_group = group
 

@@ -1,6 +1,7 @@
-"""Pipeline parallelism on the CPU over gloo: the decoder layers cut into M stages, each stage a
-process (or tensor_parallel_size processes), the step's requests cut into micro-batches that flow
-through the stages so that stage s works on micro-batch k while stage s+1 works on k-1.
+"""Pipeline parallelism over gloo on the CPU (NCCL for the hand-offs on CUDA): the decoder layers
+cut into M stages, each stage a process (or tensor_parallel_size processes), the step's requests
+cut into micro-batches that flow through the stages so that stage s works on micro-batch k while
+stage s+1 works on k-1.
 
 Ranks: world size tp x pp, rank = stage * tp + tensor-parallel rank. Rank 0 (stage 0, tp rank 0)
 is the executor the scheduler talks to; it starts the others and broadcasts each plan to all of
@@ -17,8 +18,10 @@ can be polled), so stage 0 starts micro-batch k+1 while k is in flight. The last
 rank would (so seeds, penalties and grammar masks see exactly what they see without stages),
 then broadcasts the sampled tokens and logprobs (one float64 tensor, SamplerOutput.packed) from
 its tp rank 0 to every rank: each appends them to its own request state, and rank 0 builds the
-StepResult from them. Tensor-parallel collectives inside a stage run over that stage's own gloo
-group (parallel_state.use_tp_group; the shared-memory all-reduce is for one stage only).
+StepResult from them. Tensor-parallel collectives inside a stage run over that stage's own group
+(parallel_state.use_tp_group; the shared-memory all-reduce is for one stage only). On CUDA the
+hand-offs and those groups are NCCL on the GPU tensors, the samples' broadcast stays gloo
+(executor/rank_devices.py).
 
 Rank 0 waits on those messages polling its ranks' processes, so a rank of any stage that dies
 fails rank 0's step naming it, even where the message it waits for would have come from another
@@ -87,25 +90,28 @@ def micro_batch_inputs(inputs: StepInputs, mb: MicroBatch, num_scheduled: Sequen
                       inputs.last_token_indices[a:b] - t0, t1 - t0)
 
 
-def join_stage_groups(tp_size: int, pp_size: int, rank: int) -> None:
-    """The gloo groups pipeline stages need, this rank's installed (parallel_state): a
-    two-rank group per hand-off (rank r of stage s to rank r + tp of s + 1; a broadcast in it
-    can be polled, gloo's isend cannot), and each stage's tensor-parallel group for the
-    layers' collectives. Every rank enters every new_group call in the same order
-    (torch.distributed requires it), right after joining the default group."""
+def join_stage_groups(tp_size: int, pp_size: int, rank: int, backend: str = "gloo") -> None:
+    """The groups of the model's collectives (backend: rank_devices.model_backend), this rank's
+    installed (parallel_state): with pipeline stages a two-rank group per hand-off (rank r of
+    stage s to rank r + tp of s + 1; a broadcast in it can be polled, gloo's isend cannot) and
+    each stage's tensor-parallel group for the layers' collectives; without, on NCCL, one group of
+    every rank (on gloo the default group serves). Every rank enters every new_group call in the
+    same order (torch.distributed requires it), right after joining the default group."""
     parallel_state.use_tp_group(None)
     parallel_state.use_stage_links(None, None)
     if pp_size == 1:
+        if backend != "gloo" and tp_size > 1:  # the default group is gloo: CPU bytes only
+            parallel_state.use_tp_group(dist.new_group(list(range(tp_size)), backend=backend))
         return
     links: list[dist.ProcessGroup | None] = [None, None]
     for sender in range((pp_size - 1) * tp_size):
-        group = dist.new_group([sender, sender + tp_size])
+        group = dist.new_group([sender, sender + tp_size], backend=backend)
         if rank in (sender, sender + tp_size):
             links[rank == sender] = group  # [from the previous stage, to the next]
     parallel_state.use_stage_links(*links)
     for stage in range(pp_size if tp_size > 1 else 0):
         ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, backend=backend)
         if rank in ranks:
             parallel_state.use_tp_group(group)
 
@@ -114,11 +120,11 @@ class PipelineStage:
     """One rank's part of each step: its micro-batches' hand-offs and the samples' broadcast."""
 
     def __init__(self, stage: StageLayers, rank: int, tp_size: int, pp_size: int,
-                 hidden_size: int, dtype: torch.dtype):
+                 hidden_size: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.stage, self.pp_size = stage, pp_size
         self.rank, self.prev = rank, rank - tp_size  # the previous stage's rank of our tp rank
         self.sampler_rank = (pp_size - 1) * tp_size  # the last stage's tp rank 0
-        self.hidden_size, self.dtype = hidden_size, dtype
+        self.hidden_size, self.dtype, self.device = hidden_size, dtype, torch.device(device)
         # rank 0: why the group broke (RankGroup.failure), looked at while a message is awaited
         self.watch: Callable[[], str | None] | None = None
 
@@ -150,7 +156,8 @@ class PipelineStage:
         return finals[0] if len(finals) == 1 else torch.cat(finals)
 
     def _receive(self, num_tokens: int) -> Carried:
-        payload = torch.empty(2, num_tokens, self.hidden_size, dtype=self.dtype)
+        payload = torch.empty(2, num_tokens, self.hidden_size, dtype=self.dtype,
+                              device=self.device)  # on CUDA the hand-off is NCCL's, GPU to GPU
         link = parallel_state.stage_links()[0]
         self._wait(dist.broadcast(payload, self.prev, group=link, async_op=True))
         return Carried(payload[0], payload[1])
@@ -160,8 +167,8 @@ class PipelineStage:
         """The last stage's sampled rows on every rank. sampled: the last stage's own (None on
         the other stages, which learn the shape from the plan: a row per num_logprobs)."""
         k = max(num_logprobs, default=-1)
-        if sampled is not None:
-            packed = sampled.packed()
+        if sampled is not None:  # to the host: the default group is gloo (executor/rank_devices.py)
+            packed = sampled.packed().cpu()
         else:  # token; its logprob when any row asks; the top k ids and logprobs
             packed = torch.empty(len(num_logprobs), 1 + (k >= 0) + 2 * max(k, 0),
                                  dtype=torch.float64)

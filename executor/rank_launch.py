@@ -18,7 +18,13 @@ picks one of two:
 
 Every rank then joins rank 0's TCPStore at `launcher.host` (127.0.0.1, or under Ray rank 0's node
 IP) and torch.distributed's gloo group; the shared-memory all-reduce is used only when every rank
-runs on rank 0's node (`all_on_this_node`).
+runs on rank 0's node (`all_on_this_node`) and on the CPU.
+
+On CUDA (executor/rank_devices.py) an mp rank sees every GPU, as rank 0 does, and takes
+cuda:(base + rank): nothing narrows CUDA_VISIBLE_DEVICES per rank. A Ray rank's bundle holds one
+GPU, which Ray alone exposes to the actor (its CUDA_VISIBLE_DEVICES): it runs on cuda:0. Bundle 0
+reserves rank 0's GPU too, but rank 0 is no actor and takes `device` as given; a rank on its node
+that Ray gave the same GPU is refused at load, naming both.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import structlog
 import torch
 
 from pagedserve.executor.config import ExecutorConfig
+from pagedserve.executor.rank_devices import device_index, is_cuda, physical_gpu
 
 log = structlog.get_logger("pagedserve.executor.rank_launch")
 
@@ -167,9 +174,11 @@ class RankActor:
         from pagedserve.executor.tensor_parallel import load_rank
 
         self.config = config
-        self.executor, status = load_rank(self.rank, config)
+        # Ray narrowed CUDA_VISIBLE_DEVICES to the bundle's GPU: cuda:0 here
+        self.executor, status = load_rank(self.rank, config, own_gpu=True)
         return {**status, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def run(self, host: str, port: int) -> int:
         """Joins rank 0's group and runs its plans until told to stop (0) or it is gone (1)."""
@@ -235,8 +244,7 @@ def connect_ray(address: str) -> Any:
 
 
 def _bundle(config: ExecutorConfig, threads: int) -> dict[str, float]:
-    """One rank's resources: its CPU threads, or on CUDA one GPU (tensor parallelism on CUDA is
-    refused today; the form is here for when it is not)."""
+    """One rank's resources: its CPU threads, or on CUDA one GPU (and a CPU to drive it)."""
     if config.device.startswith("cuda"):
         return {"GPU": 1.0, "CPU": 1.0}
     return {"CPU": float(threads)}
@@ -261,6 +269,7 @@ class RayLauncher:
         self._loads: list[Any] = []  # load() results, by rank - 1
         self._runs: list[Any] = []  # run() results: ready once the rank has ended
         self.reports: dict[int, dict] = {}
+        self.rank0_gpu: str | None = None  # on CUDA, rank 0's GPU id as Ray names them
         self._ended: Any = None  # the first run() result found ready (the watcher's)
         self._dead: str | None = None
         self._watcher: threading.Thread | None = None
@@ -269,6 +278,9 @@ class RayLauncher:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         bundle = _bundle(config, threads)
+        if is_cuda(config.device):
+            self.rank0_gpu = physical_gpu(device_index(config.device),
+                                          os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.pg = self._place(size, bundle)
         actor_class = self._ray.remote(RankActor)
         for rank in range(1, size):
@@ -328,6 +340,7 @@ class RayLauncher:
             raise RuntimeError(f"tensor-parallel rank {rank} exited while loading "
                                f"(Ray: {_first_line(e)})") from e
         raise_load_error(rank, status)
+        check_gpu_clash(rank, status, self.node_id, self.rank0_gpu)
         self.reports[rank] = status
         log.info("tensor-parallel rank ready", rank=rank, pid=status["pid"],
                  node=status["node_ip"], on_rank0_node=status["node_id"] == self.node_id)
@@ -365,6 +378,17 @@ class RayLauncher:
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+
+
+def check_gpu_clash(rank: int, status: dict, rank0_node: str, rank0_gpu: str | None) -> None:
+    """RuntimeError when Ray gave rank `rank`, on rank 0's node, the GPU rank 0 runs on (rank 0 is
+    no actor: Ray cannot tell it which of the node's GPUs bundle 0 holds)."""
+    if rank0_gpu is None or status.get("node_id") != rank0_node:
+        return
+    if rank0_gpu in status.get("gpu_ids", []):
+        raise RuntimeError(
+            f"tensor-parallel rank {rank}: Ray gave it GPU {rank0_gpu}, the one rank 0 runs on; "
+            "give rank 0 another device (cuda:N) or restrict this node's Ray GPUs")
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Tensor parallelism over torch.distributed (gloo, on the CPU): N executor ranks, one per process.
+"""Tensor parallelism over torch.distributed: N executor ranks, one per process; gloo on the CPU,
+on CUDA one GPU per rank with NCCL for the model's collectives (executor/rank_devices.py).
 
     LLM / ExecutorService --StepPlan--> rank 0 (the Executor the scheduler talks to)
                                           | broadcast of the serialized plan (gloo)
@@ -47,6 +48,7 @@ import torch.distributed as dist
 from pagedserve.executor import parallel_state, rank_launch, shm_allreduce
 from pagedserve.executor.config import ExecutorConfig
 from pagedserve.executor.pipeline_parallel import join_stage_groups
+from pagedserve.executor.rank_devices import is_cuda, model_backend
 from pagedserve.executor.rank_launch import RankLauncher
 from pagedserve.executor.shm_allreduce import CollectiveError, ShmCommunicator
 
@@ -129,6 +131,7 @@ class RankGroup:
         self.joined = False
         self.broken: str | None = None
         self.rank_weight_bytes: list[int] = []
+        self.rank_kv_blocks: list[int] = []  # ranks 1..N-1's pools (on CUDA each sized its own)
         self._threads = 0
         self.shm: ShmCommunicator | None = None
         self._segment: str | None = None  # the file, until every rank has it mapped
@@ -148,10 +151,13 @@ class RankGroup:
         """Waits for every rank's load (raising its error if it failed), then forms the group."""
         reports = [self.launcher.wait_ready(rank, READY_TIMEOUT_S) for rank in range(1, self.size)]
         self.rank_weight_bytes = [own_weight_bytes] + [r["weight_bytes"] for r in reports]
+        self.rank_kv_blocks = [r["num_kv_blocks"] for r in reports]
         self._open_segment()
+        # gloo on every device: plans and samples are host bytes (executor/rank_devices.py)
         dist.init_process_group("gloo", store=self.store, rank=0, world_size=self.size,
                                 timeout=COLLECTIVE_TIMEOUT)
-        join_stage_groups(self.config.tensor_parallel_size, self.config.pipeline_parallel_size, 0)
+        join_stage_groups(self.config.tensor_parallel_size, self.config.pipeline_parallel_size, 0,
+                          model_backend(self.config.device))
         self.joined = True
         if self.shm is not None:  # every rank mapped it before joining: the file can go
             assert self.shm.peers_attached(), "a rank joined without mapping the segment"
@@ -166,9 +172,10 @@ class RankGroup:
         an empty path (gloo) where it is turned off, unsupported or cannot be made."""
         path = ""
         one_stage = self.config.pipeline_parallel_size == 1  # the segment spans all ranks
-        if not self.launcher.all_on_this_node():  # Ray placed some ranks on other nodes
+        on_host = not is_cuda(self.config.device)  # host memory: CUDA tensors go over NCCL
+        if on_host and not self.launcher.all_on_this_node():  # Ray placed ranks on other nodes
             log.info("tensor-parallel ranks span several nodes: the all-reduce runs over gloo")
-        elif one_stage and shm_allreduce.supported() and \
+        elif on_host and one_stage and shm_allreduce.supported() and \
                 os.environ.get(ENV_DISABLE_SHM, "") in ("", "0"):
             try:
                 path = self._segment = shm_allreduce.create_segment(self.size)
@@ -282,16 +289,18 @@ def _rank_main(rank: int, port: int, status_fd: int, config: ExecutorConfig) -> 
     return 1 if executor is None else run_rank(executor, rank, "127.0.0.1", port, config)
 
 
-def load_rank(rank: int, config: ExecutorConfig) -> tuple[Any, dict]:
+def load_rank(rank: int, config: ExecutorConfig, *, own_gpu: bool = False) -> tuple[Any, dict]:
     """Rank `rank`'s Executor and its report for rank 0 (executor/rank_launch.py): ready with
-    its weights' bytes, or (None and) its load error."""
+    its weights' bytes and KV blocks, or (None and) its load error. own_gpu: the process sees
+    only its own GPU (a Ray actor: rank_devices.rank_device)."""
     from pagedserve.executor.executor import Executor
 
     try:
-        executor = Executor(config, rank=rank)
+        executor = Executor(config, rank=rank, own_gpu=own_gpu)
     except Exception as e:  # rank 0 raises it (it most likely failed the same way)
         return None, {"error": str(e), "type": type(e).__name__}
-    return executor, {"ready": True, "weight_bytes": weight_bytes(executor.model)}
+    return executor, {"ready": True, "weight_bytes": weight_bytes(executor.model),
+                      "num_kv_blocks": executor.num_kv_blocks}
 
 
 def run_rank(executor: Any, rank: int, host: str, port: int, config: ExecutorConfig) -> int:
@@ -306,7 +315,8 @@ def run_rank(executor: Any, rank: int, host: str, port: int, config: ExecutorCon
                            COLLECTIVE_TIMEOUT.total_seconds()) if segment else None)
     dist.init_process_group("gloo", store=store, rank=rank,
                             world_size=config.world_size, timeout=COLLECTIVE_TIMEOUT)
-    join_stage_groups(config.tensor_parallel_size, config.pipeline_parallel_size, rank)
+    join_stage_groups(config.tensor_parallel_size, config.pipeline_parallel_size, rank,
+                      model_backend(config.device))
     parallel_state.use_collectives(shm)
     header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
     while True:

@@ -114,11 +114,13 @@ def _add_executor_options(p: argparse.ArgumentParser, *, defaults: bool) -> None
                         "compute dtype at load)")
     p.add_argument("--tensor-parallel-size", type=int, default=d(1),
                    help="ranks the model is split over (heads, MLP and vocabulary), one process "
-                        "each on this machine, joined by torch.distributed's gloo (CPU only); "
+                        "each (on this machine, or Ray actors: --distributed-executor-backend), "
+                        "joined by torch.distributed: gloo on the CPU, NCCL for the model's "
+                        "collectives on CUDA (rank r on GPU base + r; not yet run on 2+ GPUs); "
                         "the KV cache budget is for all of them together")
     p.add_argument("--pipeline-parallel-size", type=int, default=d(1),
                    help="stages the layers are cut into, each of --tensor-parallel-size ranks "
-                        "(one process each on this machine, gloo between them, CPU only); a "
+                        "(one process each; gloo between them, NCCL on CUDA); a "
                         "step's requests flow through the stages in micro-batches")
     p.add_argument("--batch-invariant", action="store_true",
                    help="every token computed the same whatever shares its step and however its "

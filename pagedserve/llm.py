@@ -73,9 +73,9 @@ class LLM:
         GGUF file's tensors expanded at load) (executor/quantization/); batch_invariant: each
         token's logits independent of the batch and of prompt chunking, CPU only
         (executor/batch_invariance.py); tensor_parallel_size: ranks the model is split over, one
-        process each on this machine (this one is rank 0; executor/tensor_parallel.py), CPU only;
-        pipeline_parallel_size: stages the layers are cut into, each of tensor_parallel_size
-        ranks (executor/pipeline_parallel.py), CPU only; close() (or a with block) stops them;
+        process each on this machine (this one is rank 0; executor/tensor_parallel.py), on CUDA
+        one GPU each (executor/rank_devices.py); pipeline_parallel_size: stages the layers are
+        cut into, each of tensor_parallel_size ranks (executor/pipeline_parallel.py); close() (or a with block) stops them;
         distributed_executor_backend: how those ranks start, mp (processes on this machine) or
         ray (actors on the Ray cluster at ray_address, "auto": RAY_ADDRESS or the local one;
         executor/rank_launch.py)."""

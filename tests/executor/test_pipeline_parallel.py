@@ -211,7 +211,6 @@ def test_bad_pipeline_parallel_size_is_refused(value):
 
 @pytest.mark.parametrize(("field", "kw"), [
     ("draft model", {"draft_model": "m"}),
-    ("CPU", {"device": "cuda"}),
     ("batch_invariant", {"batch_invariant": True}),
     ("quantization", {"quantization": "awq"}),
 ])

@@ -191,7 +191,6 @@ def test_models_that_cannot_be_sharded_are_refused(arch, preset, tp, what):
 
 @pytest.mark.parametrize(("field", "kw"), [
     ("draft model", {"draft_model": "m"}),
-    ("CPU", {"device": "cuda"}),
     ("batch_invariant", {"batch_invariant": True}),
     ("quantization", {"quantization": "awq"}),
 ])
