@@ -2,15 +2,15 @@
 other model, e.g. the BF16 GGUF of the same weights), side by side in one process.
 
     python -m pagedserve.bench.gguf_decode [--model Q4_1.gguf] [--also BF16.gguf]
-        [--batch-sizes 1,16] [--tokens 33] [--rounds 5] [--dtype auto] [--act float,int8]
+        [--batch-sizes 1,16] [--tokens 33] [--rounds 5] [--dtype auto] [--act float,int8x2,int8]
         [--prefill 512]
 
 Per engine and batch size B: B greedy requests of 16 distinct prompt tokens and --tokens output
 tokens, each decode step's time taken around the executor's step (inputs, forward, sampling; no
 scheduler); decode tokens/s = B over the QUANTILE-th percentile of those times. Engines and batch
 sizes alternate round by round. `x` is the cell over the same file dequantized at load (the last
-engine). The file runs quantized once per --act (kernels/cpu/quant_linear.py's ACT: float or
-int8 x; default: ACT as the environment sets it). With --prefill N, each round also times one
+engine). The file runs quantized once per --act (kernels/cpu/quant_linear.py's ACT: float,
+int8x2 or int8 x; default: ACT as the environment sets it). With --prefill N, each round also times one
 request's prompt of N tokens (all its steps; prompt tokens/s over the QUANTILE-th percentile).
 """
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--act", default=None,
-                   help="the quantized GEMM's activation paths, comma-separated (float, int8): "
+                   help="the quantized GEMM's activation paths, comma-separated (float, int8x2, int8): "
                         "one quantized engine each (default: the environment's)")
     p.add_argument("--prefill", type=int, default=0, help="also time a prompt of this many tokens")
     p.add_argument("--out", default=str(ROOT / "results" / "gguf_decode.json"))

@@ -2,7 +2,8 @@
 engine runs today (oneDNN with pre-packed weights, executor/layers/cpu_gemm.py), side by side.
 
     python -m pagedserve.bench.quant_gemm [--rows 1,16,64,512] [--repeats 5] [--threads N]
-                                          [--avx2] [--shapes NAMES] [--act float,int8] [--out PATH]
+                                          [--avx2] [--shapes NAMES] [--act float,int8,int8x2]
+                                          [--out PATH]
     pagedserve bench quant-gemm ...
 
 Shapes: SmolLM2-135M's (hidden 576, intermediate 1536, 49152-token LM head) and a 2048 x 5632
@@ -11,8 +12,8 @@ layer of a 'small' model. Each format cycles through enough copies of its weight
 does; a cell is the median time of a multiply over all calls of `--repeats` passes. GB/s counts
 the weight's bytes (codes, scales and offsets) over that time; `x bf16` is the bf16 time over the
 format's. --act picks the quantized GEMM's activation paths (kernels/cpu/quant_linear.py's ACT):
-float x (quant_gemm) and int8 x (quant_gemm_x8, the columns marked x8), each format through
-both by default. --avx2 runs what an AVX2-only CPU would: float32 x, the AVX2 builds, against
+float x (quant_gemm), int8 x in one pass (quant_gemm_x8, the columns marked x8) and in two
+(quant_gemm_x8x2, marked x8x2), each format through all three by default. --avx2 runs what an AVX2-only CPU would: float32 x, the AVX2 builds, against
 panel_gemm's bf16 panels. The machine is shared, so only ratios measured in the same run mean
 much; JSON goes to results/quant_gemm.json unless --out says otherwise.
 """
@@ -40,7 +41,7 @@ SHAPES = (("smollm2 qkv", 960, 576), ("smollm2 o", 576, 576), ("smollm2 gate_up"
 # where the inputs (576) do not divide by 128
 FORMATS = (("int8 g32", 8, 32, True, True), ("int4 g32", 4, 32, False, True),
            ("int4 g128", 4, 128, False, False))
-ACTS = {"float": "", "int8": " x8"}  # activation path -> its columns' suffix
+ACTS = {"float": "", "int8": " x8", "int8x2": " x8x2"}  # activation path -> its columns' suffix
 STREAM_BYTES = 96 << 20
 MAX_MACS_PER_PASS = 4e8  # compute-bound cells need no copies beyond this much work per pass
 
@@ -51,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", default=None, help="comma-separated shape names (default all)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per cell (median)")
     p.add_argument("--threads", type=int, default=None, help="torch (and OpenMP) threads")
-    p.add_argument("--act", default="float,int8",
-                   help="activation paths of the quantized GEMM, comma-separated: float, int8")
+    p.add_argument("--act", default=",".join(ACTS),
+                   help="activation paths of the quantized GEMM, comma-separated: "
+                        + ", ".join(ACTS))
     p.add_argument("--avx2", action="store_true",
                    help="the AVX2 builds (-mno-avx512f) with float32 x, against panel_gemm's "
                         "bf16 panels: what an AVX2-only CPU runs")

@@ -27,10 +27,11 @@
  * 2.1-3.4x less time); at 16 rows 1.05-1.45x faster, both bound by the vdpbf16ps rate by then;
  * from 64 rows 0.6-0.95x of its speed (oneDNN's bf16 tiles are the better ones there).
  *
- * quant_gemm_x8 (same arguments, same layout) quantizes x to int8 instead and sums exactly in int32
- * with vpdpbusd: see "int8 activations" below. Zen 5, one thread: 1.1-1.8x quant_gemm's speed
- * from 16 to 512 rows (int8 weights 1.4-1.8x), near vpdpbusd's peak; at 1 row 1.5-2x where the
- * weights are in cache, about the same (memory-bound, 35-43 GB/s) where they stream from memory.
+ * quant_gemm_x8 and quant_gemm_x8x2 (same arguments, same layout) quantize x to integers instead,
+ * in one int8 pass or two, and sum exactly in int32 with vpdpbusd: see "int8 activations" below.
+ * Zen 5, one thread, from 16 to 512 rows: one pass 1.2-2.1x quant_gemm's speed, two 0.75-1.3x
+ * (as many multiply instructions as its vdpbf16ps); at 1 row both about the same where the
+ * weights stream from memory (35-43 GB/s), one pass 1.5-2x where they are in cache.
  */
 #include <float.h>
 #include <math.h>
@@ -50,8 +51,8 @@
 #define OUT_BLOCK_BYTES (256 << 10) /* outputs of one block of rows (see quant_gemm) */
 #define ROW_BLOCK_MIN 64
 
-/* one block of a row of int8 x (the x8 path): its scale, sum(q) (for the offsets) and -128 sum(q)
- * (see quads_512) */
+/* one block of a row of int8 x (the x8 path): its scale, sum(Q) (for the offsets) and -128 sum(Q)
+ * (see quads_512), Q the block's integers (one pass: q; two: 255 q1 + q2) */
 typedef struct {
     float scale, qsum;
     int32_t corr, pad;
@@ -66,8 +67,10 @@ typedef struct {
     const float *xsum, *bias;
     void *out;
     int out_bf16, bits, half_scales;
-    /* the x8 path: x as int8 [m][k] and its blocks [m][nb] (NULL: the float path) */
-    int64_t xb, nb;
+    /* the x8 path: x as int8 in `passes` planes (1 or 2), in sets of xset rows (see x8_row),
+     * and its blocks [m][nb] (NULL: the float path) */
+    int64_t xb, nb, xset;
+    int passes;
     const int8_t *xq;
     const xblock_t *xblocks;
 } job_t;
@@ -610,17 +613,36 @@ static void store_outputs(const job_t *j, int64_t p, const float *ym) {
 
 /* ================================================================ int8 activations (x8)
  *
- * quant_gemm_x8 multiplies int8 x, as llama.cpp does: each row of x is quantized once per call,
+ * quant_gemm_x8 and quant_gemm_x8x2 multiply integer x: each row of x is quantized once per call,
  * per block of xb inputs (the largest multiple of 4 up to 32 that divides the group, so a block
- * lies within one group), symmetric: sx = amax / 127, q = round(x * (127 / amax)). A block's
- * products q x code are summed exactly in int32 (vpdpbusd: 4 u8 x s8 products a lane, against
+ * lies within one group), symmetric, to Q = round(x * (L / amax)), sx = amax / L. A block's
+ * products Q x code are summed exactly in int32 (vpdpbusd: 4 u8 x s8 products a lane, against
  * the float path's 2 per vdpbf16ps after converting every code), then added in float32 as
  *     y = fma(dot, scale_g * sx, y)                                  (no offsets)
- *     y = fma(fma(scale_g, dot, offset_g * sum(q)), sx, y)           (offsets)
+ *     y = fma(fma(scale_g, dot, offset_g * sum(Q)), sx, y)           (offsets)
  * on every path (AVX-512 VNNI, AVX-VNNI, AVX2, portable), so they give the same bits, and a row's
  * bits depend on nothing but its own x (no tile shape, no other row).
+ *
+ * One pass (quant_gemm_x8, llama.cpp's numerics): L = 127, Q an int8. A block holding an outlier
+ * (SmolLM2's activations reach 476) leaves the others a few levels or none.
+ * Two passes (quant_gemm_x8x2): L = 32512 = 127 x 256, written Q = 255 q1 + q2 with
+ * q1 = round(Q / 255) (no ties: 255 is odd) and q2 in [-127, 127]: q1 is a first pass at about
+ * amax / 127, q2 its residual at 1/255 of that, found exactly in integers. Each weight vector
+ * meets two vpdpbusd, one per plane of x, and dot = 255 dot1 + dot2 is exact (|dot| < 2^27), so
+ * the block keeps one scale and the close above. |x - sx Q| <= sx / 2 (+ 3 2^-24 |x|, float32's
+ * roundings): 2^-16 of the block's amax, below bf16's own rounding (2^-9 |x|) of every value
+ * above amax / 127. A second scale from the residual's own amax would gain about a bit
+ * (residuals fill +-s1 / 2 unless all tiny) for a float sum of two dots per block; 255 rather
+ * than 256 keeps |q2| <= 127, which AVX2's vpmaddubsw needs (2 x 128 x 128 saturates) and
+ * vpsignb too (-128 has no negation).
+ * Cost: two vpdpbusd per 4 k are as many multiply instructions as the float path's two
+ * vdpbf16ps, and Zen 5 issues both at the same rate, so from 16 rows two passes run at most as
+ * fast as quant_gemm (0.75-1.3x measured: the blocks' closes are the difference), one pass
+ * 1.2-2.1x.
  */
-#define X8_TINY 0x1p-100f /* a block whose amax is below quantizes to 0 (127 / amax overflows) */
+#define X8_TINY 0x1p-100f /* a block whose amax is below quantizes to 0 (L / amax overflows) */
+#define X8_LEVELS(passes) ((passes) == 2 ? 32512.0f : 127.0f) /* L */
+#define X8_ROWS(passes) ((passes) == 2 ? X8_MR2 : X8_MR) /* a tile's rows (the build's) */
 
 static int64_t x_block(int64_t group) {
     int64_t b = 32;
@@ -628,19 +650,43 @@ static int64_t x_block(int64_t group) {
     return b;
 }
 
-/* 127 / amax, or 0 where the block quantizes to 0 (tiny, or holding an inf or NaN) */
-static float block_inv(float amax, int bad) { return bad || amax < X8_TINY ? 0.0f : 127.0f / amax; }
+/* L / amax, or 0 where the block quantizes to 0 (tiny, or holding an inf or NaN) */
+static float block_inv(float amax, int bad, float levels) {
+    return bad || amax < X8_TINY ? 0.0f : levels / amax;
+}
 
-static void finish_block(xblock_t *b, float amax, int bad, int32_t qsum) {
-    b->scale = bad ? NAN : amax < X8_TINY ? 0.0f : amax / 127.0f; /* NaN: the outputs are NaN */
-    b->qsum = (float)qsum;
+static void finish_block(xblock_t *b, float amax, int bad, int32_t qsum, float levels) {
+    b->scale = bad ? NAN : amax < X8_TINY ? 0.0f : amax / levels; /* NaN: the outputs are NaN */
+    b->qsum = (float)qsum; /* exact: |qsum| <= 32 x 32512 */
     b->corr = -128 * qsum;
     b->pad = 0;
 }
 
-/* row r of x -> q [k] and its blocks (portable) */
+/* Q's first pass, round(Q / 255): Q / 255 is at least 1/510 from a tie, the product's error
+ * under 2^-16, so float32 finds it on every path */
+static inline int32_t first_pass(int32_t q) { return (int32_t)nearbyintf((float)q * (1.0f / 255)); }
+
+/* Int8 x laid out for the tiles: rows in sets of xset (a tile's rows), each set's inputs 4 at
+ * a time (a quad, vpdpbusd's operand), every row's planes side by side:
+ *     set: [k / 4][xset rows][passes][4 inputs]
+ * so that a tile finds all its operands at fixed offsets from one pointer (with a pointer a row
+ * and plane, 16 of them, gcc spilled them in the AVX-512 tile). */
+static inline int64_t quad_bytes(const job_t *j) { return j->xset * j->passes * 4; }
+
+/* row r's place: its first quad */
+static inline int8_t *x8_row(const job_t *j, const int8_t *xq, int64_t r) {
+    return (int8_t *)xq + (r / j->xset) * j->xset * j->passes * j->k + (r % j->xset) * j->passes * 4;
+}
+
+/* input i of plane p, from its row's place */
+static inline int64_t x8_at(const job_t *j, int64_t i, int p) {
+    return (i / 4) * quad_bytes(j) + p * 4 + i % 4;
+}
+
+/* row r of x -> its planes at q (its place) and its blocks (portable) */
 static __attribute__((unused)) void quantize_row_scalar(const job_t *j, int64_t r, int x_bf16,
                                                          int8_t *q, xblock_t *b) {
+    const float levels = X8_LEVELS(j->passes);
     for (int64_t i0 = 0; i0 < j->k; i0 += j->xb, b++) {
         float amax = 0.0f;
         int bad = 0;
@@ -649,13 +695,16 @@ static __attribute__((unused)) void quantize_row_scalar(const job_t *j, int64_t 
             bad |= !(a <= FLT_MAX);
             amax = a > amax ? a : amax;
         }
-        const float inv = block_inv(amax, bad);
+        const float inv = block_inv(amax, bad, levels);
         int32_t qsum = 0;
         for (int64_t i = i0; i < i0 + j->xb; i++) {
-            q[i] = bad ? 0 : (int8_t)nearbyintf(x_at(j, r, i, x_bf16) * inv);
-            qsum += q[i];
+            const int32_t v = bad ? 0 : (int32_t)nearbyintf(x_at(j, r, i, x_bf16) * inv);
+            const int32_t hi = j->passes == 2 ? first_pass(v) : v;
+            q[x8_at(j, i, 0)] = (int8_t)hi;
+            if (j->passes == 2) q[x8_at(j, i, 1)] = (int8_t)(v - 255 * hi);
+            qsum += v;
         }
-        finish_block(b, amax, bad, qsum);
+        finish_block(b, amax, bad, qsum, levels);
     }
 }
 
@@ -703,13 +752,18 @@ static void close_x8_scalar(const job_t *j, int64_t at, const xblock_t *b, const
 static __attribute__((unused)) void tile_x8_scalar(const job_t *j, const xchunk_t *c, int rows) {
     const uint8_t *panel = j->codes + c->p * panel_bytes(j);
     for (int r = 0; r < rows; r++) {
-        const int8_t *x = j->xq + (c->r0 + r) * j->k;
+        const int8_t *x = x8_row(j, j->xq, c->r0 + r);
         const xblock_t *b = j->xblocks + (c->r0 + r) * j->nb + c->blk;
         tables_t t = c->t;
         for (int64_t s = c->k0; s < c->k0 + c->len; s += j->xb, b++, next_block(&t)) {
-            int32_t dot[NR] = {0};
+            int32_t dot[NR] = {0}, dot2[NR] = {0};
             for (int64_t kk = s; kk < s + j->xb; kk++)
-                for (int jj = 0; jj < NR; jj++) dot[jj] += x[kk] * code_int(panel, j->bits, kk, jj);
+                for (int jj = 0; jj < NR; jj++) {
+                    const int code = code_int(panel, j->bits, kk, jj);
+                    dot[jj] += x[x8_at(j, kk, 0)] * code;
+                    if (j->passes == 2) dot2[jj] += x[x8_at(j, kk, 1)] * code;
+                }
+            for (int jj = 0; jj < NR; jj++) dot[jj] = j->passes == 2 ? 255 * dot[jj] + dot2[jj] : dot[jj];
             close_x8_scalar(j, t.at, b, dot, c->ym + r * NR);
         }
     }
@@ -718,6 +772,7 @@ static __attribute__((unused)) void tile_x8_scalar(const job_t *j, const xchunk_
 /* ---------------------------------------------------------------- x8: AVX-512 VNNI */
 #if defined(PAGEDSERVE_AVX512) && defined(__AVX512VNNI__)
 #define X8_MR 8
+#define X8_MR2 8 /* rows a tile with two passes: 16 sums in registers */
 #define X8_PATH "avx512-vnni"
 
 ALWAYS_INLINE __m512 load_x16(const job_t *j, int64_t r, int64_t i, __mmask16 mask, int x_bf16) {
@@ -727,24 +782,57 @@ ALWAYS_INLINE __m512 load_x16(const job_t *j, int64_t r, int64_t i, __mmask16 ma
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* quantize_row_scalar's values, a block (up to 32) in two masked vectors */
-static void quantize_row(const job_t *j, int64_t r, int x_bf16, int8_t *q, xblock_t *b) {
-    const int n0 = j->xb < 16 ? (int)j->xb : 16;
-    const __mmask16 m0 = (__mmask16)((1u << n0) - 1), m1 = (__mmask16)((1u << (j->xb - n0)) - 1);
+/* n of 16 Q of a block (a multiple of 4) as its planes' bytes at q (quantize_row_scalar's
+ * places: a quad of each plane side by side, quads qs apart) */
+ALWAYS_INLINE void store_planes_512(__m512i v, int8_t *q, int64_t qs, int n, const int P) {
+    __m128i lo = _mm512_cvtsepi32_epi8(v), hi = lo;
+    if (P == 2) {
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(1.0f / 255)));
+        const __m128i b1 = _mm512_cvtsepi32_epi8(q1);
+        const __m128i b2 = _mm512_cvtsepi32_epi8(_mm512_sub_epi32(v, _mm512_sub_epi32(_mm512_slli_epi32(q1, 8), q1)));
+        lo = _mm_unpacklo_epi32(b1, b2), hi = _mm_unpackhi_epi32(b1, b2); /* quads 0, 1 | 2, 3 */
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < n / 4; c++, q += qs) {
+        if (P == 1) {
+            _mm_storeu_si32(q, lo);
+            lo = _mm_srli_si128(lo, 4);
+            continue;
+        }
+        _mm_storel_epi64((__m128i *)q, lo);
+        lo = _mm_alignr_epi8(hi, lo, 8), hi = _mm_srli_si128(hi, 8); /* the next quads first */
+    }
+}
+
+/* quantize_row_scalar's values, a block (up to 32) in two masked vectors; XB: the block
+ * where it is a constant (32), else 0 */
+ALWAYS_INLINE void quantize_row_512(const job_t *j, int64_t r, int x_bf16, int8_t *q, xblock_t *b,
+                                    const int XB, const int P) {
+    const int64_t xb = XB ? XB : j->xb, qs = X8_ROWS(P) * P * 4;
+    const int n0 = xb < 16 ? (int)xb : 16;
+    const __mmask16 m0 = (__mmask16)((1u << n0) - 1), m1 = (__mmask16)((1u << (xb - n0)) - 1);
     const __m512 big = _mm512_set1_ps(FLT_MAX);
-    for (int64_t i0 = 0; i0 < j->k; i0 += j->xb, b++) {
+    const float levels = X8_LEVELS(P);
+    for (int64_t i0 = 0; i0 < j->k; i0 += xb, b++, q += xb / 4 * qs) {
         const __m512 v0 = load_x16(j, r, i0, m0, x_bf16), v1 = load_x16(j, r, i0 + 16, m1, x_bf16);
         const __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1);
         const int bad = (_mm512_cmp_ps_mask(a0, big, _CMP_NLE_UQ)
                          | _mm512_cmp_ps_mask(a1, big, _CMP_NLE_UQ)) != 0;
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-        const __m512 inv = _mm512_set1_ps(block_inv(amax, bad));
+        const __m512 inv = _mm512_set1_ps(block_inv(amax, bad, levels));
         const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)); /* to nearest even */
         const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-        _mm_mask_storeu_epi8(q + i0, m0, _mm512_cvtsepi32_epi8(q0));
-        _mm_mask_storeu_epi8(q + i0 + 16, m1, _mm512_cvtsepi32_epi8(q1));
-        finish_block(b, amax, bad, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+        store_planes_512(q0, q, qs, n0, P);
+        if (xb > 16) store_planes_512(q1, q + 4 * qs, qs, (int)xb - 16, P);
+        finish_block(b, amax, bad, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)), levels);
     }
+}
+
+static void quantize_row(const job_t *j, int64_t r, int x_bf16, int8_t *q, xblock_t *b) {
+    if (j->xb == 32 && j->passes == 2) quantize_row_512(j, r, x_bf16, q, b, 32, 2);
+    else if (j->xb == 32) quantize_row_512(j, r, x_bf16, q, b, 32, 1);
+    else if (j->passes == 2) quantize_row_512(j, r, x_bf16, q, b, 0, 2);
+    else quantize_row_512(j, r, x_bf16, q, b, 0, 1);
 }
 
 /* vpermw: word 2j of a quad vector is word j of the k-pair block 2c, word 2j + 1 that of 2c + 1 */
@@ -764,23 +852,30 @@ ALWAYS_INLINE __m512i quads_512(const uint8_t *src, const int bits, __m512i word
     return _mm512_ternarylogic_epi32(w, _mm512_slli_epi32(w, 12), _mm512_set1_epi32(0x0f0f0f0f), 0xa8);
 }
 
-ALWAYS_INLINE __m512i x_quad(const int8_t *q) {
+/* acc + the lanes' u8 quads q times the s8 quad at x (all lanes) */
+ALWAYS_INLINE __m512i dot_quad(__m512i acc, __m512i q, const int8_t *x) {
     int32_t four;
-    memcpy(&four, q, sizeof four);
-    return _mm512_set1_epi32(four);
+    memcpy(&four, x, sizeof four);
+    return _mm512_dpbusd_epi32(acc, q, _mm512_set1_epi32(four));
 }
 
-/* the block's sums of the tile's rows (a[0] + .. + a[U - 1]; b: the first row's block) into
- * their outputs y */
+/* the block's sums of the tile's rows (pass p: a[p][0] + .. + a[p][U - 1]; b: the first row's
+ * block) into their outputs y */
 ALWAYS_INLINE void close_x8_512(const job_t *j, int64_t at, const xblock_t *b,
-                                __m512i (*a)[X8_MR], __m512 *y, const int R, const int U) {
+                                __m512i (*a)[4][X8_MR], __m512 *y, const int R, const int U,
+                                const int P) {
     const __m512 scale = load16_table(j, j->scales, at);
     const __m512 offset = j->offsets ? load16_table(j, j->offsets, at) : scale;
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
-        __m512i sum = a[0][r];
+        __m512i sum = a[0][0][r], sum2 = a[P - 1][0][r];
 #pragma GCC unroll 4
-        for (int u = 1; u < U; u++) sum = _mm512_add_epi32(sum, a[u][r]);
+        for (int u = 1; u < U; u++) {
+            sum = _mm512_add_epi32(sum, a[0][u][r]);
+            if (P == 2) sum2 = _mm512_add_epi32(sum2, a[1][u][r]);
+        }
+        if (P == 2) /* 255 dot1 + dot2 */
+            sum = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(sum, 8), sum), sum2);
         const __m512 dot = _mm512_cvtepi32_ps(sum), sx = _mm512_set1_ps(b[r * j->nb].scale);
         if (!j->offsets) {
             y[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, sx), y[r]);
@@ -791,58 +886,67 @@ ALWAYS_INLINE void close_x8_512(const job_t *j, int64_t at, const xblock_t *b,
     }
 }
 
-/* R rows of one chunk, the codes converted as they stream. A row sums U steps of 4 k apart
- * (U = 4 at one row, 2 up to 4 rows), so that enough vpdpbusd are in flight. XB: the block size
- * where it is a constant (32, GGUF's), else 0 */
+/* R rows of one chunk, the codes converted as they stream, each quad of codes multiplied by
+ * the rows' P planes. A row sums U steps of 4 k apart (U = 4 at one row, 2 up to 4 rows), so
+ * that enough vpdpbusd are in flight. XB: the block size where it is a constant (32, GGUF's),
+ * else 0. int8 codes: the last plane's sums start at the block's corr (255 x a start would
+ * not cancel) */
 ALWAYS_INLINE void tile_x8_512(const job_t *j, const xchunk_t *c, const int R, const int bits,
-                               const int XB) {
+                               const int XB, const int P) {
     const int U = R == 1 ? 4 : R <= 4 ? 2 : 1;
     const int64_t xb = XB ? XB : j->xb, step = NR * bits / 2; /* code bytes per 4 k */
+    const int64_t qs = X8_MR * P * 4; /* x's bytes per 4 k (x8_row) */
     const uint8_t *w = j->codes + c->p * panel_bytes(j) + c->k0 * NR * bits / 8;
-    const int8_t *x = j->xq + c->r0 * j->k + c->k0;
+    const int8_t *x = x8_row(j, j->xq, c->r0) + c->k0 / 4 * qs;
     const xblock_t *b = j->xblocks + c->r0 * j->nb + c->blk;
     const __m512i words = _mm512_loadu_si512(QUAD_WORDS);
     tables_t t = c->t;
     __m512 y[X8_MR];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) y[r] = _mm512_loadu_ps(c->ym + r * NR);
-    for (int64_t s = 0; s < c->len; s += xb, b++, x += xb, next_block(&t)) {
-        __m512i a[4][X8_MR];
+    for (int64_t s = 0; s < c->len; s += xb, b++, next_block(&t)) {
+        __m512i a[2][4][X8_MR];
 #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            a[0][r] = _mm512_set1_epi32(bits == 8 ? b[r * j->nb].corr : 0);
+        for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-            for (int u = 1; u < U; u++) a[u][r] = _mm512_setzero_si512();
-        }
+            for (int u = 0; u < U; u++) {
+                a[0][u][r] = a[P - 1][u][r] = _mm512_setzero_si512();
+                if (u == 0 && bits == 8) a[P - 1][0][r] = _mm512_set1_epi32(b[r * j->nb].corr);
+            }
         int64_t kk = 0;
-        for (; kk + 4 * U <= xb; kk += 4 * U, w += U * step) {
+#pragma GCC unroll 8
+        for (; kk + 4 * U <= xb; kk += 4 * U, w += U * step, x += U * qs) {
 #pragma GCC unroll 4
             for (int u = 0; u < U; u++) {
                 if (bits == 8 || u % 2 == 0) _mm_prefetch((const char *)w + u * step + AHEAD, _MM_HINT_T0);
                 const __m512i q = quads_512(w + u * step, bits, words);
 #pragma GCC unroll 8
                 for (int r = 0; r < R; r++)
-                    a[u][r] = _mm512_dpbusd_epi32(a[u][r], q, x_quad(x + r * j->k + kk + 4 * u));
+#pragma GCC unroll 2
+                    for (int p = 0; p < P; p++)
+                        a[p][u][r] = dot_quad(a[p][u][r], q, x + u * qs + (r * P + p) * 4);
             }
         }
-        for (; kk < xb; kk += 4, w += step) { /* a block of 4 (8 ..) k past the last U steps */
+        for (; kk < xb; kk += 4, w += step, x += qs) { /* a block of 4 (8 ..) k past the U steps */
             _mm_prefetch((const char *)w + AHEAD, _MM_HINT_T0);
             const __m512i q = quads_512(w, bits, words);
 #pragma GCC unroll 8
-            for (int r = 0; r < R; r++) a[0][r] = _mm512_dpbusd_epi32(a[0][r], q, x_quad(x + r * j->k + kk));
+            for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+                for (int p = 0; p < P; p++) a[p][0][r] = dot_quad(a[p][0][r], q, x + (r * P + p) * 4);
         }
-        close_x8_512(j, t.at, b, a, y, R, U);
+        close_x8_512(j, t.at, b, a, y, R, U, P);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) _mm512_storeu_ps(c->ym + r * NR, y[r]);
 }
 
+#define X8_512(R, P) if (j->bits == 8 && j->xb == 32) tile_x8_512(j, c, R, 8, 32, P);          \
+                     else if (j->bits == 8) tile_x8_512(j, c, R, 8, 0, P);                     \
+                     else if (j->xb == 32) tile_x8_512(j, c, R, 4, 32, P);                     \
+                     else tile_x8_512(j, c, R, 4, 0, P);
 static void tile_x8(const job_t *j, const xchunk_t *c, int rows) {
-#define X8(R) case R: if (j->bits == 8 && j->xb == 32) tile_x8_512(j, c, R, 8, 32);             \
-                      else if (j->bits == 8) tile_x8_512(j, c, R, 8, 0);                        \
-                      else if (j->xb == 32) tile_x8_512(j, c, R, 4, 32);                        \
-                      else tile_x8_512(j, c, R, 4, 0);                                          \
-                      return;
+#define X8(R) case R: if (j->passes == 2) { X8_512(R, 2) } else { X8_512(R, 1) } return;
     switch (rows) { X8(1) X8(2) X8(3) X8(4) X8(5) X8(6) X8(7) X8(8) }
 #undef X8
 }
@@ -850,6 +954,7 @@ static void tile_x8(const job_t *j, const xchunk_t *c, int rows) {
 /* ---------------------------------------------------------------- x8: AVX2, AVX-VNNI */
 #elif defined(__AVX2__) && defined(__FMA__)
 #define X8_MR 4 /* two sums a row, outputs 0-7 and 8-15; the outputs wait in memory */
+#define X8_MR2 2 /* with two passes four sums a row: more rows would spill (16 registers) */
 #ifdef __AVXVNNI__
 #define X8_PATH "avx-vnni"
 #else
@@ -869,8 +974,24 @@ ALWAYS_INLINE __m128 load_x4(const job_t *j, int64_t r, int64_t i, int x_bf16) {
     return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
 }
 
+ALWAYS_INLINE void store_bytes4(int8_t *q, __m128i v) {
+    const int32_t four = _mm_cvtsi128_si32(_mm_packs_epi16(_mm_packs_epi32(v, v), v));
+    memcpy(q, &four, sizeof four);
+}
+
+/* a quad of Q as its planes' bytes at q (store_planes_512's) */
+ALWAYS_INLINE void store_planes4(const job_t *j, __m128i v, int8_t *q) {
+    if (j->passes == 2) {
+        const __m128i hi = _mm_cvtps_epi32(_mm_mul_ps(_mm_cvtepi32_ps(v), _mm_set1_ps(1.0f / 255)));
+        store_bytes4(q + 4, _mm_sub_epi32(v, _mm_mullo_epi32(hi, _mm_set1_epi32(255))));
+        v = hi;
+    }
+    store_bytes4(q, v);
+}
+
 /* quantize_row_scalar's values, 4 at a time */
 static void quantize_row(const job_t *j, int64_t r, int x_bf16, int8_t *q, xblock_t *b) {
+    const float levels = X8_LEVELS(j->passes);
     const __m128 sign = _mm_set1_ps(-0.0f), big = _mm_set1_ps(FLT_MAX);
     for (int64_t i0 = 0; i0 < j->k; i0 += j->xb, b++) {
         __m128 m = _mm_setzero_ps();
@@ -882,17 +1003,16 @@ static void quantize_row(const job_t *j, int64_t r, int x_bf16, int8_t *q, xbloc
         }
         m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-        const __m128 inv = _mm_set1_ps(block_inv(amax, bad));
+        const __m128 inv = _mm_set1_ps(block_inv(amax, bad, levels));
         __m128i sum = _mm_setzero_si128();
         for (int64_t i = i0; i < i0 + j->xb; i += 4) {
             const __m128i q4 = _mm_cvtps_epi32(_mm_mul_ps(load_x4(j, r, i, x_bf16), inv));
-            const int32_t four = _mm_cvtsi128_si32(_mm_packs_epi16(_mm_packs_epi32(q4, q4), q4));
-            memcpy(q + i, &four, sizeof four);
+            store_planes4(j, q4, q + x8_at(j, i, 0));
             sum = _mm_add_epi32(sum, q4);
         }
         sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4e));
         sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xb1));
-        finish_block(b, amax, bad, _mm_cvtsi128_si32(sum));
+        finish_block(b, amax, bad, _mm_cvtsi128_si32(sum), levels);
     }
 }
 
@@ -937,12 +1057,16 @@ ALWAYS_INLINE __m256i dot_avx2(__m256i acc, __m256i w, __m256i u, __m256i xq, co
 }
 #endif
 
-/* a block's sums of one row (acc: outputs 0-7, 8-15) into its outputs y, as close_x8_512 */
+/* a block's sums of one row (acc[p]: pass p's outputs 0-7, 8-15) into its outputs y, as
+ * close_x8_512 */
 ALWAYS_INLINE void close_x8_avx2(const job_t *j, int64_t at, const xblock_t *b,
-                                 const __m256i *acc, float *y) {
+                                 __m256i (*acc)[2], float *y, const int P) {
     const __m256 sx = _mm256_set1_ps(b->scale);
     for (int h = 0; h < 2; h++) {
-        const __m256 scale = load8_table(j, j->scales, at + 8 * h), dot = _mm256_cvtepi32_ps(acc[h]);
+        __m256i sum = acc[0][h];
+        if (P == 2) /* 255 dot1 + dot2 */
+            sum = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(sum, 8), sum), acc[1][h]);
+        const __m256 scale = load8_table(j, j->scales, at + 8 * h), dot = _mm256_cvtepi32_ps(sum);
         __m256 t;
         if (j->offsets) {
             const __m256 qo = _mm256_mul_ps(load8_table(j, j->offsets, at + 8 * h), _mm256_set1_ps(b->qsum));
@@ -954,74 +1078,86 @@ ALWAYS_INLINE void close_x8_avx2(const job_t *j, int64_t at, const xblock_t *b,
     }
 }
 
-ALWAYS_INLINE void tile_x8_avx2(const job_t *j, const xchunk_t *c, const int R, const int bits) {
-    const int64_t step = NR * bits / 2;
+/* R rows of one chunk, each quad of codes times the rows' P planes (as tile_x8_512) */
+ALWAYS_INLINE void tile_x8_avx2(const job_t *j, const xchunk_t *c, const int R, const int bits,
+                                const int P) {
+    const int64_t step = NR * bits / 2, qs = X8_ROWS(P) * P * 4; /* bytes per 4 k: codes, x */
     const uint8_t *w = j->codes + c->p * panel_bytes(j) + c->k0 * NR * bits / 8;
-    const int8_t *x = j->xq + c->r0 * j->k + c->k0;
+    const int8_t *x = x8_row(j, j->xq, c->r0) + c->k0 / 4 * qs;
     const xblock_t *b = j->xblocks + c->r0 * j->nb + c->blk;
     tables_t t = c->t;
-    for (int64_t s = 0; s < c->len; s += j->xb, b++, x += j->xb, next_block(&t)) {
-        __m256i acc[X8_MR][2];
+    for (int64_t s = 0; s < c->len; s += j->xb, b++, next_block(&t)) {
+        __m256i acc[X8_MR][2][2];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++)
-            acc[r][0] = acc[r][1] = _mm256_set1_epi32(X8_CORR && bits == 8 ? b[r * j->nb].corr : 0);
-        for (int64_t kk = 0; kk < j->xb; kk += 4, w += step) {
+        for (int r = 0; r < R; r++) {
+            acc[r][0][0] = acc[r][0][1] = _mm256_setzero_si256();
+            acc[r][P - 1][0] = acc[r][P - 1][1] = _mm256_set1_epi32(X8_CORR && bits == 8 ? b[r * j->nb].corr : 0);
+        }
+        for (int64_t kk = 0; kk < j->xb; kk += 4, w += step, x += qs) {
             _mm_prefetch((const char *)w + AHEAD, _MM_HINT_T0);
             __m256i q[2];
             quads_avx2(w, bits, q);
             const __m256i u0 = unsigned_side(q[0], bits), u1 = unsigned_side(q[1], bits);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                const __m256i xq = x_quad8(x + r * j->k + kk);
-                acc[r][0] = dot_avx2(acc[r][0], q[0], u0, xq, bits);
-                acc[r][1] = dot_avx2(acc[r][1], q[1], u1, xq, bits);
-            }
+            for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+                for (int p = 0; p < P; p++) {
+                    const __m256i xq = x_quad8(x + (r * P + p) * 4);
+                    acc[r][p][0] = dot_avx2(acc[r][p][0], q[0], u0, xq, bits);
+                    acc[r][p][1] = dot_avx2(acc[r][p][1], q[1], u1, xq, bits);
+                }
         }
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) close_x8_avx2(j, t.at, b + r * j->nb, acc[r], c->ym + r * NR);
+        for (int r = 0; r < R; r++) close_x8_avx2(j, t.at, b + r * j->nb, acc[r], c->ym + r * NR, P);
     }
 }
 
 static void tile_x8(const job_t *j, const xchunk_t *c, int rows) {
-#define X8(R) case R: if (j->bits == 8) tile_x8_avx2(j, c, R, 8);                               \
-                      else tile_x8_avx2(j, c, R, 4);                                            \
-                      return;
-    switch (rows) { X8(1) X8(2) X8(3) X8(4) }
+#define X8(R, P) case R: if (j->bits == 8) tile_x8_avx2(j, c, R, 8, P);                        \
+                         else tile_x8_avx2(j, c, R, 4, P);                                     \
+                         return;
+    if (j->passes == 2) {
+        switch (rows) { X8(1, 2) X8(2, 2) }
+    }
+    switch (rows) { X8(1, 1) X8(2, 1) X8(3, 1) X8(4, 1) }
 #undef X8
 }
 
 /* ---------------------------------------------------------------- x8: portable */
 #else
 #define X8_MR 4
+#define X8_MR2 4
 #define X8_PATH "scalar"
 #define quantize_row quantize_row_scalar
 #define tile_x8 tile_x8_scalar
 #endif
 
-/* a panel in chunks of whole blocks, up to CHUNK of k, each through tiles of up to X8_MR rows */
+/* a panel in chunks of whole blocks, up to CHUNK of k, each through tiles of up to xset rows */
 static void one_panel_x8(const job_t *j, int64_t p, float *ym) {
     memset(ym, 0, j->m * NR * sizeof(float));
-    const int64_t per_group = j->group / j->xb, chunk_blocks = CHUNK / j->xb;
+    const int64_t per_group = j->group / j->xb, chunk_blocks = CHUNK / j->xb, mr = j->xset;
     xchunk_t c = {p, 0, 0, 0, 0, {p * (j->k / j->group) * NR, per_group, per_group}, ym};
     for (; c.k0 < j->k; c.k0 += c.len, c.blk += chunk_blocks) {
         c.len = j->k - c.k0 < chunk_blocks * j->xb ? j->k - c.k0 : chunk_blocks * j->xb;
-        for (c.r0 = 0; c.r0 < j->m; c.r0 += X8_MR) {
+        for (c.r0 = 0; c.r0 < j->m; c.r0 += mr) {
             c.ym = ym + c.r0 * NR;
-            tile_x8(j, &c, j->m - c.r0 < X8_MR ? (int)(j->m - c.r0) : X8_MR);
+            tile_x8(j, &c, j->m - c.r0 < mr ? (int)(j->m - c.r0) : (int)mr);
         }
         for (int64_t i = 0; i < chunk_blocks; i++) next_block(&c.t);
     }
     store_outputs(j, p, ym);
 }
 
-/* every row of x as int8 ([m][k], after its blocks [m][nb]): one allocation, NULL when out of
- * memory */
+/* every row of x as int8 (x8_row's sets, after its blocks [m][nb]): one allocation, NULL when
+ * out of memory */
 static xblock_t *quantize_x(job_t *j, int x_bf16, int threads) {
-    xblock_t *b = malloc(j->m * j->nb * sizeof(xblock_t) + j->m * j->k);
+    j->xset = X8_ROWS(j->passes);
+    const int64_t sets = (j->m + j->xset - 1) / j->xset;
+    xblock_t *b = malloc(j->m * j->nb * sizeof(xblock_t) + sets * j->xset * j->passes * j->k);
     if (!b) return 0;
     int8_t *q = (int8_t *)(b + j->m * j->nb);
     _Pragma("omp parallel for if(j->m * j->k >= (1 << 18)) num_threads(threads)")
-    for (int64_t r = 0; r < j->m; r++) quantize_row(j, r, x_bf16, q + r * j->k, b + r * j->nb);
+    for (int64_t r = 0; r < j->m; r++) quantize_row(j, r, x_bf16, x8_row(j, q, r), b + r * j->nb);
     j->xq = q;
     j->xblocks = b;
     return b;
@@ -1099,7 +1235,8 @@ const char *quant_gemm_path(void) {
 #endif
 }
 
-/* which tiles quant_gemm_x8 runs: "avx512-vnni", "avx-vnni", "avx2" or "scalar" */
+/* which tiles quant_gemm_x8 and quant_gemm_x8x2 run: "avx512-vnni", "avx-vnni", "avx2" or
+ * "scalar" */
 const char *quant_gemm_x8_path(void) { return X8_PATH; }
 
 /* all panels times the job's rows, shared out over the threads; 0, or -1 when out of memory */
@@ -1129,17 +1266,20 @@ static int all_panels(const job_t *j, int x_bf16, int num_threads) {
 
 /* out [m, n] (float32, or bf16 when out_bf16) = x [m, k] (rows x_stride apart) times the packed
  * weight (scales and offsets float16 when half_scales, else float32), + bias (NULL: none), through
- * int8 x when x8 (see the x8 path), else float x (bf16 only where quant_gemm_features() says so).
+ * x quantized in `passes` int8 passes (1 or 2, see the x8 path), else (0) float x (bf16 only
+ * where quant_gemm_features() says so).
  * k and group are multiples of 4, group divides k. Returns 0, or -1 when out of memory.
  *
  * Many rows go through in blocks whose outputs stay in L2 (a panel writes a strip 16 outputs
  * wide down every row): unblocked, 512 rows x 3072 outputs ran at half the rate per multiply of
  * 512 x 576. Blocks keep at least ROW_BLOCK_MIN rows, so a decode batch streams the weights once. */
-static int gemm(job_t j, int x_bf16, int num_threads, int x8) {
+static int gemm(job_t j, int x_bf16, int num_threads, int passes) {
+    const int x8 = passes > 0;
     if (x_bf16 && !x8 && !quant_gemm_features()) return -1;
     if (j.m <= 0) return 0;
     j.xb = x_block(j.group);
     j.nb = j.k / j.xb;
+    j.passes = passes;
     void *held = x8 ? (void *)quantize_x(&j, x_bf16, num_threads)
                     : j.offsets ? (void *)group_sums(&j, x_bf16, num_threads) : 0;
     if (!held && (x8 || j.offsets)) return -1;
@@ -1147,14 +1287,15 @@ static int gemm(job_t j, int x_bf16, int num_threads, int x8) {
     const int64_t x_size = x_bf16 ? 2 : 4, out_size = j.out_bf16 ? 2 : 4;
     const int64_t groups = j.k / j.group;
     int64_t block = OUT_BLOCK_BYTES / (j.n * out_size);
-    block = block < ROW_BLOCK_MIN ? ROW_BLOCK_MIN : block - block % MR;
+    /* a multiple of the tiles' rows (x8: of every xset, so x8_row finds the block's rows) */
+    block = block < ROW_BLOCK_MIN ? ROW_BLOCK_MIN : block - block % (x8 ? 8 : MR);
     int failed = 0;
     for (int64_t r = 0; r < j.m && !failed; r += block) {
         job_t b = j;
         b.x = (const char *)j.x + r * j.x_stride * x_size;
         b.out = (char *)j.out + r * j.n * out_size;
         b.xsum = j.xsum ? j.xsum + r * groups : 0;
-        b.xq = j.xq ? j.xq + r * j.k : 0;
+        b.xq = j.xq ? x8_row(&j, j.xq, r) : 0;
         b.xblocks = j.xblocks ? j.xblocks + r * j.nb : 0;
         b.m = j.m - r < block ? j.m - r : block;
         failed = all_panels(&b, x_bf16, num_threads);
@@ -1164,7 +1305,7 @@ static int gemm(job_t j, int x_bf16, int num_threads, int x8) {
 }
 
 #define JOB_OF_ARGS {x, x_stride, m, n, k, group, codes, scales, offsets, 0, bias, out, out_bf16,  \
-                     bits, half_scales, 0, 0, 0, 0}
+                     bits, half_scales, 0, 0, 0, 0, 0, 0}
 
 /* float x: sums of x times each code in float32 */
 int quant_gemm(const void *x, int64_t x_stride, int x_bf16, const uint8_t *codes,
@@ -1174,10 +1315,19 @@ int quant_gemm(const void *x, int64_t x_stride, int x_bf16, const uint8_t *codes
     return gemm((job_t)JOB_OF_ARGS, x_bf16, num_threads, 0);
 }
 
-/* int8 x (the x8 path), bf16 x on any build: quant_gemm's arguments and layout */
+/* int8 x in one pass (the x8 path, llama.cpp's numerics), bf16 x on any build: quant_gemm's
+ * arguments and layout */
 int quant_gemm_x8(const void *x, int64_t x_stride, int x_bf16, const uint8_t *codes,
                   const void *scales, const void *offsets, int half_scales, const float *bias,
                   void *out, int out_bf16, int64_t m, int64_t n, int64_t k, int64_t group,
                   int bits, int num_threads) {
     return gemm((job_t)JOB_OF_ARGS, x_bf16, num_threads, 1);
+}
+
+/* x in two int8 passes (a value and its residual: 2^-16 of a block's largest), as quant_gemm_x8 */
+int quant_gemm_x8x2(const void *x, int64_t x_stride, int x_bf16, const uint8_t *codes,
+                    const void *scales, const void *offsets, int half_scales, const float *bias,
+                    void *out, int out_bf16, int64_t m, int64_t n, int64_t k, int64_t group,
+                    int bits, int num_threads) {
+    return gemm((job_t)JOB_OF_ARGS, x_bf16, num_threads, 2);
 }

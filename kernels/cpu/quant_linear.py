@@ -4,9 +4,10 @@
 load: panels of 16 outputs whose codes stream along k, each k-pair's 16 x 2 codes interleaved
 (two int4 codes a byte), scales and offsets [panel][group][16], exactly the shared form's values
 (float16 where each of them is one, as GGUF's are, else float32). `quant_linear` multiplies x
-(float32 or bf16; other dtypes go through float32) by it, the result in x's dtype: with float32
-sums of x as given, or, with PAGEDSERVE_QUANT_ACT=int8 (ACT), x quantized to int8 per block of
-32 and summed exactly in int32 as llama.cpp does (faster, coarser).
+(float32 or bf16; other dtypes go through float32) by it, the result in x's dtype, x multiplied
+as PAGEDSERVE_QUANT_ACT (ACT) says: as given with float32 sums (float, the default), or
+quantized per block of 32 and summed exactly in int32, in two int8 passes (int8x2: a value and
+its residual, 2^-16 of the block's largest) or in one as llama.cpp does (int8: faster, coarser).
 
 What the C path cannot take keeps the shared form itself, which `quant_linear` hands to the
 reference (a dense dequantise + F.linear): a group or input count not a multiple of 4, int4 codes
@@ -32,14 +33,18 @@ PANEL = 16  # outputs per panel, as in quant_gemm.c
 # (see panel_gemm.py).
 BUILD_FLAGS: tuple[str, ...] = ()
 # How x is multiplied, one choice for the process (every call, every row count: a row's result
-# never depends on its batch, executor/batch_invariance.py). "float" (the default): as given, with
-# float32 sums (quant_gemm), weight-only numerics. "int8": each row quantized to int8 per block of
-# up to 32 inputs and multiplied with VNNI (quant_gemm_x8), llama.cpp's numerics: 1.1-1.8x faster
-# from 16 rows up, as fast at one row (memory-bound; docs/benchmarks.md), but on SmolLM2 its
-# logprobs move by up to 0.7 against the dequantized model (float: 5e-5), as llama.cpp's own do,
-# and its first answer loses "Paris".
+# never depends on its batch, executor/batch_invariance.py); docs/benchmarks.md has the figures.
+# "float" (the default): x as given, float32 sums (quant_gemm), weight-only numerics.
+# "int8x2": each row quantized per block of up to 32 inputs to integers of 2^-16 of the block's
+# largest value, held as two int8 planes (a value and its residual) and multiplied with VNNI
+# (quant_gemm_x8x2): below bf16's own rounding of x, SmolLM2's greedy tokens as the dequantized
+# model's; about as fast as "float" at one row and 0.75-1.3x of it from 16 rows on AVX-512 BF16
+# CPUs (two vpdpbusd per 4 inputs: as many multiplies as its vdpbf16ps), 0.8-1.8x on AVX2 builds.
+# "int8": one plane (quant_gemm_x8), llama.cpp's numerics: the fastest from 16 rows, but an
+# outlier starves its block (SmolLM2's logprobs move by up to 0.7, its first answer loses "Paris").
 ENV_ACT = "PAGEDSERVE_QUANT_ACT"
-ACTIVATIONS = ("float", "int8")
+ACTIVATIONS = ("float", "int8x2", "int8")
+GEMMS = {"int8x2": "quant_gemm_x8x2", "int8": "quant_gemm_x8", "float": "quant_gemm"}
 ACT: str = os.environ.get(ENV_ACT, "float").strip() or "float"
 
 
@@ -62,7 +67,7 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, cty
 
 @dataclass(frozen=True)
 class _Kernel:
-    gemm: ctypes._CFuncPtr  # quant_gemm or quant_gemm_x8 (ACT), its argument types declared
+    gemm: ctypes._CFuncPtr  # GEMMS[ACT], its argument types declared
     # (plain ints convert fast)
     bf16_x: bool  # multiplies bf16 x as it is (else x is widened to float32 first)
     path: str
@@ -75,12 +80,12 @@ def _build(flags: tuple[str, ...], act: str) -> _Kernel | None:
     lib = load("quant_gemm", flags)[0]
     if lib is None:
         return None
-    gemm = lib.quant_gemm_x8 if act == "int8" else lib.quant_gemm
+    gemm = getattr(lib, GEMMS[act])
     gemm.argtypes, gemm.restype = _ARGTYPES, ctypes.c_int
-    names = lib.quant_gemm_x8_path if act == "int8" else lib.quant_gemm_path
+    names = lib.quant_gemm_path if act == "float" else lib.quant_gemm_x8_path
     names.restype = ctypes.c_char_p
     # int8 x is quantized from bf16 as readily as from float32, on every build
-    return _Kernel(gemm, act == "int8" or bool(lib.quant_gemm_features() & 1), names().decode())
+    return _Kernel(gemm, act != "float" or bool(lib.quant_gemm_features() & 1), names().decode())
 
 
 def _kernel() -> _Kernel | None:
@@ -89,7 +94,7 @@ def _kernel() -> _Kernel | None:
 
 def path() -> str | None:
     """The tiles the built library runs for ACT, or None: for "float" 'avx512-bf16', 'avx512',
-    'avx2' or 'scalar'; for "int8" 'avx512-vnni', 'avx-vnni', 'avx2' or 'scalar'."""
+    'avx2' or 'scalar'; for "int8" and "int8x2" 'avx512-vnni', 'avx-vnni', 'avx2' or 'scalar'."""
     kernel = _kernel()
     return None if kernel is None else kernel.path
 
