@@ -14,16 +14,14 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import openai
 import pytest
 
-from pagedserve import LLM, SamplingParams
 from tests.conftest import ROOT
-from tests.e2e.conftest import free_port, running_serve
+from tests.e2e.conftest import free_port
+from tests.e2e.rank_failover import PROMPTS, kill_mid_stream, one_rank_texts, ranked_serve
 from tests.waiting import wait_until
 
 pytest.importorskip("ray", reason="ray is not installed (the dev extra and requirements.lock "
@@ -31,8 +29,6 @@ pytest.importorskip("ray", reason="ray is not installed (the dev extra and requi
 
 pytestmark = pytest.mark.timeout(300)
 
-PROMPTS = ["def hello(x):", "import os\nimport sys\n", "class Foo:\n    def __init__(self"]
-MAX_TOKENS = 24
 HEAD_CPUS = 4  # logical: two bundles of one CPU each (2 cores // 2 ranks), and room for a restart
 HEAD_START_S = 60.0
 
@@ -143,36 +139,13 @@ def _cluster_state(head: RayHead) -> str:
 
 def test_serve_on_ray_matches_one_rank_and_survives_a_killed_actor(
         ray_head: RayHead, llama_dir: Path, tmp_path: Path) -> None:
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    with LLM(str(llama_dir), dtype="float32", num_kv_blocks=64) as llm:
-        want = [o.outputs[0].text for o in llm.generate(PROMPTS, params)]
-    args = [str(llama_dir), "--grpc-port", "-1", "--num-kv-blocks", "64", "--dtype", "float32",
-            "--drain-timeout", "5", "--tensor-parallel-size", "2",
-            "--distributed-executor-backend", "ray", "--ray-address", ray_head.address]
-    with running_serve(args, tmp_path / "serve.log", llama_dir) as server:
-        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0,
-                               timeout=120)
-
-        def complete(prompt: str) -> str:
-            return client.completions.create(
-                model="", prompt=prompt, temperature=0, max_tokens=MAX_TOKENS,
-                extra_body={"ignore_eos": True}).choices[0].text
-
+    want = one_rank_texts(llama_dir)
+    with ranked_serve(llama_dir, tmp_path / "serve.log", "--tensor-parallel-size", "2",
+                      "--distributed-executor-backend", "ray",
+                      "--ray-address", ray_head.address) as (server, client, complete):
         assert [complete(p) for p in PROMPTS] == want
         (actor,) = _rank_actors(ray_head)
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            pending = [pool.submit(complete, p) for p in PROMPTS * 2]
-            # killed once a streamed request has its first token: mid-generation, however fast
-            chunks = iter(client.completions.create(
-                model="", prompt=PROMPTS[0], temperature=0, max_tokens=MAX_TOKENS, stream=True,
-                extra_body={"ignore_eos": True}))
-            streamed = next(chunks).choices[0].text
-            os.kill(actor, signal.SIGKILL)
-            streamed += "".join(c.choices[0].text for c in chunks)
-            got = [f.result() for f in pending]
-        assert got == want * 2, server.log()
-        assert streamed == want[0]
-        log = server.log_path.read_text(errors="replace")
+        log = kill_mid_stream(server, client, complete, actor, want)
         assert "tensor-parallel rank 1 died" in log, log[-20000:]
         assert "tensor-parallel ranks placed on Ray" in log
         assert _rank_actors(ray_head) not in ([], [actor])  # the restarted executor's own rank
