@@ -23,6 +23,7 @@ from pagedserve.executor.models.pipeline_stage import StageLayers
 from pagedserve.executor.pipeline_parallel import split_micro_batches
 from pagedserve.sampling_params import StructuredOutputsParams
 from tests.conftest import model_dir
+from tests.executor.same_outputs import assert_same_outputs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -52,12 +53,7 @@ def _run(path, prompts, params, *, pp: int = 1, tp: int = 1, llm_hook=None, **kw
 
 
 def _assert_same(want: list, got: list) -> None:
-    for w, g in zip(want, got, strict=True):
-        assert g.token_ids == w.token_ids
-        for w_step, g_step in zip(w.logprobs or [], g.logprobs or [], strict=True):
-            for token, lp in w_step.items():
-                if token in g_step:  # the top 3 may swap a near tie; the sampled one is in both
-                    assert abs(g_step[token] - lp) <= LOGPROB_TOL, (token, lp, g_step[token])
+    assert_same_outputs(want, got, LOGPROB_TOL)
 
 
 def _count_micro_batches(monkeypatch) -> list[int]:

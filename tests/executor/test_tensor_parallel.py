@@ -19,6 +19,7 @@ from pagedserve.executor.config import ExecutorConfig
 from pagedserve.executor.tensor_parallel import HEADER_BYTES
 from pagedserve.protos import executor_pb2
 from tests.conftest import model_dir
+from tests.executor.same_outputs import assert_same_outputs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -38,12 +39,7 @@ def _run(path, tp: int, prompts, params, **kw) -> tuple[list, dict]:
 
 
 def _assert_same(want: list, got: list) -> None:
-    for w, g in zip(want, got, strict=True):
-        assert g.token_ids == w.token_ids
-        for w_step, g_step in zip(w.logprobs, g.logprobs, strict=True):
-            for token, lp in w_step.items():
-                if token in g_step:  # the top 3 may swap a near tie; the sampled one is in both
-                    assert abs(g_step[token] - lp) <= LOGPROB_TOL, (token, lp, g_step[token])
+    assert_same_outputs(want, got, LOGPROB_TOL)
 
 
 def _alive(pid: int) -> bool:
