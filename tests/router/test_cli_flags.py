@@ -61,9 +61,9 @@ def test_a_child_starts_with_its_niceness_added(tmp_path) -> None:
     assert int(out.read_text()) == os.nice(0) + 3
 
 
-def test_async_scheduling_is_on_unless_serve_is_told_otherwise(tmp_path) -> None:
-    """serve's --no-async-scheduling reaches its scheduler child; nothing said keeps the default."""
-    for flags, expected in (([], True), (["--no-async-scheduling"], False),
+def test_serve_passes_async_scheduling_to_its_scheduler(tmp_path) -> None:
+    """serve's --async-scheduling reaches its scheduler child; nothing said keeps it off."""
+    for flags, expected in (([], False), (["--no-async-scheduling"], False),
                             (["--async-scheduling"], True)):
         args = build_parser().parse_args(["serve", "m", *flags])
         spec = next(s for s in build_specs(args, "m", str(tmp_path)) if s.name == "scheduler")
