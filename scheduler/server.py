@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -31,6 +31,7 @@ from pagedserve.scheduler.snapshot import snapshot
 from pagedserve.scheduler.step_loop import DEFAULT_STEP_TIMEOUT_S, StepLoop
 from pagedserve.scheduler.step_timing import StepTimings
 from pagedserve.scheduler.token_output import append_delta
+from pagedserve.shutdown_watchdog import ShutdownWatchdog
 
 log = structlog.get_logger("pagedserve.scheduler.server")
 
@@ -160,8 +161,10 @@ async def _serving_when_ready(loop: StepLoop, health_servicer: Any) -> None:
 async def serve(executor_address: str, listen: str, *,
                 scheduler_options: dict[str, Any] | None = None, reflection: bool = False,
                 drain_timeout: float = 30.0, stop: asyncio.Event | None = None,
-                step_timeout: float = DEFAULT_STEP_TIMEOUT_S) -> int:
-    """Runs the scheduler server until `stop` is set (default: on SIGTERM or SIGINT)."""
+                step_timeout: float = DEFAULT_STEP_TIMEOUT_S,
+                drained: Callable[[int], None] | None = None) -> int:
+    """Runs the scheduler server until `stop` is set (default: on SIGTERM or SIGINT);
+    `drained(exit_code)` is called once no request is left, before the teardown."""
     loop = StepLoop(executor_address, scheduler_options, step_timeout=step_timeout)
     service = SchedulerService(loop)
     server, health_servicer = await _build_server(service, listen, reflection=reflection)
@@ -180,6 +183,8 @@ async def serve(executor_address: str, listen: str, *,
     if not crashed:
         log.info("scheduler draining", open_requests=loop.num_streams, timeout_s=drain_timeout)
         await loop.drain(drain_timeout)
+    if drained is not None:
+        drained(1 if crashed else 0)
     await server.stop(grace=1.0)
     for task in (loop_task, ready_task, stop_task):
         task.cancel()
@@ -198,9 +203,11 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 def run_scheduler(executor_address: str, listen: str, **kwargs: Any) -> int:
-    """Blocking entry point for `pagedserve scheduler` (uvloop when installed)."""
+    """Blocking entry point for `pagedserve scheduler` (uvloop when installed); the teardown
+    after the drain, the interpreter's included, is bounded (pagedserve/shutdown_watchdog.py)."""
+    main = serve(executor_address, listen, drained=ShutdownWatchdog("scheduler").arm, **kwargs)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(executor_address, listen, **kwargs))
-    return uvloop.run(serve(executor_address, listen, **kwargs))
+        return asyncio.run(main)
+    return uvloop.run(main)
