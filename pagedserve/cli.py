@@ -203,10 +203,10 @@ def _add_speculative_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_async_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
-                   help="plan and send the next decode step while one runs (experimental: a "
-                        "shutdown hang seen with it on; by default each step is planned after "
-                        "the previous result)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan and send the next decode step while one runs, so the executor "
+                        "never waits for the round trip (--no-async-scheduling: each step is "
+                        "planned after the previous result)")
 
 
 def _speculative_config(text: str):

@@ -241,7 +241,9 @@ def build_specs(args: object, model: str, sock_dir: str) -> list[ServiceSpec]:
                            "--max-num-seqs": a["max_num_seqs"],
                            "--max-num-batched-tokens": a["max_num_batched_tokens"],
                            "--no-prefix-caching": a["no_prefix_caching"],
-                           "--async-scheduling": a.get("async_scheduling"),
+                           # said either way: the scheduler's own default must not decide
+                           ("--async-scheduling" if a.get("async_scheduling", True)
+                            else "--no-async-scheduling"): True,
                            "--speculative-config": _spec_json(a.get("speculative_config")),
                            "--step-timeout": a.get("step_timeout"),
                            "--drain-timeout": a["drain_timeout"]}))

@@ -29,10 +29,8 @@ class SchedulerConfig:
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
     vocab_size: int = 0  # token ids are checked against it at admission (0: int32 range only)
     # the step loop plans and sends the next step while one runs, where Scheduler.schedule_ahead
-    # can (decoding requests only), so the executor never waits on the round trip. Off by
-    # default: with it on, a scheduler stopping after a session sometimes hangs past its 10 s
-    # (docs/architecture.md)
-    async_scheduling: bool = False
+    # can (decoding requests only), so the executor never waits on the round trip
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_model_len", "max_num_seqs",

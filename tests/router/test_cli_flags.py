@@ -62,8 +62,8 @@ def test_a_child_starts_with_its_niceness_added(tmp_path) -> None:
 
 
 def test_serve_passes_async_scheduling_to_its_scheduler(tmp_path) -> None:
-    """serve's --async-scheduling reaches its scheduler child; nothing said keeps it off."""
-    for flags, expected in (([], False), (["--no-async-scheduling"], False),
+    """serve's --[no-]async-scheduling reaches its scheduler child; nothing said keeps it on."""
+    for flags, expected in (([], True), (["--no-async-scheduling"], False),
                             (["--async-scheduling"], True)):
         args = build_parser().parse_args(["serve", "m", *flags])
         spec = next(s for s in build_specs(args, "m", str(tmp_path)) if s.name == "scheduler")
