@@ -6,7 +6,9 @@ run in three, never reproduced alone) the scheduler's got stuck there for more t
 is owed to anyone by then, so rather than hang until a supervisor's SIGKILL, a watchdog thread
 armed at that point writes every thread's stack and every asyncio task's to stderr (the service's
 log: the next occurrence names its cause) and ends the process with the exit code it meant to
-return.
+return. A thread stuck in a C call that holds the GIL would stop that thread too, so
+faulthandler's own timer (a C thread, no GIL needed) backs it up a little later: the stacks
+again, and exit status 1.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import structlog
 log = structlog.get_logger("pagedserve.shutdown_watchdog")
 
 TEARDOWN_BOUND_S = 5.0  # gRPC's 1 s grace, then cancelled tasks and closed channels: well under
+BACKSTOP_AFTER_S = 2.0  # faulthandler's timer, this long after the bound
 
 
 class ShutdownWatchdog:
@@ -43,6 +46,8 @@ class ShutdownWatchdog:
         except RuntimeError:
             self._loop = None
         threading.Thread(target=self._expire, name=f"{self.name}-watchdog", daemon=True).start()
+        faulthandler.dump_traceback_later(self.seconds + BACKSTOP_AFTER_S, exit=True,
+                                          file=sys.stderr)
 
     def _expire(self) -> None:
         time.sleep(self.seconds)

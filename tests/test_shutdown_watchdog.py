@@ -49,3 +49,17 @@ def test_a_prompt_teardown_exits_normally_before_the_bound() -> None:
     assert proc.returncode == 0, proc.stderr
     assert time.monotonic() - start < 20  # the daemon watchdog did not hold the process
     assert "shutdown overran" not in proc.stdout + proc.stderr
+
+
+
+def test_a_teardown_that_holds_the_gil_still_ends_through_faulthandler() -> None:
+    """A C call that keeps the GIL (ctypes.PyDLL does not release it) stops the Python watchdog
+    thread too; faulthandler's C timer dumps the stacks and exits 1 anyway."""
+    holds_gil = HANGS.replace("time.sleep(60)", "import ctypes; ctypes.PyDLL(None).sleep(60)")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", holds_gil], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert time.monotonic() - start < 20
+    assert proc.returncode == 1, proc.stderr
+    assert "shutdown overran" not in proc.stdout + proc.stderr  # that thread never ran
+    assert "hung_teardown" in proc.stderr
