@@ -256,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "llama-server's BF16 file) or auto (the Q4_1 file run quantized; then "
                         "give llama-server the Q4_1 file too with --llama-model)")
     p.add_argument("--serve-args", default="",
-                   help="more arguments for pagedserve serve, e.g. --serve-args=--async-scheduling")
+                   help="more arguments for pagedserve serve, e.g. --serve-args=--no-async-scheduling")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)

@@ -76,6 +76,18 @@ static void decode_one(const void *q, const void *k_cache, const void *v_cache, 
     for (int i = 0; i < H * D; i++) store_kind(out, i, s->q_kind, acc[i] * s->v_scale);
 }
 
+#if defined(PAGEDSERVE_AVX512) || defined(PAGEDSERVE_AVX2)
+/* Share `part` of `parts` of the next page's lines into L2 (rather than L1: measured faster, the
+ * L1 miss buffers are few), spread over the work on the current page: prefetching a whole page at
+ * once stalls the core once the miss buffers fill (measured 1.3-1.5x slower on a Zen 3; on a
+ * Zen 5 with AVX-512, K/V streamed at 16 GB/s that way and at 22-25 GB/s spread per KV head). */
+static inline void prefetch_share(const char *page, int64_t bytes, int part, int parts) {
+    const int64_t lines = bytes / 64;
+    for (int64_t l = lines * part / parts; l < lines * (part + 1) / parts; l++)
+        _mm_prefetch(page + 64 * l, _MM_HINT_T1);
+}
+#endif
+
 #ifdef PAGEDSERVE_AVX512
 /* The AVX-512 path, for head_dim a multiple of 16 up to 256. A few query heads of one KV head (a
  * head group) keep their queries and outputs in registers while that KV head's keys and values
@@ -199,15 +211,10 @@ static const k_group_fn K_GROUPS[3][17][4] = {TABLE(hk, k_group_fn, f32), TABLE(
 static const v_group_fn V_GROUPS[3][17][4] = {TABLE(hv, v_group_fn, f32), TABLE(hv, v_group_fn, bf16),
                                               TABLE(hv, v_group_fn, fp8)};
 
-/* Every line of the page into L2, so the next page is on its way while this one is used (into
- * L2 rather than L1: measured faster, the L1 miss buffers are few). */
-static inline void prefetch_page(const char *page, int64_t bytes) {
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(page + b, _MM_HINT_T1);
-}
-
 /* One sequence: page by page, every head group's scores; softmax; page by page, P.V. Each page
- * ([block_size, kv_heads, head_dim]) is used whole while it is in L1. 0 when head_dim has no
- * instance (the caller falls back to the portable loop). */
+ * ([block_size, kv_heads, head_dim]) is used whole while it is in L1, and the page used after it
+ * (after the last K page: the first V page) is prefetched meanwhile, a share per KV head. 0 when
+ * head_dim has no instance (the caller falls back to the portable loop). */
 static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
                              const int32_t *table, int seq_len, const decode_shape *s,
                              float *scratch) {
@@ -223,18 +230,23 @@ static int decode_one_simd(const void *q, const void *k_cache, const void *v_cac
     const float unit = ck == KIND_FP8 ? 256.0f : 1.0f; /* vload_fp8_div256's 2^-8, undone */
     for (int i = 0; i < H * D; i++)
         qf[i] = load_kind(q, i, s->q_kind) * (s->scale * s->k_scale * unit);
+    const int first = start / bs, pages = last - first + 1;
     for (int pass = 0; pass < 2; pass++) {
-        const char *cache = pass == 0 ? k_cache : v_cache;
         if (pass == 1) {
             softmax_rows(scores, H, w, s->softcap);
             memset(acc, 0, sizeof(float) * H * D);
         }
-        for (int blk = start / bs; blk <= last; blk++) {
-            if (blk < last) prefetch_page(cache + (int64_t)table[blk + 1] * page_bytes, page_bytes);
+        for (int blk = first; blk <= last; blk++) {
+            /* the page used next (K's, then V's), its parts prefetched one KV head at a time */
+            const int n = pass * pages + blk - first + 1;
+            const char *next = n == 2 * pages ? NULL
+                : (n < pages ? (const char *)k_cache : (const char *)v_cache) +
+                  (int64_t)table[first + n % pages] * page_bytes;
             const int t0 = blk * bs > start ? blk * bs : start;
             const int64_t slot0 = (int64_t)table[blk] * bs + (t0 - (int64_t)blk * bs);
             const int t1 = (blk + 1) * bs < seq_len ? (blk + 1) * bs : seq_len;
-            for (int kh = 0; kh < HK; kh++)
+            for (int kh = 0; kh < HK; kh++) {
+                if (next) prefetch_share(next, page_bytes, kh, HK);
                 for (int h0 = kh * G; h0 < (kh + 1) * G;) {
                     const int gc = (kh + 1) * G - h0 < most ? (kh + 1) * G - h0 : most;
                     if (pass == 0)
@@ -245,6 +257,7 @@ static int decode_one_simd(const void *q, const void *k_cache, const void *v_cac
                                                  scores, acc);
                     h0 += gc;
                 }
+            }
         }
     }
     const __m512 vs = _mm512_set1_ps(s->v_scale * unit);
@@ -262,15 +275,6 @@ static int decode_one_simd(const void *q, const void *k_cache, const void *v_cac
  * group), and likewise one output chunk while P.V accumulates. No partial sums go through memory
  * inside the token loop (in cache, that store-to-load chain was the limit). */
 #define ROW_VECTORS 8
-
-/* Share `part` of `parts` of a page's lines into L2. Spread over the work on the current page:
- * prefetching a whole page at once stalls the core once the miss buffers fill (measured 1.3-1.5x
- * slower on a Zen 3). */
-static inline void prefetch_share(const char *page, int64_t bytes, int part, int parts) {
-    const int64_t lines = bytes / 64;
-    for (int64_t l = lines * part / parts; l < lines * (part + 1) / parts; l++)
-        _mm_prefetch(page + 64 * l, _MM_HINT_T1);
-}
 
 /* Scores of head h, row chunk [c, c + 8n), for keys t0..t1-1 of one page (rows at `rows`, one
  * every `stride` elements): sc[t - t0] is set (c == 0) or added to. Four keys at a time: four
