@@ -366,7 +366,8 @@ BENCHES = {"throughput": "pagedserve.bench.throughput", "serve": "pagedserve.ben
            "connections": "pagedserve.bench.connections", "soak": "pagedserve.bench.soak",
            "batch-invariance": "pagedserve.bench.batch_invariance",
            "prompt-attention": "pagedserve.bench.prompt_attention",
-           "tensor-parallel": "pagedserve.bench.tensor_parallel"}
+           "tensor-parallel": "pagedserve.bench.tensor_parallel",
+           "cpu-decode-attention": "pagedserve.bench.cpu_decode_attention"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
