@@ -106,7 +106,8 @@ def _run_decode(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, 
                          KINDS[q.dtype], KINDS[k_cache.dtype], k_scale, v_scale)
     ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (q, k_cache, v_cache, out, seqs,
                                                     q_rows, lens, tables)]
-    if lib.paged_decode(*ptrs, len(seqs), min(omp_threads(), len(seqs)), ctypes.byref(shape)):
+    # every thread: the kernel splits long rows into parts, so one row can use them all
+    if lib.paged_decode(*ptrs, len(seqs), omp_threads(), ctypes.byref(shape)):
         raise MemoryError("paged_decode: could not allocate its scratch buffer")
 
 

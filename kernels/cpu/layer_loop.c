@@ -127,9 +127,9 @@ static int attention(const decoder *m, const layer_weights *l, const decode_step
     const decode_shape shape = {H, KV, D, m->block_size, width, (int64_t)H * D,
                                 s->block_table_stride, l->scale, l->softcap, l->sliding_window,
                                 m->kind, m->kind, l->k_scale, l->v_scale};
-    const int threads = s->count < s->threads ? s->count : s->threads;
+    /* all threads: paged_decode spreads a long row's parts over them too */
     if (s->count && m->paged_decode(s->qkv, l->k_cache, l->v_cache, s->attn, s->seqs, s->q_rows,
-                                    s->seq_lens, s->block_tables, s->count, threads, &shape))
+                                    s->seq_lens, s->block_tables, s->count, s->threads, &shape))
         return -1;
     return product(m, &l->o, s->attn, s->proj, s);
 }

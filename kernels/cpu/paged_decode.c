@@ -110,13 +110,14 @@ static void softcap_row(float *sc, int w, float softcap) {
     for (; t < w; t++) sc[t] = softcap * tanhf(sc[t] / softcap);
 }
 
-/* Each of gc rows of w scores becomes its softmax, in place. */
-static void softmax_rows(float *scores, int gc, int w, float softcap) {
+/* Each of gc rows of w scores becomes exp(score - the row's max), in place; the maxima go to
+ * m[g] and the sums of the exponentials to l[g]. */
+static void exp_rows(float *scores, int gc, int w, float softcap, float *m, float *l) {
     for (int g = 0; g < gc; g++) {
-        float *sc = scores + (int64_t)g * w, m = -INFINITY;
+        float *sc = scores + (int64_t)g * w, mx = -INFINITY;
         if (softcap > 0.0f) softcap_row(sc, w, softcap);
-        for (int t = 0; t < w; t++) m = sc[t] > m ? sc[t] : m;
-        __m512 vm = _mm512_set1_ps(m), vsum = _mm512_setzero_ps();
+        for (int t = 0; t < w; t++) mx = sc[t] > mx ? sc[t] : mx;
+        __m512 vm = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
         for (int t = 0; t < w; t += 16) {
             __mmask16 k = w - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (w - t)) - 1);
             __m512 e = vexp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + t), vm));
@@ -124,7 +125,17 @@ static void softmax_rows(float *scores, int gc, int w, float softcap) {
             _mm512_mask_storeu_ps(sc + t, k, e);
             vsum = _mm512_add_ps(vsum, e);
         }
-        const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+        m[g] = mx;
+        l[g] = _mm512_reduce_add_ps(vsum);
+    }
+}
+
+/* Each of gc rows of w scores becomes its softmax, in place (m and l: gc floats of scratch). */
+static void softmax_rows(float *scores, int gc, int w, float softcap, float *m, float *l) {
+    exp_rows(scores, gc, w, softcap, m, l);
+    for (int g = 0; g < gc; g++) {
+        float *sc = scores + (int64_t)g * w;
+        const float inv = 1.0f / l[g];
         for (int t = 0; t < w; t++) sc[t] *= inv;
     }
 }
@@ -211,62 +222,139 @@ static const k_group_fn K_GROUPS[3][17][4] = {TABLE(hk, k_group_fn, f32), TABLE(
 static const v_group_fn V_GROUPS[3][17][4] = {TABLE(hv, v_group_fn, f32), TABLE(hv, v_group_fn, bf16),
                                               TABLE(hv, v_group_fn, fp8)};
 
-/* One sequence: page by page, every head group's scores; softmax; page by page, P.V. Each page
- * ([block_size, kv_heads, head_dim]) is used whole while it is in L1, and the page used after it
- * (after the last K page: the first V page) is prefetched meanwhile, a share per KV head. 0 when
- * head_dim has no instance (the caller falls back to the portable loop). */
-static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
-                             const int32_t *table, int seq_len, const decode_shape *s,
-                             float *scratch) {
+/* Whether the AVX-512 path has an instance for this layer's head_dim and cache kind. */
+static int simd_takes(const decode_shape *s) {
+    const int D = s->head_dim, nv = D / 16;
+    return D % 16 == 0 && nv <= 16 && K_GROUPS[s->cache_kind][nv][0] != 0;
+}
+
+/* Keys [t_lo, t_hi) of a context (pages t_lo / bs .. (t_hi - 1) / bs): page by page, every head
+ * group's scores; softmax (m == NULL) or exp(score - max) with each head's max and sum in m and
+ * l; page by page, P.V into acc ([H, D], float32). Each page ([block_size, kv_heads, head_dim])
+ * is used whole while it is in L1, and the page used after it (after the last K page: the first
+ * V page) is prefetched meanwhile, a share per KV head. */
+static void attend_pages(const float *qf, const void *k_cache, const void *v_cache,
+                         const int32_t *table, int t_lo, int t_hi, const decode_shape *s,
+                         float *scores, float *acc, float *m, float *l) {
     const int D = s->head_dim, nv = D / 16, H = s->num_q_heads, HK = s->num_kv_heads;
-    const int G = H / HK, bs = s->block_size, ck = s->cache_kind;
-    if (D % 16 != 0 || nv > 16 || K_GROUPS[ck][nv][0] == 0) return 0;
+    const int G = H / HK, bs = s->block_size, ck = s->cache_kind, w = t_hi - t_lo;
     const int most = K_GROUPS[ck][nv][3] ? 4 : K_GROUPS[ck][nv][1] ? 2 : 1;
-    const int start = (s->sliding_window > 0 && seq_len > s->sliding_window)
-                          ? seq_len - s->sliding_window : 0;
-    const int w = seq_len - start, last = (seq_len - 1) / bs;
     const int64_t page_bytes = (int64_t)bs * HK * D * kind_size(ck);
-    float *scores = scratch, *acc = scratch + (int64_t)H * w, *qf = acc + (int64_t)H * D;
-    const float unit = ck == KIND_FP8 ? 256.0f : 1.0f; /* vload_fp8_div256's 2^-8, undone */
-    for (int i = 0; i < H * D; i++)
-        qf[i] = load_kind(q, i, s->q_kind) * (s->scale * s->k_scale * unit);
-    const int first = start / bs, pages = last - first + 1;
+    const int first = t_lo / bs, last = (t_hi - 1) / bs, pages = last - first + 1;
     for (int pass = 0; pass < 2; pass++) {
         if (pass == 1) {
-            softmax_rows(scores, H, w, s->softcap);
+            if (m) exp_rows(scores, H, w, s->softcap, m, l);
+            else softmax_rows(scores, H, w, s->softcap, acc, acc + H);
             memset(acc, 0, sizeof(float) * H * D);
         }
         for (int blk = first; blk <= last; blk++) {
-            /* the page used next (K's, then V's), its parts prefetched one KV head at a time */
-            const int n = pass * pages + blk - first + 1;
+            const int n = pass * pages + blk - first + 1; /* the page used next: K's, then V's */
             const char *next = n == 2 * pages ? NULL
                 : (n < pages ? (const char *)k_cache : (const char *)v_cache) +
                   (int64_t)table[first + n % pages] * page_bytes;
-            const int t0 = blk * bs > start ? blk * bs : start;
+            const int t0 = blk * bs > t_lo ? blk * bs : t_lo;
             const int64_t slot0 = (int64_t)table[blk] * bs + (t0 - (int64_t)blk * bs);
-            const int t1 = (blk + 1) * bs < seq_len ? (blk + 1) * bs : seq_len;
+            const int t1 = (blk + 1) * bs < t_hi ? (blk + 1) * bs : t_hi;
             for (int kh = 0; kh < HK; kh++) {
                 if (next) prefetch_share(next, page_bytes, kh, HK);
                 for (int h0 = kh * G; h0 < (kh + 1) * G;) {
                     const int gc = (kh + 1) * G - h0 < most ? (kh + 1) * G - h0 : most;
                     if (pass == 0)
-                        K_GROUPS[ck][nv][gc - 1](qf, k_cache, slot0, t0, t1, start, w, kh, h0, s,
+                        K_GROUPS[ck][nv][gc - 1](qf, k_cache, slot0, t0, t1, t_lo, w, kh, h0, s,
                                                  scores);
                     else
-                        V_GROUPS[ck][nv][gc - 1](v_cache, slot0, t0, t1, start, w, kh, h0, s,
+                        V_GROUPS[ck][nv][gc - 1](v_cache, slot0, t0, t1, t_lo, w, kh, h0, s,
                                                  scores, acc);
                     h0 += gc;
                 }
             }
         }
     }
-    const __m512 vs = _mm512_set1_ps(s->v_scale * unit);
-    for (int i = 0; i < H * D; i += 16) {
+}
+
+/* The float32 queries, scaled (k_scale and vload_fp8_div256's 2^-8 folded in). */
+static void scaled_query(const void *q, const decode_shape *s, float *qf) {
+    const float unit = s->cache_kind == KIND_FP8 ? 256.0f : 1.0f;
+    for (int i = 0; i < s->num_q_heads * s->head_dim; i++)
+        qf[i] = load_kind(q, i, s->q_kind) * (s->scale * s->k_scale * unit);
+}
+
+/* acc * scale into out (float32 or bf16, as q). */
+static void store_out(const float *acc, float scale, const decode_shape *s, void *out) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int i = 0; i < s->num_q_heads * s->head_dim; i += 16) {
         const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + i), vs);
         if (s->q_kind == KIND_BF16) vstore_bf16((uint16_t *)out + i, o);
         else vstore_f32((float *)out + i, o);
     }
+}
+
+static inline float v_unit(const decode_shape *s) {
+    return s->v_scale * (s->cache_kind == KIND_FP8 ? 256.0f : 1.0f);
+}
+
+/* One sequence's whole window, into out. 0 when head_dim has no instance (the caller falls
+ * back to the portable loop). */
+static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
+                             const int32_t *table, int seq_len, const decode_shape *s,
+                             float *scratch) {
+    if (!simd_takes(s)) return 0;
+    const int H = s->num_q_heads, D = s->head_dim;
+    const int start = (s->sliding_window > 0 && seq_len > s->sliding_window)
+                          ? seq_len - s->sliding_window : 0;
+    float *scores = scratch, *acc = scratch + (int64_t)H * (seq_len - start);
+    float *qf = acc + (int64_t)H * D;
+    scaled_query(q, s, qf);
+    attend_pages(qf, k_cache, v_cache, table, start, seq_len, s, scores, acc, NULL, NULL);
+    store_out(acc, v_unit(s), s, out);
     return 1;
+}
+
+/* Keys [t_lo, t_hi) of one sequence: unnormalized P.V into acc, each head's max and sum of
+ * exponentials into m and l (merge_parts combines the parts). */
+static void decode_part_simd(const void *q, const void *k_cache, const void *v_cache,
+                             const int32_t *table, int t_lo, int t_hi, const decode_shape *s,
+                             float *scratch, float *acc, float *m, float *l) {
+    float *qf = scratch, *scores = qf + (int64_t)s->num_q_heads * s->head_dim;
+    scaled_query(q, s, qf);
+    attend_pages(qf, k_cache, v_cache, table, t_lo, t_hi, s, scores, acc, m, l);
+}
+#define SPLIT_CONTEXTS 1
+
+/* A window of more pages than this is attended in parts of this many pages, spread over the
+ * threads with the other rows' work and merged after: a lone long row no longer leaves all but
+ * one thread idle. The parts depend on the row's window alone, so its result does not depend on
+ * its batch (--batch-invariant). */
+#define PART_PAGES 16
+
+static int parts_of(int seq_len, int start, const decode_shape *s) {
+    if (!simd_takes(s)) return 1;
+    const int pages = (seq_len - 1) / s->block_size - start / s->block_size + 1;
+    return (pages + PART_PAGES - 1) / PART_PAGES;
+}
+
+/* The parts' [acc (H * D) | m (H) | l (H)] blocks, `stride` floats apart, merged into out: each
+ * head's exponentials rescaled to the largest max, summed, normalized (into part 0's acc). */
+static void merge_parts(float *part, int parts, int64_t stride, const decode_shape *s,
+                        void *out) {
+    const int H = s->num_q_heads, D = s->head_dim;
+    for (int h = 0; h < H; h++) {
+        float mx = -INFINITY, sum = 0.0f;
+        for (int p = 0; p < parts; p++) {
+            const float m = part[p * stride + (int64_t)H * D + h];
+            mx = m > mx ? m : mx;
+        }
+        float *acc = part + (int64_t)h * D;
+        for (int p = 0; p < parts; p++) {
+            const float *blk = part + p * stride;
+            const float c = expf(blk[(int64_t)H * D + h] - mx);
+            sum += blk[(int64_t)H * D + H + h] * c;
+            for (int d = 0; d < D; d++)
+                acc[d] = p == 0 ? acc[d] * c : acc[d] + blk[(int64_t)h * D + d] * c;
+        }
+        for (int d = 0; d < D; d++) acc[d] /= sum;
+    }
+    store_out(part, v_unit(s), s, out);
 }
 #elif defined(PAGEDSERVE_AVX2)
 /* The AVX2 path, for head_dim a multiple of 8. Sixteen vector registers cannot hold a head group's
@@ -439,35 +527,114 @@ static int decode_one_simd(const void *q, const void *k_cache, const void *v_cac
 }
 #endif
 
+#ifndef SPLIT_CONTEXTS /* the AVX2 and portable paths attend each row whole */
+#define SPLIT_CONTEXTS 0
+static int parts_of(int seq_len, int start, const decode_shape *s) {
+    (void)seq_len, (void)start, (void)s;
+    return 1;
+}
+static void decode_part_simd(const void *q, const void *k_cache, const void *v_cache,
+                             const int32_t *table, int t_lo, int t_hi, const decode_shape *s,
+                             float *scratch, float *acc, float *m, float *l) {
+    (void)q, (void)k_cache, (void)v_cache, (void)table, (void)t_lo, (void)t_hi, (void)s;
+    (void)scratch, (void)acc, (void)m, (void)l;
+}
+static void merge_parts(float *part, int parts, int64_t stride, const decode_shape *s,
+                        void *out) {
+    (void)part, (void)parts, (void)stride, (void)s, (void)out;
+}
+#define PART_PAGES 1
+#endif
+
+static int window_start(int seq_len, const decode_shape *s) {
+    return s->sliding_window > 0 && seq_len > s->sliding_window ? seq_len - s->sliding_window : 0;
+}
+
+/* Which row and part each work item is, rows in order, a row's parts together; the number of
+ * items, or -1 when out of memory. */
+static int work_items(const int32_t *seqs, const int32_t *seq_lens, int count,
+                      const decode_shape *s, int **item_row, int **item_part) {
+    int items = 0;
+    for (int i = 0; i < count; i++) {
+        const int len = seq_lens[seqs[i]];
+        items += parts_of(len, window_start(len, s), s);
+    }
+    *item_row = malloc(sizeof(int) * (items > 0 ? items : 1));
+    *item_part = malloc(sizeof(int) * (items > 0 ? items : 1));
+    if (!*item_row || !*item_part) return -1;
+    for (int i = 0, it = 0; i < count; i++) {
+        const int len = seq_lens[seqs[i]], parts = parts_of(len, window_start(len, s), s);
+        for (int p = 0; p < parts; p++, it++) (*item_row)[it] = i, (*item_part)[it] = p;
+    }
+    return items;
+}
+
+/* Item it of the work: a whole row into out, or one part of a long row into its partial block. */
+static void run_item(int it, const int *item_row, const int *item_part, const char *q,
+                     const void *k_cache, const void *v_cache, char *out, const int32_t *seqs,
+                     const int32_t *q_rows, const int32_t *seq_lens, const int32_t *block_tables,
+                     const decode_shape *s, float *scratch, float *partial, int64_t stride) {
+    const int seq = seqs[item_row[it]], len = seq_lens[seq], start = window_start(len, s);
+    const int64_t qsize = kind_size(s->q_kind);
+    const char *qs = q + q_rows[seq] * s->q_row_stride * qsize;
+    const int32_t *table = block_tables + seq * s->block_table_stride;
+    if (parts_of(len, start, s) == 1) {
+        char *os = out + q_rows[seq] * s->out_row_stride * qsize;
+        if (!decode_one_simd(qs, k_cache, v_cache, os, table, len, s, scratch))
+            decode_one(qs, k_cache, v_cache, os, table, len, s, scratch);
+        return;
+    }
+    const int bs = s->block_size, page = start / bs + item_part[it] * PART_PAGES;
+    const int t_lo = page * bs > start ? page * bs : start;
+    const int t_hi = (page + PART_PAGES) * bs < len ? (page + PART_PAGES) * bs : len;
+    float *blk = partial + it * stride, *m = blk + (int64_t)s->num_q_heads * s->head_dim;
+    decode_part_simd(qs, k_cache, v_cache, table, t_lo, t_hi, s, scratch, blk, m,
+                     m + s->num_q_heads);
+}
+
 /* The decode rows seqs[0:count) of the batch, longest context first: sequence i's query is row
  * q_rows[i] of q and out, its context seq_lens[i] tokens long, its pages row i of block_tables.
  * q and out hold s->q_kind elements (float32 or bf16), the caches s->cache_kind ones.
- * Sequences are handed to up to num_threads threads one at a time, longest first, so the threads
- * finish together. Returns 0, or -1 when a thread could not allocate its scratch buffer (its
- * sequences are not written then). */
+ * The work (whole rows, and the parts of long ones: PART_PAGES) is handed to up to num_threads
+ * threads one item at a time, longest rows first, so the threads finish together; then each
+ * split row's parts are merged. Returns 0, or -1 when memory could not be allocated (rows are
+ * not all written then). */
 int paged_decode(const char *q, const void *k_cache, const void *v_cache, char *out,
                  const int32_t *seqs, const int32_t *q_rows, const int32_t *seq_lens,
                  const int32_t *block_tables, int count, int num_threads, const decode_shape *s) {
-    int longest = 1, failed = 0;
+    int longest = 1, failed = 0, *item_row = NULL, *item_part = NULL;
     for (int i = 0; i < count; i++)
         longest = seq_lens[seqs[i]] > longest ? seq_lens[seqs[i]] : longest;
-    const int64_t H = s->num_q_heads, D = s->head_dim, qsize = kind_size(s->q_kind);
-    (void)num_threads;
-    #pragma omp parallel num_threads(num_threads) reduction(|: failed)
+    const int64_t H = s->num_q_heads, D = s->head_dim, stride = H * D + 2 * H;
+    const int items = work_items(seqs, seq_lens, count, s, &item_row, &item_part);
+    /* a partial block per item (only split rows' are used): H * D + 2 * H floats each */
+    float *partial = items > count ? malloc(sizeof(float) * stride * items) : NULL;
+    if (items < 0 || (items > count && !partial)) {
+        free(item_row), free(item_part), free(partial);
+        return -1;
+    }
+    const int threads = num_threads < items ? num_threads : items;
+    #pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(|: failed)
     {
         float *scratch = malloc(sizeof(float) * (H * longest + (2 * H + 1) * D));
         failed = scratch == NULL;
         #pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < count; i++) {
-            if (!scratch) continue;
-            const int seq = seqs[i];
-            const char *qs = q + q_rows[seq] * s->q_row_stride * qsize;
-            char *os = out + q_rows[seq] * s->out_row_stride * qsize;
-            const int32_t *table = block_tables + seq * s->block_table_stride;
-            if (!decode_one_simd(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch))
-                decode_one(qs, k_cache, v_cache, os, table, seq_lens[seq], s, scratch);
-        }
+        for (int it = 0; it < items; it++)
+            if (scratch)
+                run_item(it, item_row, item_part, q, k_cache, v_cache, out, seqs, q_rows,
+                         seq_lens, block_tables, s, scratch, partial, stride);
         free(scratch);
+        if (partial) {
+            #pragma omp for schedule(dynamic, 1)
+            for (int it = 0; it < items; it++) {
+                const int seq = seqs[item_row[it]], len = seq_lens[seq];
+                const int parts = parts_of(len, window_start(len, s), s);
+                if (item_part[it] == 0 && parts > 1)
+                    merge_parts(partial + it * stride, parts, stride, s,
+                                out + q_rows[seq] * s->out_row_stride * kind_size(s->q_kind));
+            }
+        }
     }
+    free(item_row), free(item_part), free(partial);
     return failed ? -1 : 0;
 }

@@ -61,6 +61,28 @@ def test_decode_rows_head_layouts(dtype, num_q_heads, num_kv_heads, head_dim) ->
            num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
 
 
+@pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (700, 0.0), (263, 25.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_rows_attended_in_parts(dtype, window, softcap) -> None:
+    """Windows of more than 16 pages are attended in parts (AVX-512) and merged: 2,000 tokens
+    is 8 parts; a sliding window starting mid-page and mid-part; beside short rows."""
+    _check([1, 1, 1, 1], [2000, 17, 513, 256], dtype=dtype, window=window, softcap=softcap)
+
+
+def test_a_long_row_is_bit_for_bit_the_same_alone_and_in_a_batch() -> None:
+    """The parts depend on a row's window only: alone (its parts then spread over every thread)
+    or among others (work shared differently), the same bits."""
+    b = _on_cpu(make_batch([1, 1, 1], [1500, 700, 40], num_q_heads=8, num_kv_heads=2,
+                           head_dim=64, block_size=16, dtype=torch.bfloat16))
+    together = torch.empty_like(b.q)
+    cpu.paged_attention(*b.args(), together, scale=0.3, **b.bounds())
+    alone = torch.empty_like(b.q[:1])
+    cpu.paged_attention(b.q[:1], b.k_cache, b.v_cache, torch.tensor([0, 1], dtype=torch.int32),
+                        b.seq_lens[:1], b.block_tables[:1], alone, scale=0.3, max_seqlen_q=1,
+                        max_seqlen_k=1500)
+    assert torch.equal(alone, together[:1])
+
+
 @pytest.mark.parametrize("block_size", [8, 32, 128])
 def test_block_sizes(block_size) -> None:
     _check([1] * len(DECODE_LENS), DECODE_LENS, block_size=block_size)
