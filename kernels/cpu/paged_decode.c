@@ -86,6 +86,20 @@ static inline void prefetch_share(const char *page, int64_t bytes, int part, int
     for (int64_t l = lines * part / parts; l < lines * (part + 1) / parts; l++)
         _mm_prefetch(page + 64 * l, _MM_HINT_T1);
 }
+
+/* Each of gc rows of w scores becomes exp(score - the row's max), in place; the maxima go to
+ * m[g] and the sums of the exponentials to l[g] (each SIMD path has its own). */
+static void exp_rows(float *scores, int gc, int w, float softcap, float *m, float *l);
+
+/* Each of gc rows of w scores becomes its softmax, in place (m and l: gc floats of scratch). */
+static void softmax_rows(float *scores, int gc, int w, float softcap, float *m, float *l) {
+    exp_rows(scores, gc, w, softcap, m, l);
+    for (int g = 0; g < gc; g++) {
+        float *sc = scores + (int64_t)g * w;
+        const float inv = 1.0f / l[g];
+        for (int t = 0; t < w; t++) sc[t] *= inv;
+    }
+}
 #endif
 
 #ifdef PAGEDSERVE_AVX512
@@ -110,8 +124,7 @@ static void softcap_row(float *sc, int w, float softcap) {
     for (; t < w; t++) sc[t] = softcap * tanhf(sc[t] / softcap);
 }
 
-/* Each of gc rows of w scores becomes exp(score - the row's max), in place; the maxima go to
- * m[g] and the sums of the exponentials to l[g]. */
+/* exp_rows, 16 at a time. */
 static void exp_rows(float *scores, int gc, int w, float softcap, float *m, float *l) {
     for (int g = 0; g < gc; g++) {
         float *sc = scores + (int64_t)g * w, mx = -INFINITY;
@@ -127,16 +140,6 @@ static void exp_rows(float *scores, int gc, int w, float softcap, float *m, floa
         }
         m[g] = mx;
         l[g] = _mm512_reduce_add_ps(vsum);
-    }
-}
-
-/* Each of gc rows of w scores becomes its softmax, in place (m and l: gc floats of scratch). */
-static void softmax_rows(float *scores, int gc, int w, float softcap, float *m, float *l) {
-    exp_rows(scores, gc, w, softcap, m, l);
-    for (int g = 0; g < gc; g++) {
-        float *sc = scores + (int64_t)g * w;
-        const float inv = 1.0f / l[g];
-        for (int t = 0; t < w; t++) sc[t] *= inv;
     }
 }
 
@@ -272,13 +275,6 @@ static void attend_pages(const float *qf, const void *k_cache, const void *v_cac
     }
 }
 
-/* The float32 queries, scaled (k_scale and vload_fp8_div256's 2^-8 folded in). */
-static void scaled_query(const void *q, const decode_shape *s, float *qf) {
-    const float unit = s->cache_kind == KIND_FP8 ? 256.0f : 1.0f;
-    for (int i = 0; i < s->num_q_heads * s->head_dim; i++)
-        qf[i] = load_kind(q, i, s->q_kind) * (s->scale * s->k_scale * unit);
-}
-
 /* acc * scale into out (float32 or bf16, as q). */
 static void store_out(const float *acc, float scale, const decode_shape *s, void *out) {
     const __m512 vs = _mm512_set1_ps(scale);
@@ -289,73 +285,7 @@ static void store_out(const float *acc, float scale, const decode_shape *s, void
     }
 }
 
-static inline float v_unit(const decode_shape *s) {
-    return s->v_scale * (s->cache_kind == KIND_FP8 ? 256.0f : 1.0f);
-}
-
-/* One sequence's whole window, into out. 0 when head_dim has no instance (the caller falls
- * back to the portable loop). */
-static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
-                             const int32_t *table, int seq_len, const decode_shape *s,
-                             float *scratch) {
-    if (!simd_takes(s)) return 0;
-    const int H = s->num_q_heads, D = s->head_dim;
-    const int start = (s->sliding_window > 0 && seq_len > s->sliding_window)
-                          ? seq_len - s->sliding_window : 0;
-    float *scores = scratch, *acc = scratch + (int64_t)H * (seq_len - start);
-    float *qf = acc + (int64_t)H * D;
-    scaled_query(q, s, qf);
-    attend_pages(qf, k_cache, v_cache, table, start, seq_len, s, scores, acc, NULL, NULL);
-    store_out(acc, v_unit(s), s, out);
-    return 1;
-}
-
-/* Keys [t_lo, t_hi) of one sequence: unnormalized P.V into acc, each head's max and sum of
- * exponentials into m and l (merge_parts combines the parts). */
-static void decode_part_simd(const void *q, const void *k_cache, const void *v_cache,
-                             const int32_t *table, int t_lo, int t_hi, const decode_shape *s,
-                             float *scratch, float *acc, float *m, float *l) {
-    float *qf = scratch, *scores = qf + (int64_t)s->num_q_heads * s->head_dim;
-    scaled_query(q, s, qf);
-    attend_pages(qf, k_cache, v_cache, table, t_lo, t_hi, s, scores, acc, m, l);
-}
-#define SPLIT_CONTEXTS 1
-
-/* A window of more pages than this is attended in parts of this many pages, spread over the
- * threads with the other rows' work and merged after: a lone long row no longer leaves all but
- * one thread idle. The parts depend on the row's window alone, so its result does not depend on
- * its batch (--batch-invariant). */
-#define PART_PAGES 16
-
-static int parts_of(int seq_len, int start, const decode_shape *s) {
-    if (!simd_takes(s)) return 1;
-    const int pages = (seq_len - 1) / s->block_size - start / s->block_size + 1;
-    return (pages + PART_PAGES - 1) / PART_PAGES;
-}
-
-/* The parts' [acc (H * D) | m (H) | l (H)] blocks, `stride` floats apart, merged into out: each
- * head's exponentials rescaled to the largest max, summed, normalized (into part 0's acc). */
-static void merge_parts(float *part, int parts, int64_t stride, const decode_shape *s,
-                        void *out) {
-    const int H = s->num_q_heads, D = s->head_dim;
-    for (int h = 0; h < H; h++) {
-        float mx = -INFINITY, sum = 0.0f;
-        for (int p = 0; p < parts; p++) {
-            const float m = part[p * stride + (int64_t)H * D + h];
-            mx = m > mx ? m : mx;
-        }
-        float *acc = part + (int64_t)h * D;
-        for (int p = 0; p < parts; p++) {
-            const float *blk = part + p * stride;
-            const float c = expf(blk[(int64_t)H * D + h] - mx);
-            sum += blk[(int64_t)H * D + H + h] * c;
-            for (int d = 0; d < D; d++)
-                acc[d] = p == 0 ? acc[d] * c : acc[d] + blk[(int64_t)h * D + d] * c;
-        }
-        for (int d = 0; d < D; d++) acc[d] /= sum;
-    }
-    store_out(part, v_unit(s), s, out);
-}
+#define SIMD_PATH 1
 #elif defined(PAGEDSERVE_AVX2)
 /* The AVX2 path, for head_dim a multiple of 8. Sixteen vector registers cannot hold a head group's
  * queries as above; instead one query head's chunk of up to 64 elements (8 vectors) stays in
@@ -456,12 +386,13 @@ static void softcap_row(float *sc, int w, float softcap) {
     for (; t < w; t++) sc[t] = softcap * tanhf(sc[t] / softcap);
 }
 
-static void softmax_rows(float *scores, int rows, int w, float softcap) {
+/* exp_rows, 8 at a time. */
+static void exp_rows(float *scores, int rows, int w, float softcap, float *m, float *l) {
     for (int g = 0; g < rows; g++) {
-        float *sc = scores + (int64_t)g * w, m = -INFINITY, sum = 0.0f;
+        float *sc = scores + (int64_t)g * w, mx = -INFINITY, sum = 0.0f;
         if (softcap > 0.0f) softcap_row(sc, w, softcap);
-        for (int t = 0; t < w; t++) m = sc[t] > m ? sc[t] : m;
-        const __m256 vm = _mm256_set1_ps(m);
+        for (int t = 0; t < w; t++) mx = sc[t] > mx ? sc[t] : mx;
+        const __m256 vm = _mm256_set1_ps(mx);
         __m256 vsum = _mm256_setzero_ps();
         int t = 0;
         for (; t + 8 <= w; t += 8) {
@@ -469,55 +400,139 @@ static void softmax_rows(float *scores, int rows, int w, float softcap) {
             _mm256_storeu_ps(sc + t, e);
             vsum = _mm256_add_ps(vsum, e);
         }
-        for (; t < w; t++) { sc[t] = expf(sc[t] - m); sum += sc[t]; }
-        const float inv = 1.0f / (sum + v8sum(vsum));
-        for (t = 0; t < w; t++) sc[t] *= inv;
+        for (; t < w; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+        m[g] = mx;
+        l[g] = sum + v8sum(vsum);
     }
 }
 
-/* One sequence: scaled queries, page by page every head's scores, softmax, page by page P.V.
- * scratch holds H * w scores and 2 * H * D floats more. 0 when head_dim is not a multiple of 8
- * (the caller falls back to the portable loop). */
-static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
-                           const int32_t *table, int seq_len, const decode_shape *s,
-                           float *scratch) {
+static int simd_takes(const decode_shape *s) {
+    return s->head_dim % 8 == 0;
+}
+
+/* Keys [t_lo, t_hi) of a context: page by page every head's scores; softmax (m == NULL) or
+ * exp(score - max) with each head's max and sum in m and l; page by page P.V into acc ([H, D],
+ * float32). The next page of the same pass is prefetched a share per query head. */
+static void attend_pages(const float *qf, const void *k_cache, const void *v_cache,
+                         const int32_t *table, int t_lo, int t_hi, const decode_shape *s,
+                         float *scores, float *acc, float *m, float *l) {
     const int D = s->head_dim, H = s->num_q_heads, HK = s->num_kv_heads, bs = s->block_size;
-    const int ck = s->cache_kind;
-    if (D % 8 != 0) return 0;
-    const int start = (s->sliding_window > 0 && seq_len > s->sliding_window)
-                          ? seq_len - s->sliding_window : 0;
-    const int w = seq_len - start, last = (seq_len - 1) / bs;
+    const int ck = s->cache_kind, w = t_hi - t_lo, last = (t_hi - 1) / bs;
     const int64_t page_bytes = (int64_t)bs * HK * D * kind_size(ck);
-    float *scores = scratch, *qf = scratch + (int64_t)H * w, *acc = qf + (int64_t)H * D;
-    const float unit = ck == KIND_FP8 ? 256.0f : 1.0f; /* v8load_fp8_div256's 2^-8, undone */
-    for (int i = 0; i < H * D; i++)
-        qf[i] = load_kind(q, i, s->q_kind) * (s->scale * s->k_scale * unit);
-    memset(acc, 0, sizeof(float) * H * D);
     for (int pass = 0; pass < 2; pass++) {
         const char *cache = pass == 0 ? k_cache : v_cache;
-        if (pass == 1) softmax_rows(scores, H, w, s->softcap);
-        for (int blk = start / bs; blk <= last; blk++) {
+        if (pass == 1) {
+            if (m) exp_rows(scores, H, w, s->softcap, m, l);
+            else softmax_rows(scores, H, w, s->softcap, acc, acc + H); /* acc: unused until P.V */
+            memset(acc, 0, sizeof(float) * H * D);
+        }
+        for (int blk = t_lo / bs; blk <= last; blk++) {
             const char *next = blk < last ? cache + (int64_t)table[blk + 1] * page_bytes : NULL;
-            const int t0 = blk * bs > start ? blk * bs : start;
+            const int t0 = blk * bs > t_lo ? blk * bs : t_lo;
             const int64_t slot0 = (int64_t)table[blk] * bs + (t0 - (int64_t)blk * bs);
-            const int t1 = (blk + 1) * bs < seq_len ? (blk + 1) * bs : seq_len;
-            if (ck == KIND_BF16) page_bf16(pass, qf, (const uint16_t *)cache, slot0, t0, t1, start,
+            const int t1 = (blk + 1) * bs < t_hi ? (blk + 1) * bs : t_hi;
+            if (ck == KIND_BF16) page_bf16(pass, qf, (const uint16_t *)cache, slot0, t0, t1, t_lo,
                                            w, s, scores, acc, next, page_bytes);
             else if (ck == KIND_FP8) page_fp8(pass, qf, (const uint8_t *)cache, slot0, t0, t1,
-                                              start, w, s, scores, acc, next, page_bytes);
-            else page_f32(pass, qf, (const float *)cache, slot0, t0, t1, start, w, s, scores, acc,
+                                              t_lo, w, s, scores, acc, next, page_bytes);
+            else page_f32(pass, qf, (const float *)cache, slot0, t0, t1, t_lo, w, s, scores, acc,
                           next, page_bytes);
         }
     }
-    const __m256 vs = _mm256_set1_ps(s->v_scale * unit);
-    for (int i = 0; i < H * D; i += 8) {
+}
+
+/* acc * scale into out (float32 or bf16, as q). */
+static void store_out(const float *acc, float scale, const decode_shape *s, void *out) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int i = 0; i < s->num_q_heads * s->head_dim; i += 8) {
         const __m256 o = _mm256_mul_ps(_mm256_loadu_ps(acc + i), vs);
         if (s->q_kind == KIND_BF16) v8store_bf16((uint16_t *)out + i, o);
         else v8store_f32((float *)out + i, o);
     }
+}
+#define SIMD_PATH 1
+#endif
+
+/* The first key of a row's window (sliding windows). */
+static int window_start(int seq_len, const decode_shape *s) {
+    return s->sliding_window > 0 && seq_len > s->sliding_window ? seq_len - s->sliding_window : 0;
+}
+
+#ifdef SIMD_PATH
+/* The float32 queries, scaled (k_scale and vload_fp8_div256's 2^-8 folded in). */
+static void scaled_query(const void *q, const decode_shape *s, float *qf) {
+    const float unit = s->cache_kind == KIND_FP8 ? 256.0f : 1.0f;
+    for (int i = 0; i < s->num_q_heads * s->head_dim; i++)
+        qf[i] = load_kind(q, i, s->q_kind) * (s->scale * s->k_scale * unit);
+}
+
+static inline float v_unit(const decode_shape *s) {
+    return s->v_scale * (s->cache_kind == KIND_FP8 ? 256.0f : 1.0f);
+}
+
+/* One sequence's whole window, into out. 0 when head_dim has no instance (the caller falls
+ * back to the portable loop). */
+static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
+                             const int32_t *table, int seq_len, const decode_shape *s,
+                             float *scratch) {
+    if (!simd_takes(s)) return 0;
+    const int H = s->num_q_heads, D = s->head_dim, start = window_start(seq_len, s);
+    float *scores = scratch, *acc = scratch + (int64_t)H * (seq_len - start);
+    float *qf = acc + (int64_t)H * D;
+    scaled_query(q, s, qf);
+    attend_pages(qf, k_cache, v_cache, table, start, seq_len, s, scores, acc, NULL, NULL);
+    store_out(acc, v_unit(s), s, out);
     return 1;
 }
-#else
+
+/* Keys [t_lo, t_hi) of one sequence: unnormalized P.V into acc, each head's max and sum of
+ * exponentials into m and l (merge_parts combines the parts). */
+static void decode_part_simd(const void *q, const void *k_cache, const void *v_cache,
+                             const int32_t *table, int t_lo, int t_hi, const decode_shape *s,
+                             float *scratch, float *acc, float *m, float *l) {
+    float *qf = scratch, *scores = qf + (int64_t)s->num_q_heads * s->head_dim;
+    scaled_query(q, s, qf);
+    attend_pages(qf, k_cache, v_cache, table, t_lo, t_hi, s, scores, acc, m, l);
+}
+
+/* A window of more pages than this is attended in parts of this many pages, spread over the
+ * threads with the other rows' work and merged after: a lone long row no longer leaves all but
+ * one thread idle. The parts depend on the row's window alone, so its result does not depend on
+ * its batch (--batch-invariant). Each part starts on a cold page, so shorter parts cost rows that
+ * already fill the threads (16 pages: 10% on 8 rows of 1,024 tokens). */
+#define PART_PAGES 32
+
+static int parts_of(int seq_len, int start, const decode_shape *s) {
+    if (!simd_takes(s)) return 1;
+    const int pages = (seq_len - 1) / s->block_size - start / s->block_size + 1;
+    return (pages + PART_PAGES - 1) / PART_PAGES;
+}
+
+/* The parts' [acc (H * D) | m (H) | l (H)] blocks, `stride` floats apart, merged into out: each
+ * head's exponentials rescaled to the largest max, summed, normalized (into part 0's acc). */
+static void merge_parts(float *part, int parts, int64_t stride, const decode_shape *s,
+                        void *out) {
+    const int H = s->num_q_heads, D = s->head_dim;
+    for (int h = 0; h < H; h++) {
+        float mx = -INFINITY, sum = 0.0f;
+        for (int p = 0; p < parts; p++) {
+            const float m = part[p * stride + (int64_t)H * D + h];
+            mx = m > mx ? m : mx;
+        }
+        float *acc = part + (int64_t)h * D;
+        for (int p = 0; p < parts; p++) {
+            const float *blk = part + p * stride;
+            const float c = expf(blk[(int64_t)H * D + h] - mx);
+            sum += blk[(int64_t)H * D + H + h] * c;
+            for (int d = 0; d < D; d++)
+                acc[d] = p == 0 ? acc[d] * c : acc[d] + blk[(int64_t)h * D + d] * c;
+        }
+        for (int d = 0; d < D; d++) acc[d] /= sum;
+    }
+    store_out(part, v_unit(s), s, out);
+}
+#else /* the portable loop only: every row whole */
+#define PART_PAGES 1
 static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
                              const int32_t *table, int seq_len, const decode_shape *s,
                              float *scratch) {
@@ -525,10 +540,6 @@ static int decode_one_simd(const void *q, const void *k_cache, const void *v_cac
     (void)scratch;
     return 0;
 }
-#endif
-
-#ifndef SPLIT_CONTEXTS /* the AVX2 and portable paths attend each row whole */
-#define SPLIT_CONTEXTS 0
 static int parts_of(int seq_len, int start, const decode_shape *s) {
     (void)seq_len, (void)start, (void)s;
     return 1;
@@ -543,12 +554,7 @@ static void merge_parts(float *part, int parts, int64_t stride, const decode_sha
                         void *out) {
     (void)part, (void)parts, (void)stride, (void)s, (void)out;
 }
-#define PART_PAGES 1
 #endif
-
-static int window_start(int seq_len, const decode_shape *s) {
-    return s->sliding_window > 0 && seq_len > s->sliding_window ? seq_len - s->sliding_window : 0;
-}
 
 /* Which row and part each work item is, rows in order, a row's parts together; the number of
  * items, or -1 when out of memory. */

@@ -64,8 +64,8 @@ def test_decode_rows_head_layouts(dtype, num_q_heads, num_kv_heads, head_dim) ->
 @pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (700, 0.0), (263, 25.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_long_rows_attended_in_parts(dtype, window, softcap) -> None:
-    """Windows of more than 16 pages are attended in parts (AVX-512) and merged: 2,000 tokens
-    is 8 parts; a sliding window starting mid-page and mid-part; beside short rows."""
+    """Windows of more than 32 pages are attended in parts and merged: 2,000 tokens is 4 parts,
+    513 tokens 2; a sliding window of 700 starting mid-page; beside short rows."""
     _check([1, 1, 1, 1], [2000, 17, 513, 256], dtype=dtype, window=window, softcap=softcap)
 
 
@@ -213,3 +213,4 @@ def test_narrower_simd_paths(monkeypatch, path, dtype) -> None:
         _check([1] * len(DECODE_LENS), DECODE_LENS, num_q_heads=num_q_heads,
                num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
     _check([1, 1, 4, 1, 1], [40, 33, 20, 5, 90], dtype=dtype, window=13, softcap=30.0)
+    _check([1, 1, 1, 1], [2000, 17, 513, 256], dtype=dtype, window=700)  # long rows in parts
