@@ -3,7 +3,7 @@ other model, e.g. the BF16 GGUF of the same weights), side by side in one proces
 
     python -m pagedserve.bench.gguf_decode [--model Q4_1.gguf] [--also BF16.gguf]
         [--batch-sizes 1,16] [--tokens 33] [--rounds 5] [--dtype auto] [--act float,int8x2,int8]
-        [--prefill 512]
+        [--prefill 512] [--context 2000]
 
 Per engine and batch size B: B greedy requests of 16 distinct prompt tokens and --tokens output
 tokens, each decode step's time taken around the executor's step (inputs, forward, sampling; no
@@ -12,6 +12,9 @@ sizes alternate round by round. `x` is the cell over the same file dequantized a
 engine). The file runs quantized once per --act (kernels/cpu/quant_linear.py's ACT: float,
 int8x2 or int8 x; default: ACT as the environment sets it). With --prefill N, each round also times one
 request's prompt of N tokens (all its steps; prompt tokens/s over the QUANTILE-th percentile).
+With --context N the decode requests' prompts are N tokens long instead of 16, so each output
+token attends to a long context (one user's long conversation); only steps in which every request
+decodes one token are timed.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def _engine(path: Path, quantized: bool, dtype: str, max_model_len: int = 256):
     from pagedserve import LLM
 
     return LLM(path, dtype=dtype, max_model_len=max_model_len, max_num_seqs=64,
+               max_num_batched_tokens=max(2048, max_model_len),
                quantization="auto" if quantized else "dequantize")
 
 
@@ -44,9 +48,11 @@ def _set_act(act: str | None) -> None:
         importlib.import_module("pagedserve.kernels.cpu.quant_linear").ACT = act
 
 
-def _step_times(llm, batch: int, prompt: int, tokens: int, salt: int) -> list[float]:
+def _step_times(llm, batch: int, prompt: int, tokens: int, salt: int,
+                decode_only: bool = False) -> list[float]:
     """Seconds of each step of `batch` greedy requests of `prompt` distinct prompt tokens and
-    `tokens` output tokens (the executor's whole step: inputs, forward, sampling)."""
+    `tokens` output tokens (the executor's whole step: inputs, forward, sampling); with
+    decode_only, of the steps in which every request computes one token."""
     from pagedserve import SamplingParams
 
     vocab = llm.executor.describe().vocab_size
@@ -55,12 +61,14 @@ def _step_times(llm, batch: int, prompt: int, tokens: int, salt: int) -> list[fl
     times: list[float] = []
     execute = llm.executor.execute
 
-    def timed(*args, **kwargs):
+    def timed(plan, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return execute(*args, **kwargs)
+            return execute(plan, *args, **kwargs)
         finally:
-            times.append(time.perf_counter() - start)
+            if not decode_only or (not plan.new_requests and all(
+                    c.num_scheduled_tokens == 1 for c in plan.continuing_requests)):
+                times.append(time.perf_counter() - start)
 
     llm.executor.execute = timed
     try:
@@ -71,9 +79,9 @@ def _step_times(llm, batch: int, prompt: int, tokens: int, salt: int) -> list[fl
     return times
 
 
-def _decode_steps(llm, batch: int, tokens: int, salt: int) -> list[float]:
-    """_step_times of 16-token prompts without the first step, the prompts'."""
-    return _step_times(llm, batch, 16, tokens, salt)[1:]
+def _decode_steps(llm, batch: int, tokens: int, salt: int, context: int = 16) -> list[float]:
+    """_step_times of the decode steps after prompts of `context` tokens."""
+    return _step_times(llm, batch, context, tokens, salt, decode_only=True)
 
 
 def _prefill_seconds(llm, prompt: int, salt: int) -> float:
@@ -83,7 +91,7 @@ def _prefill_seconds(llm, prompt: int, salt: int) -> float:
 
 
 def measure(engines: dict, batches: list[int], tokens: int, rounds: int,
-            acts: dict | None = None, prefill: int = 0) -> dict:
+            acts: dict | None = None, prefill: int = 0, context: int = 16) -> dict:
     """{engine: {batch: decode tokens/s}}: batch over the QUANTILE-th percentile of its decode
     steps' times in all rounds, the engines alternating within each round (each with its
     activation path from `acts`). With `prefill`, also {"prefill": prompt tokens/s}, over the
@@ -98,7 +106,7 @@ def measure(engines: dict, batches: list[int], tokens: int, rounds: int,
         for b in batches:
             for name, llm in engines.items():
                 _set_act(acts.get(name))
-                steps[name][b] += _decode_steps(llm, b, tokens, salt=r + 1)
+                steps[name][b] += _decode_steps(llm, b, tokens, salt=r + 1, context=context)
         for name, llm in engines.items():
             if prefill:
                 _set_act(acts.get(name))
@@ -140,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the quantized GEMM's activation paths, comma-separated (float, int8x2, int8): "
                         "one quantized engine each (default: the environment's)")
     p.add_argument("--prefill", type=int, default=0, help="also time a prompt of this many tokens")
+    p.add_argument("--context", type=int, default=16,
+                   help="prompt tokens of each decode request (the context its tokens attend to)")
     p.add_argument("--out", default=str(ROOT / "results" / "gguf_decode.json"))
     args = p.parse_args(argv)
     model = Path(args.model) if args.model else real_model_path()
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    length = max(256, args.prefill + 8)
+    length = max(256, args.prefill + 8, args.context + args.tokens + 8)
     engines, acts = {}, {}
     for act in args.act.split(",") if args.act else [None]:
         name = f"{model.name} quantized" + (f" ({act} x)" if act else "")
@@ -153,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     for other in args.also:
         engines[f"{Path(other).name}"] = _engine(Path(other), False, args.dtype, length)
     engines[f"{model.name} dequantized at load"] = _engine(model, False, args.dtype, length)
-    rates = measure(engines, batches, args.tokens, args.rounds, acts, args.prefill)
+    rates = measure(engines, batches, args.tokens, args.rounds, acts, args.prefill, args.context)
     print_table(rates, batches)
     write_results(args.out, {"machine": machine_description(), "dtype": args.dtype,
                              "tokens": args.tokens, "quantile": QUANTILE, "prefill": args.prefill,
+                             "context": args.context,
                              "rates": {n: {str(b): r for b, r in c.items()}
                                        for n, c in rates.items()}})
     return 0
