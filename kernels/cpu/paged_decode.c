@@ -238,7 +238,7 @@ static int simd_takes(const decode_shape *s) {
  * V page) is prefetched meanwhile, a share per KV head. */
 static void attend_pages(const float *qf, const void *k_cache, const void *v_cache,
                          const int32_t *table, int t_lo, int t_hi, const decode_shape *s,
-                         float *scores, float *acc, float *m, float *l) {
+                         float *scores, float *acc, float *m, float *l, const char *then) {
     const int D = s->head_dim, nv = D / 16, H = s->num_q_heads, HK = s->num_kv_heads;
     const int G = H / HK, bs = s->block_size, ck = s->cache_kind, w = t_hi - t_lo;
     const int most = K_GROUPS[ck][nv][3] ? 4 : K_GROUPS[ck][nv][1] ? 2 : 1;
@@ -252,7 +252,7 @@ static void attend_pages(const float *qf, const void *k_cache, const void *v_cac
         }
         for (int blk = first; blk <= last; blk++) {
             const int n = pass * pages + blk - first + 1; /* the page used next: K's, then V's */
-            const char *next = n == 2 * pages ? NULL
+            const char *next = n == 2 * pages ? then
                 : (n < pages ? (const char *)k_cache : (const char *)v_cache) +
                   (int64_t)table[first + n % pages] * page_bytes;
             const int t0 = blk * bs > t_lo ? blk * bs : t_lo;
@@ -415,7 +415,7 @@ static int simd_takes(const decode_shape *s) {
  * float32). The next page of the same pass is prefetched a share per query head. */
 static void attend_pages(const float *qf, const void *k_cache, const void *v_cache,
                          const int32_t *table, int t_lo, int t_hi, const decode_shape *s,
-                         float *scores, float *acc, float *m, float *l) {
+                         float *scores, float *acc, float *m, float *l, const char *then) {
     const int D = s->head_dim, H = s->num_q_heads, HK = s->num_kv_heads, bs = s->block_size;
     const int ck = s->cache_kind, w = t_hi - t_lo, last = (t_hi - 1) / bs;
     const int64_t page_bytes = (int64_t)bs * HK * D * kind_size(ck);
@@ -427,7 +427,8 @@ static void attend_pages(const float *qf, const void *k_cache, const void *v_cac
             memset(acc, 0, sizeof(float) * H * D);
         }
         for (int blk = t_lo / bs; blk <= last; blk++) {
-            const char *next = blk < last ? cache + (int64_t)table[blk + 1] * page_bytes : NULL;
+            const char *next = blk < last ? cache + (int64_t)table[blk + 1] * page_bytes
+                             : pass == 1 ? then : NULL;
             const int t0 = blk * bs > t_lo ? blk * bs : t_lo;
             const int64_t slot0 = (int64_t)table[blk] * bs + (t0 - (int64_t)blk * bs);
             const int t1 = (blk + 1) * bs < t_hi ? (blk + 1) * bs : t_hi;
@@ -474,13 +475,13 @@ static inline float v_unit(const decode_shape *s) {
  * back to the portable loop). */
 static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
                              const int32_t *table, int seq_len, const decode_shape *s,
-                             float *scratch) {
+                             float *scratch, const char *then) {
     if (!simd_takes(s)) return 0;
     const int H = s->num_q_heads, D = s->head_dim, start = window_start(seq_len, s);
     float *scores = scratch, *acc = scratch + (int64_t)H * (seq_len - start);
     float *qf = acc + (int64_t)H * D;
     scaled_query(q, s, qf);
-    attend_pages(qf, k_cache, v_cache, table, start, seq_len, s, scores, acc, NULL, NULL);
+    attend_pages(qf, k_cache, v_cache, table, start, seq_len, s, scores, acc, NULL, NULL, then);
     store_out(acc, v_unit(s), s, out);
     return 1;
 }
@@ -489,10 +490,10 @@ static int decode_one_simd(const void *q, const void *k_cache, const void *v_cac
  * exponentials into m and l (merge_parts combines the parts). */
 static void decode_part_simd(const void *q, const void *k_cache, const void *v_cache,
                              const int32_t *table, int t_lo, int t_hi, const decode_shape *s,
-                             float *scratch, float *acc, float *m, float *l) {
+                             float *scratch, float *acc, float *m, float *l, const char *then) {
     float *qf = scratch, *scores = qf + (int64_t)s->num_q_heads * s->head_dim;
     scaled_query(q, s, qf);
-    attend_pages(qf, k_cache, v_cache, table, t_lo, t_hi, s, scores, acc, m, l);
+    attend_pages(qf, k_cache, v_cache, table, t_lo, t_hi, s, scores, acc, m, l, then);
 }
 
 /* A window of more pages than this is attended in parts of this many pages, spread over the
@@ -535,9 +536,9 @@ static void merge_parts(float *part, int parts, int64_t stride, const decode_sha
 #define PART_PAGES 1
 static int decode_one_simd(const void *q, const void *k_cache, const void *v_cache, void *out,
                              const int32_t *table, int seq_len, const decode_shape *s,
-                             float *scratch) {
+                             float *scratch, const char *then) {
     (void)q, (void)k_cache, (void)v_cache, (void)out, (void)table, (void)seq_len, (void)s;
-    (void)scratch;
+    (void)scratch, (void)then;
     return 0;
 }
 static int parts_of(int seq_len, int start, const decode_shape *s) {
@@ -546,9 +547,9 @@ static int parts_of(int seq_len, int start, const decode_shape *s) {
 }
 static void decode_part_simd(const void *q, const void *k_cache, const void *v_cache,
                              const int32_t *table, int t_lo, int t_hi, const decode_shape *s,
-                             float *scratch, float *acc, float *m, float *l) {
+                             float *scratch, float *acc, float *m, float *l, const char *then) {
     (void)q, (void)k_cache, (void)v_cache, (void)table, (void)t_lo, (void)t_hi, (void)s;
-    (void)scratch, (void)acc, (void)m, (void)l;
+    (void)scratch, (void)acc, (void)m, (void)l, (void)then;
 }
 static void merge_parts(float *part, int parts, int64_t stride, const decode_shape *s,
                         void *out) {
@@ -556,91 +557,131 @@ static void merge_parts(float *part, int parts, int64_t stride, const decode_sha
 }
 #endif
 
-/* Which row and part each work item is, rows in order, a row's parts together; the number of
- * items, or -1 when out of memory. */
-static int work_items(const int32_t *seqs, const int32_t *seq_lens, int count,
-                      const decode_shape *s, int **item_row, int **item_part) {
+/* One call's work: the rows and caches, each work item's row and part, the split rows' partial
+ * blocks (`stride` floats each: acc, m, l). */
+typedef struct {
+    const char *q;
+    const void *k_cache, *v_cache;
+    char *out;
+    const int32_t *seqs, *q_rows, *seq_lens, *block_tables;
+    const decode_shape *s;
+    int items, *item_row, *item_part;
+    float *partial;
+    int64_t stride;
+} decode_work;
+
+/* Which row and part each work item is, rows in order, a row's parts together; -1 when out of
+ * memory. */
+static int work_items(decode_work *w, int count) {
     int items = 0;
     for (int i = 0; i < count; i++) {
-        const int len = seq_lens[seqs[i]];
-        items += parts_of(len, window_start(len, s), s);
+        const int len = w->seq_lens[w->seqs[i]];
+        items += parts_of(len, window_start(len, w->s), w->s);
     }
-    *item_row = malloc(sizeof(int) * (items > 0 ? items : 1));
-    *item_part = malloc(sizeof(int) * (items > 0 ? items : 1));
-    if (!*item_row || !*item_part) return -1;
+    w->item_row = malloc(sizeof(int) * (items > 0 ? items : 1));
+    w->item_part = malloc(sizeof(int) * (items > 0 ? items : 1));
+    if (!w->item_row || !w->item_part) return -1;
     for (int i = 0, it = 0; i < count; i++) {
-        const int len = seq_lens[seqs[i]], parts = parts_of(len, window_start(len, s), s);
-        for (int p = 0; p < parts; p++, it++) (*item_row)[it] = i, (*item_part)[it] = p;
+        const int len = w->seq_lens[w->seqs[i]];
+        const int parts = parts_of(len, window_start(len, w->s), w->s);
+        for (int p = 0; p < parts; p++, it++) w->item_row[it] = i, w->item_part[it] = p;
     }
-    return items;
+    w->items = items;
+    return 0;
 }
 
-/* Item it of the work: a whole row into out, or one part of a long row into its partial block. */
-static void run_item(int it, const int *item_row, const int *item_part, const char *q,
-                     const void *k_cache, const void *v_cache, char *out, const int32_t *seqs,
-                     const int32_t *q_rows, const int32_t *seq_lens, const int32_t *block_tables,
-                     const decode_shape *s, float *scratch, float *partial, int64_t stride) {
-    const int seq = seqs[item_row[it]], len = seq_lens[seq], start = window_start(len, s);
+/* Item it's keys [*t_lo, *t_hi) (a part of its row's window, or all of it); its sequence. */
+static int item_keys(const decode_work *w, int it, int *t_lo, int *t_hi) {
+    const int seq = w->seqs[w->item_row[it]], len = w->seq_lens[seq];
+    const int start = window_start(len, w->s), bs = w->s->block_size;
+    const int page = start / bs + w->item_part[it] * PART_PAGES;
+    *t_lo = page * bs > start ? page * bs : start;
+    *t_hi = (page + PART_PAGES) * bs < len ? (page + PART_PAGES) * bs : len;
+    return seq;
+}
+
+/* The first K page item it reads: prefetched while the item before it on the thread ends. */
+static const char *item_first_page(const decode_work *w, int it) {
+    int t_lo, t_hi;
+    const int seq = item_keys(w, it, &t_lo, &t_hi);
+    const decode_shape *s = w->s;
+    const int64_t page_bytes = (int64_t)s->block_size * s->num_kv_heads * s->head_dim *
+                               kind_size(s->cache_kind);
+    const int32_t page = w->block_tables[seq * s->block_table_stride + t_lo / s->block_size];
+    return (const char *)w->k_cache + page * page_bytes;
+}
+
+/* Item it: a whole row into out, or one part of a long row into its partial block; `then`: the
+ * page the thread reads next (prefetched during this item's last one). */
+static void run_item(const decode_work *w, int it, float *scratch, const char *then) {
+    int t_lo, t_hi;
+    const int seq = item_keys(w, it, &t_lo, &t_hi), len = w->seq_lens[seq];
+    const decode_shape *s = w->s;
     const int64_t qsize = kind_size(s->q_kind);
-    const char *qs = q + q_rows[seq] * s->q_row_stride * qsize;
-    const int32_t *table = block_tables + seq * s->block_table_stride;
-    if (parts_of(len, start, s) == 1) {
-        char *os = out + q_rows[seq] * s->out_row_stride * qsize;
-        if (!decode_one_simd(qs, k_cache, v_cache, os, table, len, s, scratch))
-            decode_one(qs, k_cache, v_cache, os, table, len, s, scratch);
+    const char *qs = w->q + w->q_rows[seq] * s->q_row_stride * qsize;
+    const int32_t *table = w->block_tables + seq * s->block_table_stride;
+    if (parts_of(len, window_start(len, s), s) == 1) {
+        char *os = w->out + w->q_rows[seq] * s->out_row_stride * qsize;
+        if (!decode_one_simd(qs, w->k_cache, w->v_cache, os, table, len, s, scratch, then))
+            decode_one(qs, w->k_cache, w->v_cache, os, table, len, s, scratch);
         return;
     }
-    const int bs = s->block_size, page = start / bs + item_part[it] * PART_PAGES;
-    const int t_lo = page * bs > start ? page * bs : start;
-    const int t_hi = (page + PART_PAGES) * bs < len ? (page + PART_PAGES) * bs : len;
-    float *blk = partial + it * stride, *m = blk + (int64_t)s->num_q_heads * s->head_dim;
-    decode_part_simd(qs, k_cache, v_cache, table, t_lo, t_hi, s, scratch, blk, m,
-                     m + s->num_q_heads);
+    float *blk = w->partial + it * w->stride, *m = blk + (int64_t)s->num_q_heads * s->head_dim;
+    decode_part_simd(qs, w->k_cache, w->v_cache, table, t_lo, t_hi, s, scratch, blk, m,
+                     m + s->num_q_heads, then);
+}
+
+/* Each split row's parts, merged into its output row (after every item ran). */
+static void merge_split_rows(const decode_work *w) {
+    #pragma omp for schedule(dynamic, 1)
+    for (int it = 0; it < w->items; it++) {
+        const int seq = w->seqs[w->item_row[it]], len = w->seq_lens[seq];
+        const int parts = parts_of(len, window_start(len, w->s), w->s);
+        if (w->item_part[it] == 0 && parts > 1)
+            merge_parts(w->partial + it * w->stride, parts, w->stride, w->s,
+                        w->out + w->q_rows[seq] * w->s->out_row_stride * kind_size(w->s->q_kind));
+    }
 }
 
 /* The decode rows seqs[0:count) of the batch, longest context first: sequence i's query is row
  * q_rows[i] of q and out, its context seq_lens[i] tokens long, its pages row i of block_tables.
  * q and out hold s->q_kind elements (float32 or bf16), the caches s->cache_kind ones.
- * The work (whole rows, and the parts of long ones: PART_PAGES) is handed to up to num_threads
- * threads one item at a time, longest rows first, so the threads finish together; then each
- * split row's parts are merged. Returns 0, or -1 when memory could not be allocated (rows are
- * not all written then). */
+ * The work (whole rows, and the parts of long ones: PART_PAGES) is claimed by up to num_threads
+ * threads one item at a time, longest rows first, so the threads finish together; each thread
+ * claims its next item before running the current one, so that item's first page is prefetched
+ * meanwhile. Then each split row's parts are merged. Returns 0, or -1 when memory could not be
+ * allocated (rows are not all written then). */
 int paged_decode(const char *q, const void *k_cache, const void *v_cache, char *out,
                  const int32_t *seqs, const int32_t *q_rows, const int32_t *seq_lens,
                  const int32_t *block_tables, int count, int num_threads, const decode_shape *s) {
-    int longest = 1, failed = 0, *item_row = NULL, *item_part = NULL;
+    int longest = 1, failed = 0, claimed = 0;
     for (int i = 0; i < count; i++)
         longest = seq_lens[seqs[i]] > longest ? seq_lens[seqs[i]] : longest;
-    const int64_t H = s->num_q_heads, D = s->head_dim, stride = H * D + 2 * H;
-    const int items = work_items(seqs, seq_lens, count, s, &item_row, &item_part);
-    /* a partial block per item (only split rows' are used): H * D + 2 * H floats each */
-    float *partial = items > count ? malloc(sizeof(float) * stride * items) : NULL;
-    if (items < 0 || (items > count && !partial)) {
-        free(item_row), free(item_part), free(partial);
-        return -1;
-    }
-    const int threads = num_threads < items ? num_threads : items;
-    #pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(|: failed)
-    {
-        float *scratch = malloc(sizeof(float) * (H * longest + (2 * H + 1) * D));
-        failed = scratch == NULL;
-        #pragma omp for schedule(dynamic, 1)
-        for (int it = 0; it < items; it++)
-            if (scratch)
-                run_item(it, item_row, item_part, q, k_cache, v_cache, out, seqs, q_rows,
-                         seq_lens, block_tables, s, scratch, partial, stride);
-        free(scratch);
-        if (partial) {
-            #pragma omp for schedule(dynamic, 1)
-            for (int it = 0; it < items; it++) {
-                const int seq = seqs[item_row[it]], len = seq_lens[seq];
-                const int parts = parts_of(len, window_start(len, s), s);
-                if (item_part[it] == 0 && parts > 1)
-                    merge_parts(partial + it * stride, parts, stride, s,
-                                out + q_rows[seq] * s->out_row_stride * kind_size(s->q_kind));
+    const int64_t H = s->num_q_heads, D = s->head_dim;
+    decode_work w = {q, k_cache, v_cache, out, seqs, q_rows, seq_lens, block_tables, s,
+                     0, NULL, NULL, NULL, H * D + 2 * H};
+    failed = work_items(&w, count);
+    /* a partial block per item (only split rows' are used) */
+    if (!failed && w.items > count && !(w.partial = malloc(sizeof(float) * w.stride * w.items)))
+        failed = -1;
+    const int threads = num_threads < w.items ? num_threads : w.items;
+    if (!failed) {
+        #pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(|: failed)
+        {
+            float *scratch = malloc(sizeof(float) * (H * longest + (2 * H + 1) * D));
+            failed = scratch == NULL;
+            int it = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+            while (it < w.items) {
+                const int after = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+                if (scratch)
+                    run_item(&w, it, scratch, after < w.items ? item_first_page(&w, after) : NULL);
+                it = after;
             }
+            free(scratch);
+            #pragma omp barrier
+            if (w.partial) merge_split_rows(&w);
         }
     }
-    free(item_row), free(item_part), free(partial);
+    free(w.item_row), free(w.item_part), free(w.partial);
     return failed ? -1 : 0;
 }
