@@ -23,8 +23,9 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-_rank, _size = 0, 1
-_pp_rank, _pp_size = 0, 1
+# (rank, size) of this process in each kind of split: "tensor" (its shard of every layer) and
+# "pipeline" (its stage of the layers)
+_position = {"tensor": (0, 1), "pipeline": (0, 1)}
 
 
 class Collectives(Protocol):
@@ -39,52 +40,46 @@ _stage_links: tuple[dist.ProcessGroup | None, dist.ProcessGroup | None] = (None,
 
 
 def tp_rank() -> int:
-    return _rank
+    return _position["tensor"][0]
 
 
 def tp_size() -> int:
-    return _size
+    return _position["tensor"][1]
 
 
 def pp_rank() -> int:
-    return _pp_rank
+    return _position["pipeline"][0]
 
 
 def pp_size() -> int:
-    return _pp_size
+    return _position["pipeline"][1]
 
 
 def resolve(rank: int | None, size: int | None) -> tuple[int, int]:
     """A layer's (tp_rank, tp_size): the ones given, else this process's."""
-    return (_rank if rank is None else rank), (_size if size is None else size)
+    return (tp_rank() if rank is None else rank), (tp_size() if size is None else size)
 
 
 @contextlib.contextmanager
-def tensor_parallel(rank: int, size: int) -> Iterator[None]:
+def _positioned(kind: str, what: str, rank: int, size: int) -> Iterator[None]:
+    """This process at `rank` of `size` in a `kind` split while the block runs."""
+    if not 0 <= rank < size:
+        raise ValueError(f"{what} {rank} is outside [0, {size})")
+    old, _position[kind] = _position[kind], (rank, size)
+    try:
+        yield
+    finally:
+        _position[kind] = old
+
+
+def tensor_parallel(rank: int, size: int) -> contextlib.AbstractContextManager[None]:
     """Layers built inside take rank `rank` of `size`."""
-    global _rank, _size
-    if not 0 <= rank < size:
-        raise ValueError(f"tensor-parallel rank {rank} is outside [0, {size})")
-    old = _rank, _size
-    _rank, _size = rank, size
-    try:
-        yield
-    finally:
-        _rank, _size = old
+    return _positioned("tensor", "tensor-parallel rank", rank, size)
 
 
-@contextlib.contextmanager
-def pipeline_parallel(rank: int, size: int) -> Iterator[None]:
+def pipeline_parallel(rank: int, size: int) -> contextlib.AbstractContextManager[None]:
     """Models built inside are stage `rank` of `size` (executor/models/pipeline_stage.py)."""
-    global _pp_rank, _pp_size
-    if not 0 <= rank < size:
-        raise ValueError(f"pipeline stage {rank} is outside [0, {size})")
-    old = _pp_rank, _pp_size
-    _pp_rank, _pp_size = rank, size
-    try:
-        yield
-    finally:
-        _pp_rank, _pp_size = old
+    return _positioned("pipeline", "pipeline stage", rank, size)
 
 
 def use_tp_group(group: dist.ProcessGroup | None) -> None:
