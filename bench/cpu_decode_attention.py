@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--shapes", default="100x172,64x256,8x1024,1x2048")
-    p.add_argument("--heads", default="12,4,64", help="query heads, KV heads, head_dim")
+    p.add_argument("--heads", default=(12, 4, 64), type=lambda v: tuple(map(int, v.split(","))),
+                   help="query heads, KV heads, head_dim (default 12,4,64)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--rounds", type=int, default=5, help="timings per shape; the best is kept")
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _pool(args: argparse.Namespace, shapes: list[tuple[int, int]]) -> tuple[list, int]:
     """Per layer a K and a V cache with room for the largest shape's pages (at least 64 MiB of
     K/V over all layers, so a step's reads cannot stay in L3)."""
-    _, hk, d = map(int, args.heads.split(","))
+    _, hk, d = args.heads
     dtype = getattr(torch, args.dtype)
     page_bytes = args.block_size * hk * d * dtype.itemsize
     need = max(b * -(-c // args.block_size) for b, c in shapes)
@@ -56,7 +57,7 @@ def _pool(args: argparse.Namespace, shapes: list[tuple[int, int]]) -> tuple[list
 
 
 def _time_shape(args, caches, blocks: int, batch: int, ctx: int) -> dict:
-    h, hk, d = map(int, args.heads.split(","))
+    h, hk, d = args.heads
     dtype = getattr(torch, args.dtype)
     per = -(-ctx // args.block_size)
     pages = random.sample(range(blocks), batch * per)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     pool_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in caches)
     copy = _copy_gb_per_s(pool_bytes)
     print(f"{machine_description()}; {args.layers} layers, "
-          f"heads {args.heads}, {args.dtype}, pool {pool_bytes / 2**20:.0f} MiB")
+          f"heads {','.join(map(str, args.heads))}, {args.dtype}, pool {pool_bytes / 2**20:.0f} MiB")
     print(f"{'batch':>6} {'context':>8} {'ms/step':>9} {'K/V GB/s':>9}")
     for r in rows:
         print(f"{r['batch']:>6} {r['context']:>8} {r['ms_per_step']:>9.3f} {r['kv_gb_per_s']:>9.1f}")
