@@ -10,7 +10,7 @@ can end early), and half and half; `--rounds` times in turn, the figures being m
 rounds (a shared machine's noise hits the three alike). The figures are output tokens per second
 of the whole run, the constrained run's share of the unconstrained one, and for the mixed run
 the unconstrained half's tokens per second per request against the all-unconstrained run's; for
-the constrained runs, where a step's extra time goes (masks filled on their thread, the wait for
+the constrained runs, where a step's extra time goes (masks filled, the wait for
 them plus applying them, advancing the matchers). Compile times are the executor's (a grammar to
 a matcher ready for its first mask) for every schema of the suite, cold, then again (a repeated
 schema must compile nothing).
@@ -63,7 +63,7 @@ def _compile_times(model_dir: Path, vocab_size: int, eos: list[int]) -> dict:
 
 class _MaskTimer:
     """Where a constrained step's extra time goes, by wrapping the executor's StructuredOutputs
-    (this process only): masks computed on their thread, the forward's wait for them, applying
+    (this process only): masks computed (on a thread beside a GPU), the wait for them, applying
     them to the logits, advancing the matchers."""
 
     def __init__(self, structured) -> None:

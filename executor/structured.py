@@ -1,9 +1,10 @@
 """Structured outputs in the executor: one grammar matcher per constrained request, token masks.
 
 Why here: the executor holds each request's tokens and samples them, so a matcher advances with
-no message in between, and a step's masks are computed on a thread while the model's forward
-pass runs (llguidance releases the GIL), so they add nothing to a step unless they take longer
-than the forward. The executor still keeps no knowledge the scheduler lacks: the grammar travels
+no message in between, and beside a GPU a step's masks are computed on a thread while the
+model's forward pass runs (llguidance releases the GIL), so they add nothing to a step unless
+they take longer than the forward (on a CPU, where the forward has every core, see start()). The
+executor still keeps no knowledge the scheduler lacks: the grammar travels
 in the request's SamplingParams.structured, and a matcher is rebuilt by replaying the request's
 output tokens whenever the request arrives as a NewRequest (first admission, after preemption,
 on a restarted executor). Prefix-cache hits and prompt chunks change nothing (only output tokens
@@ -11,7 +12,7 @@ move a matcher, and only rows that sample get a mask); n > 1 children each have 
 
 One step, for the rows that sample:
 
-    start(rows) ──thread──> bitmask [S, ceil(V/32)] int32 (unconstrained rows: all ones)
+    start(rows) ──thread (GPU)──> bitmask [S, ceil(V/32)] int32 (unconstrained rows: all ones)
     model forward ...
     apply(logits, job): wait, then logits[row] = -inf outside the mask, before any sampling rule
     advance(row, token) after sampling
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,6 +81,20 @@ def unpack_forbidden(words: torch.Tensor, width: int) -> torch.Tensor:
     the device the logits are on)."""
     bits = torch.arange(32, dtype=torch.int32, device=words.device)
     return ((words[:, :, None] >> bits) & 1).view(words.shape[0], -1)[:, :width] == 0
+
+
+_NEG_INF_BITS = np.float32(-np.inf).view(np.int32)
+
+
+def forbid_in_place(logits: np.ndarray, words: np.ndarray) -> None:
+    """logits [R, V] float32 := -inf where a row's bitmask word [R, ceil(V/32)] int32 has a 0
+    bit. Branch-free, on the float's bits: a per-element select mispredicts on masks as irregular
+    as a grammar's and took 8x as long (0.5 ms for 32 rows of 4,000, measured)."""
+    allowed = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :logits.shape[1]]
+    keep = -allowed.astype(np.int32)  # all ones where allowed, 0 where forbidden
+    bits = logits.view(np.int32)
+    bits &= keep
+    bits |= ~keep & _NEG_INF_BITS
 
 
 # -- the vocabulary the masks are over ------------------------------------------------------------
@@ -195,24 +208,6 @@ def check_structured(request_id: str, p: executor_pb2.SamplingParams,
                              "with sampling.structured")
 
 
-MASK_THREAD_NICE = 10  # added to the mask thread's nice value on a CPU (see _yield_to_compute)
-
-
-def _yield_to_compute() -> None:
-    """Run the mask thread below the forward pass's priority. On a CPU the forward pass's OpenMP
-    team has every core, and its barriers stall whenever the scheduler preempts one of its threads
-    for the mask work; at a lower priority the masks fill the moments a core is idle (Python
-    between kernels) instead. Measured, 64 requests on the `small` model, 2 cores: constrained
-    throughput 89.3-91.9% of unconstrained (87.4-91.1% without), unconstrained requests in a mixed
-    batch 91.8-93.3% (90.5-91.2%): docs/benchmarks.md. Computing the masks before the forward
-    instead, with no overlap, gave 85.5% and 83.9%; SCHED_IDLE, no better than this."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                       os.getpriority(os.PRIO_PROCESS, 0) + MASK_THREAD_NICE)
-    except (AttributeError, OSError) as e:  # not Linux, or not allowed: run at the same priority
-        log.debug("mask thread priority unchanged: %s", e)
-
-
 class StructuredOutputs:
     """The matchers of the constrained requests an executor holds."""
 
@@ -224,9 +219,7 @@ class StructuredOutputs:
         self.device = device
         self._cache: GrammarCache | None = None  # built at the first constrained request
         self._matchers: dict[str, llguidance.LLMatcher] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask",
-                                        initializer=_yield_to_compute if device.type == "cpu"
-                                        else None)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
         self._llexecutor: llguidance.LLExecutor | None = None  # made at the first mask
 
     @property
@@ -261,21 +254,35 @@ class StructuredOutputs:
     # ---- one step -----------------------------------------------------------------------------
 
     def start(self, request_ids: Sequence[str]) -> MaskJob | None:
-        """Compute the masks of the step's sampling rows on a thread; None when none is
-        constrained. Call before the forward pass; the matchers must not move until apply()."""
+        """The masks of the step's sampling rows; None when none is constrained. Call before the
+        forward pass; the matchers must not move until apply(). Beside a GPU they are computed
+        on a thread while the forward pass runs. On a CPU they are computed here and now: the
+        forward pass's OpenMP team has every core, so a mask thread beside it only takes its time
+        from the forward (and stalls the team's barriers when it preempts one of its threads);
+        measured, 64 requests on the `small` model, 2 cores: masks here kept a mixed batch's
+        unconstrained requests at 93.5-94.1% of their speed alone, against 92.9-93.2% on a thread
+        at a lower priority (docs/benchmarks.md)."""
         rows = [i for i, rid in enumerate(request_ids) if rid in self._matchers]
         if not rows:
             return None
         pairs = [(self._matchers[request_ids[i]], i) for i in rows]
+        if self.device.type == "cpu":
+            done: Future = Future()
+            done.set_result(self._fill(pairs, len(request_ids)))
+            return MaskJob(rows, done)
         return MaskJob(rows, self._pool.submit(self._fill, pairs, len(request_ids)))
 
     def _fill(self, pairs: list[tuple[llguidance.LLMatcher, int]], num_rows: int) -> np.ndarray:
-        if self._llexecutor is None:
-            # On a CPU the forward pass has every core: one mask worker, not a pool that would
-            # take cores from torch's OpenMP team (whose barriers stall when one is preempted).
-            cpu = self.device.type == "cpu"
-            self._llexecutor = llguidance.LLExecutor(num_threads=1 if cpu else None)
         bitmask = llg_numpy.allocate_token_bitmask(num_rows, self.vocab_size)
+        if self.device.type == "cpu":
+            # one matcher after another on this thread: llguidance's own pool would add a thread
+            # hop and a worker that spins on a core the forward pass needs
+            row_bytes = bitmask.shape[1] * bitmask.itemsize
+            for matcher, row in pairs:
+                matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + row * row_bytes, row_bytes)
+            return bitmask
+        if self._llexecutor is None:  # beside a GPU the cores are free: fill them in parallel
+            self._llexecutor = llguidance.LLExecutor()
         llg_numpy.fill_next_token_bitmask_par(self._llexecutor, pairs, bitmask)
         return bitmask
 
@@ -287,21 +294,21 @@ class StructuredOutputs:
         for j in np.flatnonzero(~bitmask.any(axis=1)):  # a matcher in error: end the request
             for eos in self.eos_token_ids:
                 bitmask.view(np.uint32)[j, eos // 32] |= np.uint32(1 << (eos % 32))
-        forbidden = self._forbidden(bitmask, logits.shape[1])
-        if len(job.rows) == logits.shape[0]:
-            logits.masked_fill_(forbidden, float("-inf"))
+        if self.device.type == "cpu" and logits.dtype == torch.float32:
+            host = logits.numpy()
+            if len(job.rows) == logits.shape[0]:
+                forbid_in_place(host, bitmask)
+            else:
+                rows = host[job.rows]
+                forbid_in_place(rows, bitmask)
+                host[job.rows] = rows
             return
+        words = torch.from_numpy(bitmask)
+        if self.device.type != "cpu":  # the packed words travel: 32 times fewer bytes
+            words = words.pin_memory().to(self.device, non_blocking=True)  # pinned: non-blocking
+        forbidden = unpack_forbidden(words, logits.shape[1])
         index = upload(job.rows, torch.int64, self.device)
         logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
-
-    def _forbidden(self, bitmask: np.ndarray, width: int) -> torch.Tensor:
-        """[R, width] bool, True where a bit is 0. On a CPU unpacked by numpy in one call; on a
-        GPU the packed words travel (32 times fewer bytes) and are unpacked there."""
-        if self.device.type == "cpu":
-            bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :width]
-            return torch.from_numpy(bits == 0)
-        words = torch.from_numpy(bitmask).pin_memory()  # a non-blocking copy needs pinned memory
-        return unpack_forbidden(words.to(self.device, non_blocking=True), width)
 
     def advance(self, request_id: str, token_id: int) -> None:
         """The sampled token moves the request's matcher (a no-op for unconstrained ones)."""

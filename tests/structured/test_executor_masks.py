@@ -3,9 +3,6 @@ preemption equal to step-by-step advance, the compile cache, rows without a cons
 
 from __future__ import annotations
 
-import os
-import threading
-
 import llguidance
 import pytest
 import torch
@@ -118,16 +115,38 @@ def test_device_unpacking_matches_the_host_one() -> None:
     assert torch.equal(unpack_forbidden(torch.from_numpy(words), 150), torch.from_numpy(host))
 
 
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no thread priorities here")
-def test_masks_are_filled_below_the_forward_pass_priority(outputs: StructuredOutputs) -> None:
-    """On a CPU the mask thread runs MASK_THREAD_NICE below the thread that runs the forward pass
-    (so torch's OpenMP team keeps its cores); the masks it fills are still right."""
-    from pagedserve.executor.structured import MASK_THREAD_NICE
+def test_host_masking_equals_masked_fill_bit_for_bit() -> None:
+    """The CPU's branch-free masking against torch's masked_fill of the unpacked bits, with
+    extreme logits (a forbidden inf or NaN must become -inf too) and a width not a multiple of 32."""
+    import numpy as np
 
-    def nice_here() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    from pagedserve.executor.structured import forbid_in_place, unpack_forbidden
 
-    main = nice_here()
-    assert outputs._pool.submit(nice_here).result() == min(19, main + MASK_THREAD_NICE)
-    outputs.add("r", _sampling(choice(["yes", "no"], "x").grammar), [])
-    assert _allowed(outputs, ["r"])[0] and len(_allowed(outputs, ["r"])[0]) < VOCAB
+    rng = np.random.default_rng(1)
+    words = rng.integers(-(2**31), 2**31, size=(4, 5), dtype=np.int64).astype(np.int32)
+    words[1] = -1  # all allowed
+    words[2] = 0  # all forbidden
+    logits = torch.randn(4, 150)
+    logits[0, :8] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0,
+                                  3.4e38, -3.4e38, 1e-45])
+    expected = logits.masked_fill(unpack_forbidden(torch.from_numpy(words), 150), float("-inf"))
+    got = logits.clone()
+    forbid_in_place(got.numpy(), words)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+def test_rows_of_a_mixed_batch_are_masked_in_place(outputs: StructuredOutputs) -> None:
+    """Constrained rows among free ones: each constrained row gets its own mask, the free rows'
+    logits keep their exact values."""
+    outputs.add("a", _sampling(choice(["yes", "no"], "x").grammar), [])
+    outputs.add("b", _sampling(regex("[0-9]+", "x").grammar), [])
+    logits = torch.randn(5, VOCAB)
+    before = logits.clone()
+    outputs.apply(logits, outputs.start(["free1", "a", "free2", "b", "free3"]))
+    for row in (0, 2, 4):
+        assert torch.equal(logits[row], before[row])
+    alone = [_allowed(outputs, [rid])[0] for rid in ("a", "b")]
+    for row, allowed in zip((1, 3), alone):
+        kept = set(torch.nonzero(logits[row] > float("-inf")).flatten().tolist())
+        assert kept == allowed and 0 < len(allowed) < VOCAB
+        assert torch.equal(logits[row, sorted(kept)], before[row, sorted(kept)])
