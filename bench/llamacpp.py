@@ -17,7 +17,10 @@ prompts and max_tokens with ignore_eos, so both produce exactly the same number 
   output tokens each after a --single-prompt-len (64) token prompt.
 
 Output tok/s is output tokens over the case's wall time (for `single`, time to the first token
-included; the JSON also has the median time per output token). Only one server is up at a time;
+included; the JSON also has the median time per output token). For `single` the table also gives
+each engine's median time per output token over its bandwidth floor (bench.bandwidth_floor: the
+weight bytes a step reads in that engine's format, over the read bandwidth measured just before
+the case, since a shared host's bandwidth moves). Only one server is up at a time;
 the engines alternate (A, B, A, B, ...) for --rounds rounds, each round a fresh server and
 prompts no earlier round used; the table reports the median over the rounds. llama-server
 gets --parallel (64) slots of --ctx-per-slot (1024) tokens and as many threads as the machine
@@ -37,6 +40,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from pagedserve.bench.bandwidth_floor import Floor, read_bandwidth, weight_bytes_per_token
 from pagedserve.bench.results import write_results
 from pagedserve.bench.serve import (
     ROOT,
@@ -143,9 +147,13 @@ def _run_cases(base_url: str, model_id: str, concurrent: list[BenchRequest],
     for case, reqs, limit in (("concurrent", concurrent, None), ("single", single, 1)):
         if case not in cases:
             continue
+        # the floor's bandwidth, measured beside the case it bounds (a shared host's moves)
+        read = read_bandwidth() if case == "single" else None
         run = run_event_loop(run_rate(base_url, model_id, [r.prompt_token_ids for r in reqs],
                                       reqs, float("inf"), limit, 0))
         run.pop("requests")
+        if read is not None:
+            run["read_bytes_per_s"] = read
         print(f"  {case}: {run['completed']} ok, {run['failed']} failed in "
               f"{run['duration_s']:.1f} s, {run['output_throughput']:.1f} output tok/s, "
               f"median TPOT {run['tpot_ms']['median']:.1f} ms", flush=True)
@@ -179,21 +187,27 @@ def run_engine(engine: str, round_index: int, model: Path, bf16: Path, server: P
 # ---- the table ----------------------------------------------------------------------------------
 
 
-def summarize(rounds: list[dict]) -> list[dict]:
+def summarize(rounds: list[dict], weight_bytes: dict[str, int] | None = None) -> list[dict]:
     """Per engine and case: every round's output tok/s, the median, and pagedserve's ratio to
-    llama.cpp's median (1.0 on llama.cpp's rows)."""
+    llama.cpp's median (1.0 on llama.cpp's rows); for the single stream, given each engine's
+    weight bytes per token, the median over rounds of its time per token over the round's
+    bandwidth floor (bench.bandwidth_floor)."""
     rows = []
     for case in CASES:
         medians = {}
         for engine in ENGINES:
-            values = [r[case]["output_throughput"] for r in rounds
-                      if r["engine"] == engine and case in r]
-            if values:
-                medians[engine] = statistics.median(values)
-                tpot = statistics.median(r[case]["tpot_ms"]["median"] for r in rounds
-                                         if r["engine"] == engine and case in r)
-                rows.append({"engine": engine, "case": case, "rounds": values,
-                             "output_tok_s": medians[engine], "tpot_ms": tpot})
+            runs = [r[case] for r in rounds if r["engine"] == engine and case in r]
+            if runs:
+                medians[engine] = statistics.median(run["output_throughput"] for run in runs)
+                tpot = statistics.median(run["tpot_ms"]["median"] for run in runs)
+                row = {"engine": engine, "case": case,
+                       "rounds": [run["output_throughput"] for run in runs],
+                       "output_tok_s": medians[engine], "tpot_ms": tpot}
+                if weight_bytes and all("read_bytes_per_s" in run for run in runs):
+                    row["times_floor"] = statistics.median(
+                        Floor(weight_bytes[engine], run["read_bytes_per_s"])
+                        .times(run["tpot_ms"]["median"]) for run in runs)
+                rows.append(row)
         base = medians.get("llama.cpp")
         for row in rows:
             if row["case"] == case:
@@ -207,16 +221,28 @@ CASE_NAMES = {"concurrent": "{n} concurrent streams", "single": "1 stream, {k} o
 def format_table(rows: list[dict], num_requests: int = 64, single_output_len: int = 128) -> str:
     """A Markdown table: engine, case, median output tok/s, the rounds, ratio to llama.cpp."""
     lines = ["| engine | case | output tok/s (median) | rounds | ms per output token | "
-             "ratio to llama.cpp |", "|---|---|---|---|---|---|"]
+             "ratio to llama.cpp | x bandwidth floor |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         case = CASE_NAMES[row["case"]].format(n=num_requests, k=single_output_len)
         ratio = "n/a" if row.get("ratio") is None else f"{row['ratio']:.2f}x"
         if row["engine"] == "pagedserve" and row.get("ratio") is not None:
             ratio = f"**{ratio}**"
         rounds = ", ".join(f"{v:.1f}" for v in row["rounds"])
+        floor = f"{row['times_floor']:.2f}x" if "times_floor" in row else ""
         lines.append(f"| {row['engine']} | {case} | {row['output_tok_s']:.1f} | {rounds} | "
-                     f"{row['tpot_ms']:.1f} | {ratio} |")
+                     f"{row['tpot_ms']:.1f} | {ratio} | {floor} |")
     return "\n".join(lines)
+
+
+DENSE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def pagedserve_weight_bytes(model: Path, args: argparse.Namespace) -> int:
+    """What one of pagedserve's decode steps reads: the file's quantized bytes when it runs the
+    file quantized (--quantization auto), else its weights expanded to --dtype."""
+    if args.quantization == "auto":
+        return weight_bytes_per_token(model)
+    return weight_bytes_per_token(model, DENSE_BYTES.get(args.dtype, 2))
 
 
 def cpu_flags() -> list[str]:
@@ -299,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         for engine in ENGINES:
             result = run_engine(engine, r, model, bf16, server, concurrent, single, vocab, args)
             rounds.append(result)
-    rows = summarize(rounds)
+    weight_bytes = {"pagedserve": pagedserve_weight_bytes(model, args),
+                    "llama.cpp": weight_bytes_per_token(bf16)}
+    rows = summarize(rounds, weight_bytes)
     table = format_table(rows, args.num_requests, args.single_output_len)
     print(f"\n{machine_description()}; load average before {load_before[0]:.2f}, after "
           f"{os.getloadavg()[0]:.2f}; {time.perf_counter() - start:.0f} s in all\n")
@@ -309,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_description(), "cpu_flags": cpu_flags(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "argv": sys.argv, "llama_server_argv": llama_server_argv(server, bf16, 0, args),
-        "num_requests": args.num_requests, "rounds": rounds, "table": rows,
+        "num_requests": args.num_requests, "weight_bytes_per_token": weight_bytes,
+        "rounds": rounds, "table": rows,
         "table_markdown": table})
     failed = sum(r[c]["failed"] for r in rounds for c in CASES if c in r)
     return 0 if failed == 0 else 1

@@ -367,7 +367,8 @@ BENCHES = {"throughput": "pagedserve.bench.throughput", "serve": "pagedserve.ben
            "batch-invariance": "pagedserve.bench.batch_invariance",
            "prompt-attention": "pagedserve.bench.prompt_attention",
            "tensor-parallel": "pagedserve.bench.tensor_parallel",
-           "cpu-decode-attention": "pagedserve.bench.cpu_decode_attention"}
+           "cpu-decode-attention": "pagedserve.bench.cpu_decode_attention",
+           "bandwidth-floor": "pagedserve.bench.bandwidth_floor"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

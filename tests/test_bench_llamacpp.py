@@ -58,3 +58,18 @@ def test_summary_takes_medians_and_the_table_shows_ratios() -> None:
     table = format_table(summarize(rounds))
     assert "| pagedserve | 64 concurrent streams | 600.0 | 600.0, 500.0, 700.0 |" in table
     assert "**2.86x**" in table and "| llama.cpp | 1 stream, 128 output tokens | 110.0 |" in table
+
+
+def test_the_single_stream_row_shows_its_time_over_the_rounds_bandwidth_floor() -> None:
+    rounds = [_round("pagedserve", 0, 600, 80), _round("llama.cpp", 0, 200, 120),
+              _round("pagedserve", 1, 500, 70), _round("llama.cpp", 1, 250, 100)]
+    for r, read in zip(rounds, (1e9, 2e9, 4e9, 1e9)):  # bytes/s; 10 ms a token in every round
+        r["single"]["read_bytes_per_s"] = read
+    rows = {(r["engine"], r["case"]): r
+            for r in summarize(rounds, {"pagedserve": 2_000_000, "llama.cpp": 1_000_000})}
+    # floors: pagedserve 2 ms, 0.5 ms -> 5x, 20x; llama.cpp 0.5 ms, 1 ms -> 20x, 10x
+    assert rows["pagedserve", "single"]["times_floor"] == pytest.approx(12.5)
+    assert rows["llama.cpp", "single"]["times_floor"] == pytest.approx(15.0)
+    assert "times_floor" not in rows["pagedserve", "concurrent"]
+    assert "| 12.50x |" in format_table(list(rows.values()))
+
