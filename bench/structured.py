@@ -37,15 +37,11 @@ def _run(llm, params) -> tuple[int, float, list[int]]:
 
 
 def _compile_times(model_dir: Path, vocab_size: int, eos: list[int]) -> dict:
-    import llguidance
-
     from pagedserve.bench.structured_schemas import schemas
-    from pagedserve.executor.structured import GrammarCache
+    from pagedserve.executor.structured import GrammarCache, load_tokenizer
     from pagedserve.router.structured_outputs import json_schema
 
-    tokenizer = llguidance.LLTokenizer((model_dir / "tokenizer.json").read_text(),
-                                       n_vocab=vocab_size, eos_token=eos)
-    cache = GrammarCache(tokenizer)
+    cache = GrammarCache(load_tokenizer(model_dir, vocab_size, eos))  # tokenizer.json or GGUF
     grammars = [json_schema(s, "bench").grammar for s in schemas()]
     times = []
     for g in grammars:

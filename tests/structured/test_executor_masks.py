@@ -115,26 +115,6 @@ def test_device_unpacking_matches_the_host_one() -> None:
     assert torch.equal(unpack_forbidden(torch.from_numpy(words), 150), torch.from_numpy(host))
 
 
-def test_host_masking_equals_masked_fill_bit_for_bit() -> None:
-    """The CPU's branch-free masking against torch's masked_fill of the unpacked bits, with
-    extreme logits (a forbidden inf or NaN must become -inf too) and a width not a multiple of 32."""
-    import numpy as np
-
-    from pagedserve.executor.structured import forbid_in_place, unpack_forbidden
-
-    rng = np.random.default_rng(1)
-    words = rng.integers(-(2**31), 2**31, size=(4, 5), dtype=np.int64).astype(np.int32)
-    words[1] = -1  # all allowed
-    words[2] = 0  # all forbidden
-    logits = torch.randn(4, 150)
-    logits[0, :8] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0,
-                                  3.4e38, -3.4e38, 1e-45])
-    expected = logits.masked_fill(unpack_forbidden(torch.from_numpy(words), 150), float("-inf"))
-    got = logits.clone()
-    forbid_in_place(got.numpy(), words)
-    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
-
-
 def test_rows_of_a_mixed_batch_are_masked_in_place(outputs: StructuredOutputs) -> None:
     """Constrained rows among free ones: each constrained row gets its own mask, the free rows'
     logits keep their exact values."""
