@@ -1,14 +1,15 @@
-"""Issue 7's CPU targets in one command: the three benchmarks that measure them, run one after
-another on the same model and workload, then one table of target, measured value and verdict.
+"""The CPU targets in one command: the three benchmarks that measure them, run one after another
+on the same model and workload, then one table of target, measured value and verdict, at issue
+7's bounds, or issue 18's higher ones (60% of the ceiling, 90% served) on a CPU with AVX-512 bf16.
 
     python -m pagedserve.bench.targets [--num-requests 100] [--hf-batch-sizes 8,32] [--model DIR]
     pagedserve bench targets ...
 
   - bench.throughput, side by side with transformers (in the engine's own dtype unless
     --hf-dtypes says otherwise) and the roofline: offline output tok/s at least 4x transformers'
-    best static batching, computed tokens/s at least 50% of the GEMM-bound ceiling;
+    best static batching, computed tokens/s at least 50% (60%) of the GEMM-bound ceiling;
   - bench.serve --launch --request-rate inf --compare-offline [--rounds N]: the served output
-    tok/s at saturation at least 85% of the offline LLM's on the same requests;
+    tok/s at saturation at least 85% (90%) of the offline LLM's on the same requests;
   - bench.step_overhead: scheduler + RPC at most 10% of a decode step at 64 running requests.
 
 Each benchmark writes its own JSON under --out-dir; this one adds targets.json. The exit status is
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pagedserve.bench import serve, step_overhead, throughput
+from pagedserve.bench.llamacpp import cpu_flags
 from pagedserve.bench.results import write_results
 from pagedserve.bench.roofline import machine_description, model_config, resolve_dtype
 
@@ -70,7 +72,26 @@ def run_benchmarks(args: argparse.Namespace, model_dir: str, out: Path) -> None:
     step_overhead.main([*common, "--out", str(out / "step_overhead.json")])
 
 
-def targets(out: Path) -> list[Target]:
+@dataclass(frozen=True)
+class Bounds:
+    """The ceiling and served bounds, and the issue that sets them."""
+
+    ceiling_share: float
+    served_share: float
+    issue: str
+
+
+ISSUE_7 = Bounds(0.50, 0.85, "issue 7")
+# issue 18: on a CPU with AVX-512 bf16, where GEMMs are about 4x faster than in float32 and
+# expose everything around them, the bar is higher
+ISSUE_18 = Bounds(0.60, 0.90, "issue 18 (AVX-512 bf16)")
+
+
+def bounds_for(cpu_flags: list[str]) -> Bounds:
+    return ISSUE_18 if "avx512_bf16" in cpu_flags else ISSUE_7
+
+
+def targets(out: Path, bounds: Bounds = ISSUE_7) -> list[Target]:
     """The four targets, read from the benchmarks' JSON."""
     offline = json.loads((out / "throughput.json").read_text())
     served = json.loads((out / "serve.json").read_text())["comparison"]
@@ -79,9 +100,10 @@ def targets(out: Path) -> list[Target]:
     return [
         Target("offline output tok/s / transformers' best", offline["ratio"], 4.0, True, "x"),
         Target("offline computed tok/s / GEMM ceiling",
-               computed / offline["roofline"]["ceiling_tokens_per_s"], 0.5, True, "share"),
-        Target("served output tok/s / offline", served["serve_share_of_offline"], 0.85, True,
-               "share"),
+               computed / offline["roofline"]["ceiling_tokens_per_s"], bounds.ceiling_share,
+               True, "share"),
+        Target("served output tok/s / offline", served["serve_share_of_offline"],
+               bounds.served_share, True, "share"),
         Target("scheduler + RPC share of a decode step (64 running)", step["overhead_share"],
                0.10, False, "share"),
     ]
@@ -104,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model or str(throughput.default_model())
     out = Path(args.out_dir)
     run_benchmarks(args, model_dir, out)
-    rows = targets(out)
+    bounds = bounds_for(cpu_flags())
+    rows = targets(out, bounds)
+    print(f"\nbounds: {bounds.issue}'s")
     print_table(rows)
     write_results(out / "targets.json", {
         "model": model_dir, "machine": machine_description(), "num_requests": args.num_requests,
-        "targets": [{**asdict(t), "met": t.met} for t in rows]})
+        "bounds": asdict(bounds), "targets": [{**asdict(t), "met": t.met} for t in rows]})
     return 0 if all(t.met for t in rows) else 1
 
 

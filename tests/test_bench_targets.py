@@ -57,3 +57,19 @@ def test_the_table_says_which_target_is_not_met(tmp_path: Path,
     lines = capsys.readouterr().out.splitlines()
     assert [line.endswith("NOT MET") for line in lines[2:]] == [False, False, True, False]
     assert "50.0%" in lines[4] and ">= 85.0%" in lines[4]
+
+
+@pytest.mark.parametrize("index, bound", [(1, 0.60), (2, 0.90)], ids=["ceiling", "served"])
+def test_an_avx512_bf16_cpu_is_held_to_issue_18s_bounds(tmp_path: Path, index: int,
+                                                         bound: float) -> None:
+    """Issue 18 raises two bounds on CPUs with AVX-512 bf16: the verdict flips at the new bound,
+    and a figure that meets issue 7's bound there does not meet issue 18's."""
+    assert targets.bounds_for(["avx2", "avx512f", "avx512_bf16"]) is targets.ISSUE_18
+    assert targets.bounds_for(["avx2", "avx512f"]) is targets.ISSUE_7
+    figure = ISSUE_BOUNDS[index][0]
+    _write(tmp_path, **{**MET, figure: bound})
+    assert [t.met for t in targets.targets(tmp_path, targets.ISSUE_18)] == [True] * 4
+    _write(tmp_path, **{**MET, figure: math.nextafter(bound, -math.inf)})
+    assert [t.met for t in targets.targets(tmp_path, targets.ISSUE_18)] == \
+        [i != index for i in range(4)]
+    assert all(t.met for t in targets.targets(tmp_path, targets.ISSUE_7))
