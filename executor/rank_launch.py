@@ -47,6 +47,10 @@ import torch
 from pagedserve.executor.config import ExecutorConfig
 from pagedserve.executor.rank_devices import device_index, is_cuda, physical_gpu
 
+# A rank's exit code when a collective failed under it (rank 0's plan broadcast or the step's
+# all-reduce): another rank's death is the cause, and the launcher names that one instead.
+GROUP_LOST_EXIT = 3
+
 log = structlog.get_logger("pagedserve.executor.rank_launch")
 
 PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to place every rank's bundle
@@ -136,10 +140,15 @@ class MpLauncher:
         return True
 
     def dead_rank(self) -> str | None:
-        for rank, proc in enumerate(self.procs, start=1):
-            if proc.poll() is not None:
-                return f"tensor-parallel rank {rank} died (exit code {proc.returncode})"
-        return None
+        """The rank whose death broke the group: one that exited for a reason of its own before
+        one that left only because the group broke under it (GROUP_LOST_EXIT), whatever their
+        numbers; the lowest-numbered of equals."""
+        ended = [(proc.returncode == GROUP_LOST_EXIT, rank, proc.returncode)
+                 for rank, proc in enumerate(self.procs, start=1) if proc.poll() is not None]
+        if not ended:
+            return None
+        _, rank, code = min(ended)
+        return f"tensor-parallel rank {rank} died (exit code {code})"
 
     def stop(self, graceful: bool) -> None:
         for proc in self.procs:

@@ -305,7 +305,7 @@ def load_rank(rank: int, config: ExecutorConfig, *, own_gpu: bool = False) -> tu
 
 def run_rank(executor: Any, rank: int, host: str, port: int, config: ExecutorConfig) -> int:
     """Joins rank 0's group (its TCPStore at host:port), then runs every plan rank 0
-    broadcasts until a stop (0) or rank 0 is gone (1)."""
+    broadcasts until a stop (0) or the group breaks (rank_launch.GROUP_LOST_EXIT)."""
     from pagedserve.protos import executor_pb2
 
     store = dist.TCPStore(host, port, config.world_size, is_master=False,
@@ -322,9 +322,9 @@ def run_rank(executor: Any, rank: int, host: str, port: int, config: ExecutorCon
     while True:
         try:
             message = receive_message(header)
-        except RuntimeError:  # rank 0 is gone
-            log.warning("tensor-parallel rank 0 is gone; exiting", rank=rank)
-            return 1
+        except RuntimeError:  # rank 0 is gone, or another rank the broadcast reaches
+            log.warning("tensor-parallel group is gone (a rank died); exiting", rank=rank)
+            return rank_launch.GROUP_LOST_EXIT
         if message is None:
             break
         try:

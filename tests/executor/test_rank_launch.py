@@ -38,6 +38,29 @@ def test_an_mp_rank_that_cannot_load_is_named(tmp_path: Path) -> None:
     assert launcher.procs == []
 
 
+def test_the_rank_that_broke_the_group_is_named_not_one_that_left_after_it() -> None:
+    """Rank 1 left because the group broke under it (GROUP_LOST_EXIT), rank 2 was killed: rank 2
+    is named though rank 1's number is lower; with only ranks that left, the lowest is."""
+    import signal
+    import subprocess
+
+    def ended(code: int | None) -> subprocess.Popen:
+        script = "import time; time.sleep(60)" if code is None else f"raise SystemExit({code})"
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        if code is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        return proc
+
+    launcher = rank_launch.MpLauncher()
+    launcher.procs = [ended(rank_launch.GROUP_LOST_EXIT), ended(None)]
+    assert launcher.dead_rank() == "tensor-parallel rank 2 died (exit code -9)"
+    launcher.procs = [ended(rank_launch.GROUP_LOST_EXIT), ended(rank_launch.GROUP_LOST_EXIT)]
+    assert launcher.dead_rank() == "tensor-parallel rank 1 died (exit code 3)"
+    launcher.procs = []
+    assert launcher.dead_rank() is None
+
+
 def test_a_rank_value_error_is_raised_as_it_is() -> None:
     """A ValueError names the option at fault, not the rank (rank 0 most likely failed the
     same way); any other error names the rank."""
