@@ -137,14 +137,16 @@ def test_the_samples_broadcast_is_a_host_tensor_on_the_default_group(monkeypatch
 
     def broadcast(t, src, group=None, async_op=False):
         sent.append((t.device.type, src, group))
+        if t is not packed:  # a receiving rank's buffer (torch.empty): filled as gloo would
+            t.copy_(packed)
         return Work()
 
     monkeypatch.setattr(pipeline_parallel.dist, "broadcast", broadcast)
     stage = pipeline_parallel.PipelineStage(SimpleNamespace(), 2, 1, 3, 8, torch.float32, "cpu")
-    packed = torch.tensor([[5.0]])
+    packed = torch.tensor([[5.0]], dtype=torch.float64)
     sampled = SimpleNamespace(packed=lambda: packed)
     assert stage.share_samples(sampled, [-1]).token_ids == [5]
-    assert stage.share_samples(None, [-1]) is not None
+    assert stage.share_samples(None, [-1]).token_ids == [5]
     assert sent == [("cpu", 2, None), ("cpu", 2, None)]
 
 
