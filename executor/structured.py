@@ -245,10 +245,10 @@ class StructuredOutputs:
         forward pass; the matchers must not move until apply(). Beside a GPU they are computed
         on a thread while the forward pass runs. On a CPU they are computed here and now: the
         forward pass's OpenMP team has every core, so a mask thread beside it only takes its time
-        from the forward (and stalls the team's barriers when it preempts one of its threads);
-        measured, 64 requests on the `small` model, 2 cores: masks here kept a mixed batch's
-        unconstrained requests at 93.5-94.1% of their speed alone, against 92.9-93.2% on a thread
-        at a lower priority (docs/benchmarks.md)."""
+        from the forward (and stalls the team's barriers when it preempts one of its threads).
+        Measured, 64 requests on the `small` model, 2 cores: masks here kept a mixed batch's
+        unconstrained requests at 93.5-94.2% of their speed alone, against 92.9-93.2% on a
+        thread at a lower priority (docs/benchmarks.md, "Structured outputs")."""
         rows = [i for i, rid in enumerate(request_ids) if rid in self._matchers]
         if not rows:
             return None
