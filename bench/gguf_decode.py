@@ -2,6 +2,7 @@
 other model, e.g. the BF16 GGUF of the same weights), side by side in one process.
 
     python -m pagedserve.bench.gguf_decode [--model Q4_1.gguf] [--also BF16.gguf]
+        [--model QUANTIZED_HF_DIR --dense ITS_DENSE_DIR]
         [--batch-sizes 1,16] [--tokens 33] [--rounds 5] [--dtype auto] [--act float,int8x2,int8]
         [--prefill 512] [--context 2000]
 
@@ -34,12 +35,14 @@ QUANTILE = 20
 
 
 def _engine(path: Path, quantized: bool, dtype: str, max_model_len: int = 256):
-    """The offline engine, its GGUF weights loaded quantized or dense (gguf_loader's switch)."""
+    """The offline engine, a GGUF file's weights loaded quantized or dense (gguf_loader's
+    switch); an HF checkpoint runs in its own format whatever `quantized` says."""
     from pagedserve import LLM
 
+    gguf_file = path.is_file()
     return LLM(path, dtype=dtype, max_model_len=max_model_len, max_num_seqs=64,
                max_num_batched_tokens=max(2048, max_model_len),
-               quantization="auto" if quantized else "dequantize")
+               quantization=("auto" if quantized else "dequantize") if gguf_file else None)
 
 
 def _set_act(act: str | None) -> None:
@@ -138,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     from pagedserve.real_model import real_model_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="a quantized GGUF (default: SmolLM2 Q4_1)")
+    p.add_argument("--model", default=None, help="a quantized GGUF (default: SmolLM2 Q4_1) or "
+                   "quantized HF checkpoint (then give --dense)")
+    p.add_argument("--dense", default=None,
+                   help="the baseline instead of --model dequantized at load: the dense model a "
+                        "quantized HF checkpoint was made from (`pagedserve quantize`)")
     p.add_argument("--also", action="append", default=[], help="another model to run dense")
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--tokens", type=int, default=33)
@@ -162,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         engines[name], acts[name] = _engine(model, True, args.dtype, length), act
     for other in args.also:
         engines[f"{Path(other).name}"] = _engine(Path(other), False, args.dtype, length)
-    engines[f"{model.name} dequantized at load"] = _engine(model, False, args.dtype, length)
+    if args.dense:  # the baseline, last: `x` is every cell over it
+        engines[f"{Path(args.dense).name} dense"] = _engine(Path(args.dense), False, args.dtype,
+                                                            length)
+    else:
+        engines[f"{model.name} dequantized at load"] = _engine(model, False, args.dtype, length)
     rates = measure(engines, batches, args.tokens, args.rounds, acts, args.prefill, args.context)
     print_table(rates, batches)
     write_results(args.out, {"machine": machine_description(), "dtype": args.dtype,
