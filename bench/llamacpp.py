@@ -245,17 +245,6 @@ def pagedserve_weight_bytes(model: Path, args: argparse.Namespace) -> int:
     return weight_bytes_per_token(model, DENSE_BYTES.get(args.dtype, 2))
 
 
-def cpu_flags() -> list[str]:
-    """The lscpu flags that matter here (AVX-512 and bf16/VNNI ones)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return [f for f in flags if f.startswith(("avx512", "avx_vnni", "amx")) or f in ("avx2", "fma")]
-
-
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -301,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pagedserve.bench.roofline import machine_description
+    from pagedserve.bench.roofline import cpu_flags, machine_description
 
     args = parse_args(argv)
     bin_dir = Path(args.llama_cpp_bin)

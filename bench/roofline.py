@@ -78,6 +78,17 @@ def machine_description() -> str:
     return f"{name}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
 
 
+def cpu_flags() -> list[str]:
+    """The lscpu flags that matter here (AVX-512 and bf16/VNNI ones)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return [f for f in flags if f.startswith(("avx512", "avx_vnni", "amx")) or f in ("avx2", "fma")]
+
+
 def _best_pass_seconds(apply, weights: list, min_seconds: float) -> float:
     """Best seconds per multiply over repeated timed passes through every weight."""
     for w in weights:

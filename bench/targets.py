@@ -25,9 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pagedserve.bench import serve, step_overhead, throughput
-from pagedserve.bench.llamacpp import cpu_flags
 from pagedserve.bench.results import write_results
-from pagedserve.bench.roofline import machine_description, model_config, resolve_dtype
+from pagedserve.bench.roofline import (
+    cpu_flags,
+    machine_description,
+    model_config,
+    resolve_dtype,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,8 +91,8 @@ ISSUE_7 = Bounds(0.50, 0.85, "issue 7")
 ISSUE_18 = Bounds(0.60, 0.90, "issue 18 (AVX-512 bf16)")
 
 
-def bounds_for(cpu_flags: list[str]) -> Bounds:
-    return ISSUE_18 if "avx512_bf16" in cpu_flags else ISSUE_7
+def bounds_for(flags: list[str]) -> Bounds:
+    return ISSUE_18 if "avx512_bf16" in flags else ISSUE_7
 
 
 def targets(out: Path, bounds: Bounds = ISSUE_7) -> list[Target]:
