@@ -136,37 +136,45 @@ def _round(llm, workloads: dict, timer: _MaskTimer) -> dict:
 
 def _mask_cpu_ms(llm, params: list, steps: int = 32) -> dict:
     """CPU time per step (process time, so a busy machine's other work does not count) of the
-    constrained requests' mask work alone, outside the engine: masks filled (as the executor's
-    thread does), applied to a logits batch, matchers advanced by a random allowed token. torch
-    runs on one thread here: idle OpenMP workers spinning would count as process time."""
+    constrained requests' mask work alone, outside the engine: masks filled (as the executor
+    does), applied to a logits batch, matchers advanced by a random allowed token. torch runs on
+    one thread here: idle OpenMP workers spinning would count as process time."""
     import numpy as np
     import torch
 
+    from pagedserve.protos import executor_pb2
+
     structured = llm.executor.structured
-    matchers = [structured.cache.matcher(p.constraint.grammar) for p in params]
+    ids = [f"mask-work-{i}" for i in range(len(params))]
+    for rid, p in zip(ids, params):
+        sampling = executor_pb2.SamplingParams()
+        sampling.structured.grammar = p.constraint.grammar
+        structured.add(rid, sampling, [])
     rng = np.random.default_rng(0)
-    logits = torch.zeros(len(matchers), structured.vocab_size)
+    logits = torch.zeros(len(ids), structured.vocab_size)
     spent = {"fill": 0.0, "apply": 0.0, "advance": 0.0}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for step in range(-4, steps):  # 4 uncounted steps: the team's last spins end
-            _mask_step(structured, matchers, logits, rng, spent if step >= 0 else {})
+            _mask_step(structured, ids, logits, rng, spent if step >= 0 else {})
     finally:
         torch.set_num_threads(threads)
+        for rid in ids:
+            structured.forget(rid)
     return {f"{k}_cpu_ms_per_step": 1e3 * v / steps for k, v in spent.items()}
 
 
-def _mask_step(structured, matchers: list, logits, rng, spent: dict) -> None:
+def _mask_step(structured, ids: list[str], logits, rng, spent: dict) -> None:
     import numpy as np
 
     from pagedserve.executor.structured import MaskJob
 
     vocab = logits.shape[1]
     start = time.process_time()
-    bitmask = structured._fill([(m, i) for i, m in enumerate(matchers)], len(matchers))
+    bitmask = structured._fill([(rid, i) for i, rid in enumerate(ids)], len(ids))
     lap = {"fill": time.process_time() - start}
-    job = MaskJob(list(range(len(matchers))), structured._pool.submit(lambda: bitmask))
+    job = MaskJob(list(range(len(ids))), structured._pool.submit(lambda: bitmask))
     job.future.result()
     start = time.process_time()
     structured.apply(logits, job)
@@ -174,8 +182,8 @@ def _mask_step(structured, matchers: list, logits, rng, spent: dict) -> None:
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
     picks = [int(rng.choice(np.flatnonzero(row))) for row in bits]
     start = time.process_time()
-    for matcher, token in zip(matchers, picks):
-        matcher.consume_token(token)
+    for rid, token in zip(ids, picks):
+        structured.advance(rid, token)
     lap["advance"] = time.process_time() - start
     for key, seconds in lap.items():
         if key in spent:

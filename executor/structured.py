@@ -17,6 +17,13 @@ One step, for the rows that sample:
     apply(logits, job): wait, then logits[row] = -inf outside the mask, before any sampling rule
     advance(row, token) after sampling
 
+Where the grammar forces the next tokens (a key's name, a quote: llguidance's fast-forward
+tokens, the canonical tokenization of the forced bytes), the mask allows the first of them alone;
+it is written as that token, and the rest of the run gives the next steps' masks with no
+llguidance call (a forced mask costs llguidance as much as a free one, and most of a JSON
+schema's masks are forced: docs/architecture.md, "Forced runs"). A run's tokens reach the matcher
+together when it ends.
+
 EOS is in a mask exactly when the grammar accepts (llguidance's tokenizer knows the EOS ids). A
 row whose mask allows nothing (a matcher in error, which a checked grammar should never reach)
 gets EOS only, so the request ends instead of drawing from an empty distribution.
@@ -29,7 +36,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,13 @@ from pagedserve.protos import executor_pb2
 
 log = logging.getLogger("pagedserve.executor")
 MAX_COMPILED = 256  # compiled grammars kept (LRU), keyed by their canonical text
+
+
+def forced_only(bitmask: np.ndarray, row: int, token: int) -> None:
+    """bitmask[row] allows `token` alone."""
+    words = bitmask.view(np.uint32)
+    words[row] = 0
+    words[row, token // 32] = np.uint32(1 << (token % 32))
 
 
 @dataclass
@@ -189,10 +203,40 @@ def check_structured(request_id: str, p: executor_pb2.SamplingParams,
                          "tokenizer.json or GGUF file")
     if not p.structured.grammar:
         raise ValueError(f"request {request_id!r}: sampling.structured.grammar is empty")
-    for field in ("min_tokens", "ignore_eos"):  # each takes away the EOS the grammar needs
-        if getattr(p, field):
-            raise ValueError(f"request {request_id!r}: sampling.{field} cannot be combined "
+    for name in ("min_tokens", "ignore_eos"):  # each takes away the EOS the grammar needs
+        if getattr(p, name):
+            raise ValueError(f"request {request_id!r}: sampling.{name} cannot be combined "
                              "with sampling.structured")
+
+
+@dataclass
+class Constrained:
+    """One constrained request: its matcher, and the run of tokens its grammar forces."""
+
+    matcher: llguidance.LLMatcher
+    forced: list[int] = field(default_factory=list)  # forced from the next token on
+    # forced tokens sampled and not yet given to the matcher: a run's tokens go in one call
+    # when it ends (a third of the time per token), since its masks need no matcher
+    behind: list[int] = field(default_factory=list)
+
+    def caught_up(self, request_id: str) -> llguidance.LLMatcher:
+        """The matcher, at the request's state."""
+        if self.behind:
+            _consume(self.matcher, self.behind, request_id)
+            self.behind = []
+        return self.matcher
+
+    def next_forced(self, request_id: str) -> int | None:
+        """The token the grammar forces next, or None where it leaves a choice."""
+        if not self.forced:
+            self.forced = self.caught_up(request_id).compute_ff_tokens()
+        return self.forced[0] if self.forced else None
+
+
+def _consume(matcher: llguidance.LLMatcher, tokens: list[int], request_id: str) -> None:
+    if not matcher.consume_tokens(tokens):
+        log.warning("request %s: sampled tokens %s left its grammar: %s", request_id,
+                    tokens[-8:], matcher.get_error()[:200])
 
 
 class StructuredOutputs:
@@ -205,7 +249,7 @@ class StructuredOutputs:
         self.eos_token_ids = list(eos_token_ids)
         self.device = device
         self._cache: GrammarCache | None = None  # built at the first constrained request
-        self._matchers: dict[str, llguidance.LLMatcher] = {}
+        self._requests: dict[str, Constrained] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
         self._llexecutor: llguidance.LLExecutor | None = None  # made at the first mask
 
@@ -224,19 +268,18 @@ class StructuredOutputs:
         if not sampling.HasField("structured"):
             return
         matcher = self.cache.matcher(sampling.structured.grammar)
-        if output_token_ids and not matcher.consume_tokens(list(output_token_ids)):
-            log.warning("request %s: its outputs do not replay through its grammar: %s",
-                        request_id, matcher.get_error()[:200])
-        self._matchers[request_id] = matcher
+        if output_token_ids:
+            _consume(matcher, list(output_token_ids), request_id)
+        self._requests[request_id] = Constrained(matcher)
 
     def forget(self, request_id: str) -> None:
-        self._matchers.pop(request_id, None)
+        self._requests.pop(request_id, None)
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self._matchers
+        return request_id in self._requests
 
     def __len__(self) -> int:
-        return len(self._matchers)
+        return len(self._requests)
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -249,38 +292,56 @@ class StructuredOutputs:
         Measured, 64 requests on the `small` model, 2 cores: masks here kept a mixed batch's
         unconstrained requests at 93.5-94.2% of their speed alone, against 92.9-93.2% on a
         thread at a lower priority (docs/benchmarks.md, "Structured outputs")."""
-        rows = [i for i, rid in enumerate(request_ids) if rid in self._matchers]
+        rows = [i for i, rid in enumerate(request_ids) if rid in self._requests]
         if not rows:
             return None
-        pairs = [(self._matchers[request_ids[i]], i) for i in rows]
+        pairs = [(request_ids[i], i) for i in rows]
         if self.device.type == "cpu":
             done: Future = Future()
             done.set_result(self._fill(pairs, len(request_ids)))
             return MaskJob(rows, done)
         return MaskJob(rows, self._pool.submit(self._fill, pairs, len(request_ids)))
 
-    def _fill(self, pairs: list[tuple[llguidance.LLMatcher, int]], num_rows: int) -> np.ndarray:
+    def _fill(self, pairs: list[tuple[str, int]], num_rows: int) -> np.ndarray:
+        """The masks of the rows `pairs` names (request id, row); the other rows all ones. A
+        matcher in error allows nothing: its row gets EOS, so that the request ends."""
         bitmask = llg_numpy.allocate_token_bitmask(num_rows, self.vocab_size)
+        free = []  # (matcher, row) of the rows whose grammar leaves a choice
+        for request_id, row in pairs:
+            request = self._requests[request_id]
+            token = request.next_forced(request_id)
+            if token is not None:
+                forced_only(bitmask, row, token)
+            else:
+                free.append((request.matcher, row))
+        self._fill_free(free, bitmask)
+        for matcher, row in free:
+            if matcher.is_error():
+                words = bitmask.view(np.uint32)
+                for eos in self.eos_token_ids:
+                    words[row, eos // 32] |= np.uint32(1 << (eos % 32))
+        return bitmask
+
+    def _fill_free(self, pairs: list[tuple[llguidance.LLMatcher, int]],
+                   bitmask: np.ndarray) -> None:
+        if not pairs:
+            return
         if self.device.type == "cpu":
             # one matcher after another on this thread: llguidance's own pool would add a thread
             # hop and a worker that spins on a core the forward pass needs
             row_bytes = bitmask.shape[1] * bitmask.itemsize
             for matcher, row in pairs:
                 matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + row * row_bytes, row_bytes)
-            return bitmask
+            return
         if self._llexecutor is None:  # beside a GPU the cores are free: fill them in parallel
             self._llexecutor = llguidance.LLExecutor()
         llg_numpy.fill_next_token_bitmask_par(self._llexecutor, pairs, bitmask)
-        return bitmask
 
     def apply(self, logits: torch.Tensor, job: MaskJob | None) -> None:
         """logits [S, V] of the sampling rows: -inf in place wherever a row's grammar forbids."""
         if job is None:
             return
         bitmask = job.future.result()  # a row per sampling row; the free ones all ones
-        for j in np.flatnonzero(~bitmask.any(axis=1)):  # a matcher in error: end the request
-            for eos in self.eos_token_ids:
-                bitmask.view(np.uint32)[j, eos // 32] |= np.uint32(1 << (eos % 32))
         if forbid_rows(logits, job.rows, bitmask):  # the CPU, float32 logits: token_mask.c
             return
         words = torch.from_numpy(bitmask[job.rows])
@@ -292,7 +353,13 @@ class StructuredOutputs:
 
     def advance(self, request_id: str, token_id: int) -> None:
         """The sampled token moves the request's matcher (a no-op for unconstrained ones)."""
-        matcher = self._matchers.get(request_id)
-        if matcher is not None and not matcher.consume_token(token_id):
-            log.warning("request %s: sampled token %d left its grammar: %s", request_id,
-                        token_id, matcher.get_error()[:200])
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        if request.forced and request.forced[0] == token_id:
+            request.forced.pop(0)  # the run goes on: its next token is the next mask
+            request.behind.append(token_id)
+            return
+        request.forced = []  # off the run (a matcher in error ends with EOS): ask again
+        request.behind.append(token_id)
+        request.caught_up(request_id)
