@@ -4,6 +4,8 @@ bias; bf16 panels for weights whose values are all bf16, bit for bit the float32
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +85,23 @@ def test_strided_rows_columns_and_bias() -> None:
 def test_other_dtypes_are_not_packed() -> None:
     assert panel_gemm.pack(torch.randn(8, 8).bfloat16()) is None
     assert panel_gemm.pack(torch.randn(8, 8, device="meta")) is None
+
+
+def test_a_result_does_not_depend_on_the_thread_count() -> None:
+    """Each panel is one thread's from end to end (guided shares of the panels), so one thread
+    and two sum every output in the same order: the same bits, at decode and prompt row counts."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: one thread only")
+    weight = torch.randn(1000, 576)  # 63 panels, the last one partial
+    panels = panel_gemm.pack(weight)
+    xs = [torch.randn(rows, 576) for rows in (1, 9, 130)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [panel_gemm.linear(x, panels, 1000, None) for x in xs]
+        torch.set_num_threads(2)
+        two = [panel_gemm.linear(x, panels, 1000, None) for x in xs]
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)

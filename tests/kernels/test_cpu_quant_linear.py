@@ -14,6 +14,7 @@ the exact value, S = sum_i |x_i| (|s q_i| + |o|) + |bias|, u = 2^-24, so they di
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,26 @@ def test_the_cpu_backend_exports_this_kernel() -> None:
     from pagedserve.kernels import cpu
 
     assert cpu.quant_linear is ql.quant_linear and cpu.pack_quantized is ql.pack_quantized
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_result_does_not_depend_on_the_thread_count(build, bits) -> None:
+    """The threads share the panels out between them (quant_gemm.c's all_panels: guided shares),
+    but each panel is one thread's from end to end: every output is summed in one order, so one
+    thread and two give the same bits, at decode and prompt row counts."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: one thread only")
+    weight = quantize_rtn(torch.randn(1000, 576), bits, 32, symmetric=False)  # 63 panels, odd
+    packed = ql.pack_quantized(weight)
+    xs = [torch.randn(rows, 576).to(dtype) for rows in (1, 9, 130)
+          for dtype in (torch.float32, torch.bfloat16)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [ql.quant_linear(x, packed, None) for x in xs]
+        torch.set_num_threads(2)
+        two = [ql.quant_linear(x, packed, None) for x in xs]
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
