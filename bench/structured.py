@@ -11,7 +11,8 @@ rounds (a shared machine's noise hits the three alike). The figures are output t
 of the whole run, the constrained run's share of the unconstrained one, and for the mixed run
 the unconstrained half's tokens per second per request against the all-unconstrained run's; for
 the constrained runs, where a step's extra time goes (masks filled, the wait for
-them plus applying them, advancing the matchers). Compile times are the executor's (a grammar to
+them plus applying them, advancing the matchers) and the share of masks that were one forced
+token (executor/structured.py's forced runs). Compile times are the executor's (a grammar to
 a matcher ready for its first mask) for every schema of the suite, cold, then again (a repeated
 schema must compile nothing).
 """
@@ -115,10 +116,15 @@ def _workloads(n: int, m: int) -> dict:
 def _round(llm, workloads: dict, timer: _MaskTimer) -> dict:
     """One run of each workload, in turn (so a noisy neighbour hits all three alike)."""
     out = {}
+    masks = llm.executor.structured.masks  # by kind: one forced token, or llguidance's mask
     for name, params in workloads.items():
         timer.per_step_ms()  # reset
+        before = dict(masks)
         tokens, seconds, counts = _run(llm, params)
         row = {"tokens_per_s": tokens / seconds, "seconds": seconds}
+        made = {kind: masks[kind] - before[kind] for kind in masks}
+        if sum(made.values()):
+            row["forced_mask_share"] = made["forced"] / sum(made.values())
         if name == "mixed":  # the unconstrained half, per request
             row["unconstrained_tokens_per_s_per_request"] = \
                 sum(counts[1::2]) / len(counts[1::2]) / seconds

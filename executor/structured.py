@@ -252,6 +252,7 @@ class StructuredOutputs:
         self._requests: dict[str, Constrained] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
         self._llexecutor: llguidance.LLExecutor | None = None  # made at the first mask
+        self.masks = {"forced": 0, "free": 0}  # masks made so far, by kind (bench.structured)
 
     @property
     def cache(self) -> GrammarCache:
@@ -315,6 +316,8 @@ class StructuredOutputs:
             else:
                 free.append((request.matcher, row))
         self._fill_free(free, bitmask)
+        self.masks["forced"] += len(pairs) - len(free)
+        self.masks["free"] += len(free)
         for matcher, row in free:
             if matcher.is_error():
                 words = bitmask.view(np.uint32)

@@ -27,6 +27,9 @@ def test_bench_reports_every_figure(monkeypatch, capsys) -> None:
         assert median[run]["tokens_per_s"] > 0
     assert median["constrained_share"] > 0 and median["mixed_unconstrained_share"] > 0
     assert median["constrained"]["fill_ms_per_step"] > 0
+    # a JSON schema forces some tokens (quotes, keys) and leaves others free
+    assert 0 < median["constrained"]["forced_mask_share"] < 1
+    assert "forced_mask_share" not in median["unconstrained"]
     assert report["mask_work_alone"]["fill_cpu_ms_per_step"] > 0
     assert report["compile"]["schemas"] >= 100
     assert report["compile"]["recompiles_on_repeat"] == 0
