@@ -54,11 +54,13 @@ log = logging.getLogger("pagedserve.executor")
 MAX_COMPILED = 256  # compiled grammars kept (LRU), keyed by their canonical text
 
 
-def forced_only(bitmask: np.ndarray, row: int, token: int) -> None:
-    """bitmask[row] allows `token` alone."""
+def allow(bitmask: np.ndarray, row: int, tokens: Sequence[int], *, only: bool = False) -> None:
+    """Sets the bits of `tokens` in bitmask[row] (`only`: clears the others first)."""
     words = bitmask.view(np.uint32)
-    words[row] = 0
-    words[row, token // 32] = np.uint32(1 << (token % 32))
+    if only:
+        words[row] = 0
+    for token in tokens:
+        words[row, token // 32] |= np.uint32(1 << (token % 32))
 
 
 @dataclass
@@ -213,23 +215,24 @@ def check_structured(request_id: str, p: executor_pb2.SamplingParams,
 class Constrained:
     """One constrained request: its matcher, and the run of tokens its grammar forces."""
 
+    request_id: str  # for the log
     matcher: llguidance.LLMatcher
     forced: list[int] = field(default_factory=list)  # forced from the next token on
     # forced tokens sampled and not yet given to the matcher: a run's tokens go in one call
     # when it ends (a third of the time per token), since its masks need no matcher
     behind: list[int] = field(default_factory=list)
 
-    def caught_up(self, request_id: str) -> llguidance.LLMatcher:
+    def caught_up(self) -> llguidance.LLMatcher:
         """The matcher, at the request's state."""
         if self.behind:
-            _consume(self.matcher, self.behind, request_id)
+            _consume(self.matcher, self.behind, self.request_id)
             self.behind = []
         return self.matcher
 
-    def next_forced(self, request_id: str) -> int | None:
+    def next_forced(self) -> int | None:
         """The token the grammar forces next, or None where it leaves a choice."""
         if not self.forced:
-            self.forced = self.caught_up(request_id).compute_ff_tokens()
+            self.forced = self.caught_up().compute_ff_tokens()
         return self.forced[0] if self.forced else None
 
 
@@ -271,7 +274,7 @@ class StructuredOutputs:
         matcher = self.cache.matcher(sampling.structured.grammar)
         if output_token_ids:
             _consume(matcher, list(output_token_ids), request_id)
-        self._requests[request_id] = Constrained(matcher)
+        self._requests[request_id] = Constrained(request_id, matcher)
 
     def forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -310,9 +313,9 @@ class StructuredOutputs:
         free = []  # (matcher, row) of the rows whose grammar leaves a choice
         for request_id, row in pairs:
             request = self._requests[request_id]
-            token = request.next_forced(request_id)
+            token = request.next_forced()
             if token is not None:
-                forced_only(bitmask, row, token)
+                allow(bitmask, row, [token], only=True)
             else:
                 free.append((request.matcher, row))
         self._fill_free(free, bitmask)
@@ -320,9 +323,7 @@ class StructuredOutputs:
         self.masks["free"] += len(free)
         for matcher, row in free:
             if matcher.is_error():
-                words = bitmask.view(np.uint32)
-                for eos in self.eos_token_ids:
-                    words[row, eos // 32] |= np.uint32(1 << (eos % 32))
+                allow(bitmask, row, self.eos_token_ids)
         return bitmask
 
     def _fill_free(self, pairs: list[tuple[llguidance.LLMatcher, int]],
@@ -365,4 +366,4 @@ class StructuredOutputs:
             return
         request.forced = []  # off the run (a matcher in error ends with EOS): ask again
         request.behind.append(token_id)
-        request.caught_up(request_id)
+        request.caught_up()

@@ -112,12 +112,9 @@ DEFINE_TILES(uint16_t, bf16)
 static void NAME(const float *x, int64_t x_stride, const WT *packed, const float *bias,        \
                  float *out, int64_t m, int64_t n, int64_t k, int num_threads) {               \
     const int64_t panels = (n + NR - 1) / NR, row_bytes = NR * (int64_t)sizeof(WT);             \
-    /* guided shares: each thread streams about one contiguous range of panels (its             \
-       prefetch runs on through it), and the shares shrink to 2 panels at the end, so a         \
-       thread the OS preempts (a busy 2-core machine) still leaves the last ones to the         \
-       others. Chunks of 4 panels taken in turn (a jump at every chunk) were 1.1-1.5x           \
-       slower at 1 and 16 rows on SmolLM2's shapes, the same at 512 (bench.quant_gemm           \
-       --avx2, Zen 5; quant_gemm.c found the same) */                                           \
+    /* guided shares, as quant_gemm.c's all_panels says why: about one contiguous range per     \
+       thread, shrinking to 2 panels at the end (chunks of 4 taken in turn were 1.1-1.5x        \
+       slower at 1 and 16 rows in this file too: docs/benchmarks.md) */                         \
     _Pragma("omp parallel for schedule(guided, 2) num_threads(num_threads)")                    \
     for (int64_t p = 0; p < panels; p++) {                                                      \
         const int cols = n - p * NR < NR ? (int)(n - p * NR) : NR;                              \

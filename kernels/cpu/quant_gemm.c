@@ -15,8 +15,8 @@
  * groups of 32 that is a sixth less to read. Rows past n hold code 0 and scale 0.
  *
  * Work: threads take contiguous shares of the panels (see all_panels) and each panel goes a
- * chunk of k (CHUNK) at a time through tiles of up to MR rows. With bf16 x on AVX-512 BF16 the tiles convert the codes in
- * registers as they stream them (vpermw looks int4 codes up as bf16; int8 goes through float32),
+ * chunk of k (CHUNK) at a time through tiles of up to MR rows. With bf16 x on AVX-512 BF16 the
+ * tiles convert the codes in registers as they stream them (vpermw looks int4 codes up as bf16; int8 goes through float32),
  * and so do float32 tiles of 1-2 rows (AVX2 instructions, on AVX-512 CPUs too); elsewhere (more
  * float32 rows, int8 beyond DIRECT_INT8_ROWS bf16 rows, portable C) each chunk is first decoded
  * once into a small buffer (L1) that every tile of rows reads. The codes are prefetched well
