@@ -101,6 +101,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
         for packed in _packed_weights(m):
             add(packed.onednn)
             add(packed.panels)
+            add(packed.pairs)
     return total
 
 

@@ -61,6 +61,24 @@ def panel_gemm_path(monkeypatch) -> None:
         pytest.skip("panel_gemm has a path for CPUs with AVX2 and FMA only")
 
 
+@pytest.fixture
+def onednn_bf16_path(monkeypatch) -> None:
+    """bf16 weights on oneDNN's kernels, also where panel_gemm512 is preferred (an Intel Xeon)."""
+    from pagedserve.kernels.cpu import panel_gemm512
+
+    monkeypatch.setattr(panel_gemm512, "preferred", lambda: False)
+
+
+@pytest.fixture
+def paired_bf16_path(monkeypatch) -> None:
+    """bf16 weights in panel_gemm512's paired panels, also where vdpbf16ps is the faster one."""
+    from pagedserve.kernels.cpu import panel_gemm512
+
+    if not panel_gemm512.available():
+        pytest.skip("panel_gemm512 needs AVX-512")
+    monkeypatch.setattr(panel_gemm512, "preferred", lambda: True)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     """Around each test's body: the near-tie count of tests/hf_reference.py starts at zero, and

@@ -11,8 +11,13 @@ On CPUs with AVX2 but no AVX-512 a float32 weight takes kernels/cpu/panel_gemm's
 at every row count: oneDNN streams a decode step's weights well below memory speed there, and at
 prompt sizes, where both are bound by the FMA units, the panels' 6 x 16 tile is faster too. The
 panels share work out dynamically, so a thread the OS preempts does not hold its partner at the
-end. A weight in panels keeps no oneDNN copy. The figures, with machines and dates:
-docs/benchmarks.md, "CPU GEMM paths".
+end. A weight in panels keeps no oneDNN copy.
+
+A bf16 weight on an AVX-512 CPU whose vdpbf16ps is slower than its float32 FMAs (an Intel Xeon
+with AMX hidden) takes kernels/cpu/panel_gemm512's paired panels: float32 FMAs on the widened
+weights, 1.3-1.9x oneDNN's bf16 GEMMs there. Its sums are float32 ones rounded to bf16 once, so
+they may differ from oneDNN's by a bf16 rounding; the probe holds them to that. The figures, with
+machines and dates: docs/benchmarks.md, "CPU GEMM paths".
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.kernels.cpu import panel_gemm
+from pagedserve.kernels.cpu import panel_gemm, panel_gemm512
 
 
 @dataclass
@@ -32,6 +37,7 @@ class PackedWeight:
     panels: torch.Tensor | None  # panel_gemm's layout on AVX2-only CPUs (float32, or bf16 when
     # every value is one: see panel_gemm.pack)
     out_features: int
+    pairs: torch.Tensor | None = None  # panel_gemm512's bf16 layout, where it is preferred
 
 
 def _ops_available() -> bool:
@@ -44,6 +50,8 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     """F.linear(x, weight, bias) through the packed weight; x is [rows, in_features]."""
     if packed.panels is not None:
         return panel_gemm.linear(x, packed.panels, packed.out_features, bias)
+    if packed.pairs is not None:
+        return panel_gemm512.linear(x, packed.pairs, packed.out_features, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.onednn, bias, "none", [], "")
 
 
@@ -58,6 +66,17 @@ def _agrees(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return bool(((got - want).abs() <= x.shape[1] * 2.0**-23 * size).all())
 
 
+def _rounds_like_float32(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> bool:
+    """bf16 summed in float32 and rounded once: within the float32 reordering bound plus half a
+    bf16 ulp (at most 2^-8 relative) of the exact product."""
+    x64, w64 = x.double(), weight.double()
+    exact = F.linear(x64, w64, None if bias is None else bias.double())
+    size = F.linear(x64.abs(), w64.abs(), None if bias is None else bias.double().abs())
+    bound = x.shape[1] * 2.0**-23 * size + 2.0**-8 * exact.abs()
+    return bool(((got.double() - exact).abs() <= bound * (1 + 2.0**-7)).all())
+
+
 def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight | None:
     """The packed form of a bf16 or float32 CPU weight [out, in]: panel_gemm's panels where that
     kernel runs and its probe agrees, else oneDNN's layout; None where neither is available or
@@ -65,6 +84,11 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Packe
     if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
         return None
     probe = torch.randn(5, weight.shape[1]).to(weight.dtype)
+    if weight.dtype == torch.bfloat16 and panel_gemm512.preferred():
+        pairs = panel_gemm512.pack(weight)
+        if _rounds_like_float32(panel_gemm512.linear(probe, pairs, weight.shape[0], bias),
+                                probe, weight, bias):
+            return PackedWeight(None, None, weight.shape[0], pairs)
     panels = panel_gemm.pack(weight)
     if panels is not None and _agrees(panel_gemm.linear(probe, panels, weight.shape[0], bias),
                                       probe, weight, bias):

@@ -29,7 +29,7 @@ ENV_DISABLE = "PAGEDSERVE_DISABLE_CPU_KERNELS"
 # These split their work over OpenMP threads, torch's own pool (see paged_decode.c); a compiler
 # without OpenMP builds them without the flag, and they run on the calling thread alone
 LIBRARY_FLAGS = {name: ("-fopenmp",) for name in ("paged_decode", "activation", "panel_gemm",
-                                                      "quant_gemm")}
+                                                      "panel_gemm512", "quant_gemm")}
 
 
 def cache_dir() -> Path:

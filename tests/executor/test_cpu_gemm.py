@@ -19,7 +19,7 @@ NO_PACKING = ("oneDNN packs no weights of this dtype here (bf16 on a CPU without
               "or a torch build without the packing ops)")
 
 
-def test_packed_linear_equals_f_linear_bit_for_bit() -> None:
+def test_packed_linear_equals_f_linear_bit_for_bit(onednn_bf16_path) -> None:
     weight, bias = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
     packed = pack_weight(weight, bias)
     if packed is None:
@@ -29,6 +29,22 @@ def test_packed_linear_equals_f_linear_bit_for_bit() -> None:
         assert torch.equal(packed_linear(x, packed, bias), F.linear(x, weight, bias))
     x = torch.randn(8, 128).bfloat16()[:, ::2]  # a strided input is made contiguous first
     assert torch.equal(packed_linear(x, packed, bias), F.linear(x, weight, bias))
+
+
+def test_paired_bf16_panels_round_the_float32_sum_once(paired_bf16_path) -> None:
+    """panel_gemm512's path through pack_weight: every output within half a bf16 ulp of the
+    float32 sum (the reordering bound), and F.linear within a whole one of it."""
+    weight, bias = torch.randn(200, 768).bfloat16(), torch.randn(200).bfloat16()
+    packed = pack_weight(weight, bias)
+    assert packed.pairs is not None and packed.onednn is None
+    for rows in (1, 12, 13, 100):
+        x = torch.randn(rows, 768).bfloat16()
+        exact = F.linear(x.double(), weight.double(), bias.double())
+        size = F.linear(x.abs().double(), weight.abs().double(), bias.abs().double())
+        got = packed_linear(x, packed, bias).double()
+        assert ((got - exact).abs() <= 768 * 2.0**-23 * size + 2.0**-8 * exact.abs() * 1.01).all()
+        assert ((got - F.linear(x, weight, bias).double()).abs()
+                <= 768 * 2.0**-22 * size + 2.0**-7 * exact.abs() * 1.01).all()
 
 
 def test_packed_float32_linear_is_as_close_to_float64_as_f_linear() -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pagedserve.executor.batch_invariance import at_least_rows, probe_min_rows
+from pagedserve.kernels.cpu import panel_gemm512
 from pagedserve.llm import LLM
 from pagedserve.sampling_params import SamplingParams
 
@@ -26,10 +27,14 @@ Run = tuple[list[int], list[list[tuple[int, float]]]]  # tokens, and each step's
 def llm(smollm2: Path) -> LLM:
     # a budget of 16 tokens a step: a recomputed prompt of 5-18 tokens may be split in chunks,
     # and the batched prompts share steps with each other's decodes; 4 blocks of 16 cannot hold
-    # the three batched requests' 2 blocks each, so the batch preempts
-    return LLM(str(smollm2), dtype="bfloat16", quantization="dequantize", batch_invariant=True,
-               enable_prefix_caching=False, max_num_batched_tokens=16, num_kv_blocks=4,
-               max_model_len=64)
+    # the three batched requests' 2 blocks each, so the batch preempts. The weights go through
+    # oneDNN, whose one-row kernel needs the row floors (panel_gemm512, where it is preferred,
+    # needs none: tests/kernels/test_cpu_panel_gemm512.py)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(panel_gemm512, "preferred", lambda: False)
+        return LLM(str(smollm2), dtype="bfloat16", quantization="dequantize",
+                   batch_invariant=True, enable_prefix_caching=False, max_num_batched_tokens=16,
+                   num_kv_blocks=4, max_model_len=64)
 
 
 def _params(max_tokens: int, seeded: bool) -> SamplingParams:

@@ -1,0 +1,74 @@
+"""bf16 GEMMs with float32 FMAs on AVX-512 CPUs where vdpbf16ps is the slower instruction
+(panel_gemm512.c says why: an Intel Xeon without AMX). `preferred()` is the probe that decides;
+`pack` gives a bf16 weight's paired panels once, `linear` multiplies a bf16 x through them."""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import torch
+
+from pagedserve.kernels.cpu.build import load, omp_threads, ptr
+
+PANEL = 32  # outputs per panel, as in panel_gemm512.c
+# float32 FMAs must do this many times vdpbf16ps's work per cycle to take the GEMMs: the path
+# widens each weight with two more instructions per 32, and oneDNN's kernels are well tuned
+MARGIN = 1.3
+
+
+def _lib() -> ctypes.CDLL | None:
+    lib = load("panel_gemm512")[0]
+    if lib is not None:
+        lib.panel_gemm512_fma_gflops.restype = ctypes.c_double
+        lib.panel_gemm512_dpbf16_gflops.restype = ctypes.c_double
+    return lib
+
+
+def available() -> bool:
+    lib = _lib()
+    return lib is not None and bool(lib.panel_gemm512_available())
+
+
+@cache
+def preferred() -> bool:
+    """True where this path beats vdpbf16ps: both instructions' rates measured on this core,
+    best of three (a millisecond each). A CPU without AVX512_BF16 runs the engine in float32
+    and never asks."""
+    if not available():
+        return False
+    lib = _lib()
+    fma = max(lib.panel_gemm512_fma_gflops() for _ in range(3))
+    dpbf16 = max(lib.panel_gemm512_dpbf16_gflops() for _ in range(3))
+    return dpbf16 > 0 and fma >= MARGIN * dpbf16
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [n, k] bf16 -> paired panels [ceil(n / 32), k, 32] bf16: element [p, kk, 2 j + h]
+    is weight[32 p + 16 h + j, kk] (zero past n). None where the kernel does not run."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    if not available():
+        return None
+    n, k = weight.shape
+    panels = (n + PANEL - 1) // PANEL
+    padded = torch.zeros(panels * PANEL, k, dtype=torch.bfloat16)
+    padded[:n] = weight.detach()
+    return padded.view(panels, 2, 16, k).permute(0, 3, 2, 1).contiguous().view(panels, k, PANEL)
+
+
+def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) in bf16 for x [m, k] bf16, each output summed in float32 and
+    rounded to bf16 once."""
+    xf = x.float()  # the tile broadcasts float32 values: a copy of x, small beside the weight
+    if xf.stride(1) != 1:
+        xf = xf.contiguous()
+    bias_f = None if bias is None else bias.float().contiguous()
+    m, k = xf.shape
+    out = torch.empty(m, out_features, dtype=torch.bfloat16)
+    _lib().panel_gemm512_bf16(ptr(xf), ctypes.c_int64(xf.stride(0)), ptr(panels),
+                              None if bias_f is None else ptr(bias_f), ptr(out),
+                              ctypes.c_int64(m), ctypes.c_int64(out_features), ctypes.c_int64(k),
+                              omp_threads())
+    return out
