@@ -368,7 +368,8 @@ BENCHES = {"throughput": "pagedserve.bench.throughput", "serve": "pagedserve.ben
            "prompt-attention": "pagedserve.bench.prompt_attention",
            "tensor-parallel": "pagedserve.bench.tensor_parallel",
            "cpu-decode-attention": "pagedserve.bench.cpu_decode_attention",
-           "bandwidth-floor": "pagedserve.bench.bandwidth_floor"}
+           "bandwidth-floor": "pagedserve.bench.bandwidth_floor",
+           "bf16-gemm": "pagedserve.bench.bf16_gemm"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
