@@ -5,8 +5,8 @@
 One greedy request of 128 tokens in bf16, after a warm-up one; each piece's time per step and
 share of the wall time. The timers cost about a microsecond per wrapped call (some 300 a step on
 SmolLM2 on the module path), so the shares of small pieces are a little high. A model the C layer
-loop takes (executor/models/layer_loop.py: a quantized one, as the default GGUF runs) shows its
-layers as one piece; PAGEDSERVE_DISABLE_LAYER_LOOP=1 shows them module by module.
+loop takes (executor/models/layer_loop.py: a quantized one, as the default GGUF runs, or a dense
+one whose GEMMs are in panels or pairs) shows its layers as one piece; PAGEDSERVE_DISABLE_LAYER_LOOP=1 shows them module by module.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ module by module, and the hand-over of its weights and KV pages to that loop.
 
 The loop calls the same kernels in the same order, so it changes no bit of any result; it only
 takes what it was written for: the CPU kernels, every projection quantized in the C GEMM's packed
-form (a GGUF or a quantized checkpoint as the engine runs it by default) or, for a float32 model on
-a CPU with AVX2 and no AVX-512, in panel_gemm's panels; no tensor parallelism, no pipeline
+form (a GGUF or a quantized checkpoint as the engine runs it by default), for a float32 model on
+a CPU with AVX2 and no AVX-512 in panel_gemm's panels, or for a bf16 one where panel_gemm512 is
+preferred (an Intel Xeon without AMX) in its paired panels; no tensor parallelism, no pipeline
 stage short of the whole model (the loop ends in the final norm), no batch-invariant row
 padding, plain RoPE, and a KV cache in the activations' dtype. Anything else keeps the module
 path, and `reason` says why.
@@ -43,8 +44,10 @@ def _linear(layer: nn.Module, name: str, dtype: torch.dtype):
         loop_linear = LoopLinear(layer.quant, layer.bias, layer.quant.out_features)
     elif packed is not None and packed.panels is not None:
         loop_linear = LoopLinear(packed.panels, layer.bias, packed.out_features)
+    elif packed is not None and packed.pairs is not None:
+        loop_linear = LoopLinear(packed.pairs, layer.bias, packed.out_features)
     else:
-        return None, f"{name} is neither a packed quantized weight nor in panels"
+        return None, f"{name} is neither a packed quantized weight nor in panels or pairs"
     why = takes(loop_linear, dtype)
     return (None, f"{name}: {why}") if why else (loop_linear, "")
 

@@ -43,7 +43,12 @@ typedef void (*panel_gemm_fn)(const float *x, int64_t x_stride, const void *pack
                               const float *bias, float *out, int64_t m, int64_t n, int64_t k,
                               int num_threads);
 
-enum { GEMM_QUANT, GEMM_PANELS_F32, GEMM_PANELS_BF16 }; /* gemm_weight.kind */
+typedef int (*pairs_gemm_fn)(const void *x, int64_t x_stride, const void *packed,
+                             const float *bias, void *out, int64_t m, int64_t n, int64_t k,
+                             int num_threads);
+
+/* gemm_weight.kind: quantized, panel_gemm's panels (float32 x), panel_gemm512's pairs (bf16 x) */
+enum { GEMM_QUANT, GEMM_PANELS_F32, GEMM_PANELS_BF16, GEMM_PAIRS };
 
 typedef struct { /* a packed quantized weight (kernels/cpu/quant_linear.py's PackedQuantWeight),
                   * or a float32 model's dense weight in panel_gemm's panels (codes: the panels) */
@@ -73,6 +78,7 @@ typedef struct {
     paged_decode_fn paged_decode;
     act_and_mul_fn silu_and_mul;
     panel_gemm_fn panels_f32, panels_bf16; /* NULL where panel_gemm has no path */
+    pairs_gemm_fn pairs;                   /* NULL where panel_gemm512 has no path */
     const layer_weights *layers;
     const void *final_norm;
     const float *cos_sin;
@@ -96,6 +102,8 @@ typedef struct { /* one step: T rows; buffers [T, width] contiguous, in the acti
 
 static int product(const decoder *m, const gemm_weight *w, const void *x, void *out,
                    const decode_step *s) {
+    if (w->kind == GEMM_PAIRS) /* bf16 activations */
+        return m->pairs(x, w->k, w->codes, w->bias, out, s->rows, w->n, w->k, s->threads);
     if (w->kind != GEMM_QUANT) { /* float32 activations only */
         (w->kind == GEMM_PANELS_BF16 ? m->panels_bf16 : m->panels_f32)(
             x, w->k, w->codes, w->bias, out, s->rows, w->n, w->k, s->threads);

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedserve.kernels.cpu import panel_gemm
+from pagedserve.kernels.cpu import panel_gemm, panel_gemm512
 from pagedserve.kernels.cpu.attention import decode_rows
 from pagedserve.kernels.cpu.build import load, omp_threads, typed_function
 from pagedserve.kernels.cpu.kv_write import KINDS
@@ -27,7 +27,7 @@ class _Gemm(ctypes.Structure):
                 ("k", _I64), ("group", _I64), ("bits", _I), ("half_scales", _I), ("kind", _I)]
 
 
-_QUANT, _PANELS_F32, _PANELS_BF16 = range(3)  # layer_loop.c's GEMM_*
+_QUANT, _PANELS_F32, _PANELS_BF16, _PAIRS = range(4)  # layer_loop.c's GEMM_*
 
 
 class _Layer(ctypes.Structure):
@@ -41,7 +41,7 @@ class _Layer(ctypes.Structure):
 class _Decoder(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("gemm", "rms_norm", "rms_norm_heads", "add_rms_norm", "rotary", "write_kv",
                                         "paged_decode", "silu_and_mul", "panels_f32",
-                                        "panels_bf16", "layers", "final_norm",
+                                        "panels_bf16", "pairs", "layers", "final_norm",
                                         "cos_sin")] + [
         (name, _I) for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim",
                                 "intermediate", "rot", "bf16", "x_bf16", "block_size", "kind")
@@ -57,10 +57,11 @@ class _Step(ctypes.Structure):
 
 @dataclass
 class LoopLinear:
-    """A projection as the loop multiplies it: quantized in quant_gemm's packed form, or (a
-    float32 model's dense weight) in panel_gemm's panels."""
+    """A projection as the loop multiplies it: quantized in quant_gemm's packed form, or a dense
+    weight in panel_gemm's panels (a float32 model) or panel_gemm512's pairs (a bf16 one)."""
 
-    weight: PackedQuantWeight | torch.Tensor  # the panels: [panels, in, 16] float32 or bf16
+    # panels: [panels, in, 16] float32 or bf16; pairs: [panels, in, 32] bf16
+    weight: PackedQuantWeight | torch.Tensor
     bias: torch.Tensor | None
     out_features: int
 
@@ -109,6 +110,10 @@ def unavailable(dtype: torch.dtype) -> str:
 
 def takes(linear: LoopLinear, dtype: torch.dtype) -> str:
     """Why the loop cannot multiply through `linear` with activations of `dtype` ("" if it can)."""
+    if isinstance(linear.weight, torch.Tensor) and _is_pairs(linear.weight):
+        if dtype != torch.bfloat16 or not panel_gemm512.available():
+            return "paired panels multiply bf16 activations, on CPUs with AVX-512"
+        return ""
     if isinstance(linear.weight, torch.Tensor):
         if dtype != torch.float32 or not panel_gemm.available():
             return "panels multiply float32 activations, on CPUs with AVX2 and no AVX-512"
@@ -119,6 +124,10 @@ def takes(linear: LoopLinear, dtype: torch.dtype) -> str:
     if dtype == torch.bfloat16 and not kernel.bf16_x:
         return "the quantized GEMM widens bf16 to float32 on this CPU (no AVX-512 BF16)"
     return ""
+
+
+def _is_pairs(weight: torch.Tensor) -> bool:
+    return weight.shape[-1] == panel_gemm512.PANEL
 
 
 def _address(fn) -> int:
@@ -132,7 +141,8 @@ def _gemm(linear: LoopLinear, keep: list[torch.Tensor]) -> _Gemm:
     bias_ptr = None if bias is None else bias.data_ptr()
     if isinstance(w, torch.Tensor):  # panels
         keep.append(w)
-        kind = _PANELS_BF16 if w.dtype == torch.bfloat16 else _PANELS_F32
+        kind = (_PAIRS if _is_pairs(w) else _PANELS_BF16 if w.dtype == torch.bfloat16
+                else _PANELS_F32)
         return _Gemm(w.data_ptr(), None, None, bias_ptr, linear.out_features, w.shape[1], 0, 0,
                      0, kind)
     keep.extend(t for t in (w.codes, w.scales, w.offsets) if t is not None)
@@ -181,7 +191,9 @@ class LayerLoop:
                 _address(load("kv_write")[0].write_kv), _address(load("paged_decode")[0].paged_decode),
                 _address(typed_function("activation", "silu_and_mul", dtype)),
                 *(panels and _address(getattr(panels, name))
-                  for name in ("panel_gemm_f32", "panel_gemm_f32_bf16_panels"))]
+                  for name in ("panel_gemm_f32", "panel_gemm_f32_bf16_panels")),
+                _address(panel_gemm512._lib().panel_gemm512_bf16_x)
+                if panel_gemm512.available() else None]
 
     def run(self, residual: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,

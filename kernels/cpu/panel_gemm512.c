@@ -15,6 +15,8 @@
  */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime under -std=c11 */
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #define NR 32 /* outputs per panel */
@@ -117,6 +119,23 @@ void panel_gemm512_bf16(const float *x, int64_t x_stride, const uint32_t *packed
     for (int64_t r = 0; r < m; r += block)
         panels_times_rows(x + r * x_stride, x_stride, packed, bias, out + r * n,
                           m - r < block ? m - r : block, n, k, num_threads);
+}
+
+/* the same for bf16 x (the C layer loop's activations): x widened into a scratch buffer first;
+ * 0, or -1 where the buffer could not be allocated */
+int panel_gemm512_bf16_x(const uint16_t *x, int64_t x_stride, const uint32_t *packed,
+                         const float *bias, uint16_t *out, int64_t m, int64_t n, int64_t k,
+                         int num_threads) {
+    float *xf = malloc((size_t)(m * k) * sizeof(float));
+    if (!xf) return -1;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t kk = 0; kk < k; kk++) {
+            const uint32_t bits = (uint32_t)x[r * x_stride + kk] << 16;
+            memcpy(xf + r * k + kk, &bits, sizeof(float));
+        }
+    panel_gemm512_bf16(xf, k, packed, bias, out, m, n, k, num_threads);
+    free(xf);
+    return 0;
 }
 
 /* GFLOP/s of one thread issuing independent vdpbf16ps, and float32 FMAs: the probe that decides

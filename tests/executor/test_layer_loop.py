@@ -81,7 +81,20 @@ def test_dense_float32_through_panels_equals_the_modules(arch, panel_gemm_path,
     assert looped == modules
 
 
-def test_dense_and_batch_invariant_models_keep_the_modules(quantized) -> None:
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dense_bf16_through_pairs_equals_the_modules(arch, paired_bf16_path, monkeypatch) -> None:
+    """A dense bf16 model in panel_gemm512's paired panels (the default bf16 GEMM of an Intel Xeon
+    without AMX; forced here on any AVX-512 CPU): the loop multiplies through the same pairs."""
+    if unavailable(torch.bfloat16):
+        pytest.skip(f"the loop does not run here: {unavailable(torch.bfloat16)}")
+    looped, reason = _run(model_dir(arch), "bfloat16", SEEDED)
+    assert reason == ""
+    monkeypatch.setenv(ENV_DISABLE, "1")
+    modules, _ = _run(model_dir(arch), "bfloat16", SEEDED)
+    assert looped == modules
+
+
+def test_dense_and_batch_invariant_models_keep_the_modules(quantized, onednn_bf16_path) -> None:
     from pagedserve.kernels.cpu import panel_gemm
 
     for dtype in ("float32", "bfloat16"):
