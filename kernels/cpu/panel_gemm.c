@@ -15,6 +15,8 @@
  */
 #include <stdint.h>
 
+#include "tile_rows.h"
+
 #define NR 16 /* outputs per panel */
 #define MR 6  /* rows of x per tile */
 #define AHEAD_MAX_PASSES 4 /* see panel_gemm_f32 */
@@ -46,14 +48,7 @@ static inline void store_row(__m256 lo, __m256 hi, const float *bias, float *out
     for (int j = 0; j < cols; j++) out[j] = bias ? y[j] + bias[j] : y[j];
 }
 
-/* Accumulators are named variables, one pair per row (an array of them went through the stack on
- * every step: twelve stores per k, the tile's limit). ROWS_R(X) expands X(0) .. X(R-1). */
-#define ROWS_1(X) X(0)
-#define ROWS_2(X) ROWS_1(X) X(1)
-#define ROWS_3(X) ROWS_2(X) X(2)
-#define ROWS_4(X) ROWS_3(X) X(3)
-#define ROWS_5(X) ROWS_4(X) X(4)
-#define ROWS_6(X) ROWS_5(X) X(5)
+/* accumulators: a pair of named variables per row (tile_rows.h) */
 #define ZERO(r) __m256 lo##r = _mm256_setzero_ps(), hi##r = _mm256_setzero_ps();
 #define FMA(r) {                                                                                \
         const __m256 b = _mm256_broadcast_ss(x + r * x_stride + kk);                            \

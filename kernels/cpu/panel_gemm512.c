@@ -19,6 +19,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "tile_rows.h"
+
 #define NR 32 /* outputs per panel */
 #define MR 12 /* rows of x per tile */
 #define ROW_BLOCK_BYTES (1 << 20) /* x taken in blocks of rows that stay in cache */
@@ -50,19 +52,7 @@ static inline void store_row(__m512 lo, __m512 hi, const float *bias, uint16_t *
     _mm256_mask_storeu_epi16(out + 16, mhi, to_bf16(hi));
 }
 
-/* accumulators as named variables (an array of them goes through the stack every step) */
-#define ROWS_1(X) X(0)
-#define ROWS_2(X) ROWS_1(X) X(1)
-#define ROWS_3(X) ROWS_2(X) X(2)
-#define ROWS_4(X) ROWS_3(X) X(3)
-#define ROWS_5(X) ROWS_4(X) X(4)
-#define ROWS_6(X) ROWS_5(X) X(5)
-#define ROWS_7(X) ROWS_6(X) X(6)
-#define ROWS_8(X) ROWS_7(X) X(7)
-#define ROWS_9(X) ROWS_8(X) X(8)
-#define ROWS_10(X) ROWS_9(X) X(9)
-#define ROWS_11(X) ROWS_10(X) X(10)
-#define ROWS_12(X) ROWS_11(X) X(11)
+/* accumulators: a pair of named variables per row (tile_rows.h) */
 #define ZERO(r) __m512 lo##r = _mm512_setzero_ps(), hi##r = _mm512_setzero_ps();
 #define FMA(r) {                                                                                \
         const __m512 b = _mm512_set1_ps(x[r * x_stride + kk]);                                  \
@@ -139,7 +129,8 @@ int panel_gemm512_bf16_x(const uint16_t *x, int64_t x_stride, const uint32_t *pa
 }
 
 /* GFLOP/s of one thread issuing independent vdpbf16ps, and float32 FMAs: the probe that decides
- * whether this file's path is the faster one on this core (about a millisecond each). */
+ * whether this file's path is the faster one on this core (about a millisecond each). Twelve
+ * chains cover two pipes times their latency; the operands are hidden from the optimiser. */
 #define CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 #define PROBE_ITERS 100000
 #define CHAIN(i) __m512 a##i = _mm512_set1_ps(0.001f * i);
@@ -149,42 +140,32 @@ static double seconds(void) {
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
-double panel_gemm512_fma_gflops(void) {
-    CHAINS(CHAIN)
-    __m512 b = _mm512_set1_ps(0.999f), c = _mm512_set1_ps(1e-7f);
-    __asm__ volatile("" : "+v"(b), "+v"(c));
-    const double start = seconds();
-    for (long i = 0; i < PROBE_ITERS; i++) {
-#define STEP(i) a##i = _mm512_fmadd_ps(b, c, a##i);
-        CHAINS(STEP)
-    }
-    const double spent = seconds() - start;
-    __m512 s = _mm512_setzero_ps();
-    CHAINS(SUM)
-    volatile float sink = _mm512_reduce_add_ps(s);
-    (void)sink;
-    return PROBE_ITERS * 12.0 * 32 / spent / 1e9;
+#define DEFINE_PROBE(NAME, T, B, C, STEP, FLOPS)                                                \
+double NAME(void) {                                                                             \
+    CHAINS(CHAIN)                                                                               \
+    T b = (B), c = (C);                                                                         \
+    __asm__ volatile("" : "+v"(b), "+v"(c));                                                    \
+    const double start = seconds();                                                             \
+    for (long i = 0; i < PROBE_ITERS; i++) { CHAINS(STEP) }                                     \
+    const double spent = seconds() - start;                                                     \
+    __m512 s = _mm512_setzero_ps();                                                             \
+    CHAINS(SUM)                                                                                 \
+    volatile float sink = _mm512_reduce_add_ps(s);                                              \
+    (void)sink;                                                                                 \
+    return PROBE_ITERS * 12.0 * (FLOPS) / spent / 1e9;                                          \
 }
+#define FMA_STEP(i) a##i = _mm512_fmadd_ps(b, c, a##i);
+DEFINE_PROBE(panel_gemm512_fma_gflops, __m512, _mm512_set1_ps(0.999f), _mm512_set1_ps(1e-7f),
+             FMA_STEP, 32)
 #if defined(__AVX512BF16__)
-double panel_gemm512_dpbf16_gflops(void) {
-    CHAINS(CHAIN)
-    __m512bh b = (__m512bh)_mm512_set1_epi16(0x3f80), c = (__m512bh)_mm512_set1_epi16(0x3380);
-    __asm__ volatile("" : "+v"(b), "+v"(c));
-    const double start = seconds();
-    for (long i = 0; i < PROBE_ITERS; i++) {
-#define DP(i) a##i = _mm512_dpbf16_ps(a##i, b, c);
-        CHAINS(DP)
-    }
-    const double spent = seconds() - start;
-    __m512 s = _mm512_setzero_ps();
-    CHAINS(SUM)
-    volatile float sink = _mm512_reduce_add_ps(s);
-    (void)sink;
-    return PROBE_ITERS * 12.0 * 64 / spent / 1e9;
-}
+#define DP_STEP(i) a##i = _mm512_dpbf16_ps(a##i, b, c);
+DEFINE_PROBE(panel_gemm512_dpbf16_gflops, __m512bh, (__m512bh)_mm512_set1_epi16(0x3f80),
+             (__m512bh)_mm512_set1_epi16(0x3380), DP_STEP, 64)
 #else
 double panel_gemm512_dpbf16_gflops(void) { return 0; }
 #endif
-#else
+#else /* no AVX-512: the path is never taken, and the probe says so */
 int panel_gemm512_available(void) { return 0; }
+double panel_gemm512_fma_gflops(void) { return 0; }
+double panel_gemm512_dpbf16_gflops(void) { return 0; }
 #endif

@@ -12,13 +12,16 @@ import torch
 from pagedserve.kernels.cpu.build import load, omp_threads, ptr
 
 PANEL = 32  # outputs per panel, as in panel_gemm512.c
+# Extra compiler flags of the build in use: empty in the engine; tests set ("-mno-avx512f",) to
+# check that a CPU without AVX-512 builds the file and never takes the path
+BUILD_FLAGS: tuple[str, ...] = ()
 # float32 FMAs must do this many times vdpbf16ps's work per cycle to take the GEMMs: the path
 # widens each weight with two more instructions per 32, and oneDNN's kernels are well tuned
 MARGIN = 1.3
 
 
 def _lib() -> ctypes.CDLL | None:
-    lib = load("panel_gemm512")[0]
+    lib = load("panel_gemm512", BUILD_FLAGS)[0]
     if lib is not None:
         lib.panel_gemm512_fma_gflops.restype = ctypes.c_double
         lib.panel_gemm512_dpbf16_gflops.restype = ctypes.c_double

@@ -67,3 +67,12 @@ def test_a_row_does_not_depend_on_the_rows_beside_it() -> None:
     panels = panel_gemm512.pack(weight)
     assert probe_min_rows(lambda x: panel_gemm512.linear(x, panels, 70, None), 256,
                           torch.bfloat16) == 1
+
+
+def test_a_cpu_without_avx512_builds_it_and_never_takes_it(monkeypatch) -> None:
+    monkeypatch.setattr(panel_gemm512, "BUILD_FLAGS", ("-mno-avx512f",))
+    monkeypatch.setattr(panel_gemm512, "preferred", panel_gemm512.preferred.__wrapped__)
+    assert panel_gemm512._lib() is not None
+    assert not panel_gemm512.available()
+    assert not panel_gemm512.preferred()
+    assert panel_gemm512.pack(torch.randn(4, 4).bfloat16()) is None
