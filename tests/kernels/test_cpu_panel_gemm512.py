@@ -76,3 +76,10 @@ def test_a_cpu_without_avx512_builds_it_and_never_takes_it(monkeypatch) -> None:
     assert not panel_gemm512.available()
     assert not panel_gemm512.preferred()
     assert panel_gemm512.pack(torch.randn(4, 4).bfloat16()) is None
+
+
+def test_a_cpu_with_amx_keeps_onednn(monkeypatch, tmp_path) -> None:
+    """oneDNN runs bf16 on AMX tiles where the CPU has them: the pairs are never preferred
+    there, whatever the two instructions' rates."""
+    monkeypatch.setattr(panel_gemm512, "_has_amx", lambda: True)
+    assert not panel_gemm512.preferred.__wrapped__()
