@@ -15,9 +15,9 @@ end. A weight in panels keeps no oneDNN copy.
 
 A bf16 weight on an AVX-512 CPU whose vdpbf16ps is slower than its float32 FMAs (an Intel Xeon
 with AMX hidden) takes kernels/cpu/panel_gemm512's paired panels: float32 FMAs on the widened
-weights, 1.3-1.9x oneDNN's bf16 GEMMs there. Its sums are float32 ones rounded to bf16 once, so
-they may differ from oneDNN's by a bf16 rounding; the probe holds them to that. The figures, with
-machines and dates: docs/benchmarks.md, "CPU GEMM paths".
+weights, 1.4-1.7x oneDNN's bf16 GEMMs there from 16 rows. Its sums are float32 ones rounded to
+bf16 once, so they may differ from oneDNN's by a bf16 rounding; the probe holds them to that.
+The figures, with machines and dates: docs/benchmarks.md, "CPU GEMM paths".
 """
 
 from __future__ import annotations
