@@ -65,7 +65,7 @@ def measure(rows: list[int], rounds: int) -> list[dict]:
     return table
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", default="1,16,64,512")
     p.add_argument("--rounds", type=int, default=3)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                "dpbf16_gflops_one_core": dpbf16, "preferred": panel_gemm512.preferred(),
                "table": table}
     write_results(args.out, results)
-    return results
+    return 0
 
 
 if __name__ == "__main__":

@@ -369,7 +369,8 @@ BENCHES = {"throughput": "pagedserve.bench.throughput", "serve": "pagedserve.ben
            "tensor-parallel": "pagedserve.bench.tensor_parallel",
            "cpu-decode-attention": "pagedserve.bench.cpu_decode_attention",
            "bandwidth-floor": "pagedserve.bench.bandwidth_floor",
-           "bf16-gemm": "pagedserve.bench.bf16_gemm"}
+           "bf16-gemm": "pagedserve.bench.bf16_gemm",
+           "structured": "pagedserve.bench.structured"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
