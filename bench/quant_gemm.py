@@ -1,5 +1,6 @@
 """Weight-only int8 / int4 GEMMs on the CPU (kernels/cpu/quant_gemm.c) against the bf16 GEMM the
-engine runs today (oneDNN with pre-packed weights, executor/layers/cpu_gemm.py), side by side.
+engine runs today (executor/layers/cpu_gemm.pack_weight: oneDNN with pre-packed weights, or
+panel_gemm512's paired panels where its probe prefers them), side by side.
 
     python -m pagedserve.bench.quant_gemm [--rows 1,16,64,512] [--repeats 5] [--threads N]
                                           [--avx2] [--shapes NAMES] [--act float,int8,int8x2]
@@ -162,6 +163,17 @@ def format_row(row: dict, cols: list[str]) -> str:
     return " | ".join(cells)
 
 
+def _baseline(avx2: bool) -> str:
+    """What executor/layers/cpu_gemm.pack_weight multiplies a bf16 weight through here."""
+    from pagedserve.kernels.cpu import panel_gemm512
+
+    if avx2:
+        return "panel_gemm bf16 panels"
+    if panel_gemm512.preferred():
+        return "panel_gemm512 paired bf16 panels (float32 FMAs)"
+    return "oneDNN packed bf16"
+
+
 def run(args: argparse.Namespace) -> dict:
     from pagedserve.kernels.cpu import panel_gemm
 
@@ -180,14 +192,15 @@ def run(args: argparse.Namespace) -> dict:
     for act in acts:
         ql.ACT = act
         paths[act] = ql.path()
+    baseline = _baseline(args.avx2)
     print(f"{machine_description()}; quant_gemm paths: {paths}; x {x_dtype}; the 'bf16' "
-          f"column: {'panel_gemm bf16 panels' if args.avx2 else 'oneDNN packed bf16'}")
+          f"column: {baseline}")
     table = []
     for name, out_f, in_f in SHAPES:
         if wanted is None or name in wanted:
             table += bench_shape(name, out_f, in_f, rows, args.repeats, x_dtype, acts)
     return {"machine": machine_description(), "path": paths, "x": str(x_dtype),
-            "baseline": "panel_gemm bf16 panels" if args.avx2 else "oneDNN packed bf16",
+            "baseline": baseline,
             "repeats": args.repeats,
             "stream_bytes": STREAM_BYTES, "results": table}
 

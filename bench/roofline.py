@@ -67,26 +67,18 @@ def machine_description() -> str:
     """CPU model name and the threads torch uses, e.g. 'AMD EPYC, 2 cores, torch 2 threads'."""
     import os
 
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from pagedserve.kernels.cpu.build import cpu_field
+
+    name = cpu_field("model name") or platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
 
 
 def cpu_flags() -> list[str]:
     """The lscpu flags that matter here (AVX-512 and bf16/VNNI ones)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return [f for f in flags if f.startswith(("avx512", "avx_vnni", "amx")) or f in ("avx2", "fma")]
+    from pagedserve.kernels.cpu import build
+
+    return sorted(f for f in build.cpu_flags()
+                  if f.startswith(("avx512", "avx_vnni", "amx")) or f in ("avx2", "fma"))
 
 
 def _best_pass_seconds(apply, weights: list, min_seconds: float) -> float:

@@ -37,13 +37,27 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _cpu_identity() -> str:
+@cache
+def _cpuinfo() -> tuple[str, ...]:
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
     except OSError:
-        lines = []
-    wanted = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
-    return platform.machine() + "\n" + "\n".join(wanted)
+        return ()
+
+
+def cpu_field(name: str) -> str:
+    """The first CPU's /proc/cpuinfo value of `name` ("model name", "flags"), "" if none."""
+    return next((ln.split(":", 1)[1].strip() for ln in _cpuinfo()
+                 if ln.split(":", 1)[0].strip() == name and ":" in ln), "")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as lscpu lists them (avx2, avx512_bf16, amx_bf16, ...)."""
+    return frozenset(cpu_field("flags").split())
+
+
+def _cpu_identity() -> str:
+    return f"{platform.machine()}\n{cpu_field('model name')}\n{cpu_field('flags')}"
 
 
 def _compile(source: Path, target: Path, compiler: str, flags: list[str]) -> None:

@@ -118,7 +118,7 @@ def takes(linear: LoopLinear, dtype: torch.dtype) -> str:
         if dtype != torch.float32 or not panel_gemm.available():
             return "panels multiply float32 activations, on CPUs with AVX2 and no AVX-512"
         return ""
-    kernel = _kernel()
+    kernel = _kernel(dtype)
     if kernel is None:
         return "the quantized GEMM did not build"
     if dtype == torch.bfloat16 and not kernel.bf16_x:
@@ -186,7 +186,7 @@ class LayerLoop:
     def _functions(dtype: torch.dtype) -> list[int]:
         typed = [typed_function(lib, symbol, dtype) for lib, symbol in (
             ("norm", "rms_norm"), ("norm", "rms_norm_heads"), ("norm", "add_rms_norm"), ("rotary", "rotary_neox"))]
-        kernel, panels = _kernel(), panel_gemm._lib() if panel_gemm.available() else None
+        kernel, panels = _kernel(dtype), panel_gemm._lib() if panel_gemm.available() else None
         return [kernel and _address(kernel.gemm), *map(_address, typed),
                 _address(load("kv_write")[0].write_kv), _address(load("paged_decode")[0].paged_decode),
                 _address(typed_function("activation", "silu_and_mul", dtype)),

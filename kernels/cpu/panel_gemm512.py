@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import ctypes
 from functools import cache
-from pathlib import Path
 
 import torch
 
-from pagedserve.kernels.cpu.build import load, omp_threads, ptr
+from pagedserve.kernels.cpu.build import cpu_flags, load, omp_threads, ptr
 
 PANEL = 32  # outputs per panel, as in panel_gemm512.c
 # Extra compiler flags of the build in use: empty in the engine; tests set ("-mno-avx512f",) to
@@ -37,13 +36,7 @@ def available() -> bool:
 def _has_amx() -> bool:
     """The CPU lists AMX's bf16 tiles, which oneDNN's bf16 GEMMs use where they exist, far ahead
     of both vdpbf16ps and float32 FMAs."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return "amx_bf16" in flags
+    return "amx_bf16" in cpu_flags()
 
 
 @cache

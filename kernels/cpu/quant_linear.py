@@ -5,9 +5,10 @@ load: panels of 16 outputs whose codes stream along k, each k-pair's 16 x 2 code
 (two int4 codes a byte), scales and offsets [panel][group][16], exactly the shared form's values
 (float16 where each of them is one, as GGUF's are, else float32). `quant_linear` multiplies x
 (float32 or bf16; other dtypes go through float32) by it, the result in x's dtype, x multiplied
-as PAGEDSERVE_QUANT_ACT (ACT) says: as given with float32 sums (float, the default), or
-quantized per block of 32 and summed exactly in int32, in two int8 passes (int8x2: a value and
-its residual, 2^-16 of the block's largest) or in one as llama.cpp does (int8: faster, coarser).
+as PAGEDSERVE_QUANT_ACT (ACT) says: as given with float32 sums (float), or quantized per block
+of 32 and summed exactly in int32, in two int8 passes (int8x2: a value and its residual, 2^-16 of
+the block's largest) or in one as llama.cpp does (int8: faster, coarser). Unset, `default_act`
+picks float or int8x2 for this CPU.
 
 What the C path cannot take keeps the shared form itself, which `quant_linear` hands to the
 reference (a dense dequantise + F.linear): a group or input count not a multiple of 4, int4 codes
@@ -34,7 +35,8 @@ PANEL = 16  # outputs per panel, as in quant_gemm.c
 BUILD_FLAGS: tuple[str, ...] = ()
 # How x is multiplied, one choice for the process (every call, every row count: a row's result
 # never depends on its batch, executor/batch_invariance.py); docs/benchmarks.md has the figures.
-# "float" (the default): x as given, float32 sums (quant_gemm), weight-only numerics.
+# "float": x as given, float32 sums (quant_gemm), weight-only numerics; the default, except
+# where default_act finds int8x2 the faster.
 # "int8x2": each row quantized per block of up to 32 inputs to integers of 2^-16 of the block's
 # largest value, held as two int8 planes (a value and its residual) and multiplied with VNNI
 # (quant_gemm_x8x2): below bf16's own rounding of x, SmolLM2's greedy tokens as the dequantized
@@ -45,7 +47,7 @@ BUILD_FLAGS: tuple[str, ...] = ()
 ENV_ACT = "PAGEDSERVE_QUANT_ACT"
 ACTIVATIONS = ("float", "int8x2", "int8")
 GEMMS = {"int8x2": "quant_gemm_x8x2", "int8": "quant_gemm_x8", "float": "quant_gemm"}
-ACT: str = os.environ.get(ENV_ACT, "float").strip() or "float"
+ACT: str = os.environ.get(ENV_ACT, "").strip()  # "": default_act()
 
 
 @dataclass(frozen=True)
@@ -88,14 +90,37 @@ def _build(flags: tuple[str, ...], act: str) -> _Kernel | None:
     return _Kernel(gemm, act != "float" or bool(lib.quant_gemm_features() & 1), names().decode())
 
 
-def _kernel() -> _Kernel | None:
-    return _build(BUILD_FLAGS, ACT)
+@cache
+def default_act(x_bf16: bool = True) -> str:
+    """"float", except for bf16 x on a CPU whose vdpbf16ps does half the work of a float32 FMA
+    (the probe of panel_gemm512.preferred: Intel's AVX-512 cores without AMX) and which has
+    AVX-512 VNNI: there the float path's bf16 products run at half rate, and int8x2's vpdpbusd
+    multiply 4 inputs an instruction, its error below bf16's own rounding of x. On an Intel Xeon
+    (family 6, model 207) int8x2 took 0.9-2.1x less time than float at 1-4 rows and 2-3x less at
+    16-64 (docs/benchmarks.md, bench.quant_gemm). Float32 x keeps float: its tiles are FMAs
+    already, and int8x2 would be coarser than its x."""
+    from pagedserve.kernels.cpu import panel_gemm512
+
+    if not x_bf16 or not panel_gemm512.preferred():
+        return "float"
+    built = _build((), "int8x2")
+    return "int8x2" if built is not None and built.path == "avx512-vnni" else "float"
 
 
-def path() -> str | None:
-    """The tiles the built library runs for ACT, or None: for "float" 'avx512-bf16', 'avx512',
-    'avx2' or 'scalar'; for "int8" and "int8x2" 'avx512-vnni', 'avx-vnni', 'avx2' or 'scalar'."""
-    kernel = _kernel()
+def act(dtype: torch.dtype = torch.bfloat16) -> str:
+    """How x of `dtype` is multiplied in this process: ACT if set, else default_act()."""
+    return ACT or default_act(dtype == torch.bfloat16)
+
+
+def _kernel(dtype: torch.dtype = torch.bfloat16) -> _Kernel | None:
+    return _build(BUILD_FLAGS, act(dtype))
+
+
+def path(dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """The tiles the built library runs for x of `dtype`, or None: for "float" 'avx512-bf16',
+    'avx512', 'avx2' or 'scalar'; for "int8" and "int8x2" 'avx512-vnni', 'avx-vnni', 'avx2' or
+    'scalar'."""
+    kernel = _kernel(dtype)
     return None if kernel is None else kernel.path
 
 
@@ -161,7 +186,7 @@ def quant_linear(x: torch.Tensor, packed: PackedQuantWeight | QuantizedWeight,
     lead, k = x.shape[:-1], x.shape[-1]
     if k != packed.in_features:
         raise ValueError(f"x has {k} inputs, the weight {packed.in_features}")
-    kernel = _kernel()
+    kernel = _kernel(x.dtype)
     rows = x if x.dim() == 2 else x.reshape(-1, k)  # reshape costs a microsecond a call
     if rows.dtype != torch.float32 and not (rows.dtype == torch.bfloat16 and kernel.bf16_x):
         rows = rows.float()  # float16, or bf16 on a CPU without AVX-512 BF16

@@ -22,12 +22,12 @@ hundreds of times it.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import pytest
 import torch
 
 from pagedserve.kernels import reference
+from pagedserve.kernels.cpu.build import cpu_flags
 from pagedserve.kernels.quantized import QuantizedWeight, quantize_rtn
 from tests.kernels.common import broken_packings, require_cpu_kernel
 
@@ -46,14 +46,6 @@ ROWS = (1, 2, 3, 5, 8, 9, 16, 33)  # tiles of 8 (AVX-512) or 4 rows, and what is
 SHAPES = ((37, 256, (16, 32, 128, 256)), (21, 576, (4, 48, 64, 576)), (19, 300, (12, 100, 300)))
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return set()
-    return set(next((ln for ln in lines if ln.startswith("flags")), "").split())
-
-
 PASSES = {"int8": 1, "int8x2": 2}  # ACT -> int8 planes of x
 LEVELS = {1: 127, 2: 32512}  # L: |Q| <= L; 32512 = 127 x 256 = 255 x 127 + 127
 
@@ -70,7 +62,7 @@ def build(request, act, monkeypatch) -> str:
     """Each path's build of the kernel with ACT = act; a path this CPU cannot run is skipped."""
     flags = request.param
     want, needs = PATHS[flags]
-    missing = set(needs.split()) - _cpu_flags()
+    missing = set(needs.split()) - cpu_flags()
     if missing:
         pytest.skip(f"this CPU has no {' '.join(sorted(missing))}")
     require_cpu_kernel("quant_gemm")
@@ -340,3 +332,24 @@ def test_an_unknown_activation_setting_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(ql, "ACT", "int4")
     with pytest.raises(ValueError, match="PAGEDSERVE_QUANT_ACT"):
         ql.path()
+
+
+def test_unset_the_activation_path_is_float_unless_bf16_products_are_the_slow_path(
+        monkeypatch) -> None:
+    from pagedserve.kernels.cpu import panel_gemm512
+
+    require_cpu_kernel("quant_gemm")
+    monkeypatch.setattr(ql, "ACT", "")
+    for dtype in (torch.float32, torch.float16):  # FMA tiles already, finer than int8x2
+        assert ql.act(dtype) == "float"
+    slow_bf16 = panel_gemm512.preferred() and "avx512_vnni" in cpu_flags()
+    assert ql.act(torch.bfloat16) == ("int8x2" if slow_bf16 else "float")
+    # the probe decides: a CPU where vdpbf16ps were fast keeps float, whatever its VNNI
+    ql.default_act.cache_clear()
+    monkeypatch.setattr(panel_gemm512, "preferred", lambda: False)
+    try:
+        assert ql.act(torch.bfloat16) == "float"
+    finally:
+        ql.default_act.cache_clear()
+    monkeypatch.setattr(ql, "ACT", "int8")  # a setting wins, for every dtype
+    assert ql.act(torch.float32) == ql.act(torch.bfloat16) == "int8"

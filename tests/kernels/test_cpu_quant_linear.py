@@ -1,8 +1,8 @@
 """kernels/cpu/quant_gemm.c (int8 / int4 weight-only GEMM) against kernels.reference.quant_linear,
 on every SIMD path this machine can run: AVX-512 with BF16 (native here), AVX-512 without it
 (-mno-avx512bf16: bf16 x widened to float32), AVX2 (-mno-avx512f) and the portable C (-mno-avx2).
-These are the float-x path (quant_linear.ACT = "float"); the int8-x path, the default, has its own
-tests (test_cpu_quant_int8_act.py).
+These are the float-x path (quant_linear.ACT = "float"); the int8-x paths have their own tests
+(test_cpu_quant_int8_act.py).
 
 The bound: the kernel sums each product x q exactly (bf16 x) or rounded once (float32), over
 K terms in float32, then scales once and adds the offset term once per group; the reference
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from pagedserve.kernels import reference
+from pagedserve.kernels.cpu.build import cpu_flags
 from pagedserve.kernels.quantized import QuantizedWeight, quantize_rtn
 from tests.kernels.common import broken_packings, require_cpu_kernel
 
@@ -36,27 +36,19 @@ ROWS = (1, 2, 4, 7, 16, 33, 130)  # 1-4: codes converted as they stream; more: t
 SHAPES = ((37, 256, (16, 32, 128, 256)), (21, 576, (64, 192, 576)))
 
 
-def _cpu_flags() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((ln for ln in lines if ln.startswith("flags")), "")
-
-
 @pytest.fixture(params=list(PATHS), ids=["native", "avx512", "avx2", "portable"])
 def build(request, monkeypatch) -> str:
     """Each path's build of the kernel; a path this CPU cannot execute is skipped."""
     flags = request.param
     want, needs = PATHS[flags]
-    cpu = f" {_cpu_flags()} "
-    if needs and f" {needs} " not in cpu:
+    cpu = cpu_flags()
+    if needs and needs not in cpu:
         pytest.skip(f"this CPU has no {needs}")
     require_cpu_kernel("quant_gemm")
     monkeypatch.setattr(ql, "BUILD_FLAGS", flags)
     monkeypatch.setattr(ql, "ACT", "float")
     got = ql.path()
-    if flags == () and " avx512_bf16 " in cpu:
+    if flags == () and "avx512_bf16" in cpu:
         want = "avx512-bf16"
     assert got == want or not want, got
     return got
