@@ -96,8 +96,8 @@ def default_act(x_bf16: bool = True) -> str:
     (the probe of panel_gemm512.preferred: Intel's AVX-512 cores without AMX) and which has
     AVX-512 VNNI: there the float path's bf16 products run at half rate, and int8x2's vpdpbusd
     multiply 4 inputs an instruction, its error below bf16's own rounding of x. On an Intel Xeon
-    (family 6, model 207) int8x2 took 0.9-2.1x less time than float at 1-4 rows and 2-3x less at
-    16-64 (docs/benchmarks.md, bench.quant_gemm). Float32 x keeps float: its tiles are FMAs
+    (family 6, model 207) int8x2 took 1.1-2.2x less time than float at 1 row and 1.4-3.2x less
+    at 4-64 (docs/benchmarks.md, bench.quant_gemm). Float32 x keeps float: its tiles are FMAs
     already, and int8x2 would be coarser than its x."""
     from pagedserve.kernels.cpu import panel_gemm512
 
