@@ -62,18 +62,24 @@ def _agrees(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     want = F.linear(x, weight, bias)
     if x.dtype != torch.float32:
         return torch.equal(got, want)
+    return bool(((got - want).abs() <= _reorder_bound(x, weight, bias)).all())
+
+
+def _reorder_bound(x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """K 2^-23 times the sum of |terms|: the most that summing K float32 products in another
+    order can move each output (u = 2^-24 per rounding, two sums each within K u)."""
     size = F.linear(x.abs(), weight.abs(), None if bias is None else bias.abs())
-    return bool(((got - want).abs() <= x.shape[1] * 2.0**-23 * size).all())
+    return x.shape[1] * 2.0**-23 * size
 
 
 def _rounds_like_float32(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                          bias: torch.Tensor | None) -> bool:
     """bf16 summed in float32 and rounded once: within the float32 reordering bound plus half a
     bf16 ulp (at most 2^-8 relative) of the exact product."""
-    x64, w64 = x.double(), weight.double()
-    exact = F.linear(x64, w64, None if bias is None else bias.double())
-    size = F.linear(x64.abs(), w64.abs(), None if bias is None else bias.double().abs())
-    bound = x.shape[1] * 2.0**-23 * size + 2.0**-8 * exact.abs()
+    x64, w64, b64 = x.double(), weight.double(), None if bias is None else bias.double()
+    exact = F.linear(x64, w64, b64)
+    bound = _reorder_bound(x64, w64, b64) + 2.0**-8 * exact.abs()
     return bool(((got.double() - exact).abs() <= bound * (1 + 2.0**-7)).all())
 
 

@@ -70,14 +70,16 @@ def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int,
            bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) in bf16 for x [m, k] bf16, each output summed in float32 and
     rounded to bf16 once."""
-    xf = x.float()  # the tile broadcasts float32 values: a copy of x, small beside the weight
-    if xf.stride(1) != 1:
-        xf = xf.contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
     bias_f = None if bias is None else bias.float().contiguous()
-    m, k = xf.shape
+    m, k = x.shape
     out = torch.empty(m, out_features, dtype=torch.bfloat16)
-    _lib().panel_gemm512_bf16(ptr(xf), ctypes.c_int64(xf.stride(0)), ptr(panels),
-                              None if bias_f is None else ptr(bias_f), ptr(out),
-                              ctypes.c_int64(m), ctypes.c_int64(out_features), ctypes.c_int64(k),
-                              omp_threads())
+    args = (ptr(panels), None if bias_f is None else ptr(bias_f), ptr(out), ctypes.c_int64(m),
+            ctypes.c_int64(out_features), ctypes.c_int64(k), omp_threads())
+    if x.dtype != torch.bfloat16:  # the tile broadcasts float32 values: x as it is
+        xf = x.float()
+        _lib().panel_gemm512_bf16(ptr(xf), ctypes.c_int64(xf.stride(0)), *args)
+    elif _lib().panel_gemm512_bf16_x(ptr(x), ctypes.c_int64(x.stride(0)), *args):  # widened in C
+        raise MemoryError("panel_gemm512 could not allocate x's float32 copy")
     return out
