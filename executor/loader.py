@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import structlog
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -34,6 +35,8 @@ from pagedserve.executor.quantization import QuantSpec, quantized_reader, read_q
 from pagedserve.executor.quantization.config import DEQUANTIZE, method_name
 from pagedserve.executor.tensor_parallel import check_model
 from pagedserve.kernels.quantized import QuantizedWeight
+
+log = structlog.get_logger("pagedserve.executor.loader")
 
 DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -309,7 +312,19 @@ def load_model(
     except ValueError as e:
         where = reader.current or ", ".join(str(f) for f in files)
         raise ValueError(f"{e} (in {where})") from None
-    finish_quantized(model, backend)  # quantized layers pack their codes for the kernels
+    packed = finish_quantized(model, backend)  # quantized layers pack their codes for the kernels
     if device.type == "cpu":
         pack_for_cpu(model)
+        if packed:
+            _log_cpu_quantized(packed, torch_dtype)
     return model.eval(), config
+
+
+def _log_cpu_quantized(layers: int, dtype: torch.dtype) -> None:
+    """Which activation path the quantized GEMMs take in this process (it depends on the CPU:
+    kernels/cpu/quant_linear.default_act), so a log says what the figures were measured with."""
+    import importlib
+
+    ql = importlib.import_module("pagedserve.kernels.cpu.quant_linear")  # not the function
+    log.info("quantized layers on the CPU", layers=layers, activations=ql.act(dtype),
+             tiles=ql.path(dtype), chosen_by=ql.ENV_ACT if ql.ACT else "this CPU")

@@ -229,3 +229,26 @@ def test_gptq_act_order_model_matches_transformers(tmp_path) -> None:
     for o, ref in zip(outs, refs):
         assert_greedy_matches(o.outputs[0].token_ids, o.outputs[0].logprobs, ref)
     assert llm.executor.model.model.layers[0].self_attn.qkv_proj.input_perm is not None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_log_says_which_activation_path_quantized_layers_take(tmp_path, dtype) -> None:
+    """The path depends on the CPU (quant_linear.default_act), so the load names it: the one
+    that the layers' calls then take."""
+    import importlib
+
+    from structlog.testing import capture_logs
+
+    ql = importlib.import_module("pagedserve.kernels.cpu.quant_linear")
+    out = tmp_path / "int4"
+    main(["quantize", str(model_dir("llama")), str(out), "--method", "int4-awq-format"])
+    with capture_logs() as logs:
+        load_model(out, dtype=dtype, device=torch.device("cpu"))
+    said = [e for e in logs if e["event"] == "quantized layers on the CPU"]
+    assert len(said) == 1, logs
+    want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    assert said[0]["activations"] == ql.act(want) and said[0]["tiles"] == ql.path(want)
+    assert said[0]["layers"] > 0
+    with capture_logs() as logs:  # a dense model says nothing of it
+        load_model(model_dir("llama"), dtype=dtype, device=torch.device("cpu"))
+    assert not [e for e in logs if e["event"] == "quantized layers on the CPU"]
