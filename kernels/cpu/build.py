@@ -56,7 +56,8 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(cpu_field("flags").split())
 
 
-def _cpu_identity() -> str:
+def cpu_identity() -> str:
+    """The machine and CPU as the kernel cache keys them (model name and flags)."""
     return f"{platform.machine()}\n{cpu_field('model name')}\n{cpu_field('flags')}"
 
 
@@ -94,7 +95,7 @@ def _build_and_load(name: str, compiler: str, flags: list[str]) -> tuple[ctypes.
     source = SOURCE_DIR / f"{name}.c"
     headers = [h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))]
     key = hashlib.sha256("\0".join([source.read_text(), *headers, *flags, compiler,
-                                     _cpu_identity()]).encode()).hexdigest()[:16]
+                                     cpu_identity()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     try:
         if not target.exists():

@@ -5,11 +5,14 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import os
 from functools import cache
+from pathlib import Path
 
 import torch
 
-from pagedserve.kernels.cpu.build import cpu_flags, load, omp_threads, ptr
+from pagedserve.kernels.cpu.build import cache_dir, cpu_flags, cpu_identity, load, omp_threads, ptr
 
 PANEL = 32  # outputs per panel, as in panel_gemm512.c
 # Extra compiler flags of the build in use: empty in the engine; tests set ("-mno-avx512f",) to
@@ -39,17 +42,43 @@ def _has_amx() -> bool:
     return "amx_bf16" in cpu_flags()
 
 
-@cache
-def preferred() -> bool:
-    """True where this path beats vdpbf16ps: both instructions' rates measured on this core,
-    best of three (a millisecond each), on a CPU without AMX. A CPU without AVX512_BF16 runs the
-    engine in float32 and never asks."""
-    if not available() or _has_amx():
-        return False
+def _decision_file() -> Path:
+    """Where this CPU's answer is kept (the kernel cache, keyed by the CPU like its libraries)."""
+    ident = hashlib.sha256(cpu_identity().encode()).hexdigest()[:16]
+    return cache_dir() / f"panel_gemm512-preferred-{ident}"
+
+
+def _probe() -> bool:
     lib = _lib()
     fma = max(lib.panel_gemm512_fma_gflops() for _ in range(3))
     dpbf16 = max(lib.panel_gemm512_dpbf16_gflops() for _ in range(3))
     return dpbf16 > 0 and fma >= MARGIN * dpbf16
+
+
+@cache
+def preferred() -> bool:
+    """True where this path beats vdpbf16ps: both instructions' rates measured on this core,
+    best of three (a millisecond each), on a CPU without AMX. A CPU without AVX512_BF16 runs the
+    engine in float32 and never asks. The first process on a machine probes and records the
+    answer; later ones (an executor restarted, another rank) read it, so a co-tenant's noise
+    during one probe cannot give two processes different GEMMs, and a recomputed request the
+    other bits (batch invariance). Removing the file asks again."""
+    if not available() or _has_amx():
+        return False
+    record = _decision_file()
+    try:
+        return record.read_text().strip() == "1"
+    except OSError:
+        pass
+    choice = _probe()
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".{os.getpid()}")
+        tmp.write_text("1" if choice else "0")
+        os.replace(tmp, record)  # atomic: a concurrent reader sees one answer or none
+    except OSError:
+        pass  # a read-only cache: this process keeps its own answer
+    return choice
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:

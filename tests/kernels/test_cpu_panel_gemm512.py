@@ -83,3 +83,24 @@ def test_a_cpu_with_amx_keeps_onednn(monkeypatch, tmp_path) -> None:
     there, whatever the two instructions' rates."""
     monkeypatch.setattr(panel_gemm512, "_has_amx", lambda: True)
     assert not panel_gemm512.preferred.__wrapped__()
+
+
+def test_the_first_probe_on_a_machine_is_recorded_and_later_processes_read_it(
+        monkeypatch, tmp_path) -> None:
+    """Every process on one CPU makes the same choice: a noisy probe in a restarted executor
+    cannot switch its GEMMs (and so its bits) from the first process's."""
+    monkeypatch.setenv("PAGEDSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(panel_gemm512, "_has_amx", lambda: False)
+    record = panel_gemm512._decision_file()
+    assert record.is_relative_to(tmp_path) and not record.exists()
+    for answer in (True, False):
+        record.unlink(missing_ok=True)
+        monkeypatch.setattr(panel_gemm512, "_probe", lambda answer=answer: answer)
+        assert panel_gemm512.preferred.__wrapped__() is answer  # probed, then recorded
+        assert record.read_text() == ("1" if answer else "0")
+
+        def noisy() -> bool:
+            raise AssertionError("a recorded answer is not probed again")
+        monkeypatch.setattr(panel_gemm512, "_probe", noisy)
+        assert panel_gemm512.preferred.__wrapped__() is answer
+    assert [p.name for p in record.parent.iterdir()] == [record.name]  # no temporary left
