@@ -164,14 +164,16 @@ def format_row(row: dict, cols: list[str]) -> str:
 
 
 def _baseline(avx2: bool) -> str:
-    """What executor/layers/cpu_gemm.pack_weight multiplies a bf16 weight through here."""
-    from pagedserve.kernels.cpu import panel_gemm512
+    """What executor/layers/cpu_gemm.pack_weight multiplies a bf16 weight through here (asked
+    of pack_weight itself, which makes the choice)."""
+    from pagedserve.executor.layers.cpu_gemm import pack_weight
 
     if avx2:
         return "panel_gemm bf16 panels"
-    if panel_gemm512.preferred():
+    packed = pack_weight(torch.randn(32, 64).bfloat16())
+    if packed is not None and packed.pairs is not None:
         return "panel_gemm512 paired bf16 panels (float32 FMAs)"
-    return "oneDNN packed bf16"
+    return "oneDNN packed bf16" if packed is not None else "F.linear"
 
 
 def run(args: argparse.Namespace) -> dict:
